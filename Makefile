@@ -1,0 +1,32 @@
+# Two commands are the whole quick start: `make demo` and `make test`.
+# Each creates .venv, installs torch (pinned, CPU build when available) first, then the package.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+TORCH  ?= torch==2.13.0
+# A local wheel directory (as on the project's machines) is used when present, so that pip never
+# reaches for a multi-GB CUDA build of torch.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: demo test bench clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH)"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH)" -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m tensorparity.examples.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
