@@ -1,0 +1,19 @@
+"""tensorparity: prove that two PyTorch checkpoints, implementations or runs are numerically the
+same, and when they are not, say exactly where and why they part."""
+
+from __future__ import annotations
+
+from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry, open
+from tensorparity.errors import InternalError, TensorParityError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "InternalError",
+    "TensorEntry",
+    "TensorParityError",
+    "ValueEntry",
+    "__version__",
+    "open",
+]

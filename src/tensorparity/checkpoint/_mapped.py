@@ -1,0 +1,142 @@
+"""Byte access shared by the readers: a file region, and tensors viewed straight from a mapping.
+
+Files are mapped copy-on-write (``MAP_PRIVATE``): loading a tensor touches only its own pages,
+and a caller who writes into a loaded tensor changes neither the file nor anything else.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from tensorparity.errors import CorruptCheckpointError
+
+__all__ = ["FileRegion", "MappedFile"]
+
+
+class FileRegion(io.RawIOBase):
+    """A read-only, seekable window ``[offset, offset + length)`` of a file.
+
+    Lets the zip reader open a torch archive that sits inside a tar (``.nemo``) or inside a
+    ``.distcp`` file without copying it out.
+    """
+
+    def __init__(self, path: Path, offset: int = 0, length: int | None = None) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        size = os.fstat(self._file.fileno()).st_size
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            self._file.close()
+            raise CorruptCheckpointError(
+                f"region of {length} bytes at offset {offset} lies outside the {size}-byte file",
+                path=path, fix="the file is truncated; copy or download it again",
+            )
+        self.start, self.length, self._pos = offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self.length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = max(0, min(len(buffer), self.length - self._pos))
+        if n == 0:
+            return 0
+        self._file.seek(self.start + self._pos)
+        got = self._file.readinto(memoryview(buffer)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class MappedFile:
+    """A file mapped on first use; hands out tensors that are views of its pages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mm: mmap.mmap | None = None
+        self._size = os.path.getsize(path)
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mm
+
+    def tensor(
+        self,
+        start: int,
+        nbytes: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...] | None = None,
+        offset: int = 0,
+        *,
+        key: str | None = None,
+    ) -> torch.Tensor:
+        """View ``nbytes`` at ``start`` as a storage of ``dtype``, then as ``shape``/``stride``."""
+        if start < 0 or start + nbytes > self._size:
+            raise CorruptCheckpointError(
+                f"tensor bytes [{start}, {start + nbytes}) lie outside the {self._size}-byte file",
+                path=self.path, key=key, fix="the file is truncated or was changed; copy it again",
+            )
+        if nbytes == 0:
+            flat = torch.empty(0, dtype=dtype)
+        else:
+            view = memoryview(self._map())[start:start + nbytes]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = torch.frombuffer(view, dtype=torch.uint8)
+            if start % max(1, dtype.itemsize):
+                raw = raw.clone()  # misaligned for this dtype: one copy keeps kernels safe
+            flat = raw.view(dtype)
+        if stride is None:
+            return flat[offset:offset + _numel(shape)].view(shape)
+        return torch.as_strided(flat, shape, stride, offset)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # tensors still view it; the mapping goes when they do
+            self._mm = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def check_extent(shape: tuple[int, ...], stride: tuple[int, ...], offset: int, storage_numel: int,
+                 *, path: Path | str, key: str) -> None:
+    """Raise unless a tensor of ``shape``/``stride`` at ``offset`` fits in its storage."""
+    if any(s == 0 for s in shape):
+        return
+    last = offset + sum((n - 1) * st for n, st in zip(shape, stride))
+    if last >= storage_numel:
+        raise CorruptCheckpointError(
+            f"tensor needs {last + 1} elements but its storage holds {storage_numel}",
+            path=path, key=key, fix="the file is corrupt or was truncated; save it again",
+        )

@@ -1,0 +1,40 @@
+"""Live sources: an ``nn.Module`` or a (nested) state dict already in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint.layout import build_checkpoint
+from tensorparity.checkpoint.tree import Checkpoint
+
+__all__ = ["read_live"]
+
+
+def read_live(obj: Any, *, name: str | None = None) -> Checkpoint:
+    """Open a live ``nn.Module`` (its ``state_dict``) or a mapping as a :class:`Checkpoint`.
+
+    Tensors are not copied: entries load the very tensors the object holds (detached).
+
+    Example:
+        >>> import torch
+        >>> read_live(torch.nn.Linear(2, 2)).provenance["trainable_parameters"]
+        6
+    """
+    if isinstance(obj, torch.nn.Module):
+        state = {k: v.detach() for k, v in obj.state_dict(keep_vars=True).items()}
+        trainable = {n for n, p in obj.named_parameters() if p.requires_grad}
+        provenance = {
+            "framework": "torch",
+            "framework_version": torch.__version__,
+            "model_class": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            "trainable_parameters": sum(p.numel() for n, p in obj.named_parameters() if n in trainable),
+        }
+        source = name or f"<{type(obj).__qualname__} module>"
+        return build_checkpoint(state, source=source, base_format="module", provenance=provenance)
+    if isinstance(obj, Mapping):
+        source = name or "<in-memory mapping>"
+        return build_checkpoint(dict(obj), source=source, base_format="mapping")
+    raise TypeError(f"cannot open a live {type(obj).__name__}; pass an nn.Module, a mapping or a path")

@@ -1,0 +1,147 @@
+"""safetensors files: the header is validated here, tensors are read by the safetensors library.
+
+Layout: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}``, then the data. Validation checks
+everything the header claims against the file before any tensor is touched, so a lying header
+gets a message naming the tensor, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint.tree import Checkpoint, LazyTensor, flatten
+from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = ["DTYPES", "read_header", "read_safetensors", "safetensors_tensors"]
+
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32,
+    "U64": torch.uint64, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+_FIX = "the file is corrupt or truncated; save it again with safetensors"
+
+
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """Read and validate a safetensors header.
+
+    Returns:
+        ``(tensors, metadata, data_start)``: per tensor ``{dtype, shape, start, end}`` with
+        absolute byte offsets, ``__metadata__``, and where the data section begins.
+
+    Raises:
+        CorruptCheckpointError: the header is malformed or contradicts the file.
+        UnsafeCheckpointError: the header is larger than 100 MB.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError("shorter than a safetensors header", path=path, fix=_FIX)
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER:
+            raise UnsafeCheckpointError(f"header claims {n} bytes (limit {MAX_HEADER})", path=path, fix=_FIX)
+        if 8 + n > size:
+            raise CorruptCheckpointError(f"header claims {n} bytes but the file has {size - 8}", path=path, fix=_FIX)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"header is not valid JSON ({exc})", path=path, fix=_FIX) from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError("header is not a JSON object", path=path, fix=_FIX)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError("__metadata__ must map strings to strings", path=path, fix=_FIX)
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: dict[str, dict[str, Any]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise CorruptCheckpointError("tensor description is not an object", path=path, key=name, fix=_FIX)
+        dtype = DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise CorruptCheckpointError(f"unknown dtype {info.get('dtype')!r}", path=path, key=name,
+                                         fix="upgrade tensorparity, or re-save with a supported dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise CorruptCheckpointError(f"shape {shape!r} is not a list of sizes", path=path, key=name, fix=_FIX)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CorruptCheckpointError(f"data_offsets {offsets!r} are not two integers", path=path, key=name, fix=_FIX)
+        begin, end = offsets
+        expected = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end or end - begin != expected:
+            raise CorruptCheckpointError(
+                f"data_offsets {offsets} hold {end - begin} bytes but shape {shape} of {info['dtype']} needs {expected}",
+                path=path, key=name, fix=_FIX)
+        if end > data_len:
+            raise CorruptCheckpointError(
+                f"data_offsets end at {end} but the data section has {data_len} bytes",
+                path=path, key=name, fix="the file is truncated; copy or download it again")
+        tensors[name] = {"dtype": dtype, "shape": tuple(shape), "start": data_start + begin, "end": data_start + end}
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+        if b2 < e1 and b2 != e2:  # zero-length tensors may share an offset
+            raise CorruptCheckpointError(f"bytes of {n1!r} and {n2!r} overlap", path=path, key=n2, fix=_FIX)
+    return tensors, metadata, data_start
+
+
+class _Handle:
+    """One lazily opened ``safe_open`` handle per file, shared by its tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: Any = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(str(self.path), framework="pt")
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - the library's own errors, reworded
+            raise CorruptCheckpointError(f"safetensors could not read the tensor ({exc})", path=self.path,
+                                         key=name, fix=_FIX) from exc
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def safetensors_tensors(path: Path, *, display: str | None = None) -> tuple[dict[str, LazyTensor], dict[str, str], _Handle]:
+    """The tensors of one safetensors file, located but not read."""
+    tensors, metadata, _ = read_header(path)
+    handle = _Handle(path)
+    shown = display or str(path)
+    out: dict[str, LazyTensor] = {}
+    for name, info in tensors.items():
+        out[name] = LazyTensor(info["shape"], info["dtype"], info["end"] - info["start"],
+                               f"{shown} @ {info['start']}", lambda n=name: handle.get(n))
+    return out, metadata, handle
+
+
+def read_safetensors(path: Path) -> Checkpoint:
+    """Open one safetensors file as a :class:`Checkpoint`; ``__metadata__`` becomes provenance."""
+    tensors, metadata, handle = safetensors_tensors(path)
+    entries = flatten(tensors)
+    provenance: dict[str, Any] = {}
+    if metadata:
+        provenance["metadata"] = dict(metadata)
+        if "format" in metadata:
+            provenance["framework"] = metadata["format"]
+    return Checkpoint(source=str(path), format="safetensors", entries=entries, provenance=provenance,
+                      closers=[handle.close])

@@ -1,0 +1,236 @@
+"""torch.save zip archives (``.pt .pth .bin .ckpt``): read inertly, tensors memory-mapped.
+
+A torch zip holds ``<record>/data.pkl`` (the pickled structure, tensors as persistent ids),
+``<record>/data/<key>`` (one stored member per storage, 64-byte aligned), ``byteorder`` and
+``version``. The pickle goes through the inert unpickler; each storage is located by its member's
+local header, and a tensor is a strided view of the mapped file. The archive may sit at an offset
+inside another file (a ``.nemo`` tar, a ``.distcp`` file).
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint._mapped import FileRegion, MappedFile, check_extent
+from tensorparity.checkpoint.layout import build_checkpoint
+from tensorparity.checkpoint.safe_pickle import (
+    Placeholder,
+    StorageRef,
+    TensorRef,
+    _StorageType,
+    inert_loads,
+    to_plain,
+)
+from tensorparity.checkpoint.tree import Checkpoint, LazyTensor
+from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
+
+__all__ = ["is_torch_zip", "read_object", "read_torch_zip"]
+
+ZIP_MAGIC = b"PK\x03\x04"
+MAX_RATIO = 200  # compressed members above this expansion are refused as zip bombs
+MAX_INFLATED = 1 << 30
+
+
+def is_torch_zip(names: list[str]) -> bool:
+    return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
+
+
+def _data_offset(region: FileRegion, info: zipfile.ZipInfo, path: Path) -> int:
+    """Offset of a member's bytes from the start of the archive, read from its local header."""
+    region.seek(info.header_offset)
+    header = region.read(30)
+    if len(header) != 30 or header[:4] != ZIP_MAGIC:
+        raise CorruptCheckpointError("zip member has no local header", path=path, key=info.filename,
+                                     fix="the archive is corrupt; save it again")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.compress_size > region.length:
+        raise CorruptCheckpointError("zip member runs past the end of the file", path=path,
+                                     key=info.filename, fix="the file is truncated; copy it again")
+    return start
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, cap: int) -> bytes:
+    if info.file_size > cap:
+        raise UnsafeCheckpointError(f"member inflates to {info.file_size} bytes (limit {cap})",
+                                    path=path, key=info.filename, fix="refusing a possible zip bomb")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_RATIO * max(1, info.compress_size):
+        raise UnsafeCheckpointError("member expands more than 200x", path=path, key=info.filename,
+                                    fix="refusing a possible zip bomb; re-save with torch.save")
+    with zf.open(info) as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise UnsafeCheckpointError("member inflates past its declared size", path=path,
+                                    key=info.filename, fix="refusing a possible zip bomb")
+    return data
+
+
+def read_object(path: Path, *, offset: int = 0, length: int | None = None,
+                display: str | None = None) -> tuple[Any, dict[str, Any], list[Any]]:
+    """Read the inert structure of a torch zip, tensors as :class:`LazyTensor`.
+
+    Returns:
+        ``(obj, info, closers)``: the structure, archive facts (``record``, ``byteorder``,
+        ``version``), and callables that release the mapping.
+    """
+    shown = display or str(path)
+    region = FileRegion(path, offset, length)
+    try:
+        return _read(region, path, shown)
+    except zipfile.BadZipFile as exc:
+        raise CorruptCheckpointError(f"not a readable zip archive ({exc})", path=shown,
+                                     fix="the file is truncated or corrupt; copy or save it again") from exc
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise CorruptCheckpointError(f"unreadable archive ({type(exc).__name__}: {exc})", path=shown,
+                                     fix="the file is truncated or corrupt; copy or save it again") from exc
+    finally:
+        region.close()
+
+
+def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, Any], list[Any]]:
+    with zipfile.ZipFile(region) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        names = list(infos)
+        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise UnsafeCheckpointError(
+                "TorchScript archive: it holds code, which tensorparity never runs", path=shown,
+                fix="save the model's state_dict with torch.save and open that instead")
+        if pkl is None:
+            raise CorruptCheckpointError("zip archive without data.pkl: not a torch.save file",
+                                         path=shown, fix="open a file written by torch.save")
+        record = pkl[: -len("data.pkl")]
+        byteorder = "little"
+        if record + "byteorder" in infos:
+            byteorder = _read_member(zf, infos[record + "byteorder"], path, 16).decode("ascii", "replace")
+        version = None
+        if record + "version" in infos:
+            version = _read_member(zf, infos[record + "version"], path, 64).decode("ascii", "replace").strip()
+
+        storages: dict[str, StorageRef] = {}
+
+        def persistent_load(pid: Any) -> StorageRef:
+            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")):
+                raise CorruptCheckpointError(f"unexpected persistent id {str(pid)[:60]}")
+            _, stype, key, location, numel = pid[:5]
+            if not isinstance(stype, _StorageType) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+                raise CorruptCheckpointError(f"malformed storage reference {str(pid)[:60]}")
+            ref = storages.get(key)
+            if ref is None:
+                ref = storages[key] = StorageRef(key, stype.dtype, numel, str(location))
+            return ref
+
+        obj = inert_loads(_read_member(zf, infos[pkl], path, 1 << 30), persistent_load=persistent_load)
+
+        mapped = MappedFile(path)
+        placed: dict[str, tuple[int, zipfile.ZipInfo]] = {}
+        for key, ref in storages.items():
+            name = f"{record}data/{key}"
+            info = infos.get(name)
+            if info is None:
+                raise CorruptCheckpointError("storage named by the pickle is missing from the archive",
+                                             path=shown, key=name, fix="the file is corrupt; save it again")
+            if info.file_size < ref.nbytes:
+                raise CorruptCheckpointError(
+                    f"storage declares {ref.nbytes} bytes but the archive holds {info.file_size}",
+                    path=shown, key=name, fix="the file is corrupt or was truncated; save it again")
+            placed[key] = (_data_offset(region, info, path), info)
+        start = region.start
+
+        def locate(ref: TensorRef, where: str) -> LazyTensor:
+            return _lazy(ref, where, shown, mapped, zf_path=path, start=start, placed=placed,
+                         byteorder=byteorder, region_length=region.length)
+
+        obj = bind_tensors(obj, locate, shown)
+    return obj, {"record": record.rstrip("/"), "byteorder": byteorder, "version": version}, [mapped.close]
+
+
+def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path: Path, start: int,
+          placed: dict[str, tuple[int, zipfile.ZipInfo]], byteorder: str, region_length: int) -> LazyTensor:
+    numel = 1
+    for s in ref.shape:
+        numel *= s
+    nbytes = numel * ref.dtype.itemsize
+    if ref.storage is None:  # meta tensor: shape only
+        def nothing() -> torch.Tensor:
+            return torch.empty(ref.shape, dtype=ref.dtype, device="meta")
+        return LazyTensor(ref.shape, ref.dtype, nbytes, "meta (no data)", nothing, ref.requires_grad,
+                          ref.is_parameter, ref.note)
+    storage = ref.storage
+    check_extent(ref.shape, ref.stride, ref.offset, storage.numel, path=shown, key=where)
+    data_start, info = placed[storage.key]
+    location = f"{info.filename} @ {start + data_start}"
+    note = ref.note or (f"tensor subclass {ref.subclass}" if ref.subclass else None)
+    if storage.location not in ("cpu", ""):
+        note = f"saved on {storage.location}" + (f"; {note}" if note else "")
+
+    if info.compress_type == zipfile.ZIP_STORED:
+        def load() -> torch.Tensor:
+            t = mapped.tensor(start + data_start, storage.nbytes, storage.dtype, ref.shape, ref.stride,
+                              ref.offset, key=where)
+            return _fix_order(t, byteorder)
+    else:
+        def load() -> torch.Tensor:
+            with FileRegion(zf_path, start, region_length) as region, zipfile.ZipFile(region) as zf:
+                raw = _read_member(zf, info, zf_path, MAX_INFLATED)
+            flat = torch.frombuffer(bytearray(raw[: storage.nbytes]), dtype=torch.uint8).view(storage.dtype) \
+                if storage.nbytes else torch.empty(0, dtype=storage.dtype)
+            return _fix_order(torch.as_strided(flat, ref.shape, ref.stride, ref.offset), byteorder)
+    return LazyTensor(ref.shape, ref.dtype, nbytes, location, load, ref.requires_grad, ref.is_parameter, note)
+
+
+def _fix_order(t: torch.Tensor, byteorder: str) -> torch.Tensor:
+    if byteorder != "big" or t.element_size() == 1:
+        return t
+    # Swap bytes of each element: view as bytes, reverse the last axis, view back.
+    b = t.contiguous().view(torch.uint8).view(-1, t.element_size()).flip(-1).contiguous()
+    return b.view(t.dtype).view(t.shape)
+
+
+def bind_tensors(obj: Any, locate: Callable[[TensorRef, str], LazyTensor], shown: str) -> Any:
+    """Turn known types into plain data and every :class:`TensorRef` into a located tensor.
+
+    ``to_plain`` caps nesting at 200 levels, so the recursion below is bounded.
+    """
+    return _bind(to_plain(obj), locate, "")
+
+
+def _bind(value: Any, locate: Callable[[TensorRef, str], LazyTensor], where: str) -> Any:
+    if isinstance(value, TensorRef):
+        return locate(value, where)
+    if isinstance(value, dict):
+        return {k: _bind(v, locate, _join(where, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bind(v, locate, _join(where, i)) for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(_bind(v, locate, _join(where, i)) for i, v in enumerate(value))
+    if isinstance(value, Placeholder):
+        value.args = tuple(_bind(a, locate, _join(where, f"args.{i}")) for i, a in enumerate(value.args))
+        value.state = _bind(value.state, locate, _join(where, "state"))
+        value.items = {k: _bind(v, locate, _join(where, f"items.{k}")) for k, v in value.items.items()}
+        value.listitems = [_bind(v, locate, _join(where, f"listitems.{i}")) for i, v in enumerate(value.listitems)]
+    return value
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def read_torch_zip(path: Path, *, offset: int = 0, length: int | None = None,
+                   display: str | None = None) -> Checkpoint:
+    """Open a torch.save zip archive as a :class:`Checkpoint` (Lightning sections recognised)."""
+    shown = display or str(path)
+    try:
+        obj, info, closers = read_object(path, offset=offset, length=length, display=shown)
+    except TensorParityError as exc:
+        raise exc.with_path(shown) from exc.__cause__
+    provenance = {"torch_zip_version": info["version"], "record": info["record"]}
+    if info["byteorder"] == "big":
+        provenance["byteorder"] = "big"
+    return build_checkpoint(obj, source=shown, base_format="torch-zip", provenance=provenance, closers=closers)

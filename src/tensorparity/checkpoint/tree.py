@@ -1,0 +1,303 @@
+"""The spine: a checkpoint is a lazy, flat mapping from dotted key to entry.
+
+Whatever a checkpoint came from (a file in any format, a live ``nn.Module``, a trace directory),
+it opens as a :class:`Checkpoint`. Tensor entries know shape, dtype, byte size and where their bytes
+are, and read them only when :meth:`TensorEntry.load` is called; value entries hold plain data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tensorparity.checkpoint.safe_pickle import Placeholder, placeholder_children
+from tensorparity.errors import CorruptCheckpointError
+
+__all__ = ["Checkpoint", "Entry", "LazyTensor", "PlaceholderInfo", "TensorEntry", "ValueEntry", "flatten"]
+
+MAX_DEPTH = 200
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor a reader has located but not read: what :func:`flatten` turns into an entry."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    location: str
+    loader: Callable[[], torch.Tensor]
+    requires_grad: bool = False
+    is_parameter: bool = False
+    note: str | None = None
+
+
+@dataclass(frozen=True, repr=False)
+class TensorEntry:
+    """A tensor in a checkpoint: metadata now, data on :meth:`load`.
+
+    Attributes:
+        key: dotted key, e.g. ``state_dict.encoder.layers.0.weight``.
+        shape: the tensor's shape.
+        dtype: the tensor's dtype, as stored (bf16 and fp8 stay as they are).
+        nbytes: bytes of the tensor's own elements.
+        location: where the bytes are (file, member, offset), for humans.
+        requires_grad: whether it was saved as requiring grad (when the format records it).
+        is_parameter: whether it was saved as an ``nn.Parameter`` (when the format records it).
+        note: anything unusual (a meta tensor, a tensor subclass).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    location: str
+    _loader: Callable[[], torch.Tensor] = field(compare=False)
+    requires_grad: bool = False
+    is_parameter: bool = False
+    note: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def load(self) -> torch.Tensor:
+        """Read the tensor's data (memory-mapped where the format allows).
+
+        Example:
+            >>> import torch
+            >>> from tensorparity import open as tp_open
+            >>> tp_open({"w": torch.ones(2)})["w"].load()
+            tensor([1., 1.])
+        """
+        return self._loader()
+
+    def __repr__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"TensorEntry({self.key!r}, shape={list(self.shape)}, dtype={dtype}, nbytes={self.nbytes})"
+
+
+@dataclass(frozen=True)
+class ValueEntry:
+    """A non-tensor value: a number, string, list, config, or a not-executed placeholder."""
+
+    key: str
+    value: Any
+
+    @property
+    def not_executed(self) -> bool:
+        return isinstance(self.value, Placeholder)
+
+
+Entry = TensorEntry | ValueEntry
+
+
+@dataclass(frozen=True)
+class PlaceholderInfo:
+    """A global the pickle named and that was not executed."""
+
+    key: str
+    name: str
+    call: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.call} (not executed)"
+
+
+def _tensor_entry(key: str, value: Any) -> TensorEntry:
+    if isinstance(value, LazyTensor):
+        return TensorEntry(key, value.shape, value.dtype, value.nbytes, value.location, value.loader,
+                           value.requires_grad, value.is_parameter, value.note)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value) if value.dtype != np.object_ else value
+    tensor: torch.Tensor = value
+
+    def load(t: torch.Tensor = tensor) -> torch.Tensor:
+        return t
+
+    nbytes = tensor.numel() * tensor.element_size()
+    location = "in memory" if tensor.device.type == "cpu" else f"in memory on {tensor.device}"
+    return TensorEntry(key, tuple(tensor.shape), tensor.dtype, nbytes, location, load,
+                       tensor.requires_grad, isinstance(tensor, torch.nn.Parameter))
+
+
+def _key_part(key: Any) -> str:
+    return key if isinstance(key, str) else repr(key) if not isinstance(key, int) else str(key)
+
+
+def flatten(
+    obj: Any,
+    *,
+    prefix: str = "",
+    placeholders: list[PlaceholderInfo] | None = None,
+) -> dict[str, Entry]:
+    """Flatten nested containers into ``{dotted key: entry}``.
+
+    Dicts contribute their keys, lists and tuples their indices. Tensors (live, numpy, or located
+    by a reader as :class:`LazyTensor`) become :class:`TensorEntry`; empty containers and other
+    leaves become :class:`ValueEntry`. Placeholders are recorded in ``placeholders`` and their
+    contents are walked, so tensors inside them are still found.
+
+    Example:
+        >>> import torch
+        >>> sorted(flatten({"a": {"b": torch.zeros(1)}, "n": [1, 2]}))
+        ['a.b', 'n.0', 'n.1']
+    """
+    out: dict[str, Entry] = {}
+    # Iterative walk: a hostile file cannot exhaust the Python stack.
+    stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
+    while stack:
+        key, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CorruptCheckpointError(f"structure nests more than {MAX_DEPTH} levels deep", key=key)
+        if isinstance(value, (LazyTensor, torch.Tensor)) or (
+            isinstance(value, np.ndarray) and value.dtype != np.object_
+        ):
+            out[key] = _tensor_entry(key, value)
+            continue
+        children: Mapping[Any, Any] | None = None
+        if isinstance(value, Mapping) and value:
+            children = value
+        elif isinstance(value, (list, tuple)) and value and _holds_tensor(value):
+            # Lists of plain values (betas, param ids, shapes) stay one value; lists holding
+            # tensors (optimizer states, per-layer buffers) are walked by index.
+            children = dict(enumerate(value))
+        elif isinstance(value, Placeholder):
+            if placeholders is not None:
+                placeholders.append(PlaceholderInfo(key, value.name, repr(value).removeprefix("<not executed: ").rstrip(">")))
+            out[key] = ValueEntry(key, value)
+            inner = placeholder_children(value)
+            if any(_holds_tensor(v) for v in inner.values()):
+                for name, child in reversed(list(inner.items())):
+                    stack.append((f"{key}.{name}", child, depth + 1))
+            continue
+        if children is None:
+            out[key] = ValueEntry(key, value)
+            continue
+        for name, child in reversed(list(children.items())):
+            part = _key_part(name)
+            stack.append((f"{key}.{part}" if key else part, child, depth + 1))
+    return out
+
+
+def _holds_tensor(value: Any, depth: int = 0) -> bool:
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(value, (LazyTensor, torch.Tensor)):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    if isinstance(value, Placeholder):
+        return any(_holds_tensor(v, depth + 1) for v in placeholder_children(value).values())
+    return False
+
+
+class Checkpoint(Mapping[str, Entry]):
+    """A lazy, flat mapping from dotted key to :class:`TensorEntry` or :class:`ValueEntry`.
+
+    Attributes:
+        source: the path (or a description of the live object) it was opened from.
+        format: the reader that opened it (``torch-zip``, ``lightning``, ``safetensors``, ...).
+        sections: top-level key prefix -> section name (``model``, ``optimizer``, ...).
+        provenance: framework, versions, epoch, global step, config where known.
+        placeholders: every global a pickle named that was not executed.
+        notes: anything a reader wants the user to know.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity import open as tp_open
+        >>> ckpt = tp_open(torch.nn.Linear(2, 3))
+        >>> list(ckpt), ckpt.num_parameters()
+        (['weight', 'bias'], 9)
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        format: str,
+        entries: dict[str, Entry],
+        sections: Mapping[str, str] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        placeholders: list[PlaceholderInfo] | None = None,
+        notes: list[str] | None = None,
+        closers: list[Callable[[], None]] | None = None,
+    ) -> None:
+        self.source = source
+        self.format = format
+        self._entries = entries
+        self.sections: dict[str, str] = dict(sections or {})
+        self.provenance: dict[str, Any] = dict(provenance or {})
+        self.placeholders: list[PlaceholderInfo] = list(placeholders or [])
+        self.notes: list[str] = list(notes or [])
+        self._closers = list(closers or [])
+
+    # Mapping protocol
+    def __getitem__(self, key: str) -> Entry:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # Views
+    def tensors(self) -> Iterator[TensorEntry]:
+        """Every tensor entry, in file order."""
+        return (e for e in self._entries.values() if isinstance(e, TensorEntry))
+
+    def values(self) -> Any:  # noqa: D102 - Mapping's, typed loosely for Entry unions
+        return self._entries.values()
+
+    def section_of(self, key: str) -> str:
+        """The section a key belongs to (``model`` when the format has no sections)."""
+        best = ""
+        for prefix in self.sections:
+            if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > len(best):
+                best = prefix
+        return self.sections.get(best, "model" if not self.sections else "other")
+
+    def section(self, name: str) -> dict[str, Entry]:
+        """The entries of one section, keyed as in the checkpoint."""
+        return {k: e for k, e in self._entries.items() if self.section_of(k) == name}
+
+    def num_parameters(self, section: str | None = None) -> int:
+        """Number of tensor elements, in all sections or in one."""
+        return sum(e.numel for e in self.tensors() if section is None or self.section_of(e.key) == section)
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors' elements."""
+        return sum(e.nbytes for e in self.tensors())
+
+    # Lifetime
+    def close(self) -> None:
+        """Release open files and mappings. Tensors already loaded stay valid."""
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Display
+    def __repr__(self) -> str:
+        n_tensors = sum(1 for _ in self.tensors())
+        extra = f", {len(self.placeholders)} not executed" if self.placeholders else ""
+        return (f"<Checkpoint {self.format} {self.source!r}: {n_tensors} tensors, "
+                f"{self.num_parameters():,} elements, {self.nbytes():,} bytes{extra}>")
+
+    def _repr_html_(self) -> str:
+        from tensorparity.report.inspect import render_html
+
+        return render_html(self)
