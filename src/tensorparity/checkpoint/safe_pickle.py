@@ -29,7 +29,7 @@ import torch
 
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["Placeholder", "StorageRef", "TensorRef", "inert_loads", "to_plain"]
+__all__ = ["Placeholder", "StorageRef", "TensorRef", "inert_load_file", "inert_loads", "to_plain"]
 
 # Hard caps against memory blow-ups from hostile pickles: a pickle is read from bytes already in
 # memory, so sizes are bounded by the file; these bound what we derive from it.
@@ -279,7 +279,7 @@ def _placeholder_class(module: str, name: str) -> type[Placeholder]:
 
 
 class _InertUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, persistent_load: Callable[[Any], Any] | None) -> None:
+    def __init__(self, file: Any, persistent_load: Callable[[Any], Any] | None) -> None:
         super().__init__(file, encoding="latin1")
         self._persistent = persistent_load
 
@@ -320,8 +320,17 @@ def inert_loads(data: bytes | memoryview, *, persistent_load: Callable[[Any], An
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise UnsafeCheckpointError(f"pickle of {len(data)} bytes is larger than the {MAX_PICKLE_BYTES}-byte limit")
+    return inert_load_file(io.BytesIO(data), persistent_load=persistent_load)
+
+
+def inert_load_file(file: Any, *, persistent_load: Callable[[Any], Any] | None = None) -> Any:
+    """Like :func:`inert_loads`, reading one pickle from an open binary file.
+
+    The file is left just after the pickle's STOP, so consecutive pickles (torch's legacy format)
+    can be read one after another.
+    """
     try:
-        return _InertUnpickler(io.BytesIO(data), persistent_load).load()
+        return _InertUnpickler(file, persistent_load).load()
     except (CorruptCheckpointError, UnsafeCheckpointError):
         raise
     except RecursionError as exc:

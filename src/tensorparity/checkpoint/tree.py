@@ -205,7 +205,8 @@ class Checkpoint(Mapping[str, Entry]):
     Attributes:
         source: the path (or a description of the live object) it was opened from.
         format: the reader that opened it (``torch-zip``, ``lightning``, ``safetensors``, ...).
-        sections: top-level key prefix -> section name (``model``, ``optimizer``, ...).
+        sections: key prefix -> section name (``model``, ``optimizer``, ...).
+        default_section: the section of keys that no prefix claims.
         provenance: framework, versions, epoch, global step, config where known.
         placeholders: every global a pickle named that was not executed.
         notes: anything a reader wants the user to know.
@@ -229,6 +230,7 @@ class Checkpoint(Mapping[str, Entry]):
         placeholders: list[PlaceholderInfo] | None = None,
         notes: list[str] | None = None,
         closers: list[Callable[[], None]] | None = None,
+        default_section: str | None = None,
     ) -> None:
         self.source = source
         self.format = format
@@ -238,6 +240,8 @@ class Checkpoint(Mapping[str, Entry]):
         self.placeholders: list[PlaceholderInfo] = list(placeholders or [])
         self.notes: list[str] = list(notes or [])
         self._closers = list(closers or [])
+        # Section of keys no prefix claims: "model" for bare state dicts, "other" otherwise.
+        self.default_section = default_section or ("other" if self.sections else "model")
 
     # Mapping protocol
     def __getitem__(self, key: str) -> Entry:
@@ -263,7 +267,7 @@ class Checkpoint(Mapping[str, Entry]):
         for prefix in self.sections:
             if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > len(best):
                 best = prefix
-        return self.sections.get(best, "model" if not self.sections else "other")
+        return self.sections.get(best, self.default_section)
 
     def section(self, name: str) -> dict[str, Entry]:
         """The entries of one section, keyed as in the checkpoint."""
