@@ -287,6 +287,8 @@ class _InertUnpickler(pickle.Unpickler):
         safe = _SAFE_GLOBALS.get((module, name))
         if safe is not None:
             return safe
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _STORAGE_TYPES["UntypedStorage"]
         if module == "torch" and name in _STORAGE_TYPES:
             return _STORAGE_TYPES[name]
         if module == "torch" and name in _DTYPES:

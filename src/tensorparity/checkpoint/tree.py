@@ -163,9 +163,9 @@ def flatten(
         children: Mapping[Any, Any] | None = None
         if isinstance(value, Mapping) and value:
             children = value
-        elif isinstance(value, (list, tuple)) and value and _holds_tensor(value):
+        elif isinstance(value, (list, tuple)) and value and not _is_plain_list(value):
             # Lists of plain values (betas, param ids, shapes) stay one value; lists holding
-            # tensors (optimizer states, per-layer buffers) are walked by index.
+            # containers or tensors (param groups, optimizer states) are walked by index.
             children = dict(enumerate(value))
         elif isinstance(value, Placeholder):
             if placeholders is not None:
@@ -183,6 +183,13 @@ def flatten(
             part = _key_part(name)
             stack.append((f"{key}.{part}" if key else part, child, depth + 1))
     return out
+
+
+_SCALARS = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _is_plain_list(value: list[Any] | tuple[Any, ...]) -> bool:
+    return all(isinstance(v, _SCALARS) for v in value)
 
 
 def _holds_tensor(value: Any, depth: int = 0) -> bool:
