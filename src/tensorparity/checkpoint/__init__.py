@@ -58,6 +58,8 @@ def detect_format(path: Path) -> str:
         if "model_config.yaml" in names:
             return "nemo-folder"
         return "folder"
+    if path.name.endswith((".safetensors.index.json", ".bin.index.json")):
+        return "hf-sharded"
     with builtins.open(path, "rb") as f:
         head = f.read(512)
     if not head:

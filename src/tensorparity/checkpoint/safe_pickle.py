@@ -15,8 +15,10 @@ plain Python data afterwards by :func:`to_plain`, from the recorded arguments al
 
 from __future__ import annotations
 
+import _compat_pickle
 import enum
 import io
+import math
 import pickle
 import sys
 from collections import OrderedDict
@@ -27,18 +29,49 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
+from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
 
-__all__ = ["Placeholder", "StorageRef", "TensorRef", "inert_load_file", "inert_loads", "to_plain"]
+__all__ = ["Placeholder", "StorageRef", "TensorRef", "completed", "inert_load_file", "inert_loads", "to_plain"]
+
+PICKLE_FIX = "the pickle is damaged or was not written by torch.save; save the checkpoint again"
 
 # Hard caps against memory blow-ups from hostile pickles: a pickle is read from bytes already in
 # memory, so sizes are bounded by the file; these bound what we derive from it.
 MAX_PICKLE_BYTES = 1 << 30
 MAX_TENSOR_DIMS = 64
+MAX_INDEX = (1 << 63) - 1  # sizes, strides and offsets are int64 in torch
+# Shared references (pickle's memo) can make a small pickle describe an exponentially large tree
+# ("billion laughs"); walking a shared container again is allowed this many times in all
+# (real checkpoints share a few small containers, if any).
+MAX_REVISITS = 100_000
+
+
+def _tamper(what: Any) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(f"pickle tries to modify {what}, which is not data (nothing was changed)",
+                                 fix="do not load this file with torch.load; ask its author for a safetensors copy")
+
+
+class _Frozen:
+    """Refuses a pickle's BUILD, which would otherwise rewrite ``__dict__`` past ``frozen=True``.
+
+    Mixed into the objects a pickle can reach (storage types, storage references, safe
+    functions): their checked values must stay what was checked, in this file and the next.
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise _tamper(repr(self))
+
+    def __copy__(self) -> Any:  # immutable: copies are the object itself, never via __setstate__
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self
 
 
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_Frozen):
     """A storage named by a pickle's persistent id: where its bytes are, not the bytes."""
 
     key: str
@@ -79,6 +112,11 @@ class Placeholder:
     """
 
     name: str = "?"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: dict[Any, Any]
+    listitems: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         obj = object.__new__(cls)
@@ -107,6 +145,13 @@ class Placeholder:
     def __reduce__(self) -> Any:  # never re-pickle a placeholder into something executable
         raise TypeError(f"placeholder for {self.name} cannot be pickled")
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Calling what an unknown global returned is how gadgets chain, e.g.
+        # getattr(__import__('os'), 'system')('...'): no data format needs it.
+        raise UnsafeCheckpointError(
+            f"pickle calls the result of {self!r}, a code-execution gadget (nothing was executed)",
+            fix="do not load this file with torch.load; ask its author for a safetensors copy")
+
     def __repr__(self) -> str:
         args = ", ".join(_short(a) for a in self.args)
         return f"<not executed: {self.name}({args})>"
@@ -126,7 +171,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Frozen):  # shared by every file: a BUILD must not rewrite it
     dtype: torch.dtype
 
 
@@ -156,16 +201,16 @@ def _as_shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > MAX_TENSOR_DIMS:
         raise CorruptCheckpointError(f"tensor {what} is not a tuple of integers: {_short(value)}")
     out = tuple(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
-        raise CorruptCheckpointError(f"tensor {what} has a negative or non-integer entry: {out}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INDEX for v in out):
+        raise CorruptCheckpointError(f"tensor {what} has a negative, huge or non-integer entry: {_short(out)}")
     return out
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
     if not isinstance(storage, StorageRef):
         raise CorruptCheckpointError(f"tensor rebuilt from a non-storage: {_short(storage)}")
-    if not isinstance(offset, int) or offset < 0:
-        raise CorruptCheckpointError(f"tensor storage offset is not a non-negative integer: {offset!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_INDEX:
+        raise CorruptCheckpointError(f"tensor storage offset is not a non-negative int64: {_short(offset)}")
     shape, strides = _as_shape(size, "size"), _as_shape(stride, "stride")
     if len(shape) != len(strides):
         raise CorruptCheckpointError(f"tensor size {shape} and stride {strides} differ in length")
@@ -199,7 +244,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     result = func(*args)
     if isinstance(result, TensorRef) and isinstance(new_type, type) and issubclass(new_type, Placeholder):
         result.subclass = new_type.name
-    elif isinstance(result, TensorRef) and new_type is torch.nn.Parameter:
+    elif isinstance(result, TensorRef) and new_type is _PARAMETER:
         result.is_parameter = True
     return result
 
@@ -240,15 +285,72 @@ def _layout(name: Any) -> str:
     return str(name)
 
 
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+def _bytearray(source: Any = b"", encoding: Any = None) -> bytearray:
+    # bytearray(n) would allocate n zero bytes: a 10-byte pickle could ask for terabytes.
+    if isinstance(source, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(source, "latin-1")
+    if isinstance(source, (bytes, bytearray)) and encoding is None:
+        return bytearray(source)
+    raise CorruptCheckpointError(f"bytearray rebuilt from unexpected arguments: {_short(source)}")
+
+
+class _Inert(_Frozen):
+    """A function the unpickler may call, wrapped so that a pickle's BUILD cannot modify it.
+
+    BUILD on a bare Python function sets its attributes (``__defaults__``), which would change
+    how this process reads every later file.
+    """
+
+    __slots__ = ("_func", "_name")
+
+    def __init__(self, name: str, func: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_func", func)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._func(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _tamper(self._name)
+
+    def __repr__(self) -> str:
+        return f"<{self._name}>"
+
+
+class _Marker(_Frozen):
+    """A class a pickle may name as data (``torch.Tensor`` as a rebuild's type), never call."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _tamper(self.name)
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+# Calling the real classes would allocate (torch.Tensor(10**12)) or let BUILD patch torch itself.
+_PARAMETER = _Marker("torch.nn.parameter.Parameter")
+_TENSOR = _Marker("torch.Tensor")
+
+
+# Builtin types are immutable (BUILD cannot patch them) and stay real types, because NEWOBJ
+# demands a type; our own functions are wrapped in _Inert.
+_SAFE_TYPES: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("collections", "defaultdict"): _plain_dict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
     ("builtins", "slice"): slice,
-    ("builtins", "bytearray"): bytearray,
-    ("__builtin__", "set"): set,
+    ("torch.nn.parameter", "Parameter"): _PARAMETER,  # a marker for _rebuild_from_type_v2
+    ("torch", "Tensor"): _TENSOR,
+}
+_SAFE_FUNCTIONS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("collections", "defaultdict"): _plain_dict,
+    ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -261,9 +363,23 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _torch_device,
     ("torch.serialization", "_get_layout"): _layout,
-    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,  # a marker for _rebuild_from_type_v2
-    ("torch", "Tensor"): torch.Tensor,
 }
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    **_SAFE_TYPES,
+    **{key: _Inert(".".join(key), func) for key, func in _SAFE_FUNCTIONS.items()},
+}
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 spelling of a global that a protocol-2 pickle wrote for Python 2.
+
+    torch.save writes protocol 2, whose pickler renames ``builtins.eval`` to
+    ``__builtin__.eval`` and ``subprocess.Popen`` to ``commands.Popen``; map them back so that
+    placeholders and safe globals use the names a reader expects.
+    """
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 _PLACEHOLDER_CLASSES: dict[str, type[Placeholder]] = {}
 
@@ -284,6 +400,7 @@ class _InertUnpickler(pickle.Unpickler):
         self._persistent = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = _python3_name(module, name)
         safe = _SAFE_GLOBALS.get((module, name))
         if safe is not None:
             return safe
@@ -333,14 +450,31 @@ def inert_load_file(file: Any, *, persistent_load: Callable[[Any], Any] | None =
     """
     try:
         return _InertUnpickler(file, persistent_load).load()
-    except (CorruptCheckpointError, UnsafeCheckpointError):
-        raise
+    except TensorParityError as exc:
+        raise completed(exc, fix=PICKLE_FIX) from exc
     except RecursionError as exc:
-        raise CorruptCheckpointError("pickle nests too deeply to read") from exc
+        raise CorruptCheckpointError("pickle nests too deeply to read", fix=PICKLE_FIX) from exc
     except MemoryError as exc:
-        raise CorruptCheckpointError("pickle asks for more memory than is available") from exc
+        raise CorruptCheckpointError("pickle asks for more memory than is available", fix=PICKLE_FIX) from exc
     except Exception as exc:  # noqa: BLE001 - any failure of a malformed pickle is corruption
-        raise CorruptCheckpointError(f"malformed pickle ({type(exc).__name__}: {_short(str(exc))})") from exc
+        raise CorruptCheckpointError(f"malformed pickle ({type(exc).__name__}: {_short(str(exc))})",
+                                     fix=PICKLE_FIX) from exc
+
+
+def completed(exc: TensorParityError, *, path: Any = None, key: str | None = None,
+              fix: str | None = None) -> TensorParityError:
+    """The same error with the file, key or fix that its raiser did not know filled in.
+
+    Errors raised deep inside a pickle know neither the file nor the archive member; the reader
+    that catches them does.
+
+    Example:
+        >>> str(completed(CorruptCheckpointError("bad"), path="m.pt", key="archive/data.pkl", fix="save again"))
+        'm.pt [archive/data.pkl]: bad; fix: save again'
+    """
+    if (exc.path or path is None) and (exc.key or key is None) and (exc.fix or fix is None):
+        return exc
+    return type(exc)(exc.message, path=exc.path or path, key=exc.key or key, fix=exc.fix or fix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,9 +492,12 @@ def _numpy_dtype(obj: Any) -> np.dtype[Any]:
             raise CorruptCheckpointError(f"numpy object/void arrays are not supported as data (dtype {code!r})")
         prefix = order if order in ("<", ">", "=") else "="
         try:
-            return np.dtype(prefix + code if code[0] not in "<>=|" else code)
-        except TypeError as exc:
-            raise CorruptCheckpointError(f"unknown numpy dtype {code!r}") from exc
+            dt = np.dtype(prefix + code if code[:1] not in ("<", ">", "=", "|") else code)
+        except (TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"unknown numpy dtype {_short(code)}") from exc
+        if dt.hasobject:
+            raise CorruptCheckpointError(f"numpy object arrays are not supported as data (dtype {dt})")
+        return dt
     raise CorruptCheckpointError(f"numpy array with an unreadable dtype: {_short(obj)}")
 
 
@@ -371,21 +508,28 @@ def _numpy_array(obj: Placeholder) -> Any:
     _, shape, dtype, fortran, raw = state
     dt = _numpy_dtype(dtype)
     shape = _as_shape(shape, "numpy shape")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if isinstance(raw, str):
-        raw = raw.encode("latin1")
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dt.itemsize:
+    count = math.prod(shape)  # Python ints: np.prod would wrap around on a hostile shape
+    raw = _latin1(raw)
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dt.itemsize or not dt.itemsize:
         raise CorruptCheckpointError(f"numpy array of shape {shape} and dtype {dt} has the wrong number of bytes")
     return np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _latin1(raw: Any) -> Any:
+    # Python 2 pickles carry bytes as latin-1 text; anything else is left for the caller to refuse.
+    if isinstance(raw, str):
+        try:
+            return raw.encode("latin1")
+        except UnicodeEncodeError as exc:
+            raise CorruptCheckpointError("numpy data is text that is not latin-1 bytes") from exc
+    return raw
 
 
 def _numpy_scalar(obj: Placeholder) -> Any:
     if len(obj.args) != 2:
         raise CorruptCheckpointError("numpy scalar with malformed arguments")
-    dt, raw = _numpy_dtype(obj.args[0]), obj.args[1]
-    if isinstance(raw, str):
-        raw = raw.encode("latin1")
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) != dt.itemsize:
+    dt, raw = _numpy_dtype(obj.args[0]), _latin1(obj.args[1])
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != dt.itemsize or not dt.itemsize:
         raise CorruptCheckpointError("numpy scalar with the wrong number of bytes")
     return np.frombuffer(bytes(raw), dtype=dt)[0].item()
 
@@ -412,7 +556,10 @@ def _omegaconf(obj: Placeholder, plain: Callable[[Any], Any]) -> Any:
 def _loaded_enum(name: str) -> type[enum.Enum] | None:
     module, _, attr = name.rpartition(".")
     mod = sys.modules.get(module)
-    cls = vars(mod).get(attr) if mod is not None else None
+    try:  # vars(), not getattr(): a module's __getattr__ could run code
+        cls = vars(mod).get(attr) if mod is not None else None
+    except TypeError:  # something that is not a module sits in sys.modules
+        return None
     return cls if isinstance(cls, type) and issubclass(cls, enum.Enum) else None
 
 
@@ -445,43 +592,76 @@ def _convert(obj: Placeholder, plain: Callable[[Any], Any]) -> Any:
     return obj
 
 
-def to_plain(obj: Any, *, on_placeholder: Callable[[Placeholder], None] | None = None, _depth: int = 0) -> Any:
+def to_plain(obj: Any, *, on_placeholder: Callable[[Placeholder], None] | None = None) -> Any:
     """Turn known data types inside ``obj`` into plain Python data, recursively.
 
     Containers become ``dict``/``list``; numpy arrays stay numpy arrays; tensors stay
     :class:`TensorRef`. Unknown placeholders are kept and passed to ``on_placeholder``.
 
+    Raises:
+        CorruptCheckpointError: the structure nests more than 200 levels deep.
+        UnsafeCheckpointError: shared references expand it past a million extra nodes.
+
     Example:
         >>> to_plain((1, [2, {"a": 3}]))
         (1, [2, {'a': 3}])
     """
-    if _depth > 200:
-        raise CorruptCheckpointError("structure nests more than 200 levels deep")
+    try:
+        return _Plain(on_placeholder).walk(obj, 0)
+    except TensorParityError as exc:
+        raise completed(exc, fix=PICKLE_FIX) from exc
+    except RecursionError as exc:  # 200 levels of containers inside placeholders inside ...
+        raise CorruptCheckpointError("structure nests too deeply to read", fix=PICKLE_FIX) from exc
 
-    def plain(value: Any) -> Any:
-        return to_plain(value, on_placeholder=on_placeholder, _depth=_depth + 1)
 
-    if isinstance(obj, Placeholder):
-        converted = _convert(obj, plain)
-        if converted is not obj:
-            return converted
-        if on_placeholder is not None:
-            on_placeholder(obj)
-        # Walk what the placeholder holds, so tensors inside it are still found.
-        obj.args = tuple(plain(a) for a in obj.args)
-        obj.state = plain(obj.state)
-        obj.items = {k: plain(v) for k, v in obj.items.items()}
-        obj.listitems = [plain(v) for v in obj.listitems]
+class _Plain:
+    """One :func:`to_plain` walk: the placeholder callback and the budget for shared parts."""
+
+    def __init__(self, on_placeholder: Callable[[Placeholder], None] | None) -> None:
+        self.on_placeholder = on_placeholder
+        self.seen: dict[int, Any] = {}  # id -> object; holding it keeps the id unique
+        self.revisits = 0
+
+    def _count(self, obj: Any) -> None:
+        if id(obj) not in self.seen:
+            self.seen[id(obj)] = obj
+            return
+        self.revisits += 1
+        if self.revisits > MAX_REVISITS:
+            raise UnsafeCheckpointError(
+                f"shared references expand the pickle past {MAX_REVISITS:,} extra nodes (a 'billion laughs' file)",
+                fix="refusing a structure built to exhaust memory; re-save the checkpoint")
+
+    def walk(self, obj: Any, depth: int) -> Any:
+        if depth > 200:
+            raise CorruptCheckpointError("structure nests more than 200 levels deep")
+
+        def plain(value: Any) -> Any:
+            return self.walk(value, depth + 1)
+
+        if isinstance(obj, (Placeholder, dict, list, tuple, set, frozenset)):
+            self._count(obj)
+        if isinstance(obj, Placeholder):
+            converted = _convert(obj, plain)
+            if converted is not obj:
+                return converted
+            if self.on_placeholder is not None:
+                self.on_placeholder(obj)
+            # Walk what the placeholder holds, so tensors inside it are still found.
+            obj.args = tuple(plain(a) for a in obj.args)
+            obj.state = plain(obj.state)
+            obj.items = {k: plain(v) for k, v in obj.items.items()}
+            obj.listitems = [plain(v) for v in obj.listitems]
+            return obj
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [plain(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(plain(v) for v in obj)
+        if isinstance(obj, (set, frozenset)):
+            return sorted((plain(v) for v in obj), key=repr)
         return obj
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(plain(v) for v in obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted((plain(v) for v in obj), key=repr)
-    return obj
 
 
 def placeholder_children(obj: Placeholder) -> dict[str, Any]:
