@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import struct
 import zipfile
-from pathlib import Path
+import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from tensorparity.checkpoint.safe_pickle import (
     StorageRef,
     TensorRef,
     _StorageType,
+    completed,
     inert_loads,
     to_plain,
 )
@@ -35,13 +37,22 @@ __all__ = ["is_torch_zip", "read_object", "read_torch_zip"]
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_RATIO = 200  # compressed members above this expansion are refused as zip bombs
 MAX_INFLATED = 1 << 30
+_ZIP_FIX = "the file is truncated or corrupt; copy or save it again"
+
+# What zipfile raises on damaged bytes besides BadZipFile: an unknown compression method or
+# version (NotImplementedError), an encrypted member (RuntimeError), a broken deflate stream
+# (zlib.error), a short member (EOFError), a non-UTF-8 name flagged as UTF-8 (ValueError).
+ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError,
+    EOFError, OSError, ValueError, struct.error,
+)
 
 
 def is_torch_zip(names: list[str]) -> bool:
     return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
 
 
-def _data_offset(region: FileRegion, info: zipfile.ZipInfo, path: Path) -> int:
+def _data_offset(region: FileRegion, info: zipfile.ZipInfo, path: Path | str) -> int:
     """Offset of a member's bytes from the start of the archive, read from its local header."""
     region.seek(info.header_offset)
     header = region.read(30)
@@ -56,15 +67,38 @@ def _data_offset(region: FileRegion, info: zipfile.ZipInfo, path: Path) -> int:
     return start
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, cap: int) -> bytes:
+def check_member(info: zipfile.ZipInfo, path: Path | str, cap: int, *, max_ratio: int | None = MAX_RATIO) -> None:
+    """Refuse a member before reading it: a bomb, encrypted, or sizes that contradict each other.
+
+    ``max_ratio=None`` is for formats that compress legitimately (``savez_compressed`` of zeros),
+    where the member's declared size is already checked against what it must hold.
+    """
     if info.file_size > cap:
         raise UnsafeCheckpointError(f"member inflates to {info.file_size} bytes (limit {cap})",
                                     path=path, key=info.filename, fix="refusing a possible zip bomb")
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_RATIO * max(1, info.compress_size):
-        raise UnsafeCheckpointError("member expands more than 200x", path=path, key=info.filename,
+    if (max_ratio is not None and info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > max_ratio * max(1, info.compress_size)):
+        raise UnsafeCheckpointError(f"member expands more than {max_ratio}x", path=path, key=info.filename,
                                     fix="refusing a possible zip bomb; re-save with torch.save")
-    with zf.open(info) as f:
-        data = f.read(cap + 1)
+    if info.flag_bits & 0x1:
+        raise CorruptCheckpointError("member is encrypted", path=path, key=info.filename,
+                                     fix="re-save the checkpoint without encryption")
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        # Stored members are mapped in place: the bytes read must be the member's own.
+        raise CorruptCheckpointError(
+            f"stored member claims {info.file_size} bytes but occupies {info.compress_size}",
+            path=path, key=info.filename, fix=_ZIP_FIX)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path | str, cap: int, *,
+                 max_ratio: int | None = MAX_RATIO) -> bytes:
+    check_member(info, path, cap, max_ratio=max_ratio)
+    try:
+        with zf.open(info) as f:
+            data = f.read(cap + 1)
+    except ZIP_ERRORS as exc:
+        raise CorruptCheckpointError(f"unreadable zip member ({type(exc).__name__}: {exc})", path=path,
+                                     key=info.filename, fix=_ZIP_FIX) from exc
     if len(data) > cap:
         raise UnsafeCheckpointError("member inflates past its declared size", path=path,
                                     key=info.filename, fix="refusing a possible zip bomb")
@@ -84,11 +118,10 @@ def read_object(path: Path, *, offset: int = 0, length: int | None = None,
     try:
         return _read(region, path, shown)
     except zipfile.BadZipFile as exc:
-        raise CorruptCheckpointError(f"not a readable zip archive ({exc})", path=shown,
-                                     fix="the file is truncated or corrupt; copy or save it again") from exc
-    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise CorruptCheckpointError(f"not a readable zip archive ({exc})", path=shown, fix=_ZIP_FIX) from exc
+    except ZIP_ERRORS as exc:
         raise CorruptCheckpointError(f"unreadable archive ({type(exc).__name__}: {exc})", path=shown,
-                                     fix="the file is truncated or corrupt; copy or save it again") from exc
+                                     fix=_ZIP_FIX) from exc
     finally:
         region.close()
 
@@ -108,10 +141,10 @@ def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, An
         record = pkl[: -len("data.pkl")]
         byteorder = "little"
         if record + "byteorder" in infos:
-            byteorder = _read_member(zf, infos[record + "byteorder"], path, 16).decode("ascii", "replace")
+            byteorder = _read_member(zf, infos[record + "byteorder"], shown, 16).decode("ascii", "replace")
         version = None
         if record + "version" in infos:
-            version = _read_member(zf, infos[record + "version"], path, 64).decode("ascii", "replace").strip()
+            version = _read_member(zf, infos[record + "version"], shown, 64).decode("ascii", "replace").strip()
 
         storages: dict[str, StorageRef] = {}
 
@@ -126,7 +159,11 @@ def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, An
                 ref = storages[key] = StorageRef(key, stype.dtype, numel, str(location))
             return ref
 
-        obj = inert_loads(_read_member(zf, infos[pkl], path, 1 << 30), persistent_load=persistent_load)
+        raw_pickle = _read_member(zf, infos[pkl], shown, 1 << 30)
+        try:
+            obj = inert_loads(raw_pickle, persistent_load=persistent_load)
+        except TensorParityError as exc:  # the unpickler knows neither the file nor the member
+            raise completed(exc, path=shown, key=pkl) from exc
 
         mapped = MappedFile(path)
         placed: dict[str, tuple[int, zipfile.ZipInfo]] = {}
@@ -140,14 +177,18 @@ def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, An
                 raise CorruptCheckpointError(
                     f"storage declares {ref.nbytes} bytes but the archive holds {info.file_size}",
                     path=shown, key=name, fix="the file is corrupt or was truncated; save it again")
-            placed[key] = (_data_offset(region, info, path), info)
+            check_member(info, shown, MAX_INFLATED)
+            placed[key] = (_data_offset(region, info, shown), info)
         start = region.start
 
         def locate(ref: TensorRef, where: str) -> LazyTensor:
             return _lazy(ref, where, shown, mapped, zf_path=path, start=start, placed=placed,
                          byteorder=byteorder, region_length=region.length)
 
-        obj = bind_tensors(obj, locate, shown)
+        try:
+            obj = bind_tensors(obj, locate, shown)
+        except TensorParityError as exc:
+            raise completed(exc, path=shown, key=pkl) from exc
     return obj, {"record": record.rstrip("/"), "byteorder": byteorder, "version": version}, [mapped.close]
 
 
@@ -165,7 +206,8 @@ def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path
     storage = ref.storage
     check_extent(ref.shape, ref.stride, ref.offset, storage.numel, path=shown, key=where)
     data_start, info = placed[storage.key]
-    location = f"{info.filename} @ {start + data_start}"
+    member = f"{shown}::{info.filename}" if shown != str(zf_path) else info.filename
+    location = f"{member} @ {start + data_start}"
     note = ref.note or (f"tensor subclass {ref.subclass}" if ref.subclass else None)
     if storage.location not in ("cpu", ""):
         note = f"saved on {storage.location}" + (f"; {note}" if note else "")
@@ -177,8 +219,15 @@ def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path
             return _fix_order(t, byteorder)
     else:
         def load() -> torch.Tensor:
-            with FileRegion(zf_path, start, region_length) as region, zipfile.ZipFile(region) as zf:
-                raw = _read_member(zf, info, zf_path, MAX_INFLATED)
+            try:
+                with FileRegion(zf_path, start, region_length) as region, zipfile.ZipFile(region) as zf:
+                    raw = _read_member(zf, info, shown, MAX_INFLATED)
+            except ZIP_ERRORS as exc:
+                raise CorruptCheckpointError(f"unreadable archive ({type(exc).__name__}: {exc})", path=shown,
+                                             key=info.filename, fix=_ZIP_FIX) from exc
+            if len(raw) < storage.nbytes:
+                raise CorruptCheckpointError(f"member holds {len(raw)} bytes, not the {storage.nbytes} declared",
+                                             path=shown, key=info.filename, fix=_ZIP_FIX)
             flat = torch.frombuffer(bytearray(raw[: storage.nbytes]), dtype=torch.uint8).view(storage.dtype) \
                 if storage.nbytes else torch.empty(0, dtype=storage.dtype)
             return _fix_order(torch.as_strided(flat, ref.shape, ref.stride, ref.offset), byteorder)

@@ -174,7 +174,7 @@ def flatten(
             inner = placeholder_children(value)
             if any(_holds_tensor(v) for v in inner.values()):
                 for name, child in reversed(list(inner.items())):
-                    stack.append((f"{key}.{name}", child, depth + 1))
+                    stack.append((f"{key}.{name}" if key else name, child, depth + 1))
             continue
         if children is None:
             out[key] = ValueEntry(key, value)
