@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry, open
 from tensorparity.errors import InternalError, TensorParityError
+from tensorparity.report.inspect import InspectReport, inspect
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "InspectReport",
     "InternalError",
     "TensorEntry",
     "TensorParityError",
     "ValueEntry",
     "__version__",
+    "inspect",
     "open",
 ]

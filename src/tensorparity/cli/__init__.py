@@ -1,0 +1,49 @@
+"""The ``tensorparity`` command line: a thin typer app over the library.
+
+Exit codes: 0 ok, 1 the things compared differ (diff and parity commands), 2 error.
+
+Example:
+    $ tensorparity inspect model.ckpt --keys 'layers\\.0\\.' --top 5
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tensorparity import __version__
+from tensorparity.cli.inspect import inspect_command
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="tensorparity",
+    help="Prove that two PyTorch checkpoints, implementations or runs are numerically the same.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tensorparity {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Prove that two PyTorch checkpoints, implementations or runs are numerically the same."""
+
+
+app.command("inspect")(inspect_command)
+
+
+def main() -> None:
+    """Entry point of the ``tensorparity`` console script and of ``python -m tensorparity``."""
+    app(prog_name="tensorparity")

@@ -1,0 +1,626 @@
+"""What a checkpoint holds, at a glance: :func:`inspect` and its :class:`InspectReport`.
+
+The report is built from metadata alone (shapes, dtypes, byte sizes, values): no tensor is ever
+loaded, so inspecting a multi-GB checkpoint costs about as much as opening it. The record renders
+for people (rich, in the terminal; HTML, in a notebook) and for machines (JSON, schema
+``tensorparity.inspect/1``).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import re
+import reprlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tensorparity.checkpoint import Checkpoint, PlaceholderInfo, TensorEntry, ValueEntry
+from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.safe_pickle import Placeholder
+from tensorparity.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderableType
+
+__all__ = ["SCHEMA", "DtypeSummary", "InspectReport", "KeyInfo", "NotExecuted", "SectionSummary", "inspect",
+           "render_html"]
+
+SCHEMA = "tensorparity.inspect/1"
+MAX_PLACEHOLDERS_SHOWN = 30
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+@dataclass(frozen=True)
+class SectionSummary:
+    """Counts for one section (``model``, ``optimizer``, ...) or for the whole checkpoint."""
+
+    name: str
+    tensors: int
+    parameters: int
+    bytes: int
+    values: int
+    trainable: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"name": self.name, "tensors": self.tensors, "parameters": self.parameters,
+             "bytes": self.bytes, "values": self.values}
+        return d if self.trainable is None else {**d, "trainable_parameters": self.trainable}
+
+
+@dataclass(frozen=True)
+class DtypeSummary:
+    """How many tensors, elements and bytes one dtype accounts for."""
+
+    dtype: str
+    tensors: int
+    elements: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One entry of the key list: a tensor (shape, dtype, bytes) or a value (its short repr)."""
+
+    key: str
+    section: str
+    kind: str  # "tensor" or "value"
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    bytes: int = 0
+    value: str | None = None
+    note: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape is not None else 0
+
+    @property
+    def label(self) -> str:
+        """What the key tree shows next to the key."""
+        if self.kind == "value":
+            return f"= {self.value}"
+        text = f"{list(self.shape or ())} {self.dtype}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "value":
+            return {"key": self.key, "section": self.section, "kind": "value", "value": self.value}
+        d = {"key": self.key, "section": self.section, "kind": "tensor", "shape": list(self.shape or ()),
+             "dtype": self.dtype, "bytes": self.bytes}
+        return {**d, "note": self.note} if self.note else d
+
+
+@dataclass(frozen=True)
+class NotExecuted:
+    """A global the file's pickle named and that was NOT executed: the call it asked for, and the
+    state it would have set on the result (a dataclass's fields, for instance)."""
+
+    key: str
+    name: str
+    call: str
+    state: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.call}" + (f" with state {self.state}" if self.state else "")
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What a checkpoint holds: the record :func:`inspect` returns.
+
+    Attributes:
+        source: the path (or description) it was opened from.
+        format: the reader that opened it (``lightning``, ``safetensors``, ``torch-zip``, ...).
+        provenance: framework and version, epoch, step, config, as the checkpoint recorded them.
+        sections: counts per section, in file order.
+        totals: counts for the whole checkpoint.
+        dtypes: counts per dtype, largest first.
+        largest: the largest tensors, largest first.
+        keys: every entry whose key matches ``keys_filter`` (all of them without a filter).
+        keys_filter: the regular expression the key list was filtered with, if any.
+        placeholders: globals the file's pickle named and that were NOT executed.
+        notes: what the reader wants the user to know.
+    """
+
+    source: str
+    format: str
+    provenance: dict[str, Any]
+    sections: tuple[SectionSummary, ...]
+    totals: SectionSummary
+    dtypes: tuple[DtypeSummary, ...]
+    largest: tuple[KeyInfo, ...]
+    keys: tuple[KeyInfo, ...]
+    keys_filter: str | None
+    placeholders: tuple[NotExecuted, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def values(self) -> dict[str, str]:
+        """Non-tensor entries of the key list: key -> short repr."""
+        return {k.key: k.value or "" for k in self.keys if k.kind == "value"}
+
+    # Machines
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, ``{"schema": "tensorparity.inspect/1", ...}``."""
+        return {
+            "schema": SCHEMA,
+            "source": self.source,
+            "format": self.format,
+            "provenance": _jsonable(self.provenance),
+            "sections": [s.to_dict() for s in self.sections],
+            "totals": self.totals.to_dict(),
+            "dtypes": [{"dtype": d.dtype, "tensors": d.tensors, "elements": d.elements, "bytes": d.bytes}
+                       for d in self.dtypes],
+            "largest": [t.to_dict() for t in self.largest],
+            "keys_filter": self.keys_filter,
+            "keys": [k.to_dict() for k in self.keys],
+            "values": self.values,
+            "placeholders": [{"key": p.key, "name": p.name, "call": p.call, "state": p.state}
+                             for p in self.placeholders],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """The report as strict JSON (non-finite floats become strings)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    # People
+    def renderable(self, *, fold: bool = True) -> RenderableType:
+        """A rich renderable; ``fold=False`` shows every key and every placeholder."""
+        return _render_rich(self, fold=fold)
+
+    def render(self, console: Console | None = None, *, fold: bool = True) -> None:
+        """Print the report to ``console`` (a stdout console by default)."""
+        from rich.console import Console
+
+        (console or Console()).print(self.renderable(fold=fold))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        yield self.renderable()
+
+    def to_html(self, *, fold: bool = True) -> str:
+        """A self-contained HTML fragment (what a notebook shows)."""
+        return _html(self, fold=fold)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        out = io.StringIO()
+        Console(file=out, width=100, color_system=None, force_terminal=False).print(self.renderable())
+        return out.getvalue()
+
+    def __repr__(self) -> str:
+        t = self.totals
+        extra = f", {len(self.placeholders)} not executed" if self.placeholders else ""
+        return (f"<InspectReport {self.format} {self.source!r}: {t.tensors} tensors, "
+                f"{t.parameters:,} parameters, {human_bytes(t.bytes)}{extra}>")
+
+
+def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> InspectReport:
+    """Summarise a checkpoint from its metadata alone; no tensor data is read.
+
+    Args:
+        source: anything :func:`tensorparity.open` takes (a path, a module, a state dict, a
+            :class:`Checkpoint`; a Checkpoint passed in is left open).
+        keys: a regular expression; only keys it matches (``re.search``) are listed.
+            Counts, dtypes and the largest tensors always cover the whole checkpoint.
+        top: how many of the largest tensors to list.
+
+    Raises:
+        UsageError: ``keys`` is not a valid regular expression, or ``top`` is negative.
+        SourceError: the checkpoint cannot be opened (see :func:`tensorparity.open`).
+
+    Example:
+        >>> import torch
+        >>> report = inspect(torch.nn.Linear(4, 2), keys=r"weight")
+        >>> report.totals.parameters, [k.key for k in report.keys]
+        (10, ['weight'])
+        >>> report.to_dict()["schema"]
+        'tensorparity.inspect/1'
+    """
+    pattern = _compile(keys)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise UsageError(f"top must be a non-negative integer, not {top!r}",
+                         fix="pass 0 or more, e.g. top=10")
+    owned = not isinstance(source, Checkpoint)
+    ckpt = open_checkpoint(source)
+    try:
+        return _summarise(ckpt, pattern, top)
+    finally:
+        if owned:
+            ckpt.close()
+
+
+def render_html(ckpt: Checkpoint, *, keys: str | None = None, top: int = 10) -> str:
+    """The HTML a notebook shows for a :class:`Checkpoint` (``Checkpoint._repr_html_``).
+
+    Example:
+        >>> import torch, tensorparity
+        >>> "<table" in render_html(tensorparity.open({"w": torch.zeros(2)}))
+        True
+    """
+    return inspect(ckpt, keys=keys, top=top).to_html()
+
+
+def _compile(keys: str | None) -> re.Pattern[str] | None:
+    if keys is None:
+        return None
+    try:
+        return re.compile(keys)
+    except re.error as exc:
+        raise UsageError(f"keys filter {keys!r} is not a valid regular expression ({exc})",
+                         fix=r"escape special characters with a backslash, e.g. 'layers\.0\.' "
+                             r"for the literal text 'layers.0.'") from None
+
+
+def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int) -> InspectReport:
+    per_section: dict[str, list[int]] = {}  # name -> [tensors, parameters, bytes, values]
+    per_dtype: dict[str, list[int]] = {}
+    tensors: list[KeyInfo] = []
+    listed: list[KeyInfo] = []
+    for key in ckpt:
+        entry = ckpt[key]
+        section = ckpt.section_of(key)
+        counts = per_section.setdefault(section, [0, 0, 0, 0])
+        if isinstance(entry, TensorEntry):
+            dtype = str(entry.dtype).removeprefix("torch.")
+            counts[0] += 1
+            counts[1] += entry.numel
+            counts[2] += entry.nbytes
+            d = per_dtype.setdefault(dtype, [0, 0, 0])
+            d[0] += 1
+            d[1] += entry.numel
+            d[2] += entry.nbytes
+            info = KeyInfo(key, section, "tensor", tuple(entry.shape), dtype, entry.nbytes,
+                           note=entry.note)
+            tensors.append(info)
+        else:
+            counts[3] += 1
+            info = KeyInfo(key, section, "value", value=short_repr(entry.value))
+        if pattern is None or pattern.search(key):
+            listed.append(info)
+    trainable = ckpt.provenance.get("trainable_parameters")
+    if isinstance(trainable, bool) or not isinstance(trainable, int):
+        trainable = None
+    sections = tuple(SectionSummary(name, c[0], c[1], c[2], c[3], trainable if name == "model" else None)
+                     for name, c in per_section.items())
+    n_tensors, n_params, n_bytes, n_values = (sum(c[i] for c in per_section.values()) for i in range(4))
+    totals = SectionSummary("total", n_tensors, n_params, n_bytes, n_values, trainable)
+    dtypes = tuple(sorted((DtypeSummary(k, *v) for k, v in per_dtype.items()),
+                          key=lambda d: (-d.bytes, d.dtype)))
+    largest = tuple(sorted(tensors, key=lambda t: -t.bytes)[:top])  # stable: ties stay in file order
+    return InspectReport(
+        source=str(ckpt.source), format=ckpt.format, provenance=dict(ckpt.provenance),
+        sections=sections, totals=totals, dtypes=dtypes, largest=largest, keys=tuple(listed),
+        keys_filter=pattern.pattern if pattern is not None else None,
+        placeholders=tuple(_not_executed(ckpt, p) for p in ckpt.placeholders), notes=tuple(ckpt.notes))
+
+
+def _not_executed(ckpt: Checkpoint, info: PlaceholderInfo) -> NotExecuted:
+    entry = ckpt.get(info.key)
+    state = entry.value.state if isinstance(entry, ValueEntry) and isinstance(entry.value, Placeholder) else None
+    return NotExecuted(info.key, info.name, printable(info.call),
+                       short_repr(state, 200) if state is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small formatting helpers, shared with the rich renderer
+
+
+def printable(text: str) -> str:
+    """Escape control characters: keys and values come from untrusted files, and a raw escape
+    sequence would be interpreted by the user's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A one-line, bounded, printable repr of a checkpoint value."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value's repr must never break the report
+        text = f"<{type(value).__name__}>"
+    text = printable(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    """``1_234_567`` -> ``'1.2M'``."""
+    for div, unit in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def provenance_items(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    """Provenance as short (name, text) pairs; big structures (a NeMo config) are summarised."""
+    out = []
+    for name, value in provenance.items():
+        if isinstance(value, str):
+            text = printable(value if len(value) <= 80 else value[:79] + "…")
+        elif isinstance(value, dict) and len(short_repr(value, 200)) > 80:
+            text = f"{{{len(value)} keys}} (see --json)"
+        else:
+            text = short_repr(value)
+        out.append((printable(str(name)), text))
+    return out
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if depth > 50:
+        return short_repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    return short_repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML (self-contained: one scoped style block, no scripts)
+
+_STYLE = ("<style>.tp-inspect{font-family:ui-monospace,monospace;font-size:12px}"
+          ".tp-inspect table{border-collapse:collapse;margin:2px 0 8px}"
+          ".tp-inspect th,.tp-inspect td{text-align:left;padding:1px 10px 1px 0}"
+          ".tp-inspect ul{margin:0;padding-left:1.4em;list-style:none}.tp-inspect .d{color:#888}"
+          ".tp-inspect .warn{border:2px solid #c90;padding:4px 8px;margin:6px 0}</style>")
+
+
+def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<b>{e(title)}</b><table><tr>{head}</tr>{body}</table>"
+
+
+def _html_tree(nodes: list[_Node]) -> str:
+    e = html.escape
+    items = "".join(f"<li>{e(n.name)} <span class='d'>{e(n.detail)}</span>"
+                    f"{_html_tree(n.children) if n.children else ''}</li>" for n in nodes)
+    return f"<ul>{items}</ul>"
+
+
+def _html(r: InspectReport, *, fold: bool) -> str:
+    e = html.escape
+    prov = " &middot; ".join(f"{e(k)}: {e(v)}" for k, v in provenance_items(r.provenance))
+    parts = [f"<div class='tp-inspect'>{_STYLE}<b>{e(printable(r.source))}</b> &mdash; {e(r.format)}"
+             f"<div class='d'>{prov}</div>"]
+    trainable = any(s.trainable is not None for s in r.sections)
+    parts.append(_html_table(
+        "Sections", ["section", "tensors", "parameters", "bytes", "values"] + ["trainable"] * trainable,
+        [[s.name, f"{s.tensors:,}", f"{s.parameters:,}", human_bytes(s.bytes), f"{s.values:,}"]
+         + ([] if not trainable else ["" if s.trainable is None else f"{s.trainable:,}"])
+         for s in (*r.sections, r.totals)]))
+    parts.append(_html_table("Dtypes", ["dtype", "tensors", "elements", "bytes"],
+                             [[d.dtype, f"{d.tensors:,}", f"{d.elements:,}", human_bytes(d.bytes)]
+                              for d in r.dtypes]))
+    if r.largest:
+        parts.append(_html_table("Largest tensors", ["key", "shape", "dtype", "bytes"],
+                                 [[printable(t.key), str(list(t.shape or ())), t.dtype or "", human_bytes(t.bytes)]
+                                  for t in r.largest]))
+    parts.append(f"<details open><summary><b>Keys</b> ({len(r.keys):,})</summary>"
+                 f"{_html_tree(_key_tree(r.keys, fold=fold))}</details>")
+    if r.placeholders:
+        shown = r.placeholders[:MAX_PLACEHOLDERS_SHOWN] if fold else r.placeholders
+        more = len(r.placeholders) - len(shown)
+        lines = "".join(f"<li>{e(str(p))}</li>" for p in shown) + (f"<li>… {more} more</li>" if more else "")
+        parts.append(f"<div class='warn'><b>Not executed ({len(r.placeholders)})</b>: code this file asked "
+                     f"to run; tensorparity recorded it and ran none of it.<ul>{lines}</ul></div>")
+    parts += [f"<div class='d'>note: {e(printable(n))}</div>" for n in r.notes]
+    return "".join(parts) + "</div>"
+
+
+# ---------------------------------------------------------------------------------------------
+# The key tree: keys grouped by dotted prefix; runs of numbered siblings with the same
+# sub-structure (shapes and dtypes included) folded into one ``{0..23}`` group shown once.
+
+MAX_KEY_DEPTH = 64  # a key with more dots keeps the rest as one name: bounded work, no deep recursion
+MAX_CHILDREN = 24
+CHILDREN_SHOWN = 20
+MAX_NAME = 120
+
+
+class _Trie:
+    __slots__ = ("children", "elements", "keys", "leaf", "sig", "tensors")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Trie] = {}
+        self.leaf: KeyInfo | None = None
+        self.sig = self.tensors = self.elements = self.keys = 0
+
+
+@dataclass
+class _Node:
+    """One line of the key tree as shown: name, what it is, and what hangs below it."""
+
+    name: str
+    detail: str
+    kind: str  # tensor | value | branch | more
+    children: list[_Node]
+    group: bool = False
+
+
+def _key_tree(keys: tuple[KeyInfo, ...], *, fold: bool) -> list[_Node]:
+    root = _Trie()
+    for info in keys:
+        node = root
+        for part in info.key.split(".", MAX_KEY_DEPTH - 1):
+            node = node.children.setdefault(part, _Trie())
+        node.leaf = info
+    _measure(root, {})
+    return _children(root, fold)
+
+
+def _measure(node: _Trie, table: dict[Any, int]) -> None:
+    leaf = node.leaf
+    tensors = int(leaf is not None and leaf.kind == "tensor")
+    elements = leaf.numel if leaf is not None else 0
+    keys = int(leaf is not None)
+    parts = []
+    for name, child in node.children.items():
+        _measure(child, table)
+        tensors, elements, keys = tensors + child.tensors, elements + child.elements, keys + child.keys
+        parts.append((name, child.sig))
+    node.tensors, node.elements, node.keys = tensors, elements, keys
+    # Equal ids <=> equal sub-structure (names, shapes, dtypes, values), compared in O(1).
+    node.sig = table.setdefault((leaf.label if leaf else None, tuple(parts)), len(table))
+
+
+def _children(node: _Trie, fold: bool) -> list[_Node]:
+    items = list(node.children.items())
+    out: list[tuple[_Node, int]] = []
+    i = 0
+    while i < len(items):
+        name, child = items[i]
+        j = i
+        if fold and _is_index(name):
+            while (j + 1 < len(items) and _is_index(items[j + 1][0])
+                   and int(items[j + 1][0]) == int(items[j][0]) + 1 and items[j + 1][1].sig == child.sig):
+                j += 1
+        label = name if j == i else f"{{{name}..{items[j][0]}}}"
+        out.append((_node(label, child, fold, count=j - i + 1), sum(c.keys for _, c in items[i:j + 1])))
+        i = j + 1
+    if fold and len(out) > MAX_CHILDREN:
+        rest = out[CHILDREN_SHOWN:]
+        more = _Node(f"… {len(rest)} more", f"{sum(k for _, k in rest):,} keys; --all shows them", "more", [])
+        out = [*out[:CHILDREN_SHOWN], (more, 0)]
+    return [n for n, _ in out]
+
+
+def _node(name: str, node: _Trie, fold: bool, *, count: int = 1) -> _Node:
+    while node.leaf is None and len(node.children) == 1:  # a.b.c with nothing else at a or a.b
+        part, node = next(iter(node.children.items()))
+        name = f"{name}.{part}"
+    if node.leaf is not None:
+        kind, detail = node.leaf.kind, node.leaf.label
+    elif node.tensors:
+        kind, detail = "branch", f"{node.tensors} tensors, {human_count(node.elements)} params"
+    else:
+        kind, detail = "branch", f"{node.keys} values"
+    if count > 1:
+        detail = f"×{count} (each {detail})" if kind == "branch" else f"×{count} {detail}"
+    name = printable(name)
+    name = name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"  # the JSON has it whole
+    return _Node(name, detail, kind, _children(node, fold), group=count > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# rich
+
+_PROVENANCE_FIRST = ("framework", "framework_version", "model_class", "epoch", "global_step", "step", "iteration")
+_KIND_STYLE = {"tensor": "cyan", "value": "green", "branch": "dim", "more": "dim italic"}
+
+
+def _render_rich(r: InspectReport, *, fold: bool) -> RenderableType:
+    from rich import box
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+    from rich.tree import Tree
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE,
+                  show_edge=False, pad_edge=False)
+        for i, c in enumerate(columns):
+            t.add_column(c, justify="left" if i == 0 or c in ("key", "shape", "dtype") else "right",
+                         overflow="fold")
+        return t
+
+    header = Table.grid(padding=(0, 2))
+    header.add_row(Text("file", style="bold"), Text(printable(r.source)))
+    header.add_row(Text("format", style="bold"), Text(r.format))
+    prov = dict(sorted(provenance_items(r.provenance),
+                       key=lambda kv: _PROVENANCE_FIRST.index(kv[0]) if kv[0] in _PROVENANCE_FIRST else 99))
+    if "framework" in prov:
+        version = prov.pop("framework_version", "")
+        header.add_row(Text("framework", style="bold"), Text(f"{prov.pop('framework')} {version}".strip()))
+    for name, text in prov.items():
+        header.add_row(Text(name, style="bold"), Text(text))
+    parts: list[RenderableType] = [header, Text()]
+
+    show_trainable = any(s.trainable is not None for s in r.sections)
+    sections = table("Sections", "section", "tensors", "parameters", "bytes", "values",
+                     *(["trainable"] if show_trainable else []))
+    for s in (*r.sections, r.totals):
+        cells = [s.name, f"{s.tensors:,}", f"{s.parameters:,}", human_bytes(s.bytes), f"{s.values:,}"]
+        if show_trainable:
+            cells.append("" if s.trainable is None else f"{s.trainable:,}")
+        if s is r.totals:  # the footer, under a rule
+            sections.show_footer = True
+            for column, cell in zip(sections.columns, cells, strict=True):
+                column.footer = Text(cell, style="bold")
+        else:
+            sections.add_row(*(Text(c) for c in cells))
+    parts.append(sections)
+    if r.dtypes:
+        dtypes = table("Dtypes", "dtype", "tensors", "elements", "bytes")
+        for d in r.dtypes:
+            dtypes.add_row(*(Text(c) for c in (d.dtype, f"{d.tensors:,}", f"{d.elements:,}", human_bytes(d.bytes))))
+        parts += [Text(), dtypes]
+    if r.largest:
+        largest = table("Largest tensors", "key", "shape", "dtype", "bytes")
+        for t in r.largest:
+            largest.add_row(*(Text(c) for c in (printable(t.key), str(list(t.shape or ())), t.dtype or "", human_bytes(t.bytes))))
+        parts += [Text(), largest]
+
+    total_keys = r.totals.tensors + r.totals.values
+    title = (f"Keys matching /{printable(r.keys_filter)}/ ({len(r.keys):,} of {total_keys:,})"
+             if r.keys_filter is not None else f"Keys ({len(r.keys):,})")
+    tree = Tree(Text(title, style="bold"), guide_style="dim")
+
+    def grow(branch: Tree, nodes: list[_Node]) -> None:
+        for n in nodes:
+            label = Text(n.name, style="magenta" if n.group else ("italic dim" if n.kind == "more" else ""))
+            label.append(f"  {n.detail}", style=_KIND_STYLE[n.kind])
+            grow(branch.add(label), n.children)
+
+    grow(tree, _key_tree(r.keys, fold=fold))
+    parts += [Text(), tree]
+
+    if r.placeholders:
+        shown = r.placeholders[:MAX_PLACEHOLDERS_SHOWN] if fold else r.placeholders
+        body = Text("This file asked to run the code below. tensorparity recorded each call and ran none "
+                    "of it; the values at these keys are placeholders.\n", style="yellow")
+        for p in shown:
+            body.append(f"\n{printable(p.key)}", style="bold")
+            body.append(f": {p.call}")
+            if p.state:
+                body.append(f" with state {p.state}", style="dim")
+        if len(shown) < len(r.placeholders):
+            body.append(f"\n… {len(r.placeholders) - len(shown)} more (--all or --json lists them)", style="dim")
+        parts += [Text(), Panel(body, title=f"Not executed ({len(r.placeholders)})", title_align="left",
+                                border_style="yellow", box=box.HEAVY)]
+    for note in r.notes:
+        parts.append(Text(f"note: {printable(note)}", style="dim"))
+    return Group(*parts)
+
+
+def _is_index(name: str) -> bool:
+    return name.isascii() and name.isdigit()  # "²".isdigit() is True, int("²") is not
