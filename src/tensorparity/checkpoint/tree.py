@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -145,8 +145,8 @@ def flatten(
 
     Example:
         >>> import torch
-        >>> sorted(flatten({"a": {"b": torch.zeros(1)}, "n": [1, 2]}))
-        ['a.b', 'n.0', 'n.1']
+        >>> sorted(flatten({"a": {"b": torch.zeros(1)}, "n": [1, 2], "m": [{"x": 1}]}))
+        ['a.b', 'm.0.x', 'n']
     """
     out: dict[str, Entry] = {}
     # Iterative walk: a hostile file cannot exhaust the Python stack.
@@ -279,6 +279,42 @@ class Checkpoint(Mapping[str, Entry]):
     def section(self, name: str) -> dict[str, Entry]:
         """The entries of one section, keyed as in the checkpoint."""
         return {k: e for k, e in self._entries.items() if self.section_of(k) == name}
+
+    def subtree(self, prefix: str, *, section: str = "model") -> Checkpoint:
+        """The entries under ``prefix.``, with the prefix removed, as a checkpoint of its own.
+
+        Example:
+            >>> import torch
+            >>> from tensorparity import open as tp_open
+            >>> list(tp_open({"state_dict": {"w": torch.ones(1)}, "epoch": 1}).subtree("state_dict"))
+            ['w']
+        """
+        cut = len(prefix) + 1
+        entries: dict[str, Entry] = {}
+        for key, entry in self._entries.items():
+            if key.startswith(prefix + "."):
+                new = key[cut:]
+                entries[new] = replace(entry, key=new)
+        placeholders = [p for p in self.placeholders if p.key.startswith(prefix + ".")]
+        return Checkpoint(source=f"{self.source}::{prefix}", format=self.format, entries=entries,
+                          provenance=self.provenance, placeholders=placeholders, notes=self.notes,
+                          default_section=section)
+
+    def weights(self) -> Checkpoint:
+        """The model weights alone, keyed as the model names them (``load_state_dict`` keys).
+
+        A Lightning checkpoint's ``state_dict.`` prefix (or a training checkpoint's ``model.``)
+        is removed; a bare state dict is returned as it is.
+        """
+        prefixes = [p for p, name in self.sections.items() if name == "model"]
+        if len(prefixes) == 1:
+            return self.subtree(prefixes[0])
+        if not self.sections:
+            return self
+        entries = {k: e for k, e in self._entries.items() if self.section_of(k) == "model"}
+        return Checkpoint(source=self.source, format=self.format, entries=entries,
+                          provenance=self.provenance, notes=self.notes,
+                          placeholders=[p for p in self.placeholders if p.key in entries])
 
     def num_parameters(self, section: str | None = None) -> int:
         """Number of tensor elements, in all sections or in one."""

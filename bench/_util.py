@@ -1,0 +1,40 @@
+"""Shared helpers for the benchmarks: medians of repeated timings, a baseline command, memory."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cat_time(*paths: Path, repeats: int = 5) -> float:
+    """Median seconds for ``cat PATHS > /dev/null`` (page cache warmed by a first run)."""
+    cmd = ["cat", *map(str, paths)]
+    return median_time(lambda: subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True), repeats)
+
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    """Reset VmHWM (peak RSS) so the next reading is the peak of what follows (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")

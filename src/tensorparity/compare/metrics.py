@@ -1,0 +1,205 @@
+"""Compare two tensors: bytes first, then error statistics computed chunk by chunk in float64.
+
+Pure tensor math, no I/O. Memory stays bounded by the chunk size (a few float64 buffers of
+``CHUNK`` elements) on top of the two inputs, whatever the tensors' size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tensorparity.compare.records import TensorComparison
+from tensorparity.compare.tolerance import ResolvedTolerance, Tolerance
+
+__all__ = ["CHUNK", "compare_tensors", "same_bytes"]
+
+CHUNK = 1 << 20  # elements per chunk: ~8 MB per float64 buffer
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one dtype and shape hold identical bytes (NaNs included).
+
+    Example:
+        >>> same_bytes(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+        True
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    if b.device != a.device:
+        b = b.to(a.device)
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@dataclass
+class _Acc:
+    """Running aggregates over chunks."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    sum_abs: float = 0.0
+    sum_absb: float = 0.0
+    max_absb: float = 0.0
+    n_finite: int = 0
+    dot: float = 0.0
+    norm_a: float = 0.0
+    norm_b: float = 0.0
+    n_bad: int = 0
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    nan_agree: bool = True
+    inf_agree: bool = True
+    nonfinite_bad: bool = False
+    first: int | None = None
+    req_atol: float = 0.0
+    req_rtol: float = 0.0
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    if x.is_complex():
+        return x.to(torch.complex128)
+    return x.to(torch.float64)
+
+
+def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: ResolvedTolerance, integer: bool) -> None:
+    a64, b64 = _work(a), _work(b)
+    na, nb = torch.isnan(a64), torch.isnan(b64)
+    ia, ib = torch.isinf(a64), torch.isinf(b64)
+    acc.nan_a += int(na.sum())
+    acc.nan_b += int(nb.sum())
+    acc.inf_a += int(ia.sum())
+    acc.inf_b += int(ib.sum())
+    acc.nan_agree &= bool(torch.equal(na, nb))
+    both_inf_same = ia & ib & (a64 == b64)
+    acc.inf_agree &= bool(torch.equal(ia, ib)) and bool(torch.equal(both_inf_same, ia))
+    finite = ~(na | nb | ia | ib)
+    ok_nonfinite = both_inf_same | (na & nb if tol.equal_nan else torch.zeros_like(na))
+    bad_nonfinite = ~finite & ~ok_nonfinite
+    diff = torch.where(finite, (a64 - b64).abs(), 0.0)
+    absb = torch.where(finite, b64.abs(), 0.0)
+    absa = torch.where(finite, a64.abs(), 0.0)
+    if integer and tol.atol == 0 and tol.rtol == 0:
+        bad = (a != b) | bad_nonfinite  # exact for int64 beyond 2**53
+    else:
+        bad = (diff > tol.atol + tol.rtol * absb) | bad_nonfinite
+    n_bad = int(bad.sum())
+    if n_bad and acc.first is None:
+        acc.first = start + int(torch.argmax(bad.to(torch.uint8)))
+    acc.n_bad += n_bad
+    acc.nonfinite_bad |= bool(bad_nonfinite.any())
+    if diff.numel():
+        acc.max_abs = max(acc.max_abs, float(diff.max()))
+        acc.sum_abs += float(diff.sum())
+        acc.sum_absb += float(absb.sum())
+        acc.max_absb = max(acc.max_absb, float(absb.max()))
+        acc.n_finite += int(finite.sum())
+        rel = torch.where(absb > 0, diff / torch.where(absb > 0, absb, 1.0),
+                          torch.where(diff > 0, math.inf, 0.0))
+        acc.max_rel = max(acc.max_rel, float(rel.max()))
+        acc.req_atol = max(acc.req_atol, float((diff - tol.rtol * absb).max()))
+        need = torch.where(absb > 0, (diff - tol.atol) / torch.where(absb > 0, absb, 1.0),
+                           torch.where(diff > tol.atol, math.inf, 0.0))
+        acc.req_rtol = max(acc.req_rtol, float(need.max()))
+        fa, fb = torch.where(finite, a64, 0), torch.where(finite, b64, 0)
+        if fa.is_complex():
+            acc.dot += float((fa.conj() * fb).real.sum())
+        else:
+            acc.dot += float((fa * fb).sum())
+        acc.norm_a += float((absa * absa).sum())
+        acc.norm_b += float((absb * absb).sum())
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(index % size)
+        index //= size
+    return tuple(reversed(out))
+
+
+def _scalar(x: torch.Tensor) -> float | complex:
+    value = x.item()
+    return value if isinstance(value, (float, complex)) else float(value)
+
+
+def compare_tensors(
+    key: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tolerance: Tolerance | ResolvedTolerance | None = None,
+    *,
+    key_b: str | None = None,
+    chunk: int = CHUNK,
+) -> TensorComparison:
+    """Compare two tensors and return a :class:`TensorComparison`.
+
+    Different dtypes are compared by value (in float64, or complex128) and reported; different
+    shapes are reported, never broadcast. Identical bytes short-circuit.
+
+    Example:
+        >>> r = compare_tensors("w", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+        >>> r.status, r.max_abs, r.first_index
+        ('mismatch', 0.5, (1,))
+    """
+    if isinstance(tolerance, ResolvedTolerance):
+        tol = tolerance
+    else:
+        tol = (tolerance or Tolerance()).for_key(key, a.dtype, b.dtype)
+    common = dict(key=key, key_b=key_b, shape_a=tuple(a.shape), shape_b=tuple(b.shape),
+                  dtype_a=_dtype_name(a.dtype), dtype_b=_dtype_name(b.dtype), tolerance=tol)
+    if a.shape != b.shape:
+        return TensorComparison(passed=False, status="shape", numel=a.numel(), **common)  # type: ignore[arg-type]
+    numel = a.numel()
+    if same_bytes(a, b):
+        return TensorComparison(passed=True, status="identical", numel=numel, **common)  # type: ignore[arg-type]
+    if b.device != a.device:
+        b = b.to(a.device)
+    if a.dtype == torch.bool:
+        a = a.to(torch.uint8)
+    if b.dtype == torch.bool:
+        b = b.to(torch.uint8)
+    integer = not (a.is_floating_point() or a.is_complex() or b.is_floating_point() or b.is_complex())
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    acc = _Acc()
+    for start in range(0, numel, chunk):
+        _chunk(acc, flat_a[start:start + chunk], flat_b[start:start + chunk], start, tol, integer)
+    if tol.statistic == "max":
+        within = acc.max_abs <= tol.atol + tol.rtol * acc.max_absb
+    elif tol.statistic == "mean":
+        n = max(1, acc.n_finite)
+        within = acc.sum_abs / n <= tol.atol + tol.rtol * acc.sum_absb / n
+    else:
+        within = acc.n_bad == 0
+    passed = within and not acc.nonfinite_bad and not tol.exact
+    denom = math.sqrt(acc.norm_a) * math.sqrt(acc.norm_b)
+    cosine = acc.dot / denom if denom > 0 else (1.0 if acc.norm_a == acc.norm_b == 0 else 0.0)
+    first = _unravel(acc.first, tuple(a.shape)) if acc.first is not None else None
+    return TensorComparison(
+        passed=passed,
+        status="close" if passed else "mismatch",
+        numel=numel,
+        max_abs=acc.max_abs,
+        max_rel=acc.max_rel,
+        mean_abs=acc.sum_abs / max(1, acc.n_finite),
+        cosine=cosine,
+        n_mismatch=acc.n_bad,
+        frac_mismatch=acc.n_bad / max(1, numel),
+        nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b,
+        nan_agree=acc.nan_agree, inf_agree=acc.inf_agree,
+        first_index=first,
+        first_a=_scalar(flat_a[acc.first]) if acc.first is not None else None,
+        first_b=_scalar(flat_b[acc.first]) if acc.first is not None else None,
+        required_atol=max(0.0, acc.req_atol),
+        required_rtol=max(0.0, acc.req_rtol),
+        **common,  # type: ignore[arg-type]
+    )

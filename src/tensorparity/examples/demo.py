@@ -1,0 +1,94 @@
+"""The end-to-end demo (`make demo`): every capability adds its step here.
+
+Step 1 — open anything: the bundled reference model is written in every format tensorparity
+reads (plus a real Lightning training run and a checkpoint carrying a malicious payload), each is
+opened lazily and safely, and the Lightning checkpoint is inspected in full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import tensorparity
+from tensorparity.examples import reference_model
+from tensorparity.examples.formats import write_formats
+
+OUT = Path(os.environ.get("TENSORPARITY_DEMO_DIR", "demo-output"))
+
+
+class Payload:
+    """Stands for a malicious object: unpickling it with pickle.load would run a shell command."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"echo pwned > {OUT / 'PWNED'}",))
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's banner lines are not what the demo is about."""
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def step_open(console: Console) -> None:
+    console.rule("[bold]1. open anything — lazily, safely")
+    with warnings.catch_warnings(), _quiet_lightning():
+        warnings.simplefilter("ignore")
+        paths = write_formats(reference_model(), OUT / "formats")
+        try:
+            from tensorparity.examples.lightning_run import train_lightning
+
+            paths["lightning"] = train_lightning(OUT / "formats" / "run.ckpt", steps=3)
+        except tensorparity.TensorParityError as exc:  # the lightning extra is optional
+            console.print(f"[yellow]skipping Lightning: {exc}")
+    malicious = OUT / "formats" / "malicious.pt"
+    torch.save({"weights": reference_model().state_dict(), "payload": Payload()}, malicious)
+    paths["malicious"] = malicious
+
+    table = Table("written as", "opened as", "tensors", "elements", "bytes", "open ms", "not executed")
+    for name, path in paths.items():
+        start = time.perf_counter()
+        with tensorparity.open(path) as ckpt:
+            ms = (time.perf_counter() - start) * 1e3
+            table.add_row(name, ckpt.format, str(sum(1 for _ in ckpt.tensors())),
+                          f"{ckpt.num_parameters():,}", f"{ckpt.nbytes():,}", f"{ms:.1f}",
+                          ", ".join(p.name for p in ckpt.placeholders) or "-")
+    console.print(table)
+    pwned = (OUT / "PWNED").exists()
+    console.print(f"payload executed: [bold]{'YES — BUG' if pwned else 'no'}[/] (the marker file "
+                  f"{'exists' if pwned else 'was never written'})")
+    if pwned:
+        raise SystemExit(2)
+    if "lightning" in paths:
+        console.rule("[bold]tensorparity inspect run.ckpt  (the same as the CLI command)")
+        tensorparity.inspect(paths["lightning"], top=5, keys=r"^(state_dict|hyper_parameters|epoch|global_step)").render(console)
+
+
+def main() -> None:
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "PWNED").unlink(missing_ok=True)
+    step_open(console)
+    console.rule("[bold green]demo finished")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
