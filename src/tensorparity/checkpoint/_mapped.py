@@ -9,14 +9,16 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from tensorparity.checkpoint.tree import ByteSpan
 from tensorparity.errors import CorruptCheckpointError
 
-__all__ = ["FileRegion", "MappedFile"]
+__all__ = ["FileRegion", "MappedFile", "check_extent", "spans_equal"]
 
 
 class FileRegion(io.RawIOBase):
@@ -78,8 +80,12 @@ class MappedFile:
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            try:
+                with open(self.path, "rb") as f:
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:  # deleted, unreadable or emptied since it was opened
+                raise CorruptCheckpointError(f"could not be mapped ({type(exc).__name__}: {exc})", path=self.path,
+                                             fix="the file was changed while open; open it again") from exc
         return self._mm
 
     def tensor(
@@ -102,7 +108,12 @@ class MappedFile:
         if nbytes == 0:
             flat = torch.empty(0, dtype=dtype)
         else:
-            view = memoryview(self._map())[start:start + nbytes]
+            mm = self._map()
+            if start + nbytes > len(mm):  # the file shrank since it was opened
+                raise CorruptCheckpointError(
+                    f"tensor bytes [{start}, {start + nbytes}) lie outside the {len(mm)}-byte file",
+                    path=self.path, key=key, fix="the file was changed while open; open it again")
+            view = memoryview(mm)[start:start + nbytes]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 raw = torch.frombuffer(view, dtype=torch.uint8)
@@ -140,3 +151,45 @@ def check_extent(shape: tuple[int, ...], stride: tuple[int, ...], offset: int, s
             f"tensor needs {last + 1} elements but its storage holds {storage_numel}",
             path=path, key=key, fix="the file is corrupt or was truncated; save it again",
         )
+
+
+_BUFFERS = threading.local()
+SPAN_CHUNK = 4 << 20
+
+
+def spans_equal(a: ByteSpan, b: ByteSpan, *, chunk: int = SPAN_CHUNK) -> bool:
+    """Whether two file byte ranges hold the same bytes, read with ``pread`` in chunks.
+
+    Cheaper than mapping both tensors (no page faults, no tensor objects): the kernel copies the
+    page-cache pages into two reused buffers and ``bytearray ==`` compares them with memcmp.
+    Memory: two ``chunk``-sized buffers per thread.
+    """
+    if a.nbytes != b.nbytes:
+        return False
+    if a.path == b.path and a.offset == b.offset:
+        return True
+    bufs = getattr(_BUFFERS, "pair", None)
+    if bufs is None or len(bufs[0]) != chunk:
+        bufs = _BUFFERS.pair = (bytearray(chunk), bytearray(chunk))
+    buf_a, buf_b = bufs
+    fa = os.open(a.path, os.O_RDONLY)
+    try:
+        fb = os.open(b.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < a.nbytes:
+                n = min(chunk, a.nbytes - done)
+                view_a, view_b = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
+                if os.preadv(fa, [view_a], a.offset + done) != n or os.preadv(fb, [view_b], b.offset + done) != n:
+                    raise CorruptCheckpointError(f"file ended inside bytes [{a.offset}, {a.offset + a.nbytes})",
+                                                 path=a.path, fix="the file was truncated after opening")
+                # bytearray == is a memcmp; a memoryview == would compare element by element.
+                same = buf_a == buf_b if n == chunk else buf_a[:n] == buf_b[:n]
+                if not same:
+                    return False
+                done += n
+            return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)

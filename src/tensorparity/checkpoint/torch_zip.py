@@ -29,7 +29,7 @@ from tensorparity.checkpoint.safe_pickle import (
     inert_loads,
     to_plain,
 )
-from tensorparity.checkpoint.tree import Checkpoint, LazyTensor
+from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
 
 __all__ = ["is_torch_zip", "read_object", "read_torch_zip"]
@@ -231,7 +231,21 @@ def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path
             flat = torch.frombuffer(bytearray(raw[: storage.nbytes]), dtype=torch.uint8).view(storage.dtype) \
                 if storage.nbytes else torch.empty(0, dtype=storage.dtype)
             return _fix_order(torch.as_strided(flat, ref.shape, ref.stride, ref.offset), byteorder)
-    return LazyTensor(ref.shape, ref.dtype, nbytes, location, load, ref.requires_grad, ref.is_parameter, note)
+    span = None
+    if info.compress_type == zipfile.ZIP_STORED and byteorder != "big" and _is_dense(ref.shape, ref.stride):
+        def span() -> ByteSpan:
+            return ByteSpan(str(zf_path), start + data_start + ref.offset * ref.dtype.itemsize, nbytes)
+    return LazyTensor(ref.shape, ref.dtype, nbytes, location, load, ref.requires_grad, ref.is_parameter, note, span)
+
+
+def _is_dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether shape/stride describe a C-contiguous block (size-1 dims may have any stride)."""
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _fix_order(t: torch.Tensor, byteorder: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from tensorparity.checkpoint.safe_pickle import Placeholder, placeholder_children
 from tensorparity.errors import CorruptCheckpointError
 
-__all__ = ["Checkpoint", "Entry", "LazyTensor", "PlaceholderInfo", "TensorEntry", "ValueEntry", "flatten"]
+__all__ = ["ByteSpan", "Checkpoint", "Entry", "LazyTensor", "PlaceholderInfo", "TensorEntry", "ValueEntry", "flatten"]
 
 MAX_DEPTH = 200
 
@@ -35,6 +35,15 @@ class LazyTensor:
     requires_grad: bool = False
     is_parameter: bool = False
     note: str | None = None
+    span: Callable[[], ByteSpan | None] | None = None
+
+
+class ByteSpan(NamedTuple):
+    """Where a tensor's elements lie, dense and in C order, in an uncompressed file."""
+
+    path: str
+    offset: int
+    nbytes: int
 
 
 @dataclass(frozen=True, repr=False)
@@ -61,6 +70,7 @@ class TensorEntry:
     requires_grad: bool = False
     is_parameter: bool = False
     note: str | None = None
+    _span: Callable[[], ByteSpan | None] | None = field(default=None, compare=False)
 
     @property
     def numel(self) -> int:
@@ -76,6 +86,13 @@ class TensorEntry:
             tensor([1., 1.])
         """
         return self._loader()
+
+    def byte_span(self) -> ByteSpan | None:
+        """The file bytes holding this tensor's elements, when they are dense and in C order.
+
+        Lets comparisons of identical tensors read raw bytes instead of building tensors.
+        """
+        return self._span() if self._span is not None else None
 
     def __repr__(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -112,7 +129,7 @@ class PlaceholderInfo:
 def _tensor_entry(key: str, value: Any) -> TensorEntry:
     if isinstance(value, LazyTensor):
         return TensorEntry(key, value.shape, value.dtype, value.nbytes, value.location, value.loader,
-                           value.requires_grad, value.is_parameter, value.note)
+                           value.requires_grad, value.is_parameter, value.note, value.span)
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value) if value.dtype != np.object_ else value
     tensor: torch.Tensor = value

@@ -1,5 +1,8 @@
 """The streaming comparison engine every feature uses: pairs of lazy entries in, records out.
 
+Identical tensors are recognised from their file bytes (``pread`` + memcmp) without building a
+tensor; the rest are loaded (memory-mapped where the format allows) and compared by value.
+
 Tensors are loaded (memory-mapped where the format allows) one pair at a time per worker,
 compared, and released, so peak memory is bounded by a few of the largest tensors, not by the
 checkpoint. Workers are threads: torch's kernels release the GIL, so both cores work.
@@ -16,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from tensorparity.checkpoint._mapped import spans_equal
+from tensorparity.checkpoint.tree import TensorEntry
 from tensorparity.compare.metrics import compare_tensors
 from tensorparity.compare.records import TensorComparison
 from tensorparity.compare.tolerance import Tolerance
@@ -39,7 +44,29 @@ class Pair:
     key_b: str | None = None
 
 
+def _identical_on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
+    """Identical bytes in the files: a record without building either tensor."""
+    a, b = pair.a, pair.b
+    if not (isinstance(a, TensorEntry) and isinstance(b, TensorEntry)):
+        return None
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return None
+    tol = tolerance.for_key(pair.key, a.dtype, b.dtype)
+    if not tol.equal_nan and (a.dtype.is_floating_point or a.dtype.is_complex):
+        return None  # NaN != NaN must look at values
+    span_a, span_b = a.byte_span(), b.byte_span()
+    if span_a is None or span_b is None or not spans_equal(span_a, span_b):
+        return None
+    dtype = str(a.dtype).removeprefix("torch.")
+    return TensorComparison(key=pair.key, key_b=pair.key_b, passed=True, status="identical",
+                            shape_a=a.shape, shape_b=b.shape, dtype_a=dtype, dtype_b=dtype,
+                            tolerance=tol, numel=a.numel)
+
+
 def _run(pair: Pair, tolerance: Tolerance) -> TensorComparison:
+    fast = _identical_on_disk(pair, tolerance)
+    if fast is not None:
+        return fast
     a = pair.a.load()
     b = pair.b.load()
     return compare_tensors(pair.key, a, b, tolerance, key_b=pair.key_b)
