@@ -13,6 +13,7 @@ hides them::
     │   └── UnsafeCheckpointError     refused for safety: path traversal, links, bombs, TorchScript
     ├── MissingDependencyError        an optional extra is not installed
     └── UsageError                    an argument or option is wrong
+        └── MappingError              a mapping file or rule is wrong (tensorparity.mapping)
     InternalError                     a bug in tensorparity (please report it)
 """
 

@@ -1,0 +1,441 @@
+"""Apply a mapping to a checkpoint: a lazy checkpoint in the other key space, or a converted file.
+
+Planning reads metadata only. Every key is claimed by at most one rule, every rule's transform
+runs once on ``meta`` tensors to learn the output shapes, and every problem (a key two rules
+claim, a key two rules produce, a missing partner of a concat, a pattern that does not fit a
+shape) is raised together before any tensor is read. The result's tensor entries stay lazy:
+loading one loads its source entries and applies the transform.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tensorparity.checkpoint import Checkpoint, Entry, PlaceholderInfo, TensorEntry, ValueEntry
+from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.safe_pickle import Placeholder
+from tensorparity.errors import TensorParityError, UsageError
+from tensorparity.mapping.loader import load_mapping
+from tensorparity.mapping.rules import Bindings, Mapping, MappingError, MappingProblem, Rule
+from tensorparity.mapping.transforms import Transform
+
+__all__ = ["MappedResult", "apply_mapping", "convert"]
+
+Direction = Literal["a_to_b", "b_to_a"]
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class MappedResult:
+    """What applying a mapping gave.
+
+    Attributes:
+        checkpoint: the source's entries in the other key space (tensors still lazy).
+        mapping: the mapping as applied (inverted for ``b_to_a``), bound to the source: its
+            transforms record concat sizes, reshape shapes and cast dtypes, so it inverts. Rule
+            groups whose transforms learned different things (a reshape of weight and bias)
+            get one literal rule each.
+        direction: ``a_to_b`` or ``b_to_a``.
+        claims: target key -> the source key(s) it was made from.
+        rule_of: target key -> index in ``mapping.rules`` of the rule that made it (``None``:
+            passed through).
+        unmapped: source keys no rule claimed (and not passed through), or outside the prefix.
+        ignored: source keys an ignore pattern matched.
+        passed_through: source keys that kept their name because no rule claimed them.
+        unused_rules: indices of rules of the mapping given that claimed no key (often a typo).
+    """
+
+    checkpoint: Checkpoint
+    mapping: Mapping
+    direction: Direction
+    claims: dict[str, tuple[str, ...]]
+    rule_of: dict[str, int | None]
+    unmapped: tuple[str, ...]
+    ignored: tuple[str, ...]
+    passed_through: tuple[str, ...]
+    unused_rules: tuple[int, ...] = ()
+
+    def summary(self) -> str:
+        """One line: how many keys were mapped, transformed, passed through, left out.
+
+        Example:
+            >>> import torch
+            >>> from tensorparity.mapping import Mapping, Rule
+            >>> apply_mapping({"a": torch.ones(1), "b": torch.ones(1)}, Mapping([Rule("a", "x")])).summary()
+            '2 keys -> 2: 1 renamed, 0 transformed, 1 passed through, 0 ignored, 0 unmapped'
+        """
+        transformed = sum(1 for i in self.rule_of.values()
+                          if i is not None and self.mapping.rules[i].transform is not None)
+        renamed = sum(1 for i in self.rule_of.values() if i is not None) - transformed
+        sources = len(self.ignored) + len(self.unmapped) + len({s for srcs in self.claims.values() for s in srcs})
+        text = (f"{sources} keys -> {len(self.claims)}: {renamed} renamed, {transformed} transformed, "
+                f"{len(self.passed_through)} passed through, {len(self.ignored)} ignored, "
+                f"{len(self.unmapped)} unmapped")
+        if self.unused_rules:
+            text += f"; rules that matched nothing: {', '.join(f'rules[{i}]' for i in self.unused_rules)}"
+        return text
+
+
+def _fold(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _describe(e: Entry) -> str:
+    if isinstance(e, TensorEntry):
+        return f"{e.key!r} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}"
+    return f"{e.key!r} (a {type(e.value).__name__} value)"
+
+
+def _transformed_loader(sources: tuple[TensorEntry, ...], transform: Transform,
+                        index: int) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        return transform.apply([e.load() for e in sources])[index]
+
+    return load
+
+
+class _Planner:
+    """Walks the source keys once; collects entries, claims and every problem."""
+
+    def __init__(self, ckpt: Checkpoint, mapping: Mapping) -> None:
+        self.ckpt, self.m = ckpt, mapping
+        self.problems: list[MappingProblem] = []
+        self.entries: dict[str, Entry] = {}
+        self.claims: dict[str, tuple[str, ...]] = {}
+        self.rule_of: dict[str, int | None] = {}
+        self.unmapped: list[str] = []
+        self.ignored: list[str] = []
+        self.passed: list[str] = []
+        self.bound: dict[int, dict[Transform, list[Bindings]]] = {}
+        self.group_of: dict[str, Bindings] = {}
+
+    def problem(self, message: str, fix: str, rule: int | None = None) -> None:
+        r = self.m.rules[rule] if rule is not None else None
+        self.problems.append(MappingProblem(message, fix, self.m.source, r.line if r else None, rule,
+                                            r.short() if r else None))
+
+    def run(self) -> None:
+        m = self.m
+        groups: dict[tuple[int, Bindings], dict[int, str]] = {}
+        order: list[tuple[int, Bindings] | str] = []
+        for key in self.ckpt:
+            if m.ignored(key):
+                self.ignored.append(key)
+            elif not key.startswith(m.prefix_a):
+                self.unmapped.append(key)
+            else:
+                found = m.claims(key[len(m.prefix_a):])
+                if len(found) > 1:
+                    names = sorted({f"rules[{i}]" for i, _, _ in found})
+                    self.problem(f"key {key!r} is claimed by {' and '.join(names)}" if len(names) > 1 else
+                                 f"key {key!r} fits several a keys of {names[0]}",
+                                 "make the templates disjoint, or mark the general rule `fallback: true`",
+                                 found[-1][0])
+                elif found:
+                    i, pos, bindings = found[0]
+                    if (i, bindings) not in groups:
+                        groups[(i, bindings)] = {}
+                        order.append((i, bindings))
+                    groups[(i, bindings)][pos] = key
+                elif m.passthrough:
+                    order.append(key)
+                else:
+                    self.unmapped.append(key)
+        for item in order:
+            if isinstance(item, str):
+                self.emit((m.prefix_b + item[len(m.prefix_a):],), (self.ckpt[item],), None, None)
+            else:
+                self.group(item[0], item[1], groups[item])
+
+    def group(self, i: int, bindings: Bindings, members: dict[int, str]) -> None:
+        m, rule = self.m, self.m.rules[i]
+        sources = [m.prefix_a + s for s in rule.sources(bindings)]
+        missing = [s for pos, s in enumerate(sources) if pos not in members]
+        if missing:
+            have = members[min(members)]
+            why = "is ignored" if any(s in self.ckpt for s in missing) else "is not in the checkpoint"
+            self.problem(f"{have!r} needs its partner(s) {', '.join(map(repr, missing))}, which {why}",
+                         "check the rule's a keys, or ignore the whole group", i)
+            return
+        entries = tuple(self.ckpt[s] for s in sources)
+        targets = tuple(m.prefix_b + t for t in rule.targets(bindings))
+        self.emit(targets, entries, i, rule, bindings)
+
+    def emit(self, targets: tuple[str, ...], entries: tuple[Entry, ...], i: int | None,
+             rule: Rule | None = None, bindings: Bindings = ()) -> None:
+        for t in targets:
+            if t in self.claims:
+                before = self.rule_of[t]
+                who = f"rules[{before}]" if before is not None else "passing through unchanged"
+                now = f"rules[{i}]" if i is not None else "passing through unchanged"
+                self.problem(f"{t!r} is produced twice: by {who} from {', '.join(map(repr, self.claims[t]))} and by "
+                             f"{now} from {', '.join(repr(e.key) for e in entries)}",
+                             "rename one of them, or ignore one source key", i if i is not None else before)
+                return
+        src_keys = tuple(e.key for e in entries)
+        if i is None:
+            self.passed.extend(src_keys)
+        if rule is None or rule.transform is None:
+            for t, e in zip(targets, entries):
+                self.entries[t] = _renamed(t, e)
+        else:
+            assert i is not None
+            built = self.transformed(targets, entries, i, rule.transform)
+            if built is None:
+                return
+            self.bound.setdefault(i, {}).setdefault(built, []).append(bindings)
+        for t in targets:
+            self.claims[t] = src_keys
+            self.rule_of[t] = i
+            self.group_of[t] = bindings
+
+    def transformed(self, targets: tuple[str, ...], entries: tuple[Entry, ...], i: int,
+                    transform: Transform) -> Transform | None:
+        values = [e for e in entries if not isinstance(e, TensorEntry)]
+        if values:
+            self.problem(f"the transform needs tensors, but {_describe(values[0])} is not one",
+                         "drop the transform from this rule, or ignore the key", i)
+            return None
+        tensors: tuple[TensorEntry, ...] = entries  # type: ignore[assignment]
+        metas = [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in tensors]
+        try:
+            bound = transform.bind(metas)
+            outs = bound.apply(metas)
+        except Exception as exc:  # noqa: BLE001 - einops/torch say precisely what does not fit
+            shapes = ", ".join(_describe(e) for e in tensors)
+            self.problem(f"{transform.describe()} does not fit {shapes}: {_fold(str(exc))}",
+                         "correct the transform's dims/axis sizes for these shapes, or narrow the rule's keys", i)
+            return None
+        if len(outs) != len(targets):
+            self.problem(f"{transform.describe()} made {len(outs)} tensor(s) for {len(targets)} b key(s)",
+                         "give the transform as many outputs as b keys", i)
+            return None
+        first = tensors[0]
+        where = f"{bound.describe()} of {', '.join(e.key for e in tensors)}"
+        for j, (t, out) in enumerate(zip(targets, outs)):
+            self.entries[t] = TensorEntry(t, tuple(out.shape), out.dtype, out.numel() * out.element_size(), where,
+                                          _transformed_loader(tensors, bound, j), first.requires_grad,
+                                          first.is_parameter, first.note)
+        return bound
+
+    def bound_mapping(self) -> tuple[Mapping, dict[str, int | None]]:
+        """The mapping with what its transforms learned from this checkpoint, and ``rule_of``
+        pointing into it."""
+        rules: list[Rule] = []
+        moved: dict[tuple[int, Bindings], int] = {}
+        index: dict[int, int] = {}
+        for i, rule in enumerate(self.m.rules):
+            seen = self.bound.get(i)
+            if not seen or len(seen) == 1:
+                index[i] = len(rules)
+                rules.append(rule if not seen else Rule(rule.a, rule.b, next(iter(seen)), rule.regex, rule.fallback,
+                                                        rule.line, rule.note))
+                continue
+            # Groups learned different things (a reshape of weight and of bias): one literal rule per group.
+            for transform, all_bindings in seen.items():
+                for b in all_bindings:
+                    moved[(i, b)] = len(rules)
+                    rules.append(Rule(tuple(map(_literal, rule.sources(b))), tuple(map(_literal, rule.targets(b))),
+                                      transform, False, rule.fallback, rule.line, rule.note))
+        rule_of = {t: None if i is None else moved.get((i, self.group_of[t]), index.get(i, i))
+                   for t, i in self.rule_of.items()}
+        return self.m.with_rules(rules), rule_of
+
+
+def _literal(key: str) -> str:
+    return key.replace("{", "{{").replace("}", "}}")
+
+
+def _renamed(key: str, e: Entry) -> Entry:
+    if isinstance(e, ValueEntry):
+        return ValueEntry(key, e.value)
+    return TensorEntry(key, e.shape, e.dtype, e.nbytes, e.location, e.load, e.requires_grad, e.is_parameter, e.note)
+
+
+def _sections(ckpt: Checkpoint, claims: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Re-derive sections for the new keys: the shortest prefixes whose keys share one section."""
+    if not ckpt.sections:
+        return {}
+    of = {t: ckpt.section_of(src[0]) for t, src in claims.items()}
+    out: dict[str, str] = {}
+
+    def assign(keys: Sequence[str], depth: int) -> None:
+        groups: dict[str, list[str]] = {}
+        for k in keys:
+            groups.setdefault(".".join(k.split(".")[:depth]), []).append(k)
+        for prefix, ks in groups.items():
+            names = {of[k] for k in ks}
+            if len(names) == 1 or all(k.count(".") < depth for k in ks):
+                out[prefix] = of[ks[0]]
+            else:
+                assign(ks, depth + 1)
+
+    assign(list(of), 1)
+    return out
+
+
+def apply_mapping(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Path, *,
+                  direction: Direction = "a_to_b") -> MappedResult:
+    """Apply a mapping to a checkpoint: its entries, renamed and transformed into the other key space.
+
+    Nothing is read but metadata: tensor entries of the result load their source entries and
+    apply the transform when loaded. Every problem is raised together as one :class:`MappingError`.
+
+    Args:
+        ckpt: a :class:`Checkpoint`, or anything :func:`tensorparity.open` accepts.
+        mapping: a :class:`Mapping`, its dict, or a YAML file's path.
+        direction: ``a_to_b``, or ``b_to_a`` to apply the inverted mapping to a side-B checkpoint.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity.mapping import Mapping, Rule
+        >>> m = Mapping([Rule(["q.w", "k.w"], "qk.w", {"concat": {"dim": 0}})])
+        >>> r = apply_mapping({"q.w": torch.ones(2, 3), "k.w": torch.zeros(1, 3), "b": torch.ones(1)}, m)
+        >>> r.checkpoint["qk.w"].shape, r.claims["qk.w"], r.passed_through
+        ((3, 3), ('q.w', 'k.w'), ('b',))
+    """
+    if direction not in ("a_to_b", "b_to_a"):
+        raise UsageError(f"unknown direction {direction!r}", fix="use 'a_to_b' or 'b_to_a'")
+    mapping = load_mapping(mapping)
+    used = mapping if direction == "a_to_b" else mapping.inverted()
+    opened = open_checkpoint(ckpt)
+    planner = _Planner(opened, used)
+    planner.run()
+    if planner.problems:
+        raise MappingError(planner.problems, path=used.source)
+    rename: dict[str, str] = {}
+    for target, sources in planner.claims.items():
+        for s in sources:
+            rename.setdefault(s, target)
+    placeholders = [PlaceholderInfo(rename.get(p.key, p.key), p.name, p.call) for p in opened.placeholders]
+    result = Checkpoint(
+        source=opened.source, format=opened.format, entries=planner.entries,
+        sections=_sections(opened, planner.claims), provenance={**opened.provenance, "mapping": used.name},
+        placeholders=placeholders,
+        notes=[*opened.notes, f"keys mapped by {used.name!r} ({direction.replace('_', ' ')})"],
+        closers=[] if opened is ckpt else [opened.close], default_section=opened.default_section)
+    used_rules = set(planner.rule_of.values())
+    unused = tuple(i for i in range(len(used.rules)) if i not in used_rules)
+    bound, rule_of = planner.bound_mapping()
+    return MappedResult(result, bound, direction, planner.claims, rule_of,
+                        tuple(planner.unmapped), tuple(planner.ignored), tuple(planner.passed), unused)
+
+
+# --- convert -------------------------------------------------------------------------------------
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _writable(t: torch.Tensor, seen: set[tuple[int, int]]) -> torch.Tensor:
+    """safetensors refuses views and tensors sharing storage: give those their own copy."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    storage = t.untyped_storage()
+    ident = (storage.data_ptr(), storage.nbytes())
+    if not t.is_contiguous() or storage.nbytes() != t.numel() * t.element_size() or (t.numel() and ident in seen):
+        t = t.clone(memory_format=torch.contiguous_format)
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    seen.add(ident)
+    return t
+
+
+def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Path, out_path: str | Path, *,
+            format: Literal["safetensors", "torch"] | None = None, direction: Direction = "a_to_b",
+            overwrite: bool = False) -> MappedResult:
+    """Apply a mapping and write the converted checkpoint, atomically.
+
+    The file is written next to ``out_path`` under a temporary name and renamed into place, so a
+    crash never leaves a half-written checkpoint. The source is never overwritten.
+
+    Args:
+        ckpt: the checkpoint to convert (anything :func:`tensorparity.open` accepts).
+        mapping: a :class:`Mapping`, its dict, or a YAML file's path.
+        out_path: where to write.
+        format: ``safetensors`` or ``torch`` (``torch.save`` of a flat dict); by default from the
+            suffix (``.pt .pth .bin .ckpt`` -> torch, anything else -> safetensors).
+        direction: ``a_to_b`` or ``b_to_a``.
+        overwrite: replace an existing file at ``out_path`` (never the source).
+
+    Returns:
+        The :class:`MappedResult` that was written.
+
+    Example:
+        >>> import tempfile, torch, tensorparity
+        >>> out = tempfile.mkdtemp() + "/port.safetensors"
+        >>> _ = convert({"w": torch.ones(2)}, {"rules": [{"a": "w", "b": "weight"}]}, out)
+        >>> list(tensorparity.open(out))
+        ['weight']
+    """
+    out = Path(out_path)
+    fmt = format or ("torch" if out.suffix in _TORCH_SUFFIXES else "safetensors")
+    if fmt not in ("safetensors", "torch"):
+        raise UsageError(f"unknown output format {fmt!r}", fix="use 'safetensors' or 'torch'")
+    if isinstance(ckpt, (Checkpoint, str, os.PathLike)):
+        _refuse_source(Path(ckpt.source if isinstance(ckpt, Checkpoint) else ckpt), out)
+    if out.exists() and not overwrite:
+        raise UsageError("the output file exists", path=out, fix="choose another path, or pass overwrite=True")
+    if not out.parent.is_dir():
+        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
+    result = apply_mapping(ckpt, mapping, direction=direction)  # every mapping problem, before writing
+    try:
+        _check_writable(result, out, fmt)
+    except UsageError:
+        result.checkpoint.close()
+        raise
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        seen: set[tuple[int, int]] = set()
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            tensors = {e.key: _writable(e.load(), seen) for e in result.checkpoint.tensors()}
+            save_file(tensors, tmp, metadata={"format": "pt", "tensorparity.mapping": result.mapping.name,
+                                              "tensorparity.source": str(result.checkpoint.source)})
+        else:
+            obj = {k: (e.load().detach() if isinstance(e, TensorEntry) else e.value)
+                   for k, e in result.checkpoint.items()}
+            torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except TensorParityError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    except (OSError, RuntimeError, ValueError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"could not write the converted checkpoint ({_fold(str(exc), 200)})", path=out,
+                         fix="check free disk space and permissions") from exc
+    return result
+
+
+def _refuse_source(src_path: Path, out: Path) -> None:
+    if _same_file(out, src_path) or (src_path.is_dir() and out.exists()
+                                     and out.resolve().is_relative_to(src_path.resolve())):
+        raise UsageError("refusing to overwrite the checkpoint being converted", path=out,
+                         fix="write the converted checkpoint to another path")
+
+
+def _check_writable(result: MappedResult, out: Path, fmt: str) -> None:
+    _refuse_source(Path(result.checkpoint.source), out)
+    values = [e for e in result.checkpoint.values() if isinstance(e, ValueEntry)]
+    if fmt == "safetensors" and values:
+        names = ", ".join(e.key for e in values[:3]) + (" ..." if len(values) > 3 else "")
+        raise UsageError(f"{len(values)} non-tensor value(s) ({names}) cannot go into a safetensors file", path=out,
+                         fix="write a .pt file (format='torch'), or ignore those keys in the mapping (ignore_a)")
+    if any(isinstance(e.value, Placeholder) for e in values):
+        raise UsageError("the checkpoint holds objects that were not executed and cannot be written back", path=out,
+                         fix="ignore those keys in the mapping (ignore_a)")
