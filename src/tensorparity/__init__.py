@@ -4,19 +4,23 @@ same, and when they are not, say exactly where and why they part."""
 from __future__ import annotations
 
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry, open
+from tensorparity.diff import diff
 from tensorparity.errors import InternalError, TensorParityError
+from tensorparity.report.diff import DiffReport
 from tensorparity.report.inspect import InspectReport, inspect
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "DiffReport",
     "InspectReport",
     "InternalError",
     "TensorEntry",
     "TensorParityError",
     "ValueEntry",
     "__version__",
+    "diff",
     "inspect",
     "open",
 ]

@@ -4,6 +4,7 @@ Exit codes: 0 ok, 1 the things compared differ (diff and parity commands), 2 err
 
 Example:
     $ tensorparity inspect model.ckpt --keys 'layers\\.0\\.' --top 5
+    $ tensorparity diff reference.pt port.safetensors --map reference_to_port.yaml
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated
 import typer
 
 from tensorparity import __version__
+from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
 
 __all__ = ["app", "main"]
@@ -42,6 +44,7 @@ def _root(
 
 
 app.command("inspect")(inspect_command)
+app.command("diff")(diff_command)
 
 
 def main() -> None:

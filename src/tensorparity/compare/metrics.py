@@ -88,7 +88,9 @@ def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: Resolve
     diff = torch.where(finite, (a64 - b64).abs(), 0.0)
     absb = torch.where(finite, b64.abs(), 0.0)
     absa = torch.where(finite, a64.abs(), 0.0)
-    if integer and tol.atol == 0 and tol.rtol == 0:
+    if tol.exact:
+        bad = _bits_differ(a, b)
+    elif integer and tol.atol == 0 and tol.rtol == 0:
         bad = (a != b) | bad_nonfinite  # exact for int64 beyond 2**53
     else:
         bad = (diff > tol.atol + tol.rtol * absb) | bad_nonfinite
@@ -117,6 +119,14 @@ def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: Resolve
             acc.dot += float((fa * fb).sum())
         acc.norm_a += float((absa * absa).sum())
         acc.norm_b += float((absb * absb).sum())
+
+
+def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise: do the two elements differ in any bit (so -0.0 vs 0.0 and NaN payloads count)?"""
+    if a.dtype != b.dtype:
+        return a != b
+    size = a.element_size()
+    return (a.contiguous().view(torch.uint8).view(-1, size) != b.contiguous().view(torch.uint8).view(-1, size)).any(1)
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:

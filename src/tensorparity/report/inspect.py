@@ -9,11 +9,9 @@ for people (rich, in the terminal; HTML, in a notebook) and for machines (JSON, 
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import re
-import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,21 @@ from tensorparity.checkpoint import Checkpoint, PlaceholderInfo, TensorEntry, Va
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import UsageError
+from tensorparity.report._keytree import Node as _Node  # noqa: F401 - re-exported for older imports
+from tensorparity.report._keytree import html_tree, rich_tree
+from tensorparity.report._keytree import key_tree as _key_tree
+from tensorparity.report._render import (  # noqa: F401
+    header_rows,
+    html_table,
+    human_bytes,
+    human_count,
+    jsonable,
+    plain_text,
+    printable,
+    provenance_items,
+    rich_table,
+    short_repr,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -31,12 +44,6 @@ __all__ = ["SCHEMA", "DtypeSummary", "InspectReport", "KeyInfo", "NotExecuted", 
 
 SCHEMA = "tensorparity.inspect/1"
 MAX_PLACEHOLDERS_SHOWN = 30
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
-_REPR.maxlevel = 3
-
 
 @dataclass(frozen=True)
 class SectionSummary:
@@ -154,7 +161,7 @@ class InspectReport:
             "schema": SCHEMA,
             "source": self.source,
             "format": self.format,
-            "provenance": _jsonable(self.provenance),
+            "provenance": jsonable(self.provenance),
             "sections": [s.to_dict() for s in self.sections],
             "totals": self.totals.to_dict(),
             "dtypes": [{"dtype": d.dtype, "tensors": d.tensors, "elements": d.elements, "bytes": d.bytes}
@@ -194,11 +201,7 @@ class InspectReport:
         return self.to_html()
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        out = io.StringIO()
-        Console(file=out, width=100, color_system=None, force_terminal=False).print(self.renderable())
-        return out.getvalue()
+        return plain_text(self.renderable())
 
     def __repr__(self) -> str:
         t = self.totals
@@ -315,74 +318,6 @@ def _not_executed(ckpt: Checkpoint, info: PlaceholderInfo) -> NotExecuted:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small formatting helpers, shared with the rich renderer
-
-
-def printable(text: str) -> str:
-    """Escape control characters: keys and values come from untrusted files, and a raw escape
-    sequence would be interpreted by the user's terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def short_repr(value: Any, limit: int = 80) -> str:
-    """A one-line, bounded, printable repr of a checkpoint value."""
-    try:
-        text = _REPR.repr(value)
-    except Exception:  # noqa: BLE001 - a value's repr must never break the report
-        text = f"<{type(value).__name__}>"
-    text = printable(" ".join(text.split()))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_count(n: int) -> str:
-    """``1_234_567`` -> ``'1.2M'``."""
-    for div, unit in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
-
-
-def provenance_items(provenance: dict[str, Any]) -> list[tuple[str, str]]:
-    """Provenance as short (name, text) pairs; big structures (a NeMo config) are summarised."""
-    out = []
-    for name, value in provenance.items():
-        if isinstance(value, str):
-            text = printable(value if len(value) <= 80 else value[:79] + "…")
-        elif isinstance(value, dict) and len(short_repr(value, 200)) > 80:
-            text = f"{{{len(value)} keys}} (see --json)"
-        else:
-            text = short_repr(value)
-        out.append((printable(str(name)), text))
-    return out
-
-
-def _jsonable(value: Any, depth: int = 0) -> Any:
-    if depth > 50:
-        return short_repr(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, depth + 1) for v in value]
-    return short_repr(value)
-
-
-# ---------------------------------------------------------------------------------------------
 # HTML (self-contained: one scoped style block, no scripts)
 
 _STYLE = ("<style>.tp-inspect{font-family:ui-monospace,monospace;font-size:12px}"
@@ -392,40 +327,26 @@ _STYLE = ("<style>.tp-inspect{font-family:ui-monospace,monospace;font-size:12px}
           ".tp-inspect .warn{border:2px solid #c90;padding:4px 8px;margin:6px 0}</style>")
 
 
-def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<b>{e(title)}</b><table><tr>{head}</tr>{body}</table>"
-
-
-def _html_tree(nodes: list[_Node]) -> str:
-    e = html.escape
-    items = "".join(f"<li>{e(n.name)} <span class='d'>{e(n.detail)}</span>"
-                    f"{_html_tree(n.children) if n.children else ''}</li>" for n in nodes)
-    return f"<ul>{items}</ul>"
-
-
 def _html(r: InspectReport, *, fold: bool) -> str:
     e = html.escape
     prov = " &middot; ".join(f"{e(k)}: {e(v)}" for k, v in provenance_items(r.provenance))
     parts = [f"<div class='tp-inspect'>{_STYLE}<b>{e(printable(r.source))}</b> &mdash; {e(r.format)}"
              f"<div class='d'>{prov}</div>"]
     trainable = any(s.trainable is not None for s in r.sections)
-    parts.append(_html_table(
+    parts.append(html_table(
         "Sections", ["section", "tensors", "parameters", "bytes", "values"] + ["trainable"] * trainable,
         [[s.name, f"{s.tensors:,}", f"{s.parameters:,}", human_bytes(s.bytes), f"{s.values:,}"]
          + ([] if not trainable else ["" if s.trainable is None else f"{s.trainable:,}"])
          for s in (*r.sections, r.totals)]))
-    parts.append(_html_table("Dtypes", ["dtype", "tensors", "elements", "bytes"],
+    parts.append(html_table("Dtypes", ["dtype", "tensors", "elements", "bytes"],
                              [[d.dtype, f"{d.tensors:,}", f"{d.elements:,}", human_bytes(d.bytes)]
                               for d in r.dtypes]))
     if r.largest:
-        parts.append(_html_table("Largest tensors", ["key", "shape", "dtype", "bytes"],
+        parts.append(html_table("Largest tensors", ["key", "shape", "dtype", "bytes"],
                                  [[printable(t.key), str(list(t.shape or ())), t.dtype or "", human_bytes(t.bytes)]
                                   for t in r.largest]))
     parts.append(f"<details open><summary><b>Keys</b> ({len(r.keys):,})</summary>"
-                 f"{_html_tree(_key_tree(r.keys, fold=fold))}</details>")
+                 f"{html_tree(_key_tree(r.keys, fold=fold))}</details>")
     if r.placeholders:
         shown = r.placeholders[:MAX_PLACEHOLDERS_SHOWN] if fold else r.placeholders
         more = len(r.placeholders) - len(shown)
@@ -437,104 +358,7 @@ def _html(r: InspectReport, *, fold: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The key tree: keys grouped by dotted prefix; runs of numbered siblings with the same
-# sub-structure (shapes and dtypes included) folded into one ``{0..23}`` group shown once.
-
-MAX_KEY_DEPTH = 64  # a key with more dots keeps the rest as one name: bounded work, no deep recursion
-MAX_CHILDREN = 24
-CHILDREN_SHOWN = 20
-MAX_NAME = 120
-
-
-class _Trie:
-    __slots__ = ("children", "elements", "keys", "leaf", "sig", "tensors")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _Trie] = {}
-        self.leaf: KeyInfo | None = None
-        self.sig = self.tensors = self.elements = self.keys = 0
-
-
-@dataclass
-class _Node:
-    """One line of the key tree as shown: name, what it is, and what hangs below it."""
-
-    name: str
-    detail: str
-    kind: str  # tensor | value | branch | more
-    children: list[_Node]
-    group: bool = False
-
-
-def _key_tree(keys: tuple[KeyInfo, ...], *, fold: bool) -> list[_Node]:
-    root = _Trie()
-    for info in keys:
-        node = root
-        for part in info.key.split(".", MAX_KEY_DEPTH - 1):
-            node = node.children.setdefault(part, _Trie())
-        node.leaf = info
-    _measure(root, {})
-    return _children(root, fold)
-
-
-def _measure(node: _Trie, table: dict[Any, int]) -> None:
-    leaf = node.leaf
-    tensors = int(leaf is not None and leaf.kind == "tensor")
-    elements = leaf.numel if leaf is not None else 0
-    keys = int(leaf is not None)
-    parts = []
-    for name, child in node.children.items():
-        _measure(child, table)
-        tensors, elements, keys = tensors + child.tensors, elements + child.elements, keys + child.keys
-        parts.append((name, child.sig))
-    node.tensors, node.elements, node.keys = tensors, elements, keys
-    # Equal ids <=> equal sub-structure (names, shapes, dtypes, values), compared in O(1).
-    node.sig = table.setdefault((leaf.label if leaf else None, tuple(parts)), len(table))
-
-
-def _children(node: _Trie, fold: bool) -> list[_Node]:
-    items = list(node.children.items())
-    out: list[tuple[_Node, int]] = []
-    i = 0
-    while i < len(items):
-        name, child = items[i]
-        j = i
-        if fold and _is_index(name):
-            while (j + 1 < len(items) and _is_index(items[j + 1][0])
-                   and int(items[j + 1][0]) == int(items[j][0]) + 1 and items[j + 1][1].sig == child.sig):
-                j += 1
-        label = name if j == i else f"{{{name}..{items[j][0]}}}"
-        out.append((_node(label, child, fold, count=j - i + 1), sum(c.keys for _, c in items[i:j + 1])))
-        i = j + 1
-    if fold and len(out) > MAX_CHILDREN:
-        rest = out[CHILDREN_SHOWN:]
-        more = _Node(f"… {len(rest)} more", f"{sum(k for _, k in rest):,} keys; --all shows them", "more", [])
-        out = [*out[:CHILDREN_SHOWN], (more, 0)]
-    return [n for n, _ in out]
-
-
-def _node(name: str, node: _Trie, fold: bool, *, count: int = 1) -> _Node:
-    while node.leaf is None and len(node.children) == 1:  # a.b.c with nothing else at a or a.b
-        part, node = next(iter(node.children.items()))
-        name = f"{name}.{part}"
-    if node.leaf is not None:
-        kind, detail = node.leaf.kind, node.leaf.label
-    elif node.tensors:
-        kind, detail = "branch", f"{node.tensors} tensors, {human_count(node.elements)} params"
-    else:
-        kind, detail = "branch", f"{node.keys} values"
-    if count > 1:
-        detail = f"×{count} (each {detail})" if kind == "branch" else f"×{count} {detail}"
-    name = printable(name)
-    name = name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"  # the JSON has it whole
-    return _Node(name, detail, kind, _children(node, fold), group=count > 1)
-
-
-# ---------------------------------------------------------------------------------------------
 # rich
-
-_PROVENANCE_FIRST = ("framework", "framework_version", "model_class", "epoch", "global_step", "step", "iteration")
-_KIND_STYLE = {"tensor": "cyan", "value": "green", "branch": "dim", "more": "dim italic"}
 
 
 def _render_rich(r: InspectReport, *, fold: bool) -> RenderableType:
@@ -543,25 +367,10 @@ def _render_rich(r: InspectReport, *, fold: bool) -> RenderableType:
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
-    from rich.tree import Tree
 
-    def table(title: str, *columns: str) -> Table:
-        t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE,
-                  show_edge=False, pad_edge=False)
-        for i, c in enumerate(columns):
-            t.add_column(c, justify="left" if i == 0 or c in ("key", "shape", "dtype") else "right",
-                         overflow="fold")
-        return t
-
+    table = rich_table
     header = Table.grid(padding=(0, 2))
-    header.add_row(Text("file", style="bold"), Text(printable(r.source)))
-    header.add_row(Text("format", style="bold"), Text(r.format))
-    prov = dict(sorted(provenance_items(r.provenance),
-                       key=lambda kv: _PROVENANCE_FIRST.index(kv[0]) if kv[0] in _PROVENANCE_FIRST else 99))
-    if "framework" in prov:
-        version = prov.pop("framework_version", "")
-        header.add_row(Text("framework", style="bold"), Text(f"{prov.pop('framework')} {version}".strip()))
-    for name, text in prov.items():
+    for name, text in [("file", printable(r.source)), ("format", r.format), *header_rows(r.provenance)]:
         header.add_row(Text(name, style="bold"), Text(text))
     parts: list[RenderableType] = [header, Text()]
 
@@ -587,22 +396,14 @@ def _render_rich(r: InspectReport, *, fold: bool) -> RenderableType:
     if r.largest:
         largest = table("Largest tensors", "key", "shape", "dtype", "bytes")
         for t in r.largest:
-            largest.add_row(*(Text(c) for c in (printable(t.key), str(list(t.shape or ())), t.dtype or "", human_bytes(t.bytes))))
+            cells = (printable(t.key), str(list(t.shape or ())), t.dtype or "", human_bytes(t.bytes))
+            largest.add_row(*(Text(c) for c in cells))
         parts += [Text(), largest]
 
     total_keys = r.totals.tensors + r.totals.values
     title = (f"Keys matching /{printable(r.keys_filter)}/ ({len(r.keys):,} of {total_keys:,})"
              if r.keys_filter is not None else f"Keys ({len(r.keys):,})")
-    tree = Tree(Text(title, style="bold"), guide_style="dim")
-
-    def grow(branch: Tree, nodes: list[_Node]) -> None:
-        for n in nodes:
-            label = Text(n.name, style="magenta" if n.group else ("italic dim" if n.kind == "more" else ""))
-            label.append(f"  {n.detail}", style=_KIND_STYLE[n.kind])
-            grow(branch.add(label), n.children)
-
-    grow(tree, _key_tree(r.keys, fold=fold))
-    parts += [Text(), tree]
+    parts += [Text(), rich_tree(title, _key_tree(r.keys, fold=fold))]
 
     if r.placeholders:
         shown = r.placeholders[:MAX_PLACEHOLDERS_SHOWN] if fold else r.placeholders
@@ -621,6 +422,3 @@ def _render_rich(r: InspectReport, *, fold: bool) -> RenderableType:
         parts.append(Text(f"note: {printable(note)}", style="dim"))
     return Group(*parts)
 
-
-def _is_index(name: str) -> bool:
-    return name.isascii() and name.isdigit()  # "²".isdigit() is True, int("²") is not
