@@ -2,7 +2,11 @@
 
 Step 1 — open anything: the bundled reference model is written in every format tensorparity
 reads (plus a real Lightning training run and a checkpoint carrying a malicious payload), each is
-opened lazily and safely, and the Lightning checkpoint is inspected in full.
+opened lazily and safely, and the Lightning checkpoint is inspected.
+
+Step 2 — diff: the bundled "port" of the model (other names, fused qkv) is diffed against the
+reference through the bundled mapping, once as converted (passes) and once with one weight
+deliberately broken (fails, naming the weight and the element).
 """
 
 from __future__ import annotations
@@ -82,11 +86,38 @@ def step_open(console: Console) -> None:
         tensorparity.inspect(paths["lightning"], top=5, keys=r"^(state_dict|hyper_parameters|epoch|global_step)").render(console)
 
 
+def step_diff(console: Console) -> None:
+    console.rule("[bold]2. diff the port against the reference, through a mapping")
+    from importlib.resources import files
+
+    from safetensors.torch import save_file
+
+    from tensorparity.examples import port_model
+
+    folder = OUT / "diff"
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = str(files("tensorparity.examples") / "reference_to_port.yaml")
+    torch.save(reference_model().state_dict(), folder / "reference.pt")
+    port = {k: v.contiguous() for k, v in port_model().state_dict().items()}
+    save_file(port, str(folder / "port.safetensors"))
+    port["blocks.1.qkv.weight"] = port["blocks.1.qkv.weight"].clone()
+    port["blocks.1.qkv.weight"][70, 3] += 0.5  # a broken weight: one element of the fused v projection
+    save_file(port, str(folder / "port-broken.safetensors"))
+    for name in ("port.safetensors", "port-broken.safetensors"):
+        console.print(f"[bold]$ tensorparity diff reference.pt {name} --map reference_to_port.yaml")
+        report = tensorparity.diff(folder / "reference.pt", folder / name, mapping=mapping, progress=False)
+        report.render(console)
+        expected = name == "port.safetensors"
+        if report.passed != expected:
+            raise SystemExit(f"demo: diff of {name} should have {'passed' if expected else 'failed'}")
+
+
 def main() -> None:
     console = Console(width=None if sys.stdout.isatty() else 110)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "PWNED").unlink(missing_ok=True)
     step_open(console)
+    step_diff(console)
     console.rule("[bold green]demo finished")
 
 
