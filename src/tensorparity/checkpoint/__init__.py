@@ -58,6 +58,8 @@ def detect_format(path: Path) -> str:
         if "model_config.yaml" in names:
             return "nemo-folder"
         return "folder"
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise UnknownFormatError("not a regular file or folder", path=path, fix=_OPEN_FIX)
     if path.name.endswith((".safetensors.index.json", ".bin.index.json")):
         return "hf-sharded"
     with builtins.open(path, "rb") as f:
@@ -144,7 +146,11 @@ def open(source: str | os.PathLike[str] | Any, /) -> Checkpoint:  # noqa: A001 -
         return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise SourceNotFoundError(f"not a usable path ({exc})", path=path, fix="check the path") from exc
+        if not exists:
             raise SourceNotFoundError("no such file or folder", path=path, fix="check the path")
         try:
             return _open_path(path)

@@ -78,14 +78,14 @@ class MappedFile:
         self._mm: mmap.mmap | None = None
         self._size = os.path.getsize(path)
 
-    def _map(self) -> mmap.mmap:
+    def _map(self, key: str | None = None) -> mmap.mmap:
         if self._mm is None:
             try:
                 with open(self.path, "rb") as f:
                     self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as exc:  # deleted, unreadable or emptied since it was opened
                 raise CorruptCheckpointError(f"could not be mapped ({type(exc).__name__}: {exc})", path=self.path,
-                                             fix="the file was changed while open; open it again") from exc
+                                             key=key, fix="the file was changed while open; open it again") from exc
         return self._mm
 
     def tensor(
@@ -108,7 +108,7 @@ class MappedFile:
         if nbytes == 0:
             flat = torch.empty(0, dtype=dtype)
         else:
-            mm = self._map()
+            mm = self._map(key)
             if start + nbytes > len(mm):  # the file shrank since it was opened
                 raise CorruptCheckpointError(
                     f"tensor bytes [{start}, {start + nbytes}) lie outside the {len(mm)}-byte file",

@@ -20,6 +20,7 @@ import enum
 import io
 import math
 import pickle
+import struct
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,6 +45,7 @@ MAX_INDEX = (1 << 63) - 1  # sizes, strides and offsets are int64 in torch
 # ("billion laughs"); walking a shared container again is allowed this many times in all
 # (real checkpoints share a few small containers, if any).
 MAX_REVISITS = 100_000
+MAX_GLOBALS = 10_000  # distinct globals one pickle may name; real ones name dozens
 
 
 def _tamper(what: Any) -> UnsafeCheckpointError:
@@ -145,12 +147,12 @@ class Placeholder:
     def __reduce__(self) -> Any:  # never re-pickle a placeholder into something executable
         raise TypeError(f"placeholder for {self.name} cannot be pickled")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Calling what an unknown global returned is how gadgets chain, e.g.
-        # getattr(__import__('os'), 'system')('...'): no data format needs it.
-        raise UnsafeCheckpointError(
-            f"pickle calls the result of {self!r}, a code-execution gadget (nothing was executed)",
-            fix="do not load this file with torch.load; ask its author for a safetensors copy")
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        # Calling what an unknown global returned: how gadgets chain (getattr(__import__('os'),
+        # 'system')('...')) and how protocol 2 pickles a classmethod constructor. Recorded, not
+        # run: a new placeholder whose first argument is this one.
+        name = self.name if self.name.endswith("(...)") else f"{self.name}(...)"
+        return _named_placeholder_class(name)(self, *args, **kwargs)
 
     def __repr__(self) -> str:
         args = ", ".join(_short(a) for a in self.args)
@@ -382,24 +384,82 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 _PLACEHOLDER_CLASSES: dict[str, type[Placeholder]] = {}
+MAX_PLACEHOLDER_CLASSES = 4096  # cached across files; a hostile pickle may name millions
 
 
 def _placeholder_class(module: str, name: str) -> type[Placeholder]:
-    dotted = f"{module}.{name}"
+    return _named_placeholder_class(f"{module}.{name}")
+
+
+def _named_placeholder_class(dotted: str) -> type[Placeholder]:
     cls = _PLACEHOLDER_CLASSES.get(dotted)
     if cls is None:
         # A real class (not a callable instance) so that NEWOBJ, which demands a type, works too.
         cls = type(f"NotExecuted[{dotted}]", (Placeholder,), {"name": dotted, "__slots__": ()})
-        _PLACEHOLDER_CLASSES[dotted] = cls
+        if len(_PLACEHOLDER_CLASSES) < MAX_PLACEHOLDER_CLASSES:
+            _PLACEHOLDER_CLASSES[dotted] = cls
     return cls
 
 
-class _InertUnpickler(pickle.Unpickler):
+class _Bounded:
+    """A pickle source that never asks its file for more bytes than the file has left.
+
+    A counted opcode (BINBYTES8, BINUNICODE8) declares its length; a buffered file preallocates
+    what is asked for, so a 20-byte pickle could otherwise ask for terabytes.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        try:
+            pos = file.tell()
+            end = file.seek(0, io.SEEK_END)
+            file.seek(pos)
+            self.left = self.total = max(0, end - pos)
+        except (OSError, AttributeError, ValueError):  # not seekable: the overall cap still holds
+            self.left = self.total = MAX_PICKLE_BYTES
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._file.read(self.left if n is None or n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self._file.readline(self.left)
+        self.left -= len(line)
+        return line
+
+
+def _load_bytearray8(self: _InertUnpickler) -> None:
+    (size,) = struct.unpack("<Q", self.read(8))
+    if size > self._source.total:  # the stock loader allocates (and zeroes) size bytes first
+        raise CorruptCheckpointError(f"pickle declares a {size}-byte bytearray in a {self._source.total}-byte pickle")
+    data = self.read(size)
+    if len(data) != size:
+        raise CorruptCheckpointError("pickle data was truncated")
+    self.append(bytearray(data))
+
+
+class _InertUnpickler(pickle._Unpickler):  # noqa: SLF001 - see below
+    """The pure-Python unpickler, with every global resolved by :meth:`find_class`.
+
+    Not the C one: for LONG_BINPUT n, the C unpickler grows its memo array to 2n entries and
+    zeroes them, so a 10-byte pickle can demand 32 GB; the Python one keeps its memo in a dict.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
     def __init__(self, file: Any, persistent_load: Callable[[Any], Any] | None) -> None:
-        super().__init__(file, encoding="latin1")
+        self._source = _Bounded(file)
+        super().__init__(self._source, encoding="latin1")
         self._persistent = persistent_load
+        self._globals: set[tuple[str, str]] = set()
 
     def find_class(self, module: str, name: str) -> Any:
+        self._globals.add((module, name))
+        if len(self._globals) > MAX_GLOBALS:
+            raise UnsafeCheckpointError(f"pickle names more than {MAX_GLOBALS:,} different globals",
+                                        fix="refusing a pickle built to exhaust memory; re-save the checkpoint")
         module, name = _python3_name(module, name)
         safe = _SAFE_GLOBALS.get((module, name))
         if safe is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tensorparity.checkpoint.tree import Checkpoint, LazyTensor, flatten
+from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, flatten
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = ["DTYPES", "read_header", "read_safetensors", "safetensors_tensors"]
@@ -58,8 +58,11 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"header is not valid JSON ({exc})", path=path, fix=_FIX) from exc
+        if b"\\u" in raw:  # an escaped lone surrogate parses here but not in the safetensors library
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
+        raise CorruptCheckpointError(f"header is not valid JSON ({type(exc).__name__}: {exc})", path=path,
+                                     fix=_FIX) from exc
     if not isinstance(header, dict):
         raise CorruptCheckpointError("header is not a JSON object", path=path, fix=_FIX)
     metadata = header.pop("__metadata__", None) or {}
@@ -72,14 +75,16 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
     for name, info in header.items():
         if not isinstance(info, dict):
             raise CorruptCheckpointError("tensor description is not an object", path=path, key=name, fix=_FIX)
-        dtype = DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        code = info.get("dtype")
+        dtype = DTYPES.get(code) if isinstance(code, str) else None
         if dtype is None:
             raise CorruptCheckpointError(f"unknown dtype {info.get('dtype')!r}", path=path, key=name,
                                          fix="upgrade tensorparity, or re-save with a supported dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
             raise CorruptCheckpointError(f"shape {shape!r} is not a list of sizes", path=path, key=name, fix=_FIX)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise CorruptCheckpointError(f"data_offsets {offsets!r} are not two integers", path=path, key=name, fix=_FIX)
         begin, end = offsets
         expected = math.prod(shape) * dtype.itemsize
@@ -93,10 +98,20 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
                 path=path, key=name, fix="the file is truncated; copy or download it again")
         tensors[name] = {"dtype": dtype, "shape": tuple(shape), "start": data_start + begin, "end": data_start + end}
         spans.append((begin, end, name))
+    # The safetensors library demands what it writes: tensors tile the data section exactly,
+    # with no overlap, no gap and nothing after the last one. Checked here, named by tensor.
     spans.sort()
-    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
-        if b2 < e1 and b2 != e2:  # zero-length tensors may share an offset
-            raise CorruptCheckpointError(f"bytes of {n1!r} and {n2!r} overlap", path=path, key=n2, fix=_FIX)
+    covered, last = 0, None
+    for begin, end, name in spans:
+        if begin < covered:
+            raise CorruptCheckpointError(f"bytes of {last!r} and {name!r} overlap", path=path, key=name, fix=_FIX)
+        if begin > covered:
+            raise CorruptCheckpointError(f"{begin - covered} unclaimed bytes before this tensor's data",
+                                         path=path, key=name, fix=_FIX)
+        covered, last = end, name
+    if covered != data_len:
+        raise CorruptCheckpointError(f"{data_len - covered} bytes after the last tensor's data", path=path,
+                                     key=last, fix=_FIX)
     return tensors, metadata, data_start
 
 
@@ -108,11 +123,11 @@ class _Handle:
         self._handle: Any = None
 
     def get(self, name: str) -> torch.Tensor:
-        if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt")
         try:
+            if self._handle is None:
+                from safetensors import safe_open
+
+                self._handle = safe_open(str(self.path), framework="pt")
             return self._handle.get_tensor(name)
         except Exception as exc:  # noqa: BLE001 - the library's own errors, reworded
             raise CorruptCheckpointError(f"safetensors could not read the tensor ({exc})", path=self.path,
@@ -129,8 +144,9 @@ def safetensors_tensors(path: Path, *, display: str | None = None) -> tuple[dict
     shown = display or str(path)
     out: dict[str, LazyTensor] = {}
     for name, info in tensors.items():
-        out[name] = LazyTensor(info["shape"], info["dtype"], info["end"] - info["start"],
-                               f"{shown} @ {info['start']}", lambda n=name: handle.get(n))
+        span = ByteSpan(str(path), info["start"], info["end"] - info["start"])
+        out[name] = LazyTensor(info["shape"], info["dtype"], span.nbytes, f"{shown} @ {info['start']}",
+                               lambda n=name: handle.get(n), span=lambda s=span: s)
     return out, metadata, handle
 
 
