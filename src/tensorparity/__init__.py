@@ -6,8 +6,10 @@ from __future__ import annotations
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry, open
 from tensorparity.diff import diff
 from tensorparity.errors import InternalError, TensorParityError
+from tensorparity.loadcheck import load_check
 from tensorparity.report.diff import DiffReport
 from tensorparity.report.inspect import InspectReport, inspect
+from tensorparity.report.loadcheck import LoadCheckReport
 
 __version__ = "0.1.0"
 
@@ -16,11 +18,13 @@ __all__ = [
     "DiffReport",
     "InspectReport",
     "InternalError",
+    "LoadCheckReport",
     "TensorEntry",
     "TensorParityError",
     "ValueEntry",
     "__version__",
     "diff",
     "inspect",
+    "load_check",
     "open",
 ]

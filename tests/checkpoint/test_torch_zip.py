@@ -1,6 +1,5 @@
 """torch.save zip archives, written by torch.save itself."""
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -20,6 +20,7 @@ import torch
 
 from tensorparity.checkpoint._mapped import FileRegion, MappedFile, check_extent
 from tensorparity.checkpoint.layout import build_checkpoint
+from tensorparity.checkpoint._plain import to_plain
 from tensorparity.checkpoint.safe_pickle import (
     Placeholder,
     StorageRef,
@@ -27,7 +28,6 @@ from tensorparity.checkpoint.safe_pickle import (
     _StorageType,
     completed,
     inert_loads,
-    to_plain,
 )
 from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
@@ -231,10 +231,10 @@ def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path
             flat = torch.frombuffer(bytearray(raw[: storage.nbytes]), dtype=torch.uint8).view(storage.dtype) \
                 if storage.nbytes else torch.empty(0, dtype=storage.dtype)
             return _fix_order(torch.as_strided(flat, ref.shape, ref.stride, ref.offset), byteorder)
-    span = None
+    span: Callable[[], ByteSpan] | None = None
     if info.compress_type == zipfile.ZIP_STORED and byteorder != "big" and _is_dense(ref.shape, ref.stride):
-        def span() -> ByteSpan:
-            return ByteSpan(str(zf_path), start + data_start + ref.offset * ref.dtype.itemsize, nbytes)
+        where_bytes = ByteSpan(str(zf_path), start + data_start + ref.offset * ref.dtype.itemsize, nbytes)
+        span = lambda: where_bytes  # noqa: E731
     return LazyTensor(ref.shape, ref.dtype, nbytes, location, load, ref.requires_grad, ref.is_parameter, note, span)
 
 

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from tensorparity.checkpoint.safe_pickle import Placeholder, placeholder_children
+from tensorparity.checkpoint._plain import placeholder_children
+from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import CorruptCheckpointError
 
 __all__ = ["ByteSpan", "Checkpoint", "Entry", "LazyTensor", "PlaceholderInfo", "TensorEntry", "ValueEntry", "flatten"]

@@ -16,6 +16,7 @@ import typer
 from tensorparity import __version__
 from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
+from tensorparity.cli.loadcheck import load_check_command
 
 __all__ = ["app", "main"]
 
@@ -45,6 +46,7 @@ def _root(
 
 app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
+app.command("load-check")(load_check_command)
 
 
 def main() -> None:

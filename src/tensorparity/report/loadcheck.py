@@ -41,7 +41,7 @@ Route = Literal["as_is", "a_to_b", "b_to_a"]
 _HINT = "--top N shows more, --json lists all"
 _KIND_TITLE = {"missing": "Missing keys: the model has them, the checkpoint does not",
                "unexpected": "Unexpected keys: the checkpoint has them, the model does not",
-               "shape": "Shape mismatches (not loaded)",
+               "shape": "Shape mismatches, never broadcast (not loaded)",
                "dtype": "Dtype mismatches (not loaded; --cast loads them cast to the model's dtype)",
                "kind": "Not a tensor where the model expects one (not loaded)"}
 
@@ -129,18 +129,26 @@ class LoadSide:
         return (self.error is None and not self.failures
                 and (self.round_trip is None or self.round_trip.passed))
 
-    def summary(self) -> str:
-        """One line: how it loaded and what went wrong."""
+    def problems(self) -> list[str]:
+        """What went wrong, in short phrases (empty when it loaded cleanly)."""
         if self.error:
-            return f"load_state_dict raised: {self.error}"
+            return [f"load_state_dict raised {self.error}"]
         parts = [plural(n, one, many) for n, one, many in (
             (len(self.of_kind("missing")), "missing key", None), (len(self.of_kind("unexpected")), "unexpected key", None),
             (len(self.of_kind("shape")), "shape mismatch", "shape mismatches"),
             (len(self.of_kind("dtype")), "dtype mismatch", "dtype mismatches"),
             (len(self.of_kind("kind")), "non-tensor value", None)) if n]
         if self.round_trip is not None and not self.round_trip.passed:
-            parts.append(f"round trip differs ({len(self.round_trip.mismatches)} tensors)")
+            bad = sum(not t.passed for t in self.round_trip.tensors)
+            parts.append(f"state_dict() after loading differs from what was loaded ({plural(bad, 'tensor')})")
+        return parts
+
+    def summary(self) -> str:
+        """One line: how it loaded and what went wrong."""
+        if self.error:
+            return self.problems()[0]
         how = "strict=True" if self.strict else f"strict=False, {self.loaded:,} of {self.expected:,} keys"
+        parts = self.problems()
         return f"loaded ({how})" + (": " + ", ".join(parts) if parts else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,7 +234,7 @@ class LoadCheckReport:
             >>> from tensorparity.loadcheck import load_check
             >>> import torch
             >>> load_check({"weight": torch.ones(2, 2)}, model=torch.nn.Linear(2, 2)).summary()
-            'failed: model (Linear): 1 missing'
+            'failed: model (Linear): 1 missing key'
         """
         names = " and ".join(f"{s.role} ({s.model_class.rsplit('.', 1)[-1]})" for s in self.sides)
         local_only = (f"; reference package {self.not_installed.package!r} is not installed; checked the local side "
@@ -235,12 +243,12 @@ class LoadCheckReport:
             agree = f", and the loaded weights agree ({self.cross.verdict})" if self.cross is not None else ""
             strictly = "strictly " if all(s.strict for s in self.sides) else ""
             return f"passed: the checkpoint loads {strictly}into {names}{agree}{local_only}"
-        parts = [f"{s.role} ({s.model_class.rsplit('.', 1)[-1]}): {s.summary().partition(': ')[2] or s.summary()}"
+        parts = [f"{s.role} ({s.model_class.rsplit('.', 1)[-1]}): {', '.join(s.problems())}"
                  for s in self.sides if not s.passed]
         if self.cross_error:
             parts.append(f"loaded weights not compared ({self.cross_error})")
         elif self.cross is not None and not self.cross.passed:
-            parts.append(f"loaded weights differ ({self.cross.summary().removeprefix('differs: ')})")
+            parts.append(f"loaded weights differ: {self.cross.summary().removeprefix('differs: ')}")
         return "failed: " + "; ".join(parts) + local_only
 
     # Machines
@@ -254,9 +262,8 @@ class LoadCheckReport:
             "cast": self.cast, "strict": self.strict,
             "sides": [s.to_dict() for s in self.sides],
             "reference_not_installed": self.not_installed.to_dict() if self.not_installed else None,
-            "cross": None if self.cross is None else {"a": self.cross_roles[0] if self.cross_roles else None,
-                                                      "b": self.cross_roles[1] if self.cross_roles else None,
-                                                      **self.cross.to_dict()},
+            "cross": None if self.cross is None else self.cross.to_dict(),
+            "cross_roles": None if self.cross_roles is None else {"a": self.cross_roles[0], "b": self.cross_roles[1]},
             "cross_error": self.cross_error,
             "notes": list(self.notes),
         })
@@ -306,7 +313,7 @@ def _side_rows(r: LoadCheckReport) -> tuple[list[str], list[list[str]]]:
             return "not checked"
         return "exact" if s.round_trip.verdict == "identical" else s.round_trip.summary()
 
-    rows = [row("factory", lambda s: s.factory), row("class", lambda s: s.model_class),
+    rows = [row("factory", lambda s: s.factory), row("class", lambda s: s.model_class.rsplit(".", 1)[-1]),
             row("route", lambda s: s.route_text),
             row("load_state_dict", lambda s: "raised: " + s.error if s.error else
                 ("strict=True ✓" if s.strict else f"strict=False ({s.loaded:,} of {s.expected:,} keys)")),
@@ -345,7 +352,7 @@ def _header(r: LoadCheckReport) -> list[tuple[str, str]]:
     if r.not_installed:
         rows.append(("reference", f"{printable(r.not_installed.factory)}: package {r.not_installed.package!r} is not "
                                   f"installed; checked the local side only"))
-    rows.append(("tolerance", f"{r.tolerance.describe()} (loaded weights); round trips bitwise"))
+    rows.append(("tolerance", f"{r.tolerance.describe()}; round trips bitwise"))
     options = [o for o, on in (("--cast", r.cast), ("--no-strict", not r.strict)) if on]
     if options:
         rows.append(("options", " ".join(options)))

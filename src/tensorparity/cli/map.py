@@ -1,0 +1,123 @@
+"""``tensorparity map``: mappings between the keys of two checkpoints.
+
+``tensorparity map suggest A B -o map.yaml`` suggests one from names and tensor content. Exit
+code: 0 every key of both sides has a partner, 1 some keys are unmatched (they are listed),
+2 error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tensorparity.cli._common import command, stdout_console
+from tensorparity.errors import UsageError
+from tensorparity.mapping.suggest import suggest_mapping
+
+__all__ = ["map_app", "suggest_command", "write_atomic"]
+
+map_app = typer.Typer(
+    name="map",
+    help="Mappings between the keys (and layouts) of two checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@map_app.callback()
+def _map() -> None:
+    """Mappings between the keys (and layouts) of two checkpoints."""
+
+
+def _check_output(out: Path, inputs: list[str], force: bool) -> None:
+    """Refuse before any work is done: an existing file without --force, an input, a missing folder."""
+    for source in inputs:
+        try:
+            same = Path(source).exists() and out.exists() and os.path.samefile(source, out)
+        except OSError:
+            same = False
+        if same or (Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve())):
+            raise UsageError("refusing to write the mapping over (or into) a checkpoint being compared", path=out,
+                             fix="write the mapping to another path, e.g. -o map.yaml")
+    if out.is_dir():
+        raise UsageError("the output is a folder", path=out, fix="give a file name, e.g. -o map.yaml")
+    if out.exists() and not force:
+        raise UsageError("the output file exists", path=out, fix="pass --force to replace it, or choose another path")
+    if not out.parent.is_dir():
+        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
+    never leaves a half-written mapping.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "m.yaml"
+        >>> write_atomic(p, "version: 1\\n"); p.read_text()
+        'version: 1\\n'
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"could not write the mapping ({exc.strerror or exc})", path=path,
+                         fix="check free disk space and permissions") from None
+
+
+@command
+def suggest_command(
+    a: Annotated[str, typer.Argument(help="Side A: any file or folder tensorparity.open reads.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Side B.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="MAP.yaml",
+                                                help="Write the mapping here (atomically). Without it, the YAML "
+                                                     "goes to stdout.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    weights_only: Annotated[bool | None, typer.Option(
+        "--weights-only/--all-keys",
+        help="Match model weights only, or every key. Default: as diff does (weights only when one side is a "
+             "bare state dict and the other a Lightning/NeMo/training checkpoint).", show_default=False)] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the suggestion as JSON (schema tensorparity.suggest/1) "
+                                        "and nothing else.")] = False,
+    top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 20,
+) -> None:
+    """Suggest a mapping from A's keys to B's: by name, then by tensor content (identical bytes,
+    transposed, concatenated, RoPE-permuted, cast, then close statistics), generalised into
+    templates over layer indices.
+
+    Exit code: 0 every key has a partner, 1 some keys are unmatched (listed), 2 error.
+    """
+    if top < 0:
+        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
+    if output is not None:
+        _check_output(output, [a, b], force)
+    suggestion = suggest_mapping(a, b, weights_only=weights_only)
+    if output is not None:
+        write_atomic(output, suggestion.to_yaml())
+    if json_:
+        sys.stdout.write(suggestion.to_json() + "\n")
+    elif output is not None:
+        console = stdout_console()
+        suggestion.render(console, top=top)
+        console.print(f"wrote {output}", markup=False, highlight=False)
+    else:
+        sys.stdout.write(suggestion.to_yaml())
+        sys.stderr.write(suggestion.summary() + ("" if suggestion.complete else
+                                                 " (listed at the end of the YAML)") + "\n")
+    sys.stdout.flush()
+    raise typer.Exit(suggestion.exit_code)
+
+
+map_app.command("suggest")(suggest_command)
