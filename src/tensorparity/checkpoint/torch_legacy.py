@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from tensorparity.checkpoint._mapped import FileRegion, check_extent
+from tensorparity.checkpoint._mapped import FileRegion
 from tensorparity.checkpoint.layout import build_checkpoint
 from tensorparity.checkpoint.safe_pickle import StorageRef, TensorRef, _StorageType, inert_load_file
-from tensorparity.checkpoint.torch_zip import _fix_order, bind_tensors
+from tensorparity.checkpoint.torch_zip import _fix_order, bind_tensors, describe_ref
 from tensorparity.checkpoint.tree import Checkpoint, LazyTensor
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnknownFormatError
 
@@ -212,20 +212,11 @@ def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, An
 
 
 def _lazy(ref: TensorRef, where: str, path: Path, shown: str, start: int) -> LazyTensor:
-    numel = 1
-    for s in ref.shape:
-        numel *= s
-    nbytes = numel * ref.dtype.itemsize
-    if ref.storage is None:  # meta tensor: shape only
-        def nothing() -> torch.Tensor:
-            return torch.empty(ref.shape, dtype=ref.dtype, device="meta")
-        return LazyTensor(ref.shape, ref.dtype, nbytes, "meta (no data)", nothing, ref.requires_grad,
-                          ref.is_parameter, ref.note)
+    numel, nbytes, note, meta = describe_ref(ref, where, shown)
+    if meta is not None:
+        return meta
     storage = ref.storage
-    check_extent(ref.shape, ref.stride, ref.offset, storage.numel, path=shown, key=where)
-    note = ref.note or (f"tensor subclass {ref.subclass}" if ref.subclass else None)
-    if storage.location not in ("cpu", ""):
-        note = f"saved on {storage.location}" + (f"; {note}" if note else "")
+    assert storage is not None
     itemsize = storage.dtype.itemsize
     # Only the span this tensor covers is read: a slice of a large storage reads its slice.
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) if numel else ref.offset - 1

@@ -192,25 +192,39 @@ def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, An
     return obj, {"record": record.rstrip("/"), "byteorder": byteorder, "version": version}, [mapped.close]
 
 
-def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path: Path, start: int,
-          placed: dict[str, tuple[int, zipfile.ZipInfo]], byteorder: str, region_length: int) -> LazyTensor:
+def describe_ref(ref: TensorRef, where: str, shown: str) -> tuple[int, int, str | None, LazyTensor | None]:
+    """What every torch reader needs of a tensor reference: ``(numel, nbytes, note, meta)``.
+
+    ``meta`` is a ready entry for a meta tensor (shape only, no storage); otherwise the tensor's
+    extent has been checked against its storage.
+    """
     numel = 1
-    for s in ref.shape:
-        numel *= s
+    for size in ref.shape:
+        numel *= size
     nbytes = numel * ref.dtype.itemsize
-    if ref.storage is None:  # meta tensor: shape only
+    if ref.storage is None:
         def nothing() -> torch.Tensor:
             return torch.empty(ref.shape, dtype=ref.dtype, device="meta")
-        return LazyTensor(ref.shape, ref.dtype, nbytes, "meta (no data)", nothing, ref.requires_grad,
+        meta = LazyTensor(ref.shape, ref.dtype, nbytes, "meta (no data)", nothing, ref.requires_grad,
                           ref.is_parameter, ref.note)
+        return numel, nbytes, ref.note, meta
+    check_extent(ref.shape, ref.stride, ref.offset, ref.storage.numel, path=shown, key=where)
+    note = ref.note or (f"tensor subclass {ref.subclass}" if ref.subclass else None)
+    if ref.storage.location not in ("cpu", ""):
+        note = f"saved on {ref.storage.location}" + (f"; {note}" if note else "")
+    return numel, nbytes, note, None
+
+
+def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path: Path, start: int,
+          placed: dict[str, tuple[int, zipfile.ZipInfo]], byteorder: str, region_length: int) -> LazyTensor:
+    numel, nbytes, note, meta = describe_ref(ref, where, shown)
+    if meta is not None:
+        return meta
     storage = ref.storage
-    check_extent(ref.shape, ref.stride, ref.offset, storage.numel, path=shown, key=where)
+    assert storage is not None
     data_start, info = placed[storage.key]
     member = f"{shown}::{info.filename}" if shown != str(zf_path) else info.filename
     location = f"{member} @ {start + data_start}"
-    note = ref.note or (f"tensor subclass {ref.subclass}" if ref.subclass else None)
-    if storage.location not in ("cpu", ""):
-        note = f"saved on {storage.location}" + (f"; {note}" if note else "")
 
     if info.compress_type == zipfile.ZIP_STORED:
         def load() -> torch.Tensor:

@@ -16,7 +16,7 @@ from tensorparity.compare.tolerance import ResolvedTolerance, Tolerance
 
 __all__ = ["CHUNK", "compare_tensors", "same_bytes"]
 
-CHUNK = 1 << 20  # elements per chunk: ~8 MB per float64 buffer
+CHUNK = 1 << 18  # elements per chunk: 2 MB per float64 buffer, a dozen of them at most
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
