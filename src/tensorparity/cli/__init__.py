@@ -17,6 +17,7 @@ from tensorparity import __version__
 from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
 from tensorparity.cli.loadcheck import load_check_command
+from tensorparity.cli.map import map_app
 
 __all__ = ["app", "main"]
 
@@ -47,6 +48,7 @@ def _root(
 app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
 app.command("load-check")(load_check_command)
+app.add_typer(map_app, name="map")
 
 
 def main() -> None:

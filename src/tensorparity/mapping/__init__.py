@@ -29,6 +29,8 @@ from tensorparity.mapping.transforms import (
     Transpose,
 )
 
+from tensorparity.mapping.suggest import SuggestedPair, Suggestion, suggest_mapping  # noqa: E402
+
 __all__ = [
     "Cast",
     "Chain",
@@ -43,6 +45,8 @@ __all__ = [
     "Reshape",
     "Rule",
     "Split",
+    "SuggestedPair",
+    "Suggestion",
     "Template",
     "Transform",
     "TransformSpecError",
@@ -51,6 +55,7 @@ __all__ = [
     "convert",
     "load_mapping",
     "register_transform",
+    "suggest_mapping",
     "transform_from_dict",
     "transform_names",
 ]
