@@ -81,7 +81,8 @@ def compare_pairs(
 ) -> Iterator[TensorComparison]:
     """Compare pairs of lazy entries, yielding records in the order the pairs came.
 
-    At most ``workers`` pairs are in flight, so at most that many pairs of tensors are held.
+    At most ``workers`` pairs are worked on at once, so at most that many pairs of tensors are
+    held; the pairs iterable is read a bounded window ahead.
 
     Example:
         >>> import torch, tensorparity
@@ -100,9 +101,13 @@ def compare_pairs(
         return
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="tensorparity-compare") as pool:
         pending: deque[Future[TensorComparison]] = deque()
+        # A window wider than the pool keeps both workers busy while the pair at the head (a
+        # large mismatching tensor) is still being measured. Only the `n` pairs being worked
+        # on hold tensors; finished ones wait as small records.
+        window = 8 * n
         for pair in pairs:
             pending.append(pool.submit(_run, pair, tol))
-            if len(pending) >= n:
+            if len(pending) >= window:
                 result = pending.popleft().result()
                 if on_result:
                     on_result(result)
