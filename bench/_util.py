@@ -38,3 +38,17 @@ def status_kb(field: str) -> int:
 def reset_peak() -> None:
     """Reset VmHWM (peak RSS) so the next reading is the peak of what follows (Linux)."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps): the pages of
+    that file this process has touched, and nothing else (no library code, no heap)."""
+    total, inside = 0, False
+    target = str(Path(path).resolve())
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not line.startswith(("Rss", "Size")):
+            inside = len(fields) >= 6 and fields[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(fields[1])
+    return total

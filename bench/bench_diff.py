@@ -30,7 +30,8 @@ def build_pair(gb: float, fmt: str) -> tuple[Path, Path]:
     keys = list(state)
     save = (lambda s, p: torch.save(s, p)) if fmt == "torch-zip" else _save_safetensors
     save(state, a)
-    middle = keys[len(keys) // 2]
+    mats = [k for k in keys if state[k].numel() > 12345]
+    middle = mats[len(mats) // 2]
     state[middle] = state[middle].clone()
     state[middle].view(-1)[12345] += 1.0
     save(state, b)

@@ -65,6 +65,11 @@ class FileRegion(io.RawIOBase):
         self._pos += got or 0
         return got or 0
 
+    def pread(self, n: int, pos: int) -> bytes:
+        """Up to ``n`` bytes at ``pos`` (relative to the window), in one system call."""
+        n = max(0, min(n, self.length - pos))
+        return os.pread(self._file.fileno(), n, self.start + pos) if n else b""
+
     def close(self) -> None:
         self._file.close()
         super().close()

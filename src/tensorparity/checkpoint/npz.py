@@ -21,13 +21,18 @@ _FIX = "the archive is corrupt; save it again with numpy.savez"
 
 
 def is_npz(path: Path) -> bool:
-    """Whether a zip file is an npz: every member is an ``.npy`` array."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except ZIP_ERRORS:
-        return False  # the torch zip reader reports what is wrong with the archive
-    return bool(names) and all(n.endswith(".npy") for n in names)
+    """Whether a zip file is an npz, judged from its first member's local header.
+
+    ``numpy.savez`` names every member ``<array>.npy``; torch.save's first member is
+    ``<record>/data.pkl``. Reading the first 30 + name bytes avoids parsing the central directory
+    twice (the reader that follows parses it, and reports whatever is wrong with it).
+    """
+    with open(path, "rb") as f:
+        head = f.read(30 + 0xFFFF)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        return False
+    name_len = int.from_bytes(head[26:28], "little")
+    return head[30:30 + name_len].endswith(b".npy")
 
 
 def _header(head: bytes, path: Path, name: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:

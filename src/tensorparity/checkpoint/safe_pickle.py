@@ -428,8 +428,8 @@ class _Bounded:
 
 def _load_bytearray8(self: _InertUnpickler) -> None:
     (size,) = struct.unpack("<Q", self.read(8))
-    if size > self._source.total:  # the stock loader allocates (and zeroes) size bytes first
-        raise CorruptCheckpointError(f"pickle declares a {size}-byte bytearray in a {self._source.total}-byte pickle")
+    if size > self._total:  # the stock loader allocates (and zeroes) size bytes first
+        raise CorruptCheckpointError(f"pickle declares a {size}-byte bytearray in a {self._total}-byte pickle")
     data = self.read(size)
     if len(data) != size:
         raise CorruptCheckpointError("pickle data was truncated")
@@ -447,8 +447,14 @@ class _InertUnpickler(pickle._Unpickler):  # noqa: SLF001 - see below
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
     def __init__(self, file: Any, persistent_load: Callable[[Any], Any] | None) -> None:
-        self._source = _Bounded(file)
-        super().__init__(self._source, encoding="latin1")
+        if isinstance(file, io.BytesIO):
+            # In memory already: a read is bounded by what is there, and allocates no more.
+            self._total = len(file.getbuffer()) - file.tell()
+            source: Any = file
+        else:
+            source = _Bounded(file)
+            self._total = source.total
+        super().__init__(source, encoding="latin1")
         self._persistent = persistent_load
         self._globals: set[tuple[str, str]] = set()
 

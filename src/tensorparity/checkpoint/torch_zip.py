@@ -54,8 +54,7 @@ def is_torch_zip(names: list[str]) -> bool:
 
 def _data_offset(region: FileRegion, info: zipfile.ZipInfo, path: Path | str) -> int:
     """Offset of a member's bytes from the start of the archive, read from its local header."""
-    region.seek(info.header_offset)
-    header = region.read(30)
+    header = region.pread(30, info.header_offset)
     if len(header) != 30 or header[:4] != ZIP_MAGIC:
         raise CorruptCheckpointError("zip member has no local header", path=path, key=info.filename,
                                      fix="the archive is corrupt; save it again")
