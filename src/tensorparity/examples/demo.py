@@ -7,6 +7,11 @@ opened lazily and safely, and the Lightning checkpoint is inspected.
 Step 2 — diff: the bundled "port" of the model (other names, fused qkv) is diffed against the
 reference through the bundled mapping, once as converted (passes) and once with one weight
 deliberately broken (fails, naming the weight and the element).
+
+Step 3 — suggest a mapping from tensor content alone, and prove it by diffing with it.
+
+Step 4 — load-check: the reference's checkpoint loads into the port (through the mapping) and
+into the reference (as is), strictly, and the two loaded models hold the same weights.
 """
 
 from __future__ import annotations
@@ -112,12 +117,45 @@ def step_diff(console: Console) -> None:
             raise SystemExit(f"demo: diff of {name} should have {'passed' if expected else 'failed'}")
 
 
+def step_suggest(console: Console) -> None:
+    console.rule("[bold]3. suggest a mapping from tensor content")
+    from tensorparity.mapping import Mapping, suggest_mapping
+
+    folder = OUT / "diff"
+    console.print("[bold]$ tensorparity map suggest reference.pt port.safetensors -o suggested.yaml")
+    suggestion = suggest_mapping(folder / "reference.pt", folder / "port.safetensors", progress=False)
+    (folder / "suggested.yaml").write_text(suggestion.to_yaml())
+    console.print(suggestion.summary())
+    report = tensorparity.diff(folder / "reference.pt", folder / "port.safetensors",
+                               mapping=Mapping.from_yaml(folder / "suggested.yaml"), progress=False)
+    console.print(f"diff with the suggested mapping, no hand edits: {report.classic_summary()}", soft_wrap=True)
+    if not report.passed:
+        raise SystemExit("demo: the suggested mapping should make diff pass")
+
+
+def step_load_check(console: Console) -> None:
+    console.rule("[bold]4. load-check: into the port and into the reference")
+    from importlib.resources import files
+
+    from tensorparity.examples import port_model
+
+    console.print("[bold]$ tensorparity load-check reference.pt --model tensorparity.examples:port_model "
+                  "--reference tensorparity.examples:reference_model --map reference_to_port.yaml")
+    report = tensorparity.load_check(OUT / "diff" / "reference.pt", model=port_model, reference=reference_model,
+                                     mapping=str(files("tensorparity.examples") / "reference_to_port.yaml"))
+    report.render(console)
+    if not report.passed:
+        raise SystemExit("demo: the reference checkpoint should load into both models")
+
+
 def main() -> None:
     console = Console(width=None if sys.stdout.isatty() else 110)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "PWNED").unlink(missing_ok=True)
     step_open(console)
     step_diff(console)
+    step_suggest(console)
+    step_load_check(console)
     console.rule("[bold green]demo finished")
 
 
