@@ -162,8 +162,10 @@ def rich_table(title: str, *columns: str, left: tuple[str, ...] = ("key", "shape
     from rich import box
     from rich.table import Table
 
+    # One space between columns (box.SIMPLE's separator), no extra padding: wide tables fit
+    # 80 columns.
     t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE,
-              show_edge=False, pad_edge=False)
+              show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
     for i, c in enumerate(columns):
         t.add_column(c, justify="left" if i == 0 or c in left else "right", overflow="fold")
     return t

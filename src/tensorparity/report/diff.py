@@ -414,8 +414,9 @@ def _sections_rows(r: DiffReport) -> list[list[str]]:
 
 
 _LEFT = ("key", "shape", "dtype", "A", "B")
-_SECTION_COLUMNS = ["section", "common", "only A", "only B", "shape", "dtype", "value", "identical", "close",
-                    "params A", "params B"]
+# Short two-line headers keep the table inside 80 columns ("same" = identical bytes).
+_SECTION_COLUMNS = ["section", "common", "only\nin A", "only\nin B", "shape\n≠", "dtype\n≠", "value\n≠", "same",
+                    "close", "params\nA", "params\nB"]
 
 
 def _only_tree(keys: tuple[KeyInfo, ...]) -> list[Node]:
