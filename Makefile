@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m tensorparity.examples.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --doctest-modules tests src
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

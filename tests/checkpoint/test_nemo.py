@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from nemo_archive import artifact_name, tar_folder, write_nemo, write_nemo_folder
+from tensorparity.examples.formats import artifact_name, tar_folder, write_nemo, write_nemo_folder
 
 import tensorparity as tp
 from tensorparity.checkpoint import nemo

@@ -47,7 +47,7 @@ def detect_format(path: Path) -> str:
         >>> import tempfile, torch, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.pt"; torch.save({"w": torch.ones(1)}, p)
         >>> detect_format(p)
-        'torch-zip'
+        'zip'
     """
     if path.is_dir():
         names = set(os.listdir(path))

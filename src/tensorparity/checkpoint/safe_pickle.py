@@ -497,8 +497,8 @@ def inert_loads(data: bytes | memoryview, *, persistent_load: Callable[[Any], An
 
     Example:
         >>> import pickle, collections
-        >>> inert_loads(pickle.dumps(collections.OrderedDict(a=1)))
-        OrderedDict({'a': 1})
+        >>> dict(inert_loads(pickle.dumps(collections.OrderedDict(a=1))))
+        {'a': 1}
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise UnsafeCheckpointError(f"pickle of {len(data)} bytes is larger than the {MAX_PICKLE_BYTES}-byte limit")

@@ -6,9 +6,10 @@ what the tests check.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
+import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,21 +17,53 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["write_dcp", "write_formats", "write_hf_sharded", "write_nemo"]
+__all__ = ["artifact_name", "tar_folder", "write_dcp", "write_formats", "write_hf_sharded", "write_nemo",
+           "write_nemo_folder"]
 
 
-def write_nemo(
-    path: Path,
-    state: Mapping[str, torch.Tensor],
+def artifact_name(name: str) -> str:
+    """The name NeMo gives an artifact inside the archive (``<uuid hex>_<name>``; deterministic here)."""
+    return f"{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}_{name}"
+
+
+def write_nemo_folder(
+    folder: Path,
+    weights: Any,
     config: Mapping[str, Any],
     *,
-    gzip: bool = False,
+    ranks: list[str] | None = None,
     artifacts: Mapping[str, bytes] | None = None,
-    ranks: int = 0,
+    legacy: bool = False,
 ) -> Path:
-    """Write a ``.nemo`` archive as NeMo's ``SaveRestoreConnector`` does: a tar of a folder
-    (arcname ``.``) with ``model_config.yaml``, ``model_weights.ckpt`` (or
-    ``mp_rank_XX/model_weights.ckpt`` per model-parallel rank) and artifacts.
+    """Fill ``folder`` as NeMo's ``SaveRestoreConnector.save_to`` does before tarring it:
+    ``model_config.yaml``, ``model_weights.ckpt`` (one per model-parallel rank folder when
+    ``ranks`` names them, ``weights`` then being one state dict per rank), and each artifact as
+    ``<uuid hex>_<name>``."""
+    import yaml
+
+    folder.mkdir(parents=True)
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(dict(config)))
+    targets = ([(folder / rank / "model_weights.ckpt", w) for rank, w in zip(ranks, weights)] if ranks
+               else [(folder / "model_weights.ckpt", weights)])
+    for target, state in targets:
+        target.parent.mkdir(exist_ok=True)
+        torch.save(state, target, _use_new_zipfile_serialization=not legacy)
+    for name, data in (artifacts or {}).items():
+        (folder / artifact_name(name)).write_bytes(data)
+    return folder
+
+
+def tar_folder(folder: Path, path: Path, *, gzip: bool = False) -> Path:
+    """Tar ``folder`` into ``path`` with ``arcname="."``, as NeMo's ``_make_nemo_file_from_folder``
+    does (plain tar since NeMo 1.7, tar.gz before)."""
+    with tarfile.open(path, "w:gz" if gzip else "w:") as tar:
+        tar.add(folder, arcname=".")
+    return path
+
+
+def write_nemo(path: Path, weights: Any, config: Mapping[str, Any], *, gzip: bool = False, **options: Any) -> Path:
+    """Write a ``.nemo`` archive as NeMo does: a staging folder (see :func:`write_nemo_folder`,
+    which takes ``options``), tarred with ``arcname="."``.
 
     Example:
         >>> import tempfile, torch
@@ -38,30 +71,9 @@ def write_nemo(
         >>> p.suffix
         '.nemo'
     """
-    import yaml
-
-    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(f"./{name}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-    def saved(obj: Any) -> bytes:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        return buf.getvalue()
-
-    with tarfile.open(path, "w:gz" if gzip else "w:") as tar:
-        add(tar, "model_config.yaml", yaml.safe_dump(dict(config)).encode())
-        if ranks:
-            for rank in range(ranks):
-                # Model parallel: each rank holds its slice of every weight (split on dim 0).
-                part = {k: v.chunk(ranks)[rank].clone() if v.dim() else v for k, v in state.items()}
-                add(tar, f"mp_rank_{rank:02d}/model_weights.ckpt", saved(part))
-        else:
-            add(tar, "model_weights.ckpt", saved(dict(state)))
-        for name, data in (artifacts or {}).items():
-            add(tar, name, data)
-    return path
+    with tempfile.TemporaryDirectory() as staging:
+        folder = write_nemo_folder(Path(staging) / "model", weights, config, **options)
+        return tar_folder(folder, path, gzip=gzip)
 
 
 def write_hf_sharded(folder: Path, state: Mapping[str, torch.Tensor], *, shards: int = 2,

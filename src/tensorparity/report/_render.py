@@ -308,7 +308,7 @@ def comparison_lines(t: TensorComparison, origin: Sequence[str] = ()) -> list[st
         >>> import torch
         >>> from tensorparity.compare import compare_tensors
         >>> comparison_lines(compare_tensors("w", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])))[-1]
-        'first at [1]: A 2 vs B 2.5 · passes with atol ≥ 0.5 or rtol ≥ 0.2'
+        'first at [1]: A 2 vs B 2.5 · passes with atol ≥ 0.5 (at rtol=1.3e-06) or rtol ≥ 0.2 (at atol=1e-05)'
     """
     first_a, first_b = distinct(t.first_a, t.first_b)
     where = f"first at {list(t.first_index)}: A {first_a} vs B {first_b}" if t.first_index else ""

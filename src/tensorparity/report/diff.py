@@ -159,7 +159,7 @@ class DiffReport:
     Example:
         >>> import torch, tensorparity
         >>> r = tensorparity.diff({"w": torch.ones(2)}, {"w": torch.ones(2)})
-        >>> r.verdict, r.exit_code, r.classic_summary()[:28]
+        >>> r.verdict, r.exit_code, r.classic_summary()[:29]
         ('identical', 0, 'Common keys: 1 / Only in A: 0')
     """
 
