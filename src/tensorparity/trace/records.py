@@ -1,0 +1,148 @@
+"""What a trace holds: one record per captured tensor, and the statistics kept for each.
+
+A record names *where* a tensor came from (execution index, module path, call number, module
+type, what it is, its place inside nested outputs) and *what* it was (shape, dtype, statistics,
+a content hash). In ``full`` mode its data is stored in the trace's safetensors shards under
+:attr:`TraceRecord.key`; in ``stats`` mode only the statistics are kept. The manifest is a list
+of these records plus provenance (see :mod:`tensorparity.trace.format`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["KINDS", "SCHEMA", "Kind", "TensorStats", "TraceRecord", "record_key", "tensor_stats"]
+
+SCHEMA = "tensorparity.trace/1"
+
+# input: a module's forward input; output: its forward output; grad_output / grad_input: the
+# gradient w.r.t. its output / input; param_grad: a parameter's gradient (module = the parameter's
+# owner, path = the parameter's name); model_input / model_output: the whole model's.
+Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output"]
+KINDS: tuple[str, ...] = ("input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output")
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Statistics of one tensor, computed where the tensor lives (on its device), in float64."""
+
+    numel: int
+    min: float
+    max: float
+    mean: float
+    std: float
+    norm: float
+    nan: int
+    inf: int
+    hash: str  # blake2b-128 of the tensor's bytes (C order), "" when not computed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v)
+                for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorStats:
+        return cls(**{k: (float(v) if k in ("min", "max", "mean", "std", "norm") else v) for k, v in data.items()})
+
+
+def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
+    """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged).
+
+    Example:
+        >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
+        >>> (s.min, s.max, s.mean, s.nan)
+        (1.0, 3.0, 2.0, 1)
+    """
+    t = t.detach()
+    numel = t.numel()
+    digest = ""
+    if with_hash:
+        raw = t.contiguous().view(-1).view(torch.uint8) if numel else torch.empty(0, dtype=torch.uint8)
+        digest = hashlib.blake2b(raw.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    if numel == 0:
+        return TensorStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, digest)
+    x = t.to(torch.complex128).abs() if t.is_complex() else t.to(torch.float64)
+    nan = int(torch.isnan(x).sum())
+    inf = int(torch.isinf(x).sum())
+    finite = x[torch.isfinite(x)] if (nan or inf) else x.reshape(-1)
+    if finite.numel() == 0:
+        return TensorStats(numel, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nan, inf, digest)
+    std = float(finite.std(unbiased=False)) if finite.numel() > 1 else 0.0
+    return TensorStats(numel, float(finite.min()), float(finite.max()), float(finite.mean()), std,
+                       float(finite.norm()), nan, inf, digest)
+
+
+def record_key(module: str, call: int, kind: str, path: str = "") -> str:
+    """The key a record's tensor is stored under: ``module/call/kind[/path]``.
+
+    Module paths contain dots, never slashes, so the key splits back unambiguously.
+
+    Example:
+        >>> record_key("encoder.layers.0", 1, "output", "0")
+        'encoder.layers.0/1/output/0'
+    """
+    base = f"{module or '<model>'}/{call}/{kind}"
+    return f"{base}/{path}" if path else base
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """One captured tensor (or non-tensor value).
+
+    Attributes:
+        index: execution index: the order in which records were captured (forward, then backward).
+        module: the module's path in the model (``""`` for the model itself).
+        call: which call of that module (0 for the first; a module called twice has calls 0 and 1).
+        module_type: the module's class, ``package.module.Class``.
+        kind: what it is (see :data:`KINDS`).
+        path: its place inside nested inputs/outputs (``"0"``, ``"last_hidden_state"``, ``"1.a"``).
+        shape, dtype: as captured (bf16/fp8 kept as they are).
+        device: where it lived.
+        stats: statistics and content hash.
+        stored: whether the full tensor is in the shards (under :attr:`key`).
+        value: a non-tensor output (a number, string, None), kept as a value; ``shape`` is then ().
+    """
+
+    index: int
+    module: str
+    call: int
+    module_type: str
+    kind: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    stats: TensorStats | None
+    stored: bool
+    value: Any = field(default=None)
+    is_tensor: bool = True
+
+    @property
+    def key(self) -> str:
+        return record_key(self.module, self.call, self.kind, self.path)
+
+    @property
+    def layer(self) -> str:
+        """The layer this record belongs to, as reports name it: ``module`` or ``module#call``."""
+        name = self.module or "<model>"
+        return name if self.call == 0 else f"{name}#{self.call}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        data["stats"] = self.stats.to_dict() if self.stats else None
+        data["key"] = self.key
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TraceRecord:
+        stats = TensorStats.from_dict(data["stats"]) if data.get("stats") else None
+        return cls(index=int(data["index"]), module=str(data["module"]), call=int(data["call"]),
+                   module_type=str(data["module_type"]), kind=str(data["kind"]), path=str(data["path"]),
+                   shape=tuple(int(s) for s in data["shape"]), dtype=str(data["dtype"]),
+                   device=str(data["device"]), stats=stats, stored=bool(data["stored"]),
+                   value=data.get("value"), is_tensor=bool(data.get("is_tensor", True)))
