@@ -57,6 +57,10 @@ def detect_format(path: Path) -> str:
             return "hf-sharded"
         if "model_config.yaml" in names:
             return "nemo-folder"
+        from tensorparity.checkpoint.trace_dir import is_trace_dir
+
+        if is_trace_dir(path):
+            return "trace"
         return "folder"
     if not path.is_file():  # a FIFO or a device would block or never end
         raise UnknownFormatError("not a regular file or folder", path=path, fix=_OPEN_FIX)
@@ -115,6 +119,10 @@ def _open_path(path: Path) -> Checkpoint:
         from tensorparity.checkpoint.hf_sharded import read_sharded
 
         return read_sharded(path)
+    if kind == "trace":
+        from tensorparity.checkpoint.trace_dir import read_trace_dir
+
+        return read_trace_dir(path)
     return _open_folder(path)
 
 

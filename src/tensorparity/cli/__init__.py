@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from tensorparity import __version__
+from tensorparity.cli.capture import capture_command
 from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
 from tensorparity.cli.loadcheck import load_check_command
@@ -47,6 +48,7 @@ def _root(
 
 app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
+app.command("capture")(capture_command)
 app.command("load-check")(load_check_command)
 app.add_typer(map_app, name="map")
 

@@ -9,13 +9,16 @@ of these records plus provenance (see :mod:`tensorparity.trace.format`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["KINDS", "SCHEMA", "Kind", "TensorStats", "TraceRecord", "record_key", "tensor_stats"]
+__all__ = ["KINDS", "SCHEMA", "Kind", "TensorStats", "TraceRecord", "flatten_value", "json_value", "record_key",
+           "tensor_stats"]
 
 SCHEMA = "tensorparity.trace/1"
 
@@ -46,7 +49,9 @@ class TensorStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorStats:
-        return cls(**{k: (float(v) if k in ("min", "max", "mean", "std", "norm") else v) for k, v in data.items()})
+        # Fields a newer minor schema version adds are ignored; the known ones are required.
+        names = [f.name for f in fields(cls)]
+        return cls(**{k: (float(data[k]) if k in ("min", "max", "mean", "std", "norm") else data[k]) for k in names})
 
 
 def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
@@ -74,6 +79,54 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
     std = float(finite.std(unbiased=False)) if finite.numel() > 1 else 0.0
     return TensorStats(numel, float(finite.min()), float(finite.max()), float(finite.mean()), std,
                        float(finite.norm()), nan, inf, digest)
+
+
+def json_value(value: Any) -> Any:
+    """A non-tensor leaf as the manifest keeps it (JSON scalars as they are, anything else as repr)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value if not isinstance(value, str) else value[:1000]
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return repr(value)[:200]
+
+
+def flatten_value(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Flatten a nested input/output into ``(path, leaf)`` pairs, tensors and other values.
+
+    Tuples and lists contribute indices, mappings (also Hugging Face ``ModelOutput``) their keys,
+    named tuples and dataclasses their field names.
+
+    Example:
+        >>> flatten_value((torch.ones(1), {"a": 2, "b": [None]}))
+        [('0', tensor([1.])), ('1.a', 2), ('1.b.0', None)]
+    """
+    out: list[tuple[str, Any]] = []
+
+    def walk(value: Any, path: str, depth: int) -> None:
+        if isinstance(value, torch.Tensor) or depth > 32:
+            out.append((path, value))
+            return
+        items: Any = None
+        if isinstance(value, Mapping):
+            items = value.items()
+        elif isinstance(value, tuple) and hasattr(value, "_fields"):
+            items = zip(value._fields, value)
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        if items is None:
+            out.append((path, value))
+            return
+        items = list(items)
+        if not items:
+            out.append((path, value))
+        for key, child in items:
+            part = str(key).replace("/", "_")  # "/" separates the parts of a record key
+            walk(child, f"{path}.{part}" if path else part, depth + 1)
+
+    walk(obj, prefix, 0)
+    return out
 
 
 def record_key(module: str, call: int, kind: str, path: str = "") -> str:

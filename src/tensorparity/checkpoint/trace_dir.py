@@ -1,0 +1,118 @@
+"""Trace folders (``tensorparity capture``) opened as a :class:`Checkpoint`.
+
+Every stored tensor becomes a :class:`TensorEntry` under its record key
+(``module/call/kind[/path]``, e.g. ``layers.0.ffn/0/output``), in execution order; non-tensor
+outputs become :class:`ValueEntry`. Records kept as statistics only (stats mode, outside a
+window) are not entries; a note counts them. A multi-process trace (``rank-<r>/`` folders) lists
+every rank's entries under ``rank-<r>/``. The manifest, shards and checksums are validated as by
+:meth:`tensorparity.trace.Trace.open`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from tensorparity.checkpoint.tree import Checkpoint, Entry, ValueEntry, flatten
+
+__all__ = ["is_trace_dir", "read_trace_dir"]
+
+_SHARD = re.compile(r"shard-\d{5,}\.safetensors")
+_RANK = re.compile(r"rank-\d+")
+CAPTURING = ".capturing"  # written when a capture starts, removed once its manifest is written
+
+
+def _has_trace_schema(manifest: Path) -> bool:
+    try:
+        with open(manifest, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    # The writer puts "schema" first; a peek at the head is enough to recognise the file.
+    return b'"schema"' in head and b"tensorparity.trace/" in head
+
+
+def is_trace_dir(path: Path) -> bool:
+    """Whether a folder is a trace, complete or not (shards without a manifest count: opening
+    such a folder must say the capture did not finish, not read one shard as a checkpoint).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> is_trace_dir(pathlib.Path(tempfile.mkdtemp()))
+        False
+    """
+    return _is_trace_folder(path, ranks=True)
+
+
+def _is_trace_folder(path: Path, *, ranks: bool) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if CAPTURING in names or any(_SHARD.fullmatch(n) for n in names):
+        return True
+    if "manifest.json" in names and _has_trace_schema(path / "manifest.json"):
+        return True
+    return ranks and any(_RANK.fullmatch(n) and _is_trace_folder(path / n, ranks=False) for n in names)
+
+
+def _entries(trace: object, prefix: str) -> tuple[dict[str, Entry], int]:
+    from tensorparity.trace.trace import Trace
+
+    assert isinstance(trace, Trace)
+    lazies = {}
+    values: dict[str, Entry] = {}
+    stats_only = 0
+    for record in trace.records:
+        key = prefix + record.key
+        if record.stored:
+            lazies[key] = trace.lazy(record)
+        elif not record.is_tensor:
+            values[key] = ValueEntry(key, record.value)
+        else:
+            stats_only += 1
+    tensors = flatten(lazies)  # keys contain no dots to split: flatten keeps them as they are
+    order = {prefix + r.key: i for i, r in enumerate(trace.records)}
+    merged: dict[str, Entry] = {**tensors, **values}
+    return {k: merged[k] for k in sorted(merged, key=order.__getitem__)}, stats_only
+
+
+def read_trace_dir(path: Path) -> Checkpoint:
+    """Open a trace folder as a :class:`Checkpoint` keyed by record key.
+
+    Example:
+        >>> import tempfile, torch, tensorparity.trace as tt
+        >>> folder = tempfile.mkdtemp() + "/trace"
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with tt.capture(model, out=folder):
+        ...     _ = model(torch.ones(1, 2))
+        >>> list(read_trace_dir(Path(folder)))
+        ['<model>/0/model_input/0', '<model>/0/model_output']
+    """
+    from tensorparity.trace.format import rank_folders
+    from tensorparity.trace.trace import Trace
+
+    path = Path(path)
+    ranks = rank_folders(path) if not (path / "manifest.json").exists() else {}
+    traces = {f"rank-{r}/": Trace.open(folder) for r, folder in ranks.items()} if ranks else {"": Trace.open(path)}
+    entries: dict[str, Entry] = {}
+    stats_only = 0
+    for prefix, trace in traces.items():
+        got, n = _entries(trace, prefix)
+        entries.update(got)
+        stats_only += n
+    first = next(iter(traces.values()))
+    provenance = dict(first.provenance)
+    provenance["framework"] = "tensorparity trace"
+    provenance["records"] = sum(len(t.records) for t in traces.values())
+    if ranks:
+        provenance["ranks"] = list(ranks)
+    notes = []
+    if stats_only:
+        notes.append(f"{stats_only} records hold statistics only (mode {first.mode}) and are not listed; "
+                     f"read them with tensorparity.trace.Trace.open")
+    closers = [t.close for t in traces.values()]
+    return Checkpoint(source=str(path), format="trace", entries=entries, provenance=provenance, notes=notes,
+                      closers=closers)
+

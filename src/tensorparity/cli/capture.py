@@ -1,0 +1,267 @@
+"""``tensorparity capture FACTORY -o TRACE``: run a model on a reproducible input, forward and
+backward, and write every layer's tensors as a trace folder. Exit 0 written, 2 error."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
+from tensorparity.cli._common import command, stdout_console
+from tensorparity.errors import TensorParityError, UsageError
+from tensorparity.trace.capture import capture
+from tensorparity.trace.format import MODES
+from tensorparity.trace.records import flatten_value
+from tensorparity.trace.seed import InputSpec, input_hash, reproducible
+from tensorparity.trace.trace import Trace
+
+__all__ = ["capture_command", "capture_run"]
+
+_FACTORY = "'pkg.module:function', 'pkg.module:Class' or 'path/to/file.py:function'"
+
+
+def _resolve(text: str, role: str) -> Callable[..., Any]:
+    """A user's ``module:function`` (or ``file.py:function``), imported but not called."""
+    spec = parse_factory(text)
+    folder = spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
+    with _on_path(folder, first=spec.path is not None):
+        try:
+            obj = _attribute(_import(spec), spec)
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's module: any failure becomes one line
+            raise FactoryError(f"importing the {role} {text!r} raised {type(exc).__name__}: {exc}",
+                               fix="fix the error in that module (import it in Python to see the traceback)") from exc
+    if not callable(obj):
+        raise FactoryError(f"the {role} {text!r} is a {type(obj).__name__}, not a function",
+                           fix=f"name a function: {_FACTORY}")
+    return obj
+
+
+def _as_call(value: Any, role: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(value, torch.Tensor):
+        return (value,), {}
+    if isinstance(value, (tuple, list)):
+        return tuple(value), {}
+    if isinstance(value, dict):
+        return (), dict(value)
+    raise UsageError(f"the {role} returned a {type(value).__name__}",
+                     fix="return a tensor (model(x)), a tuple (model(*args)) or a dict (model(**kwargs))")
+
+
+def _load_checkpoint(model: torch.nn.Module, checkpoint: str) -> str:
+    """Load a checkpoint's model weights strictly; returns a hash of the weights as loaded."""
+    from tensorparity import open as tp_open
+    from tensorparity.checkpoint.tree import TensorEntry
+
+    with tp_open(checkpoint) as ckpt:
+        weights = ckpt.weights()
+        state = {k: e.load() for k, e in weights.items() if isinstance(e, TensorEntry)}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if v]
+        raise UsageError("the checkpoint does not load into the model: " + ", ".join(parts), path=checkpoint,
+                         fix="run `tensorparity load-check CKPT --model FACTORY` to see every problem")
+    model.load_state_dict(state, strict=True)
+    return input_hash(state)
+
+
+def _default_loss(output: Any) -> torch.Tensor:
+    parts = [t.float().sum() for _, t in flatten_value(output)
+             if isinstance(t, torch.Tensor) and t.requires_grad and (t.is_floating_point() or t.is_complex())]
+    if not parts:
+        raise UsageError("the model's output holds no tensor that requires grad, so there is no backward pass",
+                         fix="pass --no-backward, or check that the model's parameters require grad")
+    return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+
+
+def capture_run(
+    factory: Any,
+    out: str | Path,
+    *,
+    input_spec: list[str] | None = None,
+    input_fn: str | None = None,
+    checkpoint: str | None = None,
+    mode: str = "full",
+    window: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    types: list[str] | None = None,
+    inputs: bool = False,
+    seed: int = 0,
+    backward: bool = True,
+    loss: str | None = None,
+    device: str | None = None,
+    train: bool = False,
+) -> Trace:
+    """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
+    ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
+    and (unless ``backward=False``) backward on ``loss`` (default ``output.float().sum()``)
+    inside :func:`~tensorparity.trace.capture.capture`, and write the trace to ``out``.
+
+    Example:
+        >>> import tempfile
+        >>> t = capture_run("tensorparity.examples:reference_model", tempfile.mkdtemp() + "/t",
+        ...                 input_spec=["2x16x20:float32"])
+        >>> t.provenance["input_spec"], t.provenance["seed"]
+        (['2x16x20:float32:seed=0'], 0)
+    """
+    if bool(input_spec) == bool(input_fn):
+        raise UsageError("give the model's input: --input-spec SHAPE:DTYPE (repeatable) or --input pkg.mod:fn",
+                         fix="e.g. --input-spec 2x16x20:float32, or --input mymodels:make_input")
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise UsageError("exists and is not an empty folder; a trace is never written over other files",
+                         path=out, fix="choose a new folder for the trace (-o)")
+    specs = [InputSpec.parse(s, seed=seed) for s in input_spec or []]
+    make_input = _resolve(input_fn, "input function") if input_fn else None
+    loss_fn = _resolve(loss, "loss function") if loss else _default_loss
+    run_device = torch.device(device) if device else None
+    with reproducible(seed):
+        built = build_model(factory)
+        model = built.model
+        provenance: dict[str, Any] = {"factory": built.factory}
+        if checkpoint is not None:
+            provenance.update(checkpoint=str(checkpoint), checkpoint_hash=_load_checkpoint(model, checkpoint))
+        if run_device is not None:
+            model.to(run_device)
+        model.train(train)
+        if make_input is not None:
+            try:
+                args, kwargs = _as_call(make_input(), "input function")
+            except TensorParityError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's function
+                raise UsageError(f"the input function {input_fn!r} raised {type(exc).__name__}: {exc}",
+                                 fix="run it in Python to see the traceback") from exc
+            if run_device is not None:
+                args, kwargs = _to(args, run_device), _to(kwargs, run_device)
+            provenance["input_function"] = input_fn
+        else:
+            built_inputs: list[Any] = []
+            for spec in specs:
+                value = spec.build(run_device)
+                built_inputs.extend(value if isinstance(value, tuple) else [value])
+            args, kwargs = tuple(built_inputs), {}
+            provenance["input_spec"] = [str(s) for s in specs]
+        provenance["loss"] = loss if loss else ("output.float().sum()" if backward else None)
+        created = not Path(out).exists()
+        try:
+            with capture(model, out=out, mode=mode, window=window, include=include or None,
+                         exclude=exclude or None, types=types or None, inputs=inputs, provenance=provenance) as trace:
+                _run(model, args, kwargs, loss_fn if backward else None)
+        except BaseException:
+            if created:  # a failed run leaves no half-written trace behind in a folder it made
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    return trace
+
+
+def _run(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+         loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
+    step = "forward"
+    try:
+        output = model(*args, **kwargs)
+        if loss_fn is not None:
+            step = "loss"
+            value = loss_fn(output)
+            step = "backward"
+            value.backward()
+    except TensorParityError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model
+        raise UsageError(f"the model raised {type(exc).__name__} during {step}: {exc}",
+                         fix="run the model on this input in Python to see the traceback") from exc
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@command
+def capture_command(
+    model: Annotated[str, typer.Argument(metavar="MODEL_FACTORY", show_default=False,
+                                         help=f"Builds the model, called with no arguments: {_FACTORY}. "
+                                              "It is imported and run: it is your code.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="TRACE", show_default=False,
+                                      help="A new folder for the trace.")],
+    input_spec: Annotated[list[str] | None, typer.Option(
+        "--input-spec", metavar="SPEC", help="The input, built from its shape, dtype and the seed: "
+        "SHAPE[:DTYPE][:lengths][:high=N][:seed=N], e.g. 2x16x20:float32 or 2x16000:float32:lengths "
+        "(a padded batch plus its lengths). Repeat for more positional arguments.")] = None,
+    input_fn: Annotated[str | None, typer.Option(
+        "--input", metavar="FUNCTION", help="A function returning the input: a tensor, a tuple (positional "
+        "arguments) or a dict (keyword arguments).")] = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", metavar="CKPT",
+                                                   help="Load these weights into the model (any format "
+                                                        "tensorparity.open reads; strict).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="full: store every tensor; stats: statistics only; "
+                                                     "window: tensors only for --window.")] = "full",
+    window: Annotated[str | None, typer.Option("--window", metavar="REGEX",
+                                               help="Module paths whose tensors are stored in window mode.")] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", metavar="REGEX",
+                                                      help="Record only modules whose path matches.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="REGEX",
+                                                      help="Do not record modules whose path matches.")] = None,
+    types: Annotated[list[str] | None, typer.Option("--type", metavar="CLASS",
+                                                    help="Record only modules of this class.")] = None,
+    inputs: Annotated[bool, typer.Option("--inputs", help="Also record every module's inputs and their "
+                                                          "gradients.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds python, numpy, torch and the input.")] = 0,
+    no_backward: Annotated[bool, typer.Option("--no-backward", help="Forward only.")] = False,
+    loss: Annotated[str | None, typer.Option("--loss", metavar="FUNCTION",
+                                             help="loss(output) -> scalar for the backward pass "
+                                                  "(default: output.float().sum()).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Run on this device (cpu, cuda, cuda:1).")] = None,
+    train: Annotated[bool, typer.Option("--train", help="Run in training mode (default: model.eval(), so "
+                                                        "that dropout is off).")] = False,
+) -> None:
+    """Capture every layer's forward and backward tensors of a model into a trace folder.
+
+    The trace (safetensors shards plus manifest.json) holds the input itself, its hash and the
+    provenance, so that another environment can replay and compare it. Exit 0 written, 2 error.
+    """
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode!r} is not one of {', '.join(MODES)}", fix="pass --mode full, stats or window")
+    if (mode == "window") != (window is not None):
+        raise UsageError("--mode window and --window REGEX go together",
+                         fix=r"pass e.g. --mode window --window '^layers\.3\.' (tensors stored for those modules only)")
+    trace = capture_run(model, out, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
+                        window=window, include=include, exclude=exclude, types=types, inputs=inputs, seed=seed,
+                        backward=not no_backward, loss=loss, device=device, train=train)
+    _render(trace, out)
+    raise typer.Exit(0)
+
+
+def _render(trace: Trace, out: Path) -> None:
+    from tensorparity.report._render import human_bytes, plural
+
+    console = stdout_console()
+    prov = trace.provenance
+    shards = sorted(trace.path.glob("shard-*.safetensors")) if trace.path is not None else []
+    backward = any(r.kind in ("grad_output", "param_grad") for r in trace.records)
+    console.print(f"captured {plural(len(trace.records), 'record')} of {plural(len(trace.layers()), 'layer')} "
+                  f"({prov['model_class'].rsplit('.', 1)[-1]}, mode {trace.mode}, "
+                  f"{'forward + backward' if backward else 'forward only'}) -> {out}")
+    stats_only = sum(r.is_tensor and not r.stored for r in trace.records)
+    console.print(f"  stored: {plural(sum(r.stored for r in trace.records), 'tensor')}, "
+                  f"{human_bytes(sum(p.stat().st_size for p in shards))} in {plural(len(shards), 'shard')}; "
+                  f"statistics only: {stats_only:,}")
+    what = ", ".join(prov.get("input_spec") or []) or prov.get("input_function") or "?"
+    console.print(f"  input: {what} (hash {prov.get('input_hash')})")
+    extra = f", checkpoint hash {prov['checkpoint_hash']}" if prov.get("checkpoint_hash") else ""
+    console.print(f"  seed {prov.get('seed')}, torch {prov.get('torch')}, {prov.get('device')}{extra}")

@@ -1,0 +1,377 @@
+"""The trace format: a folder of safetensors shards plus a manifest written last.
+
+Layout::
+
+    TRACE/
+      shard-00000.safetensors   tensors keyed by record key (module/call/kind[/path]), ~256 MB each
+      shard-00001.safetensors
+      manifest.json             written LAST and atomically: schema, mode, provenance, shards
+                                (file, size, blake2b), records (each stored one names its shard)
+    TRACE/rank-0/ ... rank-1/   under torchrun: one such folder per rank
+
+Tensors stream to disk from a background thread behind a queue bounded in bytes (the producer
+waits when it is full), so disk writes overlap compute and capture cannot run out of memory.
+Shards are fsynced before the manifest names them; the manifest goes to a temporary file that is
+fsynced and renamed over ``manifest.json``. A folder with shards and no manifest is therefore a
+capture that did not finish, and is refused as such. Nothing in a trace is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint.safetensors import DTYPES
+from tensorparity.checkpoint.trace_dir import CAPTURING
+from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
+from tensorparity.trace.records import SCHEMA, TraceRecord
+
+__all__ = ["MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo", "TraceError", "TraceWriter", "build_manifest",
+           "file_digest", "rank_folders", "read_manifest", "schema_major", "write_manifest"]
+
+MANIFEST = "manifest.json"
+MODES = ("full", "stats", "window")
+SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
+RANK_RE = re.compile(r"rank-(\d+)")
+STORABLE = frozenset(DTYPES.values())  # what safetensors writes and tensorparity reads back
+MAX_MANIFEST = 2_000_000_000
+RECAPTURE = "capture the trace again (tensorparity capture, or tensorparity.trace.capture(..., out=...))"
+
+
+class TraceError(CorruptCheckpointError):
+    """A trace folder is incomplete, malformed, of an unknown schema, or its shards do not match."""
+
+
+def schema_major(schema: Any) -> int | None:
+    """The major version of a ``tensorparity.trace/<major>[.<minor>]`` schema string, else None.
+
+    Example:
+        >>> schema_major("tensorparity.trace/1.2"), schema_major("something/1")
+        (1, None)
+    """
+    if not isinstance(schema, str):
+        return None
+    m = re.fullmatch(r"tensorparity\.trace/(\d+)(?:\.\d+)?", schema)
+    return int(m.group(1)) if m else None
+
+
+def file_digest(path: Path) -> str:
+    """blake2b-256 of a file's bytes, read in 8 MB chunks."""
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; the rename is durable enough there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard file as the manifest lists it."""
+
+    file: str
+    bytes: int
+    blake2b: str
+    tensors: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "bytes": self.bytes, "blake2b": self.blake2b, "tensors": self.tensors}
+
+
+class TraceWriter:
+    """Stream tensors into safetensors shards from a background thread.
+
+    ``put`` hands a tensor over (the caller must not change it afterwards: capture passes a
+    clone); it waits while more than ``queue_bytes`` wait to be written, except when the queue is
+    empty, so one tensor larger than the limit still passes. The writer thread copies CUDA
+    tensors to the CPU, calls ``done(cpu_tensor)`` (capture computes statistics there), and
+    writes a shard whenever ``shard_bytes`` have gathered. Memory held is at most
+    ``queue_bytes + shard_bytes`` plus one tensor.
+
+    Example:
+        >>> import tempfile
+        >>> w = TraceWriter(Path(tempfile.mkdtemp()) / "t")
+        >>> w.put("m/0/output", torch.ones(2))
+        >>> [s.file for s in w.close()], w.shard_of
+        (['shard-00000.safetensors'], {'m/0/output': 'shard-00000.safetensors'})
+    """
+
+    def __init__(self, folder: Path, *, shard_bytes: int = 256 << 20, queue_bytes: int = 512 << 20,
+                 fsync: bool = True) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Marks the folder as a trace being written until the manifest replaces the mark: a
+        # capture that dies before its first shard is still recognised as unfinished.
+        (self.folder / CAPTURING).touch()
+        self.shard_bytes, self.queue_bytes, self.fsync = max(1, shard_bytes), max(1, queue_bytes), fsync
+        self.shards: list[ShardInfo] = []
+        self.shard_of: dict[str, str] = {}
+        self.peak_bytes = 0  # most bytes ever waiting in the queue (the bound holds: tests check it)
+        self._queue: deque[tuple[str, torch.Tensor, Any, Callable[[torch.Tensor], None] | None] | None] = deque()
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="tensorparity-trace-writer", daemon=True)
+        self._thread.start()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            if isinstance(exc, CorruptCheckpointError):
+                raise exc
+            raise TraceError(f"writing the trace failed ({type(exc).__name__}: {exc})", path=self.folder,
+                             fix="check free disk space and permissions, then capture again") from exc
+
+    def put(self, key: str, tensor: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Queue ``tensor`` to be stored under ``key``; waits while the queue is full."""
+        if tensor.dtype not in STORABLE:
+            raise TraceError(f"dtype {tensor.dtype} cannot be stored in safetensors", key=key,
+                             fix="record it in stats mode")
+        nbytes = tensor.numel() * tensor.element_size()
+        # A CUDA copy may still be in flight on the producer's stream: the writer waits for it.
+        event = None
+        if tensor.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(tensor.device))
+        with self._cond:
+            while self._waiting and self._waiting + nbytes > self.queue_bytes and self._error is None:
+                self._cond.wait()
+            self._raise_error()
+            self._queue.append((key, tensor, event, done))
+            self._waiting += nbytes
+            self.peak_bytes = max(self.peak_bytes, self._waiting)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stop:
+                        self._cond.wait()
+                    if not self._queue:
+                        break
+                    item = self._queue.popleft()
+                if item is None:
+                    break
+                key, tensor, event, done = item
+                nbytes = tensor.numel() * tensor.element_size()
+                if event is not None:
+                    event.synchronize()
+                cpu = tensor.to("cpu").contiguous()
+                del tensor, item
+                with self._cond:
+                    self._waiting -= nbytes
+                    self._cond.notify_all()
+                if done is not None:
+                    done(cpu)
+                self._buffer[key] = cpu
+                self._buffered += nbytes
+                if self._buffered >= self.shard_bytes:
+                    self._flush()
+            if not self._stop:  # an aborted capture writes nothing more
+                self._flush()
+        except BaseException as exc:  # noqa: BLE001 - handed to the producer, raised there
+            with self._cond:
+                self._error = exc
+                self._queue.clear()
+                self._cond.notify_all()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        from safetensors.torch import save_file
+
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        path = self.folder / name
+        save_file(self._buffer, str(path), metadata={"format": "pt", "tensorparity": SCHEMA})
+        if self.fsync:
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        self.shards.append(ShardInfo(name, path.stat().st_size, file_digest(path), len(self._buffer)))
+        for key in self._buffer:
+            self.shard_of[key] = name
+        self._buffer, self._buffered = {}, 0
+
+    def close(self) -> list[ShardInfo]:
+        """Write what is left, wait for the thread, return the shards (raises the writer's error)."""
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+        self._raise_error()
+        if self.fsync and self.shards:
+            _fsync_dir(self.folder)
+        return list(self.shards)
+
+    def abort(self) -> None:
+        """Stop without writing what is queued (a failed capture); the folder gets no manifest."""
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._waiting = 0
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """Provenance as strict JSON: non-finite floats and unknown objects become strings."""
+    if isinstance(value, dict) and depth < 20:
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and depth < 20:
+        return [_jsonable(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return value
+    return str(value)
+
+
+def build_manifest(records: list[TraceRecord], provenance: dict[str, Any], mode: str,
+                   shards: list[ShardInfo], shard_of: dict[str, str]) -> dict[str, Any]:
+    """The manifest as a JSON-ready dict; every stored record names the shard that holds it."""
+    rows = []
+    for record in records:
+        row = record.to_dict()
+        if record.stored:
+            row["shard"] = shard_of[record.key]
+        rows.append(row)
+    return {"schema": SCHEMA, "mode": mode, "provenance": _jsonable(provenance),
+            "shards": [s.to_dict() for s in shards], "records": rows}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically: temporary file, fsync, rename, fsync of the folder."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f"{MANIFEST}.tmp-{os.getpid()}")
+    # Readable at the top, one line per record below (a manifest may list 100,000 records).
+    head = {k: v for k, v in manifest.items() if k != "records"}
+    rows = [json.dumps(r, allow_nan=False, default=str) for r in manifest.get("records", [])]
+    text = json.dumps(head, indent=1, allow_nan=False, default=str)[:-2]
+    text += ',\n "records": [' + ("\n  " + ",\n  ".join(rows) + "\n ]" if rows else "]") + "\n}\n"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    (path.parent / CAPTURING).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def rank_folders(path: Path) -> dict[int, Path]:
+    """The ``rank-<r>`` trace folders inside ``path`` (a multi-process capture), by rank."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return {}
+    out = {int(m.group(1)): path / n for n in names if (m := RANK_RE.fullmatch(n)) and (path / n).is_dir()}
+    return dict(sorted(out.items()))
+
+
+def _check_schema(schema: Any, path: Path) -> None:
+    major = schema_major(schema)
+    want = schema_major(SCHEMA)
+    if major is None:
+        raise TraceError(f"{MANIFEST} is not a tensorparity trace manifest (schema {schema!r})", path=path,
+                         fix="pass a folder written by tensorparity capture")
+    if major > want:  # type: ignore[operator]
+        raise TraceError(f"trace schema {schema} is newer than this tensorparity reads ({SCHEMA})", path=path,
+                         fix="upgrade tensorparity (pip install -U tensorparity) in this environment, or capture "
+                             "the trace with the version installed here")
+    if major != want:
+        raise TraceError(f"trace schema {schema} is older than this tensorparity reads ({SCHEMA})", path=path,
+                         fix=RECAPTURE + " with this tensorparity version")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Read and validate ``manifest.json``: schema (major version must match; extra fields of a
+    newer minor version are ignored), mode, shards and records (as :class:`TraceRecord`)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        names = os.listdir(folder) if folder.is_dir() else []
+        shards = [n for n in names if SHARD_RE.fullmatch(n)]
+        if shards or CAPTURING in names or any(n.startswith(MANIFEST + ".tmp") for n in names):
+            raise TraceError(f"the capture did not finish: {len(shards)} shard file(s) but no {MANIFEST}",
+                             path=folder, fix=RECAPTURE + "; a trace is complete only once capture has "
+                                                           "exited and written its manifest")
+        raise TraceError(f"not a trace: no {MANIFEST}", path=folder,
+                         fix="pass a folder written by tensorparity.trace.capture or `tensorparity capture`")
+    if path.is_symlink():
+        raise UnsafeCheckpointError(f"{MANIFEST} is a symbolic link", path=folder, fix="copy the trace folder itself")
+    if path.stat().st_size > MAX_MANIFEST:
+        raise UnsafeCheckpointError(f"{MANIFEST} is larger than {MAX_MANIFEST} bytes", path=path,
+                                    fix="capture fewer records (include/exclude, stats mode)")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise TraceError(f"{MANIFEST} is not valid JSON ({exc})", path=folder, fix=RECAPTURE) from exc
+    if not isinstance(data, dict):
+        raise TraceError(f"{MANIFEST} is not a JSON object", path=folder, fix=RECAPTURE)
+    _check_schema(data.get("schema"), folder)
+    if data.get("mode") not in MODES:
+        raise TraceError(f"unknown mode {data.get('mode')!r} (expected one of {', '.join(MODES)})",
+                         path=folder, key="mode", fix=RECAPTURE)
+    provenance, shards, rows = data.get("provenance", {}), data.get("shards"), data.get("records")
+    if not isinstance(provenance, dict) or not isinstance(shards, list) or not isinstance(rows, list):
+        raise TraceError(f"{MANIFEST} needs 'provenance' (object), 'shards' and 'records' (lists)", path=folder,
+                         fix=RECAPTURE)
+    infos: list[ShardInfo] = []
+    for i, s in enumerate(shards):
+        try:
+            info = ShardInfo(str(s["file"]), int(s["bytes"]), str(s["blake2b"]), int(s.get("tensors", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TraceError(f"shard entry {i} is malformed ({type(exc).__name__}: {exc})", path=folder,
+                             key="shards", fix=RECAPTURE) from exc
+        if not SHARD_RE.fullmatch(info.file):
+            raise UnsafeCheckpointError(f"shard name {info.file!r} is not shard-NNNNN.safetensors", path=folder,
+                                        key="shards", fix="the manifest was edited or forged; capture again")
+        infos.append(info)
+    names = {s.file for s in infos}
+    records: list[TraceRecord] = []
+    shard_of: dict[str, str] = {}
+    last = -1
+    for i, row in enumerate(rows):
+        try:
+            record = TraceRecord.from_dict(row)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise TraceError(f"record {i} is malformed ({type(exc).__name__}: {exc})", path=folder,
+                             key="records", fix=RECAPTURE) from exc
+        if record.index <= last:
+            raise TraceError(f"record {i} has execution index {record.index} after {last}", path=folder,
+                             key=record.key, fix=RECAPTURE)
+        last = record.index
+        if record.stored:
+            shard = row.get("shard")
+            if shard not in names:
+                raise TraceError(f"record names shard {shard!r}, which the manifest does not list", path=folder,
+                                 key=record.key, fix=RECAPTURE)
+            shard_of[record.key] = shard
+        records.append(record)
+    return {"schema": data["schema"], "mode": data["mode"], "provenance": provenance, "shards": infos,
+            "records": records, "shard_of": shard_of}

@@ -1,0 +1,303 @@
+"""The trace format: round trips, the streaming writer and its bounded queue, dtypes, crash
+recognition, every kind of bad folder, schema versions, other processes and ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+from torch import nn
+
+from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
+from tensorparity.examples import reference_model
+from tensorparity.trace.capture import capture
+from tensorparity.trace.format import TraceError, TraceWriter
+from tensorparity.trace.trace import Trace
+
+X = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
+
+
+def capture_reference(out: Path | None = None, **kwargs: object) -> Trace:
+    model = reference_model()
+    with capture(model, out=out, **kwargs) as trace:
+        model(X).sum().backward()
+    return trace
+
+
+def assert_same(a: Trace, b: Trace) -> None:
+    assert a.records == b.records
+    for ra in a.records:
+        if ra.stored:
+            ta, tb = a.load(ra), b.load(ra)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), ra.key
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("traces") / "ref"
+    capture_reference(folder)
+    return folder
+
+
+def test_streamed_capture_equals_in_memory_and_round_trips(tmp_path: Path, saved: Path) -> None:
+    memory = capture_reference()
+    opened = Trace.open(saved)
+    assert opened.path == saved and opened.mode == "full"
+    assert_same(memory, opened)
+    again = memory.save(tmp_path / "copy")
+    assert_same(memory, again)
+    assert again.provenance == memory.provenance
+    assert sorted(p.name for p in saved.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["schema"] == "tensorparity.trace/1" and manifest["mode"] == "full"
+    (shard,) = manifest["shards"]
+    assert shard["file"] == "shard-00000.safetensors" and len(shard["blake2b"]) == 64
+    assert shard["bytes"] == (saved / shard["file"]).stat().st_size
+    assert all(r["shard"] == shard["file"] for r in manifest["records"] if r["stored"])
+    with safe_open(str(saved / shard["file"]), "pt") as f:  # plain safetensors: no pickle anywhere
+        assert set(f.keys()) == {r["key"] for r in manifest["records"] if r["stored"]}
+
+
+def test_dtypes_are_kept_and_non_contiguous_tensors_stored_contiguous(tmp_path: Path) -> None:
+    class Casts(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return x.bfloat16(), x.to(torch.float8_e4m3fn), x.t(), x.to(torch.int16)
+
+    model = nn.Sequential(Casts())
+    x = torch.randn(3, 5)
+    with capture(model, out=tmp_path / "t", grads=False) as trace:
+        model(x)
+    got = {r.path: r for r in Trace.open(tmp_path / "t").select(module="0", kind="output")}
+    assert [got[p].dtype for p in "0123"] == ["bfloat16", "float8_e4m3fn", "float32", "int16"]
+    opened = Trace.open(tmp_path / "t")
+    assert torch.equal(opened.load(got["0"]), x.bfloat16())
+    assert torch.equal(opened.load(got["1"]).float(), x.to(torch.float8_e4m3fn).float())
+    transposed = opened.load(got["2"])
+    assert transposed.is_contiguous() and torch.equal(transposed, x.t())
+    assert trace.get("0/0/output/0").stats.hash == opened.get("0/0/output/0").stats.hash
+
+
+def test_tiny_queue_and_small_shards_still_give_a_correct_trace(tmp_path: Path) -> None:
+    streamed = capture_reference(tmp_path / "t", queue_bytes=1, shard_bytes=4096)
+    shards = sorted(p.name for p in (tmp_path / "t").glob("shard-*.safetensors"))
+    assert len(shards) > 10 and shards[0] == "shard-00000.safetensors"
+    assert_same(capture_reference(), Trace.open(tmp_path / "t"))
+    assert len(streamed.records) == len(Trace.open(tmp_path / "t").records)
+
+
+def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path / "w", queue_bytes=1000, shard_bytes=1 << 20)
+    gate = threading.Event()
+    # The first tensor's callback holds the writer thread, so the queue fills up behind it.
+    writer.put("first", torch.zeros(10), done=lambda t: gate.wait(5))
+    blocked = threading.Event()
+
+    def produce() -> None:
+        for i in range(20):
+            writer.put(f"t{i}", torch.zeros(100))  # 400 bytes each: at most two wait at a time
+        blocked.set()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    assert not blocked.wait(0.3)  # the producer waits for the writer
+    gate.set()
+    thread.join(5)
+    assert blocked.is_set()
+    writer.close()
+    assert writer.peak_bytes <= 1000
+    assert len(writer.shard_of) == 21
+
+
+def test_failed_capture_leaves_a_folder_recognised_as_unfinished(tmp_path: Path) -> None:
+    model = reference_model()
+    with pytest.raises(ValueError, match="stop"):
+        with capture(model, out=tmp_path / "t", shard_bytes=1):
+            model(X)
+            raise ValueError("stop")
+    assert not (tmp_path / "t" / "manifest.json").exists()
+    with pytest.raises(TraceError, match="the capture did not finish") as err:
+        Trace.open(tmp_path / "t")
+    assert "fix: capture the trace again" in str(err.value)
+
+
+def test_killed_process_leaves_shards_without_manifest(tmp_path: Path) -> None:
+    script = f"""
+import os, torch
+from tensorparity.examples import reference_model
+from tensorparity.trace.capture import capture
+model = reference_model()
+with capture(model, out={str(tmp_path / 't')!r}, shard_bytes=1) as trace:
+    model(torch.randn(2, 16, 20)).sum().backward()
+    import time; time.sleep(0.5)  # the writer flushes some shards
+    os._exit(3)  # killed: no cleanup, no manifest
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 3, done.stderr.decode()
+    shards = list((tmp_path / "t").glob("shard-*.safetensors"))
+    assert shards
+    with pytest.raises(TraceError, match=rf"did not finish: {len(shards)} shard file\(s\) but no manifest.json"):
+        Trace.open(tmp_path / "t")
+
+
+def test_not_a_trace_and_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="not a trace: no manifest.json; fix: pass a folder written by"):
+        Trace.open(tmp_path)
+    with pytest.raises(TraceError, match="no such trace folder"):
+        Trace.open(tmp_path / "absent")
+
+
+def copy_trace(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def edit_manifest(folder: Path, change: object) -> None:
+    data = json.loads((folder / "manifest.json").read_text())
+    change(data)  # type: ignore[operator]
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+def test_truncated_and_corrupt_shards_are_named(tmp_path: Path, saved: Path) -> None:
+    cut = copy_trace(saved, tmp_path / "cut")
+    shard = cut / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(TraceError, match=r"shard-00000.safetensors: shard is \d+ bytes but the manifest says \d+ "
+                                         r"\(truncated or changed\); fix: copy the trace folder again"):
+        Trace.open(cut)
+    flipped = copy_trace(saved, tmp_path / "flipped")
+    shard = flipped / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    trace = Trace.open(flipped)  # sizes and headers agree; the checksum is checked on first load
+    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .blake2b. does not match"):
+        trace.load(trace.records[0])
+    with pytest.raises(TraceError, match="fix: copy the trace folder again"):
+        trace.verify()
+    missing = copy_trace(saved, tmp_path / "missing")
+    (missing / "shard-00000.safetensors").unlink()
+    with pytest.raises(TraceError, match="shard file is missing"):
+        Trace.open(missing)
+
+
+def test_schema_versions(tmp_path: Path, saved: Path) -> None:
+    newer = copy_trace(saved, tmp_path / "newer")
+    edit_manifest(newer, lambda d: d.update(schema="tensorparity.trace/2"))
+    with pytest.raises(TraceError, match=r"schema tensorparity.trace/2 is newer than this tensorparity reads "
+                                         r"\(tensorparity.trace/1\); fix: upgrade tensorparity"):
+        Trace.open(newer)
+    older = copy_trace(saved, tmp_path / "older")
+    edit_manifest(older, lambda d: d.update(schema="tensorparity.trace/0"))
+    with pytest.raises(TraceError, match="is older than .*fix: capture the trace again"):
+        Trace.open(older)
+    alien = copy_trace(saved, tmp_path / "alien")
+    edit_manifest(alien, lambda d: d.update(schema="other/1"))
+    with pytest.raises(TraceError, match="not a tensorparity trace manifest"):
+        Trace.open(alien)
+
+    def minor(d: dict) -> None:  # what a later 1.x writer may add: tolerated
+        d.update(schema="tensorparity.trace/1.4", future={"x": 1})
+        for r in d["records"]:
+            r["future_field"] = 1
+            if r["stats"]:
+                r["stats"]["p99"] = 0.5
+
+    later = copy_trace(saved, tmp_path / "later")
+    edit_manifest(later, minor)
+    assert_same(Trace.open(saved), Trace.open(later))
+
+
+def test_malformed_manifests(tmp_path: Path, saved: Path) -> None:
+    bad_json = copy_trace(saved, tmp_path / "json")
+    (bad_json / "manifest.json").write_text('{"schema": "tensorparity.trace/1", ')
+    with pytest.raises(TraceError, match="manifest.json is not valid JSON"):
+        Trace.open(bad_json)
+    forged = copy_trace(saved, tmp_path / "forged")
+    edit_manifest(forged, lambda d: d["shards"][0].update(file="../../etc/x.safetensors"))
+    with pytest.raises(UnsafeCheckpointError, match="is not shard-NNNNN.safetensors"):
+        Trace.open(forged)
+    lying = copy_trace(saved, tmp_path / "lying")
+    edit_manifest(lying, lambda d: d["records"][1].update(shape=[7, 7]))
+    with pytest.raises(TraceError, match=r"\[pre_encode/0/output\]: the shard holds float32\[2, 32, 10\] but the "
+                                         r"manifest says float32\[7, 7\]"):
+        Trace.open(lying)
+    broken = copy_trace(saved, tmp_path / "broken")
+    edit_manifest(broken, lambda d: d["records"][3].pop("shape"))
+    with pytest.raises(TraceError, match="record 3 is malformed"):
+        Trace.open(broken)
+    assert issubclass(TraceError, CorruptCheckpointError)
+
+
+def test_capture_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="folder is not empty.*fix: choose a new folder"):
+        capture_reference(tmp_path / "t")
+    assert (tmp_path / "t" / "keep.txt").read_text() == "mine"
+
+
+def test_trace_written_in_another_process_equals_the_in_process_one(tmp_path: Path) -> None:
+    script = f"""
+import torch
+from tensorparity.examples import reference_model
+from tensorparity.trace.capture import capture
+x = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
+model = reference_model()
+with capture(model, out={str(tmp_path / 'sub')!r}):
+    model(x).sum().backward()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    other, here = Trace.open(tmp_path / "sub"), capture_reference()
+    assert_same(here, other)
+    assert other.provenance["input_hash"] == here.provenance["input_hash"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, folder: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+        with capture(model, out=folder):
+            model(torch.full((2, 4), float(rank + 1))).sum().backward()
+            for p in model.parameters():  # a real collective on the gradients, after they were recorded
+                dist.all_reduce(p.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_write_their_own_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "ddp"
+    mp.spawn(_rank_worker, args=(str(folder), _free_port()), nprocs=2, join=True)
+    assert Trace.ranks(folder) == [0, 1]
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-0", "rank-1"]
+    for rank in (0, 1):
+        trace = Trace.open(folder, rank=rank)
+        assert trace.path == folder / f"rank-{rank}"
+        assert (trace.provenance["rank"], trace.provenance["world_size"]) == (rank, 2)
+        assert torch.equal(trace.inputs()[0][0], torch.full((2, 4), float(rank + 1)))
+    a, b = Trace.open(folder, rank=0), Trace.open(folder, rank=1)
+    assert not torch.equal(a.load("0/0/param_grad/weight"), b.load("0/0/param_grad/weight"))
+    with pytest.raises(UsageError, match=r"the trace holds 2 ranks \(0, 1\); fix: pass rank=N"):
+        Trace.open(folder)
+    with pytest.raises(UsageError, match="has no rank 5"):
+        Trace.open(folder, rank=5)
