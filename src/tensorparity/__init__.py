@@ -10,6 +10,8 @@ from tensorparity.loadcheck import load_check
 from tensorparity.report.diff import DiffReport
 from tensorparity.report.inspect import InspectReport, inspect
 from tensorparity.report.loadcheck import LoadCheckReport
+from tensorparity.report.trace import TraceReport
+from tensorparity.trace.compare import compare_traces
 
 __version__ = "0.1.0"
 
@@ -21,8 +23,10 @@ __all__ = [
     "LoadCheckReport",
     "TensorEntry",
     "TensorParityError",
+    "TraceReport",
     "ValueEntry",
     "__version__",
+    "compare_traces",
     "diff",
     "inspect",
     "load_check",

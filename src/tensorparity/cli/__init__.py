@@ -15,6 +15,7 @@ import typer
 
 from tensorparity import __version__
 from tensorparity.cli.capture import capture_command
+from tensorparity.cli.compare import compare_command
 from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
 from tensorparity.cli.loadcheck import load_check_command
@@ -49,6 +50,7 @@ def _root(
 app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
 app.command("capture")(capture_command)
+app.command("compare")(compare_command)
 app.command("load-check")(load_check_command)
 app.add_typer(map_app, name="map")
 

@@ -1,0 +1,69 @@
+"""``tensorparity compare A B``: two traces layer by layer. Exit 0 same, 1 differs, 2 error."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli.diff import parse_tolerance
+from tensorparity.errors import UsageError
+from tensorparity.trace.compare import compare_traces
+
+__all__ = ["compare_command"]
+
+
+@command
+def compare_command(
+    a: Annotated[str, typer.Argument(help="First trace folder (A, usually the reference).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second trace folder (B).", show_default=False)],
+    map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",
+                                             help="Mapping from A's parameter keys to B's: renames A's layers into "
+                                                  "B's and transforms parameter gradients.")] = None,
+    align: Annotated[str, typer.Option("--align", metavar="auto|name|mapping|order",
+                                       help="Pair layers by name, through --map, or by execution order and shapes "
+                                            "(auto: --map if given, else names if they agree, else order).")
+                     ] = "auto",
+    exact: Annotated[bool, typer.Option("--exact", help="Bitwise: every byte must match.")] = False,
+    atol: Annotated[float | None, typer.Option("--atol", metavar="X",
+                                               help="Absolute tolerance (default: torch.testing's per dtype).")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", metavar="Y",
+                                               help="Relative tolerance (default: torch.testing's per dtype).")] = None,
+    statistic: Annotated[str, typer.Option("--statistic", metavar="elementwise|max|mean",
+                                           help="Judge every element, the largest error, or the mean error.")
+                         ] = "elementwise",
+    nan_unequal: Annotated[bool, typer.Option("--nan-unequal", help="NaN never equals NaN (default: NaNs in the "
+                                              "same places are equal).")] = False,
+    tol: Annotated[list[str] | None, typer.Option("--tol", metavar="REGEX=ATOL[,RTOL]",
+                                                  help="Tolerance for record keys (module/call/kind/path) matching "
+                                                       "REGEX, e.g. '/grad_input/=1e-4'; repeatable, first match "
+                                                       "wins.")] = None,
+    margin: Annotated[float, typer.Option("--margin", metavar="X",
+                                          help="A mismatched layer introduced its error when its relative error "
+                                               "exceeds its input's X times.")] = 10.0,
+    rank: Annotated[int | None, typer.Option("--rank", metavar="N",
+                                             help="Which rank of multi-process traces to compare.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
+                                        "tensorparity.trace-compare/1) and nothing else.")] = False,
+    top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 10,
+) -> None:
+    """Compare two traces layer by layer, forward and backward; name the first diverging layer.
+
+    Prints the summary and the classic line, then the first divergence and every mismatched
+    layer (introduced or inherited), then the rest folded. Exit code: 0 the runs are the same
+    (identical, or within tolerance), 1 they differ (or their inputs do), 2 error.
+    """
+    if top < 0:
+        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
+    tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol, statistic=statistic, nan_unequal=nan_unequal,
+                                overrides=tol)
+    report = compare_traces(a, b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
+                            margin=margin, rank=rank)
+    if json_:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+    else:
+        report.render(stdout_console(), top=top)
+    raise typer.Exit(report.exit_code)

@@ -1,0 +1,355 @@
+"""The record :func:`tensorparity.trace.compare_traces` returns, and its renderings: rich
+(terminal) and JSON (schema ``tensorparity.trace-compare/1``).
+
+A :class:`TraceReport` holds one :class:`LayerComparison` per aligned layer (forward outputs,
+recorded inputs, gradients w.r.t. output and input, parameter gradients), the layers only one
+side has, and the verdict. It leads with the first diverging layer in execution order (forward
+first; when every forward output matches, the first backward divergence) and says for every
+mismatched layer whether it *introduced* the error or *inherited* it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from tensorparity.compare import TensorComparison, Tolerance
+from tensorparity.report._render import (
+    jsonable,
+    plain_text,
+    plural,
+    printable,
+    record_dict,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderableType
+
+__all__ = ["SCHEMA", "LayerComparison", "TraceReport", "TraceSide", "UnalignedLayer", "Verdict"]
+
+SCHEMA = "tensorparity.trace-compare/1"
+Verdict = Literal["identical", "close", "differs", "inputs differ", "nothing compared"]
+Origin = Literal["introduced", "inherited"]
+
+
+def kind_of(t: TensorComparison) -> str:
+    """The record kind of a comparison (its key is ``module/call/kind[/path]``)."""
+    parts = t.key.split("/")
+    return parts[2] if len(parts) > 2 else ""
+
+
+@dataclass(frozen=True)
+class TraceSide:
+    """One trace as compared: where it came from, its mode, its size, what it says about itself."""
+
+    source: str
+    mode: str
+    records: int
+    layers: int
+    model_class: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return record_dict(self)
+
+
+@dataclass(frozen=True)
+class UnalignedLayer:
+    """A layer of one side without a partner on the other, and why."""
+
+    layer: str
+    module_type: str
+    shape: tuple[int, ...] | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return record_dict(self)
+
+
+@dataclass(frozen=True)
+class LayerComparison:
+    """One layer of A and its partner in B, compared.
+
+    Attributes:
+        layer_a, layer_b: the layers' names (``module`` or ``module#call``).
+        type_a, type_b: their module classes.
+        how: how they were paired: ``name``, ``mapping``, ``order`` or ``model`` (the whole models).
+        order: A's forward execution position; ``backward_order``: A's first gradient record.
+        shape: A's first output's shape.
+        forward: the forward outputs compared; ``inputs``: recorded inputs compared.
+        backward: gradients w.r.t. output and input, and parameter gradients, compared.
+        basis: ``tensors`` or ``stats`` (statistics only: a side stored no tensors), or ``mixed``;
+            ``by_stats``: the keys of the comparisons made by statistics.
+        error, input_error: relative error (max abs error over the tensor's largest magnitude)
+            of its outputs, and of what it received (see :mod:`tensorparity.trace.compare`).
+        backward_error, backward_input_error: the same for its gradients (w.r.t. input and
+            parameters; w.r.t. output).
+        origin: for a mismatched layer, ``introduced`` or ``inherited``; ``inherited_from`` names
+            the layer that introduced what it inherited (``<model input>`` when the inputs differ).
+    """
+
+    layer_a: str
+    layer_b: str
+    type_a: str
+    type_b: str
+    how: str
+    order: int
+    backward_order: int | None
+    shape: tuple[int, ...] | None
+    forward: tuple[TensorComparison, ...] = ()
+    inputs: tuple[TensorComparison, ...] = ()
+    backward: tuple[TensorComparison, ...] = ()
+    basis: str = "tensors"
+    by_stats: tuple[str, ...] = ()
+    error: float = 0.0
+    input_error: float = 0.0
+    backward_error: float = 0.0
+    backward_input_error: float | None = None
+    origin: Origin | None = None
+    inherited_from: str | None = None
+
+    @property
+    def forward_passed(self) -> bool | None:
+        """Whether every forward output (and recorded input) is within tolerance; ``None``: none compared."""
+        both = self.forward + self.inputs
+        return all(t.passed for t in both) if both else None
+
+    @property
+    def backward_passed(self) -> bool | None:
+        return all(t.passed for t in self.backward) if self.backward else None
+
+    @property
+    def passed(self) -> bool:
+        return self.forward_passed is not False and self.backward_passed is not False
+
+    @property
+    def direction(self) -> str | None:
+        """``forward`` or ``backward``: where this layer first differs (``None`` when it matches)."""
+        if self.forward_passed is False:
+            return "forward"
+        return "backward" if self.backward_passed is False else None
+
+    @property
+    def max_abs(self) -> float:
+        """The largest absolute error among its forward outputs (its gradients when no output differs)."""
+        fwd = [t.max_abs for t in self.forward + self.inputs]
+        if fwd and (max(fwd) > 0 or not self.backward):
+            return max(fwd)
+        return max((t.max_abs for t in self.backward), default=0.0)
+
+    @property
+    def worst(self) -> TensorComparison | None:
+        """The comparison that decides the layer's verdict: its worst failing one (forward first)."""
+        for group in (self.forward + self.inputs, self.backward):
+            bad = [t for t in group if not t.passed]
+            if bad:
+                return max(bad, key=lambda t: (t.status == "shape", t.frac_mismatch, t.max_abs))
+        return None
+
+    @property
+    def label(self) -> str:
+        """``layers.1.norm1 → blocks.1.attn_norm`` (one name when both sides call it the same)."""
+        return printable(self.layer_a if self.layer_a == self.layer_b else f"{self.layer_a} → {self.layer_b}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = record_dict(self)
+        for name in ("forward", "inputs", "backward"):
+            d[name] = [{"kind": kind_of(t), "basis": "stats" if t.key in self.by_stats else "tensors", **t.to_dict()}
+                       for t in getattr(self, name)]
+        d.update(forward_passed=self.forward_passed, backward_passed=self.backward_passed, passed=self.passed,
+                 direction=self.direction, max_abs=self.max_abs)
+        return d
+
+
+@dataclass(frozen=True)
+class TraceReport:
+    """Two traces compared layer by layer: what :func:`tensorparity.trace.compare_traces` returns.
+
+    Attributes:
+        a, b: the two traces.
+        tolerance: the tolerance asked for (each comparison records the one it resolved to).
+        alignment: how layers were paired (``name``, ``mapping`` or ``order``); ``mapping``: the
+            mapping's source, when one was used.
+        layers: every aligned layer, in A's forward execution order.
+        only_a, only_b: layers without a partner.
+        params: every parameter gradient compared (also listed under their layers when both
+            owners are an aligned pair); ``params_only_a`` / ``params_only_b``: those without one.
+        margin: a layer *introduced* its error when its relative error exceeds its input's by
+            this factor.
+        inputs_differ: the two runs were fed different inputs (every layer will differ).
+        warnings: what makes the verdict doubtful; ``notes``: what the reader should know.
+    """
+
+    a: TraceSide
+    b: TraceSide
+    tolerance: Tolerance
+    alignment: str
+    layers: tuple[LayerComparison, ...]
+    only_a: tuple[UnalignedLayer, ...] = ()
+    only_b: tuple[UnalignedLayer, ...] = ()
+    params: tuple[TensorComparison, ...] = ()
+    params_only_a: tuple[str, ...] = ()
+    params_only_b: tuple[str, ...] = ()
+    mapping: str | None = None
+    margin: float = 10.0
+    inputs_differ: bool = False
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    # Counts
+    @property
+    def mismatched(self) -> tuple[LayerComparison, ...]:
+        """Mismatched layers in execution order: forward mismatches first, then backward-only ones
+        in backward order."""
+        fwd = [x for x in self.layers if x.forward_passed is False]
+        bwd = [x for x in self.layers if x.forward_passed is not False and x.backward_passed is False]
+        return tuple(fwd + sorted(bwd, key=lambda x: (x.backward_order is None, x.backward_order or 0)))
+
+    @property
+    def matched(self) -> tuple[LayerComparison, ...]:
+        return tuple(x for x in self.layers if x.passed)
+
+    @property
+    def first_divergence(self) -> LayerComparison | None:
+        """The first layer, in execution order, whose outputs differ; when every output matches,
+        the first (in backward order) whose gradients differ."""
+        bad = self.mismatched
+        return bad[0] if bad else None
+
+    def _rate(self, direction: str) -> tuple[int, int]:
+        verdicts = [getattr(x, f"{direction}_passed") for x in self.layers]
+        return sum(v is True for v in verdicts), sum(v is not None for v in verdicts)
+
+    @property
+    def forward_rate(self) -> tuple[int, int]:
+        """(layers whose forward matches, layers with a forward comparison)."""
+        return self._rate("forward")
+
+    @property
+    def backward_rate(self) -> tuple[int, int]:
+        return self._rate("backward")
+
+    @property
+    def params_rate(self) -> tuple[int, int]:
+        return sum(t.passed for t in self.params), len(self.params)
+
+    # Verdict
+    @property
+    def _comparisons(self) -> list[TensorComparison]:
+        """Every comparison once (parameter gradients under a layer are also in ``params``)."""
+        out = [t for x in self.layers for t in x.forward + x.inputs + x.backward]
+        seen = {id(t) for t in out}
+        return out + [t for t in self.params if id(t) not in seen]
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.inputs_differ:
+            return "inputs differ"
+        comps = self._comparisons
+        if not comps:
+            return "nothing compared"
+        if not all(t.passed for t in comps):
+            return "differs"
+        return "identical" if all(t.status == "identical" for t in comps) else "close"
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict in ("identical", "close")
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code: 0 when the two runs are the same (identical or close), 1 otherwise."""
+        return 0 if self.passed else 1
+
+    def classic_summary(self) -> str:
+        """The seeds' line: ``Common layers: 40 / Only in A: 2 / Only in B: 0 / Matched: 40 /
+        Mismatched: 0 / Forward match rate: 100.0% / Backward match rate: 100.0% / Parameter
+        gradients matched: 36/36 → identical``."""
+        def rate(ok: int, n: int) -> str:
+            return f"{100.0 * ok / n:.1f}%" if n else "n/a"
+
+        return (f"Common layers: {len(self.layers)} / Only in A: {len(self.only_a)} / Only in B: {len(self.only_b)} / "
+                f"Matched: {len(self.matched)} / Mismatched: {len(self.mismatched)} / "
+                f"Forward match rate: {rate(*self.forward_rate)} / Backward match rate: {rate(*self.backward_rate)} / "
+                f"Parameter gradients matched: {self.params_rate[0]}/{self.params_rate[1]} → {self.verdict}")
+
+    def summary(self) -> str:
+        """One line for humans: the verdict and the first divergence."""
+        first = self.first_divergence
+        if self.verdict == "inputs differ":
+            return "inputs differ: the two runs were fed different inputs, so every layer is expected to differ"
+        if self.verdict == "nothing compared":
+            return "nothing compared: no layer of A could be paired with a layer of B"
+        if first is None:
+            same = sum(t.status == "identical" for t in self._comparisons)
+            return (f"{self.verdict}: {plural(len(self.layers), 'layer')} match forward and backward "
+                    f"({same:,} of {plural(len(self._comparisons), 'tensor')} bitwise identical)")
+        return (f"differs: first divergence {first.direction} at {first.label} "
+                f"({printable(first.type_a.rsplit('.', 1)[-1])}), "
+                f"{first.origin or 'introduced'}; {plural(len(self.mismatched), 'mismatched layer')}")
+
+    # Machines
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, ``{"schema": "tensorparity.trace-compare/1", ...}`` (strict JSON)."""
+        first = self.first_divergence
+        fwd, bwd, params = self.forward_rate, self.backward_rate, self.params_rate
+        return jsonable({
+            "schema": SCHEMA, "verdict": self.verdict, "passed": self.passed, "exit_code": self.exit_code,
+            "summary": self.summary(), "classic_summary": self.classic_summary(),
+            "a": self.a.to_dict(), "b": self.b.to_dict(),
+            "alignment": {"method": self.alignment, "mapping": self.mapping},
+            "tolerance": {"description": self.tolerance.describe(), **self.tolerance.to_dict()},
+            "margin": self.margin,
+            "counts": {"common": len(self.layers), "only_in_a": len(self.only_a), "only_in_b": len(self.only_b),
+                       "matched": len(self.matched), "mismatched": len(self.mismatched),
+                       "forward_matched": fwd[0], "forward_compared": fwd[1],
+                       "backward_matched": bwd[0], "backward_compared": bwd[1],
+                       "param_grads_matched": params[0], "param_grads_compared": params[1]},
+            "first_divergence": None if first is None else {
+                "layer_a": first.layer_a, "layer_b": first.layer_b, "direction": first.direction,
+                "origin": first.origin, "error": first.error, "input_error": first.input_error},
+            "layers": [x.to_dict() for x in self.layers],
+            "only_in_a": [x.to_dict() for x in self.only_a], "only_in_b": [x.to_dict() for x in self.only_b],
+            "parameter_gradients": [{"kind": "param_grad", **t.to_dict()} for t in self.params],
+            "parameter_gradients_only_in_a": list(self.params_only_a),
+            "parameter_gradients_only_in_b": list(self.params_only_b),
+            "warnings": list(self.warnings), "notes": list(self.notes),
+        })
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """The report as strict JSON."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    # People
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        """A rich renderable: summary first, the first divergence, mismatched layers, then the rest
+        folded to ``top`` rows."""
+        from rich.console import Group
+
+        from tensorparity.report._trace_rich import rich_parts
+
+        head, classic, body = rich_parts(self, top=top)
+        return Group(*head, classic, *body)
+
+    def render(self, console: Console | None = None, *, top: int = 10) -> None:
+        """Print the report to ``console`` (a stdout console by default)."""
+        from rich.console import Console, Group
+
+        from tensorparity.report._trace_rich import rich_parts
+
+        console = console or Console()
+        head, classic, body = rich_parts(self, top=top)
+        console.print(Group(*head))
+        console.print(classic, soft_wrap=True)  # never broken or cut: scripts grep for this line
+        console.print(Group(*body))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        yield self.renderable()
+
+    def __str__(self) -> str:
+        return plain_text(self.renderable(), width=120)
+
+    def __repr__(self) -> str:
+        return f"<TraceReport {self.a.source!r} vs {self.b.source!r}: {self.classic_summary()}>"

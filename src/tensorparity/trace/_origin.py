@@ -1,0 +1,192 @@
+"""Introduced or inherited: for every mismatched layer, is its error its own or did it arrive with
+its input?
+
+**Forward.** A layer's *input error* is the largest of
+
+- the error of what it received: its recorded ``input`` records when the capture kept them, else
+  the error already present when it started: the errors of the layers that finished since its
+  parent started (its earlier siblings and everything inside them), or, for a first child, its
+  parent's input error; the model's input error at the top;
+- the error of what its own sub-layers returned (a block whose norm diverged inherits from it).
+
+The tree is A's, rebuilt from execution order (a module's sub-layers finish before it does). A
+mismatched layer *introduced* the error when its output's relative error exceeds its input error
+by ``margin`` (10×), else it *inherited* it, from the layer the largest input error came from,
+followed back to a layer that introduced one. Layers without a partner in B count as unknown
+(no error). Two bugs in parallel branches (q and v projections) can make the second look
+inherited; the first divergence is always right.
+
+**Backward.** A layer whose outputs match but whose gradients differ introduced the error when
+the error of its gradients w.r.t. input and parameters exceeds that of its gradient w.r.t.
+output by ``margin``; without a recorded gradient w.r.t. output, when no layer before it in
+backward order differs.
+
+A's module tree is rebuilt from execution order: forward hooks fire when a module *finishes*, so
+when a layer finishes, the layers that finished since it started and lie under its module path are
+its sub-layers. Works for modules called several times and for any nesting, in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tensorparity.trace.align import TraceLayer
+
+__all__ = ["Origin", "classify"]
+
+MODEL_INPUT = "<model input>"
+_Err = tuple[float, str | None]  # (relative error, the layer it was measured at)
+
+
+class _LayerLike(Protocol):
+    match: Any
+    slots: dict[str, list[Any]]
+
+
+@dataclass
+class Origin:
+    """What :func:`classify` found for one aligned layer."""
+
+    error: float = 0.0
+    input_error: float = 0.0
+    source: str | None = None
+    recorded_input: float | None = None
+    backward_error: float = 0.0
+    backward_input_error: float | None = None
+    origin: str | None = None
+    inherited_from: str | None = None
+
+    def as_fields(self) -> dict[str, Any]:
+        return {"error": self.error, "input_error": self.input_error, "backward_error": self.backward_error,
+                "backward_input_error": self.backward_input_error, "origin": self.origin,
+                "inherited_from": self.inherited_from}
+
+
+def _failed(jobs: Sequence[Any]) -> bool:
+    return any(j.result is not None and not j.result.passed for j in jobs)
+
+
+def _max(jobs: Sequence[Any]) -> float:
+    return max((j.error for j in jobs), default=0.0)
+
+
+def _under(module: str, parent: str) -> bool:
+    return module != parent and (parent == "" or module.startswith(parent + "."))
+
+
+def _tree(layers: Sequence[TraceLayer]) -> tuple[dict[tuple[str, int], list[TraceLayer]], list[TraceLayer]]:
+    """Children of each layer (by ``(module, call)``) and the top-level layers, from finish order."""
+    children: dict[tuple[str, int], list[TraceLayer]] = {}
+    pending: list[TraceLayer] = []
+    for layer in sorted((x for x in layers if x.outputs), key=lambda x: x.order):
+        mine = []
+        while pending and _under(pending[-1].module, layer.module):
+            mine.append(pending.pop())
+        children[(layer.module, layer.call)] = mine[::-1]
+        pending.append(layer)
+    return children, pending
+
+
+def _worst(items: Sequence[_Err], default: _Err = (0.0, None)) -> _Err:
+    """The largest error (the earliest of equals)."""
+    best = default
+    for item in items:
+        if item[0] > best[0] or (best[1] is None and item[0] == best[0] and item[1] is not None and item[0] > 0):
+            best = item
+    return best
+
+
+def classify(all_a: Sequence[TraceLayer], layers: Sequence[_LayerLike], margin: float,
+             inputs_differ: bool) -> dict[int, Origin]:
+    """Errors, input errors and origins of the aligned layers (indices into ``layers``)."""
+    index = {(x.match.a.module, x.match.a.call): i for i, x in enumerate(layers)}
+    info = {i: Origin() for i in range(len(layers))}
+    model_input = 0.0
+    for i, x in enumerate(layers):
+        o = info[i]
+        o.error = _max(x.slots["forward"])
+        inputs = [j for j in x.slots["inputs"] if j.ra.kind == "input"]
+        o.recorded_input = _max(inputs) if inputs else None
+        model_input = max(model_input, _max([j for j in x.slots["inputs"] if j.ra.kind == "model_input"]))
+    if inputs_differ:
+        model_input = max(model_input, math.inf)
+    children, tops = _tree(all_a)
+    own: dict[tuple[str, int], _Err] = {}
+    subtree: dict[tuple[str, int], _Err] = {}
+    for layer in sorted((x for x in all_a if x.outputs), key=lambda x: x.order):  # children first
+        key = (layer.module, layer.call)
+        i = index.get(key)
+        own[key] = (info[i].error, layer.name) if i is not None else (0.0, None)
+        subtree[key] = _worst([subtree[(c.module, c.call)] for c in children[key]], own[key])
+
+    # Top-down, iteratively: (siblings, the error present before the first of them started).
+    stack: list[tuple[list[TraceLayer], _Err]] = [(tops, (model_input, MODEL_INPUT if model_input else None))]
+    while stack:
+        kids, running = stack.pop()
+        for c in kids:
+            key = (c.module, c.call)
+            before = running
+            i = index.get(key)
+            if i is not None and info[i].recorded_input is not None:
+                before = (info[i].recorded_input, running[1] if info[i].recorded_input > 0 else None)
+            inside = _worst([subtree[(k.module, k.call)] for k in children[key]])
+            if i is not None:
+                info[i].input_error, info[i].source = _worst([before, inside])
+            stack.append((children[key], before))
+            running = _worst([subtree[key]], running)
+
+    names = {x.match.a.name: i for i, x in enumerate(layers)}
+    for i, x in enumerate(layers):
+        o = info[i]
+        if _failed(x.slots["forward"] + x.slots["inputs"]):
+            o.origin = "introduced" if o.error > margin * o.input_error else "inherited"
+    first_forward = None
+    for i in sorted(info, key=lambda k: layers[k].match.a.order):
+        o = info[i]
+        if o.origin == "inherited":
+            o.inherited_from = _resolve(o.source, info, names)
+        elif o.origin == "introduced" and first_forward is None:
+            first_forward = layers[i].match.a.name
+    _backward(layers, info, margin, first_forward)
+    return info
+
+
+def _resolve(source: str | None, info: dict[int, Origin], names: dict[str, int]) -> str | None:
+    """Follow where an inherited error came from back to the layer that introduced it."""
+    seen: set[str] = set()
+    while source is not None and source in names and source not in seen:
+        seen.add(source)
+        o = info[names[source]]
+        if o.origin != "inherited" or o.source is None:
+            return source
+        source = o.source
+    return source
+
+
+def _backward(layers: Sequence[_LayerLike], info: dict[int, Origin], margin: float, first_forward: str | None) -> None:
+    """Backward errors, and origins of layers whose outputs match but whose gradients differ."""
+    order = sorted(range(len(layers)), key=lambda i: (layers[i].match.a.backward_order is None,
+                                                      layers[i].match.a.backward_order or 0))
+    last_introduced, seen_failure = first_forward, False
+    for i in order:
+        jobs = layers[i].slots["backward"]
+        grad_out = [j for j in jobs if j.ra.kind == "grad_output"]
+        rest = [j for j in jobs if j.ra.kind != "grad_output"]
+        o = info[i]
+        o.backward_input_error = _max(grad_out) if grad_out else None
+        o.backward_error = _max(rest)
+        failed = _failed(jobs)
+        if failed and o.origin is None:
+            if o.backward_input_error is not None:
+                introduced = o.backward_error > margin * o.backward_input_error
+            else:
+                introduced = not seen_failure
+            o.origin = "introduced" if introduced else "inherited"
+            if introduced:
+                last_introduced = layers[i].match.a.name
+            else:
+                o.inherited_from = last_introduced
+        seen_failure |= failed

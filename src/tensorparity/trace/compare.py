@@ -1,0 +1,374 @@
+"""Compare two traces layer by layer: align them (:mod:`.align`), compare every aligned layer's
+forward outputs, recorded inputs and gradients through the :mod:`tensorparity.compare` engine (by
+their statistics where a side stored no tensor, :mod:`._measure`), name the first diverging layer,
+and say for every mismatched layer whether it introduced its error or inherited it (:mod:`._origin`).
+
+Parameter gradients are paired inside aligned layers by name; through a mapping they are renamed
+and transformed by the mapping itself (a fused qkv's gradient is the concatenation of q's, k's
+and v's), so they are compared even where the layers they belong to are fused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.tree import LazyTensor, TensorEntry
+from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.errors import UsageError
+from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
+from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
+from tensorparity.trace._checks import provenance_checks
+from tensorparity.trace._measure import compare_stats, relative_error, stats_error
+from tensorparity.trace._origin import classify
+from tensorparity.trace.align import (
+    Alignment,
+    LayerMatch,
+    Method,
+    RecordSource,
+    TraceLayer,
+    align_layers,
+    group_layers,
+)
+from tensorparity.trace.records import TraceRecord, tensor_stats
+
+__all__ = ["compare_stats", "compare_traces", "relative_error"]
+
+# (slot in the layer's record, record kinds paired together)
+_SLOTS = (("forward", "output"), ("forward", "model_output"), ("inputs", "input"), ("inputs", "model_input"),
+          ("backward", "grad_output"), ("backward", "grad_input"), ("backward", "param_grad"))
+
+
+@dataclass(frozen=True)
+class _RecordTensor:
+    """A record's tensor, loaded from its trace on demand (what the engine's pairs hold)."""
+
+    source: RecordSource
+    record: TraceRecord
+
+    def load(self) -> torch.Tensor:
+        return self.source.load(self.record)
+
+
+def _loadable(source: RecordSource, record: TraceRecord) -> Any:
+    """A stored record's tensor for the engine: a located :class:`TensorEntry` where the trace can
+    say where its bytes are (identical tensors are then recognised from the shards' bytes)."""
+    lazy = getattr(source, "lazy", None)
+    if callable(lazy) and record.stored:
+        t = lazy(record)
+        if isinstance(t, LazyTensor):
+            return TensorEntry(record.key, t.shape, t.dtype, t.nbytes, t.location, t.loader, _span=t.span)
+    return _RecordTensor(source, record)
+
+
+@dataclass
+class _Job:
+    """One pair of tensors to compare, and where its result goes."""
+
+    slot: str
+    owner: int | None  # index of the layer match, None: a parameter outside aligned layers
+    key: str
+    key_b: str
+    a: Any  # a Loadable
+    b: Any
+    ra: TraceRecord
+    rb: TraceRecord
+    stats: bool = False
+    param: bool = False
+    result: TensorComparison | None = None
+    error: float = 0.0
+
+
+@dataclass
+class _Layer:
+    """A layer pair's results while the report is built."""
+
+    match: LayerMatch
+    slots: dict[str, list[_Job]] = field(default_factory=lambda: {"forward": [], "inputs": [], "backward": []})
+
+
+def compare_traces(
+    a: RecordSource | str | os.PathLike[str],
+    b: RecordSource | str | os.PathLike[str],
+    *,
+    mapping: Mapping | str | os.PathLike[str] | dict[str, Any] | None = None,
+    tolerance: Tolerance | None = None,
+    align: Method = "auto",
+    margin: float = 10.0,
+    rank: int | None = None,
+    workers: int | None = None,
+) -> TraceReport:
+    """Compare two traces layer by layer, forward and backward.
+
+    Args:
+        a, b: two traces: :class:`~tensorparity.trace.Trace` objects, paths of trace folders, or
+            anything with ``records``, ``provenance`` and ``load(record)``.
+        mapping: a :class:`~tensorparity.mapping.Mapping` (or its YAML file) from A's parameter
+            keys to B's: layers are renamed through it, parameter gradients transformed by it.
+        tolerance: how close is close enough (default: ``torch.testing``'s per dtype). Record keys
+            are ``module/call/kind[/path]``, so ``overrides`` can target kinds (``/grad_input/``).
+        align: ``auto``, ``name``, ``mapping`` or ``order`` (see :mod:`tensorparity.trace.align`).
+        margin: a mismatched layer introduced its error when its relative error exceeds its
+            input's by this factor.
+        rank: which rank of multi-process trace folders to compare.
+        workers: comparison threads (default 2).
+
+    Returns:
+        A :class:`~tensorparity.report.trace.TraceReport`.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity.trace.records import TraceRecord, tensor_stats
+        >>> class Run:  # any RecordSource: records, provenance, load(record)
+        ...     def __init__(self, out):
+        ...         self.tensors = {"fc/0/output": out}
+        ...         self.records = [TraceRecord(0, "fc", 0, "torch.nn.Linear", "output", "", tuple(out.shape),
+        ...                                     "float32", "cpu", tensor_stats(out), True)]
+        ...         self.provenance = {}
+        ...     def load(self, record):
+        ...         return self.tensors[record.key]
+        >>> x = torch.ones(2, 3)
+        >>> compare_traces(Run(x), Run(x)).verdict
+        'identical'
+        >>> r = compare_traces(Run(x), Run(x * 1.5))
+        >>> r.verdict, r.first_divergence.layer_a, r.first_divergence.origin
+        ('differs', 'fc', 'introduced')
+    """
+    if tolerance is not None and not isinstance(tolerance, Tolerance):
+        raise UsageError(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}",
+                         fix="pass tolerance=Tolerance(atol=..., rtol=...)")
+    if not (isinstance(margin, (int, float)) and margin >= 1):
+        raise UsageError(f"margin={margin!r} must be a number >= 1", fix="pass e.g. margin=10 (--margin 10)")
+    tol = tolerance or Tolerance()
+    key_mapping = _load_mapping(mapping)
+    src_a, side_a = _open(a, "A", rank)
+    try:
+        src_b, side_b = _open(b, "B", rank)
+    except BaseException:
+        _close(a, src_a)
+        raise
+    try:
+        return _compare(src_a, src_b, side_a, side_b, key_mapping, tol, align, float(margin), workers)
+    finally:  # traces this call opened release their shard files; tensors were compared and dropped
+        _close(a, src_a)
+        _close(b, src_b)
+
+
+def _close(given: Any, source: Any) -> None:
+    if isinstance(given, (str, os.PathLike)) and hasattr(source, "close"):
+        source.close()
+
+
+def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b: TraceSide,
+             key_mapping: Mapping | None, tol: Tolerance, align: Method, margin: float,
+             workers: int | None) -> TraceReport:
+    alignment = align_layers(src_a.records, src_b.records, mapping=key_mapping, method=align)
+    layers = [_Layer(m) for m in alignment.matches]
+    jobs: list[_Job] = []
+    skipped: list[str] = []
+    through_mapping = key_mapping is not None and alignment.method == "mapping"
+    for i, layer in enumerate(layers):
+        for slot, kind in _SLOTS:
+            if kind == "param_grad" and through_mapping:
+                continue
+            for ra, rb in _pair_records(layer.match.a.of_kind(kind), layer.match.b.of_kind(kind)):
+                job = _job(src_a, src_b, slot, i, ra, rb, param=kind == "param_grad")
+                if job is None:
+                    skipped.append(ra.key)
+                    continue
+                jobs.append(job)
+                layer.slots[slot].append(job)
+    notes: list[str] = list(alignment.notes)
+    if skipped:
+        notes.append(f"{len(skipped):,} record pair(s) could not be compared (a side kept neither the tensor nor "
+                     f"its statistics), e.g. {skipped[0]}")
+    if through_mapping:
+        assert key_mapping is not None
+        param_jobs, params_only_a, params_only_b = _params_through_mapping(src_a, src_b, key_mapping, layers, notes)
+        jobs += param_jobs
+    else:
+        params_only_a, params_only_b = _params_without_partner(alignment)
+        if params_only_a and params_only_b:
+            notes.append("some parameter gradients have no partner of the same name: a mapping (--map) compares "
+                         "renamed and fused parameters through its transforms")
+    _run(jobs, tol, workers)
+    warnings, more_notes, inputs_differ = provenance_checks(src_a, src_b, side_a, side_b, alignment)
+    notes += more_notes
+    results = classify(group_layers(src_a.records), layers, margin, inputs_differ)
+    comparisons = tuple(_layer_comparison(layer, results.get(i)) for i, layer in enumerate(layers))
+    if any(j.stats for j in jobs):
+        notes.append(f"{sum(j.stats for j in jobs):,} of {len(jobs):,} comparisons used statistics only (a side "
+                     "stored no tensor): equal statistics do not prove equal tensors")
+    return TraceReport(
+        a=side_a, b=side_b, tolerance=tol, alignment=alignment.method, layers=comparisons,
+        only_a=tuple(_unaligned(u.layer, u.reason) for u in alignment.only_a),
+        only_b=tuple(_unaligned(u.layer, u.reason) for u in alignment.only_b),
+        params=tuple(j.result for j in jobs if j.param and j.result is not None),
+        params_only_a=tuple(params_only_a), params_only_b=tuple(params_only_b),
+        mapping=(str(key_mapping.source or key_mapping.name) if through_mapping and key_mapping else None),
+        margin=margin, inputs_differ=inputs_differ, warnings=tuple(warnings), notes=tuple(notes))
+
+
+# --- sources, mapping ---------------------------------------------------------------------------
+
+def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, TraceSide]:
+    if isinstance(source, (str, os.PathLike)):
+        from tensorparity.trace.trace import Trace  # here: the reader imports the capture's format
+
+        src: Any = Trace.open(source, rank=rank)
+        label = str(source)
+    elif isinstance(source, RecordSource):
+        src = source
+        label = str(getattr(source, "path", None) or f"<{type(source).__name__} in memory>")
+    else:
+        raise UsageError(f"trace {name} must be a Trace, a trace folder's path, or an object with records, "
+                         f"provenance and load(record); got {type(source).__name__}",
+                         fix="capture one with tensorparity.trace.capture, or pass a trace folder")
+    records = list(src.records)
+    prov = dict(src.provenance or {})
+    mode = getattr(src, "mode", None) or prov.get("mode") or _mode(records)
+    layers = len({(r.module, r.call) for r in records})
+    model = prov.get("model_class") or prov.get("model")
+    return src, TraceSide(label, str(mode), len(records), layers, str(model) if model else None, prov)
+
+
+def _mode(records: Sequence[TraceRecord]) -> str:
+    stored = [r.stored for r in records if r.is_tensor]
+    return "full" if all(stored) else ("stats" if not any(stored) else "window")
+
+
+def _load_mapping(mapping: Any) -> Mapping | None:
+    if mapping is None:
+        return None
+    if not isinstance(mapping, (str, os.PathLike, Mapping, dict)):
+        raise UsageError(f"mapping must be a tensorparity.mapping.Mapping or the path of a YAML file, "
+                         f"not {type(mapping).__name__}", fix="pass mapping='map.yaml' or Mapping.from_yaml(...)")
+    return load_mapping(mapping)
+
+
+# --- pairing records ----------------------------------------------------------------------------
+
+def _pair_records(ra: Sequence[TraceRecord], rb: Sequence[TraceRecord]) -> list[tuple[TraceRecord, TraceRecord]]:
+    """Records of one kind of two paired layers: by path; a lone record on each side pairs whatever
+    its path (``0`` vs ``last_hidden_state``)."""
+    if len(ra) == 1 and len(rb) == 1:
+        return [(ra[0], rb[0])]
+    by_path = {r.path: r for r in rb}
+    return [(r, by_path[r.path]) for r in ra if r.path in by_path]
+
+
+def _job(src_a: RecordSource, src_b: RecordSource, slot: str, owner: int | None, ra: TraceRecord,
+         rb: TraceRecord, *, param: bool = False) -> _Job | None:
+    """The comparison of two records: by value when both stored their tensor, else by statistics
+    (``None`` when a side kept neither)."""
+    stats = not (ra.stored and rb.stored)
+    if stats and ((ra.stats is None and not ra.stored) or (rb.stats is None and not rb.stored)):
+        return None
+    return _Job(slot, owner, ra.key, rb.key, _loadable(src_a, ra), _loadable(src_b, rb), ra, rb,
+                stats=stats, param=param)
+
+
+def _param_name(r: TraceRecord) -> str:
+    return f"{r.module}.{r.path}" if r.module else r.path
+
+
+def _params_without_partner(alignment: Alignment) -> tuple[list[str], list[str]]:
+    def names(layers: Sequence[Any]) -> list[str]:
+        return [_param_name(r) for u in layers for r in u.layer.of_kind("param_grad")]
+
+    return names(alignment.only_a), names(alignment.only_b)
+
+
+def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: Mapping, layers: list[_Layer],
+                            notes: list[str]) -> tuple[list[_Job], list[str], list[str]]:
+    """Parameter gradients of A renamed and transformed (concat, transpose, ...) into B's keys by the
+    mapping itself, then compared with B's; each goes under its layer when both owners are paired."""
+    recs_a = {_param_name(r): r for r in src_a.records if r.kind == "param_grad" and r.is_tensor}
+    recs_b = {_param_name(r): r for r in src_b.records if r.kind == "param_grad" and r.is_tensor}
+    owner = {(x.match.a.module, x.match.b.module): i for i, x in enumerate(layers)}
+    if not all(r.stored for r in recs_a.values()):
+        notes.append("A stored no parameter gradients, so they were paired by the module renames, not transformed")
+        return _params_by_renames(src_a, src_b, recs_a, recs_b, layers, owner)
+    entries = {k: LazyTensor(r.shape, getattr(torch, r.dtype), 0, r.key, _RecordTensor(src_a, r).load)
+               for k, r in recs_a.items()}
+    try:
+        mapped = apply_mapping(open_checkpoint(entries), mapping)
+    except MappingError as exc:
+        notes.append(f"the mapping does not fit A's parameter gradients ({exc.problems[0]}); they were "
+                     "paired by the module renames")
+        return _params_by_renames(src_a, src_b, recs_a, recs_b, layers, owner)
+    jobs, only_a = [], list(mapped.unmapped)
+    for target, entry in mapped.checkpoint.items():
+        sources = [recs_a[s] for s in mapped.claims[target]]
+        rb = recs_b.get(target)
+        if rb is None:
+            only_a += [s for s in mapped.claims[target] if s not in only_a]
+            continue
+        if not rb.stored and rb.stats is None:
+            continue
+        i = owner.get((sources[0].module, rb.module)) if len(sources) == 1 else None
+        # What A's side is after the transform: its statistics are measured, not taken from A's records.
+        ra = replace(sources[0], shape=tuple(entry.shape), dtype=str(entry.dtype).removeprefix("torch."), stats=None)
+        job = _Job("backward", i, " + ".join(r.key for r in sources), rb.key, entry, _loadable(src_b, rb),
+                   ra, rb, stats=not rb.stored, param=True)
+        jobs.append(job)
+        if i is not None:
+            layers[i].slots["backward"].append(job)
+    only_b = [k for k in recs_b if k not in mapped.claims and not mapping.ignored(k, side="b")]
+    return jobs, only_a, only_b
+
+
+def _params_by_renames(src_a: RecordSource, src_b: RecordSource, recs_a: dict[str, TraceRecord],
+                       recs_b: dict[str, TraceRecord], layers: list[_Layer],
+                       owner: dict[tuple[str, str], int]) -> tuple[list[_Job], list[str], list[str]]:
+    jobs, taken = [], set()
+    for x in layers:
+        for ra, rb in _pair_records(x.match.a.of_kind("param_grad"), x.match.b.of_kind("param_grad")):
+            i = owner[(x.match.a.module, x.match.b.module)]
+            job = _job(src_a, src_b, "backward", i, ra, rb, param=True)
+            if job is None:
+                continue
+            jobs.append(job)
+            layers[i].slots["backward"].append(job)
+            taken |= {("a", _param_name(ra)), ("b", _param_name(rb))}
+    return (jobs, [k for k in recs_a if ("a", k) not in taken], [k for k in recs_b if ("b", k) not in taken])
+
+
+# --- comparing ----------------------------------------------------------------------------------
+
+def _run(jobs: list[_Job], tol: Tolerance, workers: int | None) -> None:
+    tensor_jobs = [j for j in jobs if not j.stats]
+    pairs = (Pair(j.key, j.a, j.b, j.key_b if j.key_b != j.key else None) for j in tensor_jobs)
+    for job, result in zip(tensor_jobs, compare_pairs(pairs, tol, workers=workers), strict=True):
+        job.result = result
+        job.error = relative_error(result, job.rb.stats or job.ra.stats)
+    for job in jobs:
+        if job.stats:
+            sa = job.ra.stats if job.ra.stats is not None or not job.ra.stored else tensor_stats(job.a.load())
+            sb = job.rb.stats if job.rb.stats is not None or not job.rb.stored else tensor_stats(job.b.load())
+            job.result = compare_stats(job.key, job.ra, job.rb, tol, stats_a=sa, stats_b=sb, key_b=job.key_b)
+            job.error = stats_error(job.result, sa, sb)
+
+
+# --- assembly ------------------------------------------------------------------------
+
+def _unaligned(layer: TraceLayer, reason: str) -> UnalignedLayer:
+    return UnalignedLayer(layer.name, layer.module_type, layer.shape, reason)
+
+
+def _layer_comparison(layer: _Layer, origin: Any) -> LayerComparison:
+    m = layer.match
+    slots = {k: tuple(j.result for j in v if j.result is not None) for k, v in layer.slots.items()}
+    bases = {j.stats for v in layer.slots.values() for j in v}
+    basis = "mixed" if len(bases) > 1 else ("stats" if bases == {True} else "tensors")
+    kw = origin.as_fields() if origin is not None else {}
+    return LayerComparison(layer_a=m.a.name, layer_b=m.b.name, type_a=m.a.module_type, type_b=m.b.module_type,
+                           how=m.how, order=m.a.order, backward_order=m.a.backward_order, shape=m.a.shape,
+                           forward=slots["forward"], inputs=slots["inputs"], backward=slots["backward"],
+                           basis=basis, by_stats=tuple(j.key for v in layer.slots.values() for j in v if j.stats),
+                           **kw)

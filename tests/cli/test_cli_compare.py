@@ -1,0 +1,138 @@
+"""`tensorparity compare A B`: exit codes (0 same, 1 differs, 2 error), --map, --align, tolerance
+options, --json, folding, the one-line error contract, and a trace captured in another process
+giving the report of an in-process compare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from tensorparity.examples import port_model, reference_model
+from tensorparity.trace.capture import capture
+from tensorparity.trace.compare import compare_traces
+
+runner = CliRunner(env={"COLUMNS": "160"})
+MAP = Path(str(files("tensorparity.examples") / "reference_to_port.yaml"))
+
+# What a second environment runs: capture one model on the shared input, write the trace folder.
+CAPTURE = """
+import sys, torch
+from tensorparity.examples import port_model, reference_model
+from tensorparity.trace.capture import capture
+which, out = sys.argv[1], sys.argv[2]
+model = reference_model() if which == "reference" else port_model()
+if which == "broken":
+    model.blocks[1].attn_norm.eps = 0.1
+x = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(0))
+with capture(model, out=out):
+    model(x).sum().backward()
+"""
+
+
+def app() -> typer.Typer:
+    from tensorparity.cli import app as main_app
+
+    return main_app
+
+
+def invoke(*args: str | Path) -> object:
+    return runner.invoke(app(), ["compare", *(str(a) for a in args)])
+
+
+def capture_to(folder: Path, which: str) -> Path:
+    model = reference_model() if which == "reference" else port_model()
+    if which == "broken":
+        model.blocks[1].attn_norm.eps = 0.1
+    x = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(0))
+    with capture(model, out=folder):
+        model(x).sum().backward()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("traces")
+    return {name: capture_to(root / name, which) for name, which in
+            (("ref", "reference"), ("ref2", "reference"), ("port", "port"), ("broken", "broken"))}
+
+
+def assert_one_line_error(result: object, *needles: str) -> str:
+    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    assert result.stdout == ""  # type: ignore[attr-defined]
+    lines = result.stderr.splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_identical_traces_exit_0(traces: dict[str, Path]) -> None:
+    result = invoke(traces["ref"], traces["ref2"])
+    assert result.exit_code == 0, result.output
+    assert "→ identical" in result.stdout and "Common layers: 28 / Only in A: 0 / Only in B: 0" in result.stdout
+    assert "First divergence" not in result.stdout
+
+
+def test_a_port_matches_through_the_mapping_and_by_order(traces: dict[str, Path]) -> None:
+    for extra in (["--map", MAP], ["--align", "order"]):
+        result = invoke(traces["ref"], traces["port"], *extra)
+        assert result.exit_code == 0, result.output
+        assert "Common layers: 16 / Only in A: 12 / Only in B: 2 / Matched: 16 / Mismatched: 0" in result.stdout
+    assert "fused by rules[3] into blocks.0.qkv" in invoke(traces["ref"], traces["port"], "--map", MAP).stdout
+
+
+def test_a_broken_port_exits_1_and_names_the_first_divergence(traces: dict[str, Path]) -> None:
+    result = invoke(traces["ref"], traces["broken"], "--map", MAP, "--top", "2")
+    assert result.exit_code == 1, result.output
+    out = result.stdout
+    assert "First divergence (forward): layers.1.norm1 → blocks.1.attn_norm  (LayerNorm)" in out
+    assert "the error is introduced here" in out
+    assert "Mismatched layers, in execution order (16); inherited: from layers.1.norm1 unless named" in out
+    assert "… and 14 more" in out
+    # A tolerance wide enough for the bug turns the verdict; --tol loosens single record kinds.
+    assert invoke(traces["ref"], traces["broken"], "--map", MAP, "--atol", "10").exit_code == 0
+    narrow = invoke(traces["ref"], traces["broken"], "--map", MAP, "--atol", "10", "--tol", "/param_grad/=0")
+    assert narrow.exit_code == 1 and "Parameter gradients outside tolerance" in narrow.stdout
+
+
+def test_json_is_the_library_report(traces: dict[str, Path]) -> None:
+    result = invoke(traces["ref"], traces["broken"], "--align", "order", "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["schema"] == "tensorparity.trace-compare/1" and data["alignment"]["method"] == "order"
+    assert data["first_divergence"]["layer_b"] == "blocks.1.attn_norm"
+    assert data == json.loads(compare_traces(traces["ref"], traces["broken"], align="order").to_json())
+
+
+def test_errors_are_one_line_with_a_fix(traces: dict[str, Path], tmp_path: Path) -> None:
+    assert_one_line_error(invoke(tmp_path / "nowhere", traces["ref"]), "error:", "nowhere", "; fix: ")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke(traces["ref"], tmp_path / "empty"), "not a trace", "fix: pass a folder written by")
+    assert_one_line_error(invoke(traces["ref"], traces["port"], "--align", "fuzzy"), "fix: pass align='auto'")
+    assert_one_line_error(invoke(traces["ref"], traces["port"], "--top", "-1"), "fix: pass e.g. --top 20")
+    assert_one_line_error(invoke(traces["ref"], traces["port"], "--margin", "0.5"), "fix: pass e.g. margin=10")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [{a: 'x.{p}'}]\n")
+    assert_one_line_error(invoke(traces["ref"], traces["port"], "--map", bad), "bad.yaml:1", "the rule has no b",
+                          "fix: give b")
+
+
+def test_a_trace_captured_in_another_process_gives_the_in_process_report(tmp_path: Path) -> None:
+    for which in ("reference", "broken"):
+        subprocess.run([sys.executable, "-c", CAPTURE, which, str(tmp_path / which)], check=True, timeout=300)
+    here = {which: capture_to(tmp_path / f"here-{which}", which) for which in ("reference", "broken")}
+    other = json.loads(invoke(tmp_path / "reference", tmp_path / "broken", "--map", MAP, "--json").stdout)
+    local = json.loads(compare_traces(here["reference"], here["broken"], mapping=MAP).to_json())
+    for data in (other, local):
+        for side in ("a", "b"):
+            data.pop(side)  # where the traces are, and when and by which command line they were made
+    assert other == local
+    assert other["first_divergence"]["layer_a"] == "layers.1.norm1" and other["verdict"] == "differs"
