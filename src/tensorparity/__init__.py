@@ -12,6 +12,7 @@ from tensorparity.report.inspect import InspectReport, inspect
 from tensorparity.report.loadcheck import LoadCheckReport
 from tensorparity.report.trace import TraceReport
 from tensorparity.trace.compare import compare_traces
+from tensorparity.trace.replay import replay
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "inspect",
     "load_check",
     "open",
+    "replay",
 ]

@@ -20,6 +20,7 @@ from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
 from tensorparity.cli.loadcheck import load_check_command
 from tensorparity.cli.map import map_app
+from tensorparity.cli.replay import replay_command
 
 __all__ = ["app", "main"]
 
@@ -51,6 +52,7 @@ app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
 app.command("capture")(capture_command)
 app.command("compare")(compare_command)
+app.command("replay")(replay_command)
 app.command("load-check")(load_check_command)
 app.add_typer(map_app, name="map")
 

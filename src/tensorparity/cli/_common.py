@@ -10,18 +10,20 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from tensorparity.errors import TensorParityError
+from tensorparity.errors import TensorParityError, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["EXIT_DIFFERS", "EXIT_ERROR", "EXIT_OK", "command", "stdout_console"]
+__all__ = ["EXIT_DIFFERS", "EXIT_ERROR", "EXIT_OK", "command", "stdout_console", "write_atomic"]
 
 EXIT_OK = 0
 EXIT_DIFFERS = 1  # reserved: "the two things differ" (diff, parity checks)
@@ -85,3 +87,26 @@ def stdout_console() -> Console:
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def write_atomic(path: Path, text: str, *, what: str = "the file") -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
+    never leaves a half-written file.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "m.yaml"
+        >>> write_atomic(p, "version: 1\\n"); p.read_text()
+        'version: 1\\n'
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"could not write {what} ({exc.strerror or exc})", path=path,
+                         fix="check free disk space and permissions") from None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, stdout_console, write_atomic
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
+from tensorparity.report.trace_html import render_trace_html
 from tensorparity.trace.compare import compare_traces
 
 __all__ = ["compare_command"]
@@ -48,6 +50,10 @@ def compare_command(
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
                                         "tensorparity.trace-compare/1) and nothing else.")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 10,
+    html_: Annotated[Path | None, typer.Option("--html", metavar="PATH",
+                                               help="Also write the report as one self-contained HTML file (plot "
+                                                    "of per-layer error, filterable table; opens offline). "
+                                                    "Written atomically; an existing file is replaced.")] = None,
 ) -> None:
     """Compare two traces layer by layer, forward and backward; name the first diverging layer.
 
@@ -59,11 +65,19 @@ def compare_command(
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
     tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol, statistic=statistic, nan_unequal=nan_unequal,
                                 overrides=tol)
+    if html_ is not None and (html_.is_dir() or not html_.parent.is_dir()):
+        raise UsageError("--html needs a file in an existing folder", path=html_,
+                         fix="give a file name in an existing folder, e.g. --html report.html")
     report = compare_traces(a, b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
                             margin=margin, rank=rank)
+    if html_ is not None:
+        write_atomic(html_, render_trace_html(report), what="the HTML report")
     if json_:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
     else:
-        report.render(stdout_console(), top=top)
+        console = stdout_console()
+        report.render(console, top=top)
+        if html_ is not None:
+            console.print(f"HTML report: {html_}", soft_wrap=True)
     raise typer.Exit(report.exit_code)

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, stdout_console, write_atomic
 from tensorparity.errors import UsageError
 from tensorparity.mapping.suggest import suggest_mapping
 
-__all__ = ["map_app", "suggest_command", "write_atomic"]
+__all__ = ["map_app", "suggest_command"]
 
 map_app = typer.Typer(
     name="map",
@@ -54,29 +53,6 @@ def _check_output(out: Path, inputs: list[str], force: bool) -> None:
         raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
-    never leaves a half-written mapping.
-
-    Example:
-        >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "m.yaml"
-        >>> write_atomic(p, "version: 1\\n"); p.read_text()
-        'version: 1\\n'
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UsageError(f"could not write the mapping ({exc.strerror or exc})", path=path,
-                         fix="check free disk space and permissions") from None
-
-
 @command
 def suggest_command(
     a: Annotated[str, typer.Argument(help="Side A: any file or folder tensorparity.open reads.", show_default=False)],
@@ -105,7 +81,7 @@ def suggest_command(
         _check_output(output, [a, b], force)
     suggestion = suggest_mapping(a, b, weights_only=weights_only)
     if output is not None:
-        write_atomic(output, suggestion.to_yaml())
+        write_atomic(output, suggestion.to_yaml(), what="the mapping")
     if json_:
         sys.stdout.write(suggestion.to_json() + "\n")
     elif output is not None:

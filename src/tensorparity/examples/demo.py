@@ -12,6 +12,11 @@ Step 3 — suggest a mapping from tensor content alone, and prove it by diffing 
 
 Step 4 — load-check: the reference's checkpoint loads into the port (through the mapping) and
 into the reference (as is), strictly, and the two loaded models hold the same weights.
+
+Step 5 — layer parity: the reference is captured forward and backward to a trace folder, the port
+with a subtle bug (LayerNorm eps 1e-3 in one block) is captured in memory and compared through the
+mapping; the report names the first diverging layer, replay confirms it is that layer's own error
+(every module fed the reference's recorded inputs), and the HTML report is written.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -148,6 +154,50 @@ def step_load_check(console: Console) -> None:
         raise SystemExit("demo: the reference checkpoint should load into both models")
 
 
+def step_parity(console: Console) -> None:
+    console.rule("[bold]5. layer parity: the port with a subtle bug, forward and backward")
+    from importlib.resources import files
+
+    from tensorparity.examples import port_model
+    from tensorparity.examples.port import BUGS
+    from tensorparity.report.trace_html import render_trace_html
+    from tensorparity.trace import capture, compare_traces, reproducible
+    from tensorparity.trace.replay import replay
+
+    folder = OUT / "parity"
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = str(files("tensorparity.examples") / "reference_to_port.yaml")
+    features = torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(0))
+    bug = "norm_eps"
+    console.print(f"capture the reference (outputs, inputs, gradients) to {folder / 'reference'}; capture the port "
+                  f"in memory, with a bug: {BUGS[bug]}")
+    traces = {}
+    with reproducible(0):
+        for name, model in (("reference", reference_model()), ("port", port_model(bug=bug))):
+            out = folder / "reference" if name == "reference" else None  # the port's trace stays in memory
+            if out is not None and out.exists():
+                shutil.rmtree(out)  # a rerun of the demo replaces the previous trace
+            with capture(model, inputs=True, out=out) as trace:
+                model(features).sum().backward()
+            traces[name] = trace
+    console.print("[bold]compare_traces(reference, port, mapping=reference_to_port.yaml)")
+    report = compare_traces(folder / "reference", traces["port"], mapping=mapping)
+    report.render(console, top=5)
+    first = report.first_divergence
+    if first is None or first.layer_b != "blocks.1.mlp_norm":
+        raise SystemExit(f"demo: the first divergence should be blocks.1.mlp_norm, not {first and first.layer_b}")
+    html_path = folder / "report.html"
+    html_path.write_text(render_trace_html(report), encoding="utf-8")
+    console.print(f"HTML report (one file, opens offline): [bold]{html_path}")
+
+    console.print("[bold]replay: every module of the buggy port fed the reference's recorded inputs")
+    replayed = replay(folder / "reference", port_model(bug=bug), mapping=mapping)
+    console.print(replayed.summary(), soft_wrap=True)
+    culprits = [x.module for x in replayed.culprits]
+    if culprits != ["blocks.1.mlp_norm"]:
+        raise SystemExit(f"demo: replay should isolate blocks.1.mlp_norm, not {culprits}")
+
+
 def main() -> None:
     console = Console(width=None if sys.stdout.isatty() else 110)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -156,6 +206,7 @@ def main() -> None:
     step_diff(console)
     step_suggest(console)
     step_load_check(console)
+    step_parity(console)
     console.rule("[bold green]demo finished")
 
 

@@ -8,15 +8,23 @@ import math
 import torch
 from torch import nn
 
+from tensorparity.errors import UsageError
 from tensorparity.examples.reference import ReferenceModel, reference_model
 
-__all__ = ["PortModel", "from_reference", "port_model"]
+__all__ = ["BUGS", "PortModel", "from_reference", "port_model"]
+
+# The subtle bugs port_model can inject, each in one layer, as ports really get them wrong.
+BUGS = {
+    "norm_eps": "blocks.1.mlp_norm uses LayerNorm eps=1e-3 instead of 1e-5",
+    "gelu_tanh": "blocks.0 uses the tanh approximation of GELU instead of the exact one",
+}
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, gelu: str = "none") -> None:
         super().__init__()
         self.heads = heads
+        self.gelu = gelu  # "tanh": the approximation some ports pick
         self.attn_norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -30,7 +38,7 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
         y = ((q @ k.transpose(-1, -2)) / math.sqrt(d // h)).softmax(-1) @ v
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.mlp_norm(x))))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.mlp_norm(x)), approximate=self.gelu))
 
 
 class PortModel(nn.Module):
@@ -78,16 +86,30 @@ def from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in out.items()}
 
 
-def port_model(seed: int = 0) -> PortModel:
+def port_model(seed: int = 0, bug: str | None = None) -> PortModel:
     """The port, loaded with the reference's weights through :func:`from_reference`.
+
+    Args:
+        seed: the reference's seed (its weights).
+        bug: ``None`` (the correct port) or one of :data:`BUGS`: ``"norm_eps"`` (LayerNorm eps
+            1e-3 in ``blocks.1.mlp_norm``), ``"gelu_tanh"`` (tanh-approximate GELU in
+            ``blocks.0``). The weights stay right; only what the port computes changes.
 
     Example:
         >>> import torch
         >>> x = torch.randn(1, 16, 8)
         >>> torch.allclose(port_model()(x), reference_model()(x), atol=1e-5)
         True
+        >>> port_model(bug="norm_eps").blocks[1].mlp_norm.eps
+        0.001
     """
+    if bug is not None and bug not in BUGS:
+        raise UsageError(f"unknown bug {bug!r}", fix=f"pass one of {', '.join(sorted(BUGS))}, or None")
     reference: ReferenceModel = reference_model(seed)
     model = PortModel()
     model.load_state_dict(from_reference(reference.state_dict()))
+    if bug == "norm_eps":
+        model.blocks[1].mlp_norm.eps = 1e-3
+    elif bug == "gelu_tanh":
+        model.blocks[0].gelu = "tanh"
     return model.eval()

@@ -323,6 +323,15 @@ class TraceReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
 
     # People
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page (see :mod:`tensorparity.report.trace_html`)."""
+        from tensorparity.report.trace_html import render_trace_html
+
+        return render_trace_html(self)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
     def renderable(self, *, top: int = 10) -> RenderableType:
         """A rich renderable: summary first, the first divergence, mismatched layers, then the rest
         folded to ``top`` rows."""

@@ -6,7 +6,9 @@ from tensorparity.trace.align import RecordSource, align_layers, module_renames
 from tensorparity.trace.capture import capture
 from tensorparity.trace.compare import compare_traces
 from tensorparity.trace.format import TraceError
+from tensorparity.trace.noise import noise_floor, noise_tolerance
 from tensorparity.trace.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
+from tensorparity.trace.replay import ReplayedLayer, ReplayReport, SkippedLayer, replay
 from tensorparity.trace.seed import InputSpec, input_hash, reproducible, seed_everything
 from tensorparity.trace.trace import Trace
 
@@ -14,7 +16,10 @@ __all__ = [
     "InputSpec",
     "LayerComparison",
     "RecordSource",
+    "ReplayReport",
+    "ReplayedLayer",
     "SCHEMA",
+    "SkippedLayer",
     "TensorStats",
     "Trace",
     "TraceError",
@@ -25,7 +30,10 @@ __all__ = [
     "compare_traces",
     "input_hash",
     "module_renames",
+    "noise_floor",
+    "noise_tolerance",
     "record_key",
+    "replay",
     "reproducible",
     "seed_everything",
     "tensor_stats",

@@ -279,13 +279,13 @@ class _Recorder:
             self._finish(TraceRecord(*meta, None, False, f"<{t.layout} tensor on {t.device}: not captured>"))
             return
         if not (full and t.dtype in STORABLE):
-            self._finish(TraceRecord(*meta, tensor_stats(t, with_hash=t.device.type == "cpu"), False))
+            self._finish(TraceRecord(*meta, tensor_stats(t), False))
             return
         copy = t.clone(memory_format=torch.contiguous_format)
         key = record_key(module, call, kind, path)
         if self.writer is None:
             self.tensors[key] = copy
-            self._finish(TraceRecord(*meta, tensor_stats(copy, with_hash=copy.device.type == "cpu"), True))
+            self._finish(TraceRecord(*meta, tensor_stats(copy), True))
         else:
             self.writer.put(key, copy, lambda cpu: self._finish(TraceRecord(*meta, tensor_stats(cpu), True)))
 

@@ -10,15 +10,14 @@ of these records plus provenance (see :mod:`tensorparity.trace.format`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["KINDS", "SCHEMA", "Kind", "TensorStats", "TraceRecord", "flatten_value", "json_value", "record_key",
-           "tensor_stats"]
+__all__ = ["KINDS", "Kind", "SCHEMA", "TensorStats", "TraceRecord", "fingerprint", "flatten_value", "json_value", "record_key", "tensor_stats"]
 
 SCHEMA = "tensorparity.trace/1"
 
@@ -41,7 +40,7 @@ class TensorStats:
     norm: float
     nan: int
     inf: int
-    hash: str  # blake2b-128 of the tensor's bytes (C order), "" when not computed
+    hash: str  # content fingerprint (see fingerprint()), "" when not computed
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v)
@@ -54,8 +53,55 @@ class TensorStats:
         return cls(**{k: (float(data[k]) if k in ("min", "max", "mean", "std", "norm") else data[k]) for k in names})
 
 
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_POSITIONS: dict[tuple[int, str], torch.Tensor] = {}
+_POSITIONS_LIMIT = 1 << 24  # cache position weights for tensors up to 16M elements
+
+
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    weights = _POSITIONS.get(key)
+    if weights is None:
+        # Odd multipliers of a Weyl sequence: every position weighs differently, so a permuted or
+        # transposed tensor changes the fingerprint even though its sum does not.
+        weights = torch.arange(n, device=device, dtype=torch.int64) * 0x9E3779B97F4A7C15 % (1 << 62) * 2 + 1
+        if n <= _POSITIONS_LIMIT:
+            if sum(w.numel() for w in _POSITIONS.values()) + n > 4 * _POSITIONS_LIMIT:
+                _POSITIONS.clear()
+            _POSITIONS[key] = weights
+    return weights
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A content fingerprint computed where the tensor lives (no copy to the CPU): two 64-bit
+    wrapping sums of the elements' bit patterns, plain and position-weighted.
+
+    Equal tensors always agree; different ones disagree unless their bit patterns collide in both
+    sums, which accidental differences (a changed element, a transposed or permuted weight) do not.
+    It is a fingerprint for "these are the same numbers", not a cryptographic hash.
+
+    Example:
+        >>> a = torch.arange(6.0).reshape(2, 3)
+        >>> fingerprint(a) == fingerprint(a.clone()), fingerprint(a) == fingerprint(a.t().contiguous())
+        (True, False)
+    """
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return "fp1:" + "0" * 32
+    size = flat.element_size()
+    if size in _INT_VIEW:
+        bits = flat.view(_INT_VIEW[size]).to(torch.int64)
+    else:  # complex128 and other wide types: bytes grouped in 8
+        bits = flat.view(torch.int64) if (flat.numel() * size) % 8 == 0 else flat.view(torch.uint8).to(torch.int64)
+    plain = int(bits.sum())
+    weighted = int((bits * _positions(bits.numel(), bits.device)).sum())
+    return f"fp1:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+
+
 def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
-    """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged).
+    """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged), computed
+    where the tensor lives in a few passes (float32 arithmetic for 16/32-bit floats, float64 for
+    64-bit and integer types; sums accumulate in float64).
 
     Example:
         >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
@@ -64,21 +110,33 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
     """
     t = t.detach()
     numel = t.numel()
-    digest = ""
-    if with_hash:
-        raw = t.contiguous().view(-1).view(torch.uint8) if numel else torch.empty(0, dtype=torch.uint8)
-        digest = hashlib.blake2b(raw.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+    digest = fingerprint(t) if with_hash else ""
     if numel == 0:
         return TensorStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, digest)
-    x = t.to(torch.complex128).abs() if t.is_complex() else t.to(torch.float64)
-    nan = int(torch.isnan(x).sum())
-    inf = int(torch.isinf(x).sum())
-    finite = x[torch.isfinite(x)] if (nan or inf) else x.reshape(-1)
-    if finite.numel() == 0:
+    if t.is_complex():
+        x = t.abs().to(torch.float64)
+    elif t.dtype in (torch.float32, torch.float64):
+        x = t
+    elif t.is_floating_point():
+        x = t.to(torch.float32)
+    else:
+        x = t.to(torch.float64)
+    x = x.reshape(-1)
+    nan = inf = 0
+    if not bool(torch.isfinite(x).all()):
+        nan = int(torch.isnan(x).sum())
+        inf = int(torch.isinf(x).sum())
+        x = x[torch.isfinite(x)]
+    n = x.numel()
+    if n == 0:
         return TensorStats(numel, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nan, inf, digest)
-    std = float(finite.std(unbiased=False)) if finite.numel() > 1 else 0.0
-    return TensorStats(numel, float(finite.min()), float(finite.max()), float(finite.mean()), std,
-                       float(finite.norm()), nan, inf, digest)
+    low, high = torch.aminmax(x)
+    total = float(x.sum(dtype=torch.float64))
+    norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    squares = norm * norm
+    mean = total / n
+    var = max(0.0, squares / n - mean * mean)
+    return TensorStats(numel, float(low), float(high), mean, math.sqrt(var), norm, nan, inf, digest)
 
 
 def json_value(value: Any) -> Any:

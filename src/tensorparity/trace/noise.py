@@ -1,0 +1,165 @@
+"""Tolerances from measured numerical noise: run the reference in float32 and in float64 on the
+same input and allow each layer a multiple of the error float32 itself makes.
+
+Why a multiple, and which: ``torch._dynamo.utils.same`` judges a result against a float64
+reference and passes it when the result's error is at most ``multiplier`` (2.0) times the error
+the float32 reference itself makes. Here the two things compared are both float32 runs (the
+reference's and the other implementation's), and per element ``|b - a| <= |b - a64| + |a64 - a|``.
+If B may be ``2`` times as far from float64 as A is (dynamo's multiplier) and A is ``noise`` away,
+the difference seen is at most ``2·noise + noise``: :data:`FACTOR` = 3.
+
+A layer whose float32 and float64 results agree exactly (a ReLU of representable numbers, a
+copy, integer outputs) would get atol 0, and any reordering of a sum in the other
+implementation would fail it; so every tolerance is at least :data:`ULPS` units in the last
+place of float32 at the tensor's largest magnitude (and never 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorparity.compare import Tolerance
+from tensorparity.errors import UsageError
+from tensorparity.trace.records import TraceRecord
+
+__all__ = ["FACTOR", "ULPS", "noise_atol", "noise_floor", "noise_tolerance", "to_double"]
+
+FACTOR = 3.0  # 1 (A's own float32 error) + 2 (dynamo's multiplier for B's): see the module docstring
+ULPS = 4.0  # the floor: float32 units in the last place at the tensor's largest magnitude
+_EPS32 = torch.finfo(torch.float32).eps
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def noise_atol(t32: torch.Tensor, t64: torch.Tensor, *, factor: float = FACTOR, ulps: float = ULPS) -> float:
+    """The atol a tensor gets from its float32 and float64 results: ``factor`` times their largest
+    absolute difference, at least ``ulps`` float32 ulps at the largest magnitude (never 0).
+
+    Example:
+        >>> x64 = torch.tensor([1.0, 2.0], dtype=torch.float64) / 3
+        >>> atol = noise_atol(x64.float(), x64)
+        >>> 0 < atol < 1e-6
+        True
+    """
+    a, b = t32.detach().to("cpu", torch.float64), t64.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    err = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
+    scale = float(b[finite].abs().max()) if bool(finite.any()) else 0.0
+    return max(factor * err, ulps * _EPS32 * scale, _TINY)
+
+
+def to_double(value: Any) -> Any:
+    """``value`` with every floating-point tensor (also inside lists, tuples, dicts) as float64."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: to_double(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_double(v) for v in value)
+    return value
+
+
+def noise_tolerance(atols: dict[str, float], *, base: Tolerance | None = None) -> Tolerance:
+    """A :class:`Tolerance` with one exact-key override per record key: ``atol`` as given, rtol 0.
+
+    Keys are record keys (``module/call/kind[/path]``), escaped so that a module's name is never
+    read as a regular expression; keys not listed keep ``base`` (default: torch's per dtype).
+
+    Example:
+        >>> tol = noise_tolerance({"fc/0/output": 2e-6})
+        >>> tol.for_key("fc/0/output", torch.float32).atol, tol.for_key("fc2/0/output", torch.float32).atol
+        (2e-06, 1e-05)
+    """
+    base = base or Tolerance()
+    overrides = tuple((f"^{re.escape(key)}$", Tolerance(atol=atol, rtol=0.0)) for key, atol in atols.items())
+    return Tolerance(atol=base.atol, rtol=base.rtol, exact=base.exact, equal_nan=base.equal_nan,
+                     statistic=base.statistic, overrides=overrides + base.overrides)
+
+
+def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int,
+         loss: Callable[[Any], torch.Tensor] | None) -> Any:
+    from tensorparity.trace.capture import capture
+    from tensorparity.trace.seed import seed_everything
+
+    state = seed_everything(seed, deterministic=False)
+    try:
+        with capture(model, grads=loss is not None, param_grads=loss is not None) as trace:
+            if loss is None:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            else:
+                loss(model(*args, **kwargs)).backward()
+    finally:
+        state.restore()
+    return trace
+
+
+def noise_floor(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kwargs: dict[str, Any] | None = None,
+    factor: float = FACTOR,
+    ulps: float = ULPS,
+    seed: int = 0,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+    base: Tolerance | None = None,
+) -> Tolerance:
+    """Measure every layer's float32 noise and return it as a per-layer :class:`Tolerance`.
+
+    The model runs as it is (float32) and a deep copy of it in float64 (``.double()``, floating
+    inputs cast), both under the same seed, both captured in memory. Each record both runs hold
+    (module outputs, the model output, and with ``loss`` the gradients) gets
+    ``atol = max(factor · max|x32 - x64|, ulps · eps32 · max|x64|)`` and rtol 0 (see the module
+    docstring for why ``factor`` = 3). Use it with the reference as side A:
+    ``compare_traces(ref_trace, other_trace, tolerance=noise_floor(ref, x))`` or with
+    :func:`~tensorparity.trace.replay.replay`; every comparison's ``tolerance.source`` names the
+    override that judged it, so reports state each layer's tolerance.
+
+    Args:
+        model: the reference model (its parameters float32); it is not changed.
+        inputs: its positional input: a tensor, or a tuple of arguments.
+        kwargs: keyword arguments of the call.
+        factor: the multiple of the measured error allowed.
+        ulps: the floor, in float32 ulps at the tensor's largest magnitude.
+        seed: seeded before each run (dropout in training mode draws the same masks only where
+            the kernels draw them alike for both dtypes: measure in eval mode).
+        loss: ``loss(output) -> scalar``; when given, backward runs too and gradients get
+            tolerances as well.
+        base: the tolerance for records not measured (default torch's per dtype).
+
+    Example:
+        >>> from tensorparity.examples import reference_model
+        >>> tol = noise_floor(reference_model(), torch.randn(1, 16, 8))
+        >>> 0 < tol.for_key("layers.1.norm2/0/output", torch.float32).atol < 1e-4
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"noise_floor needs the reference nn.Module, not {type(model).__name__}",
+                         fix="pass the model itself")
+    if not (factor > 0 and ulps >= 0):
+        raise UsageError(f"factor={factor} must be > 0 and ulps={ulps} >= 0", fix="e.g. factor=3, ulps=4")
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    kw = dict(kwargs or {})
+    double = copy.deepcopy(model).double()
+    t32 = _run(model, args, kw, seed, loss)
+    t64 = _run(double, to_double(args), to_double(kw), seed, loss)
+    by_key = {r.key: r for r in t64.records if r.stored}
+    atols: dict[str, float] = {}
+    for r in _measured(t32.records):
+        other = by_key.get(r.key)
+        if other is None or tuple(other.shape) != tuple(r.shape):
+            continue
+        atols[r.key] = noise_atol(t32.load(r), t64.load(other), factor=factor, ulps=ulps)
+    return noise_tolerance(atols, base=base)
+
+
+def _measured(records: Sequence[TraceRecord]) -> list[TraceRecord]:
+    # Inputs are what the comparison feeds, not what it judges; non-floating records compare exactly.
+    return [r for r in records if r.stored and r.kind not in ("input", "model_input")
+            and r.dtype in ("float32", "float16", "bfloat16", "float64")]

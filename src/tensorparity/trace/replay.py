@@ -1,0 +1,397 @@
+"""Replay: feed each module of a model the inputs recorded for its partner in a reference trace,
+and compare what it returns with the partner's recorded output.
+
+Comparing two full runs shows where outputs diverge, but a layer downstream of a bug sees wrong
+inputs and differs too. Replaying calls every module *alone* on the reference's own inputs, so
+each comparison measures that layer's own error, free of anything upstream, and it works across
+environments: the reference trace is captured where the reference lives (``capture(...,
+inputs=True)``), the other implementation is replayed where it lives.
+
+Modules are paired with the reference's as :mod:`tensorparity.trace.align` pairs them by name: the
+same path, or through the module renames a parameter-key mapping implies. A mismatched module
+whose descendants also mismatch *contains* them: its error is explained by them (and it may or may
+not add its own); a mismatched module without mismatched descendants is a culprit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.errors import UsageError
+from tensorparity.mapping import Mapping, load_mapping
+from tensorparity.report._render import jsonable, plain_text, printable
+from tensorparity.trace.align import TraceLayer, group_layers, module_renames
+from tensorparity.trace.format import TraceError
+from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_double
+from tensorparity.trace.records import TraceRecord, flatten_value
+from tensorparity.trace.trace import Trace
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+__all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer", "replay"]
+
+SCHEMA = "tensorparity.trace-replay/1"
+
+
+@dataclass(frozen=True)
+class ReplayedLayer:
+    """One reference layer replayed on its partner module.
+
+    Attributes:
+        layer: the reference layer (``module`` or ``module#call``); ``module``: the model's module.
+        module_type: the model's module class; ``order``: the reference's execution position.
+        outputs: each recorded output compared with what the module returned on the recorded inputs.
+        contains: mismatched layers inside this one (their error explains this one's).
+        error: what the module raised when called on the recorded inputs (a mismatch).
+    """
+
+    layer: str
+    module: str
+    module_type: str
+    order: int
+    outputs: tuple[TensorComparison, ...] = ()
+    contains: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(t.passed for t in self.outputs)
+
+    @property
+    def own_error(self) -> bool:
+        """Mismatched and not explained by a mismatched child: this layer computes something else."""
+        return not self.passed and not self.contains
+
+    @property
+    def max_abs(self) -> float:
+        return max((t.max_abs for t in self.outputs), default=0.0)
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"{self.layer} -> {self.module or '<model>'}: raised {self.error}"
+        worst = max(self.outputs, key=lambda t: (not t.passed, t.max_abs), default=None)
+        text = f"{self.layer} -> {self.module or '<model>'}: " + ("matches" if self.passed else "differs")
+        if worst is not None:
+            text += f", max abs {worst.max_abs:.3g} ({worst.tolerance.describe()}, {worst.tolerance.source})"
+        if self.contains:
+            text += f"; explained by {', '.join(self.contains)}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "module": self.module, "module_type": self.module_type, "order": self.order,
+                "passed": self.passed, "own_error": self.own_error, "contains": list(self.contains),
+                "error": self.error, "max_abs": self.max_abs, "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A reference layer that could not be replayed, and why."""
+
+    layer: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """What :func:`replay` found: every replayed layer in execution order, the skipped ones.
+
+    ``culprits`` are the mismatched layers with no mismatched layer inside them, leaf-most first
+    (execution order puts a child's output before its parent's).
+    """
+
+    reference: str
+    model_class: str
+    tolerance: Tolerance
+    layers: tuple[ReplayedLayer, ...]
+    skipped: tuple[SkippedLayer, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def mismatched(self) -> tuple[ReplayedLayer, ...]:
+        return tuple(x for x in self.layers if not x.passed)
+
+    @property
+    def culprits(self) -> tuple[ReplayedLayer, ...]:
+        return tuple(x for x in self.layers if x.own_error)
+
+    @property
+    def verdict(self) -> str:
+        if not self.layers:
+            return "nothing replayed"
+        if self.mismatched:
+            return "differs"
+        return "identical" if all(t.status == "identical" for x in self.layers for t in x.outputs) else "close"
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.verdict in ("differs", "nothing replayed") else 0
+
+    def summary(self) -> str:
+        text = (f"replay of {self.reference} on {self.model_class}: {self.verdict}; {len(self.layers)} layers "
+                f"replayed, {len(self.mismatched)} differ, {len(self.skipped)} skipped")
+        if self.culprits:
+            text += "; own error in " + ", ".join(x.layer for x in self.culprits)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"schema": SCHEMA, "reference": self.reference, "model_class": self.model_class,
+                         "verdict": self.verdict, "tolerance": self.tolerance.describe(),
+                         "culprits": [x.layer for x in self.culprits],
+                         "layers": [x.to_dict() for x in self.layers],
+                         "skipped": [x.to_dict() for x in self.skipped], "notes": list(self.notes)})
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="Layers replayed on the reference's inputs (execution order)", title_justify="left")
+        for col in ("reference layer", "module", "verdict", "max abs", "tolerance"):
+            table.add_column(col)
+        for x in self.layers:
+            verdict = "match" if x.passed else ("OWN ERROR" if x.own_error else "differs (contains "
+                                                + ", ".join(x.contains[:3]) + ")")
+            if x.error is not None:
+                verdict = "raised: " + x.error[:60]
+            tol = x.outputs[0].tolerance.describe() if x.outputs else ""
+            table.add_row(printable(x.layer), printable(x.module or "<model>"), verdict, f"{x.max_abs:.3g}", tol)
+        parts: list[Any] = [Text(self.summary())]
+        for x in self.culprits:
+            parts.append(Text("own error: " + x.describe()))
+        parts.append(table)
+        if self.skipped:
+            shown = self.skipped[:top]
+            rest = f" (and {len(self.skipped) - len(shown)} more)" if len(self.skipped) > len(shown) else ""
+            parts.append(Text("skipped: " + "; ".join(f"{s.layer}: {s.reason}" for s in shown) + rest))
+        parts += [Text("note: " + n) for n in self.notes]
+        return Group(*parts)
+
+    def render(self, console: Console | None = None, *, top: int = 10) -> None:
+        from rich.console import Console
+
+        (console or Console(highlight=False)).print(self.renderable(top=top))
+
+    def __str__(self) -> str:
+        return plain_text(self.renderable())
+
+
+@dataclass(frozen=True)
+class _Given:
+    tensor: torch.Tensor
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    trace: Trace
+    record: TraceRecord
+
+    def load(self) -> torch.Tensor:
+        return self.trace.load(self.record)
+
+
+def _rebuild(rows: list[TraceRecord], trace: Trace, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The recorded call's ``(args, kwargs)``: positional parts are digits, keywords names."""
+    root: dict[str, Any] = {}
+    for r in rows:
+        value = trace.load(r).to(device) if r.is_tensor else r.value
+        parts = r.path.split(".") if r.path else [""]
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def build(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node and all(k.isdigit() for k in node):
+            return [build(node[k]) for k in sorted(node, key=int)]
+        return {k: build(v) for k, v in node.items()}
+
+    args = tuple(build(root[k]) for k in sorted((k for k in root if k.isdigit()), key=int))
+    return args, {k: build(v) for k, v in root.items() if not k.isdigit()}
+
+
+def _pair(recorded: tuple[TraceRecord, ...], got: dict[str, torch.Tensor]) -> tuple[list[tuple[TraceRecord, str]],
+                                                                                     list[str]]:
+    """Recorded outputs and returned ones by path; a lone pair matches whatever its path."""
+    if len(recorded) == 1 and len(got) == 1:
+        return [(recorded[0], next(iter(got)))], []
+    pairs = [(r, r.path) for r in recorded if r.path in got]
+    missing = [r.path for r in recorded if r.path not in got]
+    return pairs, missing
+
+
+def _open(reference: Trace | str | os.PathLike[str]) -> Trace:
+    if isinstance(reference, Trace):
+        return reference
+    if isinstance(reference, (str, os.PathLike)):
+        return Trace.open(reference)
+    raise UsageError(f"reference must be a Trace or a trace folder's path, not {type(reference).__name__}",
+                     fix="capture it with tensorparity.trace.capture(model, inputs=True)")
+
+
+def replay(
+    reference: Trace | str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    mapping: Mapping | str | os.PathLike[str] | dict[str, Any] | None = None,
+    tolerance: Tolerance | None = None,
+    noise_floor: bool = False,
+    factor: float = FACTOR,
+) -> ReplayReport:
+    """Call each module of ``model`` alone on the inputs recorded for its reference partner.
+
+    Args:
+        reference: the reference trace (or its folder), captured with ``inputs=True``.
+        model: the implementation to check; run under ``torch.no_grad()`` on its own device, in the
+            train/eval mode the reference was captured in (restored afterwards).
+        mapping: the reference's parameter keys -> the model's; modules are renamed through it.
+        tolerance: keys are the reference's record keys (``module/call/output[/path]``), so a
+            :func:`~tensorparity.trace.noise.noise_floor` of the reference applies as it is.
+        noise_floor: also replay each module in float64 (a deep copy of the model, inputs cast)
+            and judge its outputs with ``factor`` times its own measured float32 error.
+        factor: the noise floor's multiple (see :mod:`tensorparity.trace.noise`).
+
+    Raises:
+        TraceError: the reference holds no module inputs (captured without ``inputs=True``).
+
+    Example:
+        >>> import torch, tensorparity.trace as tt
+        >>> ref = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> with tt.capture(ref, inputs=True) as trace:
+        ...     _ = ref(torch.ones(1, 2))
+        >>> other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> other.load_state_dict(ref.state_dict()); other[1] = torch.nn.Tanh()
+        <All keys matched successfully>
+        >>> [x.layer for x in replay(trace, other).culprits]
+        ['1']
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"replay needs the model as an nn.Module, not {type(model).__name__}",
+                         fix="pass the model itself (or build it with --model pkg:factory)")
+    if tolerance is not None and not isinstance(tolerance, Tolerance):
+        raise UsageError(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}",
+                         fix="pass tolerance=Tolerance(atol=...) or noise_floor(reference_model, inputs)")
+    trace = _open(reference)
+    if not any(r.kind == "input" for r in trace.records):
+        raise TraceError("the reference trace holds no module inputs, so there is nothing to replay",
+                         path=trace.path, fix="capture the reference again with inputs=True "
+                                              "(tensorparity capture ... --inputs)")
+    key_mapping = load_mapping(mapping) if mapping is not None else None
+    renames = None
+    if key_mapping is not None:
+        renames = module_renames(key_mapping, param_names={r.path for r in trace.records if r.kind == "param_grad"})
+    tol = tolerance or Tolerance()
+    params = list(model.parameters()) or list(model.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    modules = dict(model.named_modules())
+    double = dict(_double(model).named_modules()) if noise_floor else {}
+    training = trace.provenance.get("training")
+    modes = {m: m.training for m in model.modules()}
+    layers: list[ReplayedLayer] = []
+    skipped: list[SkippedLayer] = []
+    try:
+        if training is not None:
+            model.train(bool(training))
+        with torch.no_grad():
+            for layer in group_layers(trace.records):
+                done = _replay_layer(trace, layer, modules, double, renames, key_mapping, tol, device, factor)
+                (layers if isinstance(done, ReplayedLayer) else skipped).append(done)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    layers = _explain(layers)
+    notes = [] if training is not None else ["the trace does not say whether the reference ran in training mode; "
+                                             "the model's own mode was used"]
+    if training:
+        notes.append("the reference ran in training mode: dropout draws masks anew, so replayed layers with "
+                     "dropout differ; capture and replay in eval mode")
+    if renames is not None:
+        notes += list(renames.notes)
+    return ReplayReport(str(trace.path or "<in-memory trace>"), f"{type(model).__module__}.{type(model).__qualname__}",
+                        tol, tuple(layers), tuple(skipped), tuple(notes))
+
+
+def _double(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module], double: dict[str, nn.Module],
+                  renames: Any, key_mapping: Mapping | None, tol: Tolerance, device: torch.device,
+                  factor: float) -> ReplayedLayer | SkippedLayer:
+    outputs = layer.of_kind("output", "model_output")
+    if not outputs:
+        return SkippedLayer(layer.name, "no tensor output recorded")
+    target, why = (layer.module, "same name")
+    if layer.module and renames is not None:
+        target, why = renames.map(layer.module)
+        if target is None:
+            return SkippedLayer(layer.name, f"no partner module: {why}")
+    names = [target] + ([key_mapping.prefix_b + target] if key_mapping is not None and key_mapping.prefix_b else [])
+    name = next((n for n in names if n in modules), None)
+    if name is None:
+        return SkippedLayer(layer.name, f"the model has no module {target!r}"
+                            + (f" (name from {why})" if why != "same name" else ""))
+    kinds = ("input",) if layer.module else ("model_input",)
+    rows = [r for r in layer.records if r.kind in kinds]
+    if not rows and layer.module:
+        return SkippedLayer(layer.name, "its inputs were not recorded")
+    if any(r.is_tensor and not r.stored for r in rows) or not all(r.stored for r in outputs):
+        return SkippedLayer(layer.name, f"its inputs or outputs were kept as statistics only (mode {trace.mode})")
+    module = modules[name]
+    mtype = f"{type(module).__module__}.{type(module).__qualname__}"
+    args, kwargs = _rebuild(rows, trace, device)
+    try:
+        result = module(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's module: its failure is this layer's verdict
+        return ReplayedLayer(layer.name, name, mtype, layer.order, error=f"{type(exc).__name__}: {exc}"[:300])
+    got = {p: t.detach() for p, t in flatten_value(result) if isinstance(t, torch.Tensor)}
+    pairs, missing = _pair(outputs, got)
+    if missing:
+        return ReplayedLayer(layer.name, name, mtype, layer.order,
+                             error=f"returned no output at path(s) {', '.join(missing)} (it returned "
+                                   f"{', '.join(got) or 'no tensor'})")
+    layer_tol = tol
+    if double:
+        got64 = {p: t for p, t in flatten_value(double[name](*to_double(args), **to_double(kwargs)))
+                 if isinstance(t, torch.Tensor)}
+        atols = {r.key: noise_atol(got[p], got64[p], factor=factor) for r, p in pairs
+                 if p in got64 and got[p].is_floating_point() and got64[p].shape == got[p].shape}
+        layer_tol = noise_tolerance(atols, base=tol)
+    jobs = [Pair(r.key, _Recorded(trace, r), _Given(got[p].cpu()), key_b=f"{name}/{p}" if p else name)
+            for r, p in pairs]
+    return ReplayedLayer(layer.name, name, mtype, layer.order, tuple(compare_pairs(jobs, layer_tol, workers=1)))
+
+
+def _explain(layers: list[ReplayedLayer]) -> list[ReplayedLayer]:
+    """Mark every mismatched layer with the mismatched layers inside it (by reference module path)."""
+    bad = [x for x in layers if not x.passed]
+    out = []
+    for x in layers:
+        if x.passed:
+            out.append(x)
+            continue
+        module = x.layer.split("#")[0]
+        prefix = "" if module == "<model>" else module + "."
+        inner = tuple(y.layer for y in bad if y is not x and y.layer != "<model>" and y.layer.startswith(prefix))
+        out.append(ReplayedLayer(x.layer, x.module, x.module_type, x.order, x.outputs, inner, x.error))
+    return out
