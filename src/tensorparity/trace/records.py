@@ -73,12 +73,14 @@ def _positions(n: int, device: torch.device) -> torch.Tensor:
 
 
 def fingerprint(t: torch.Tensor) -> str:
-    """A content fingerprint computed where the tensor lives (no copy to the CPU): two 64-bit
-    wrapping sums of the elements' bit patterns, plain and position-weighted.
+    """A content fingerprint computed where the tensor lives (no copy to the CPU): 64-bit wrapping
+    sums of the elements' bit patterns — all of them, and position-weighted sums of the rows and
+    columns of the tensor laid out in blocks of 1024.
 
-    Equal tensors always agree; different ones disagree unless their bit patterns collide in both
-    sums, which accidental differences (a changed element, a transposed or permuted weight) do not.
-    It is a fingerprint for "these are the same numbers", not a cryptographic hash.
+    Equal tensors always agree; different ones disagree unless their bit patterns collide in every
+    sum, which accidental differences (a changed element, a swapped pair, a transposed or permuted
+    weight) do not. It is a fingerprint for "these are the same numbers", not a cryptographic hash.
+    The sums read the elements in place (no int64 copy), so it costs about two passes.
 
     Example:
         >>> a = torch.arange(6.0).reshape(2, 3)
@@ -90,11 +92,23 @@ def fingerprint(t: torch.Tensor) -> str:
         return "fp1:" + "0" * 32
     size = flat.element_size()
     if size in _INT_VIEW:
-        bits = flat.view(_INT_VIEW[size]).to(torch.int64)
+        bits = flat.view(_INT_VIEW[size])
     else:  # complex128 and other wide types: bytes grouped in 8
-        bits = flat.view(torch.int64) if (flat.numel() * size) % 8 == 0 else flat.view(torch.uint8).to(torch.int64)
-    plain = int(bits.sum())
-    weighted = int((bits * _positions(bits.numel(), bits.device)).sum())
+        bits = flat.view(torch.int64) if (flat.numel() * size) % 8 == 0 else flat.view(torch.uint8)
+    n = bits.numel()
+    block = 1024
+    whole = n - n % block
+    plain = int(bits.sum(dtype=torch.int64))
+    weighted = 0
+    if whole:
+        grid = bits[:whole].view(-1, block)
+        rows = grid.sum(1, dtype=torch.int64)
+        cols = grid.sum(0, dtype=torch.int64)
+        weighted += int((rows * _positions(rows.numel(), rows.device)).sum())
+        weighted += 31 * int((cols * _positions(block, cols.device)).sum())
+    if whole < n:
+        tail = bits[whole:].to(torch.int64)
+        weighted += 17 * int((tail * _positions(tail.numel(), tail.device)).sum())
     return f"fp1:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
 
 
@@ -123,15 +137,19 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
         x = t.to(torch.float64)
     x = x.reshape(-1)
     nan = inf = 0
-    if not bool(torch.isfinite(x).all()):
+    low, high = torch.aminmax(x)
+    total = float(x.sum(dtype=torch.float64))
+    if not (math.isfinite(float(low)) and math.isfinite(float(high)) and math.isfinite(total)):
+        # NaN propagates into min/max and the sum, Inf into min or max: only then look closer.
         nan = int(torch.isnan(x).sum())
         inf = int(torch.isinf(x).sum())
         x = x[torch.isfinite(x)]
+        if x.numel() == 0:
+            return TensorStats(numel, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nan, inf,
+                               digest)
+        low, high = torch.aminmax(x)
+        total = float(x.sum(dtype=torch.float64))
     n = x.numel()
-    if n == 0:
-        return TensorStats(numel, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nan, inf, digest)
-    low, high = torch.aminmax(x)
-    total = float(x.sum(dtype=torch.float64))
     norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
     squares = norm * norm
     mean = total / n
