@@ -14,7 +14,7 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -23,7 +23,30 @@ from tensorparity.errors import TensorParityError, UsageError
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["EXIT_DIFFERS", "EXIT_ERROR", "EXIT_OK", "command", "stdout_console", "write_atomic"]
+__all__ = [
+    "EXIT_DIFFERS",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "AtolOption",
+    "ExactOption",
+    "NanUnequalOption",
+    "RtolOption",
+    "StatisticOption",
+    "command",
+    "stdout_console",
+    "write_atomic",
+]
+
+# Tolerance options shared by every command that compares (diff, compare).
+ExactOption = Annotated[bool, typer.Option("--exact", help="Bitwise: every byte must match.")]
+AtolOption = Annotated[float | None, typer.Option("--atol", metavar="X",
+                                                  help="Absolute tolerance (default: torch.testing's per dtype).")]
+RtolOption = Annotated[float | None, typer.Option("--rtol", metavar="Y",
+                                                  help="Relative tolerance (default: torch.testing's per dtype).")]
+StatisticOption = Annotated[str, typer.Option("--statistic", metavar="elementwise|max|mean",
+                                              help="Judge every element, the largest error, or the mean error.")]
+NanUnequalOption = Annotated[bool, typer.Option("--nan-unequal", help="NaN never equals NaN (default: NaNs in the "
+                                                "same places are equal).")]
 
 EXIT_OK = 0
 EXIT_DIFFERS = 1  # reserved: "the two things differ" (diff, parity checks)

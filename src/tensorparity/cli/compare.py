@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console, write_atomic
+from tensorparity.cli._common import (
+    AtolOption,
+    ExactOption,
+    NanUnequalOption,
+    RtolOption,
+    StatisticOption,
+    command,
+    stdout_console,
+    write_atomic,
+)
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
 from tensorparity.report.trace_html import render_trace_html
@@ -28,16 +37,11 @@ def compare_command(
                                        help="Pair layers by name, through --map, or by execution order and shapes "
                                             "(auto: --map if given, else names if they agree, else order).")
                      ] = "auto",
-    exact: Annotated[bool, typer.Option("--exact", help="Bitwise: every byte must match.")] = False,
-    atol: Annotated[float | None, typer.Option("--atol", metavar="X",
-                                               help="Absolute tolerance (default: torch.testing's per dtype).")] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", metavar="Y",
-                                               help="Relative tolerance (default: torch.testing's per dtype).")] = None,
-    statistic: Annotated[str, typer.Option("--statistic", metavar="elementwise|max|mean",
-                                           help="Judge every element, the largest error, or the mean error.")
-                         ] = "elementwise",
-    nan_unequal: Annotated[bool, typer.Option("--nan-unequal", help="NaN never equals NaN (default: NaNs in the "
-                                              "same places are equal).")] = False,
+    exact: ExactOption = False,
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
+    statistic: StatisticOption = "elementwise",
+    nan_unequal: NanUnequalOption = False,
     tol: Annotated[list[str] | None, typer.Option("--tol", metavar="REGEX=ATOL[,RTOL]",
                                                   help="Tolerance for record keys (module/call/kind/path) matching "
                                                        "REGEX, e.g. '/grad_input/=1e-4'; repeatable, first match "

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import (
+    AtolOption,
+    ExactOption,
+    NanUnequalOption,
+    RtolOption,
+    StatisticOption,
+    command,
+    stdout_console,
+)
 from tensorparity.compare import Tolerance
 from tensorparity.diff import diff
 from tensorparity.errors import UsageError
@@ -79,16 +87,11 @@ def diff_command(
     b: Annotated[str, typer.Argument(help="Second checkpoint (B).", show_default=False)],
     map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",
                                              help="Mapping file: translate A's keys (and layouts) into B's.")] = None,
-    exact: Annotated[bool, typer.Option("--exact", help="Bitwise: every byte must match.")] = False,
-    atol: Annotated[float | None, typer.Option("--atol", metavar="X",
-                                               help="Absolute tolerance (default: torch.testing's per dtype).")] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", metavar="Y",
-                                               help="Relative tolerance (default: torch.testing's per dtype).")] = None,
-    statistic: Annotated[str, typer.Option("--statistic", metavar="elementwise|max|mean",
-                                           help="Judge every element, the largest error, or the mean error.")
-                         ] = "elementwise",
-    nan_unequal: Annotated[bool, typer.Option("--nan-unequal", help="NaN never equals NaN (default: NaNs in the "
-                                              "same places are equal).")] = False,
+    exact: ExactOption = False,
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
+    statistic: StatisticOption = "elementwise",
+    nan_unequal: NanUnequalOption = False,
     tol: Annotated[list[str] | None, typer.Option("--tol", metavar="REGEX=ATOL[,RTOL]",
                                                   help="Tolerance for keys matching REGEX; repeatable, first match "
                                                        "wins.")] = None,

@@ -31,7 +31,7 @@ from tensorparity.trace.align import TraceLayer, group_layers, module_renames
 from tensorparity.trace.format import TraceError
 from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_double
 from tensorparity.trace.records import TraceRecord, flatten_value
-from tensorparity.trace.trace import Trace
+from tensorparity.trace.trace import Trace, rebuild_call
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -207,25 +207,8 @@ class _Recorded:
 
 
 def _rebuild(rows: list[TraceRecord], trace: Trace, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The recorded call's ``(args, kwargs)``: positional parts are digits, keywords names."""
-    root: dict[str, Any] = {}
-    for r in rows:
-        value = trace.load(r).to(device) if r.is_tensor else r.value
-        parts = r.path.split(".") if r.path else [""]
-        node = root
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-
-    def build(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        if node and all(k.isdigit() for k in node):
-            return [build(node[k]) for k in sorted(node, key=int)]
-        return {k: build(v) for k, v in node.items()}
-
-    args = tuple(build(root[k]) for k in sorted((k for k in root if k.isdigit()), key=int))
-    return args, {k: build(v) for k, v in root.items() if not k.isdigit()}
+    """The recorded call's ``(args, kwargs)``, its tensors moved to ``device``."""
+    return rebuild_call(rows, lambda r: trace.load(r).to(device))
 
 
 def _pair(recorded: tuple[TraceRecord, ...], got: dict[str, torch.Tensor]) -> tuple[list[tuple[TraceRecord, str]],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,25 +236,7 @@ class Trace:
         if not rows:
             raise TraceError(f"the trace holds no model input of call {call}", path=self.path,
                              fix="capture the trace again (model inputs are always stored)")
-        root: dict[str, Any] = {}
-        for r in rows:
-            value = self.load(r) if r.is_tensor else r.value
-            parts = r.path.split(".") if r.path else [""]
-            node = root
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
-
-        def build(node: Any) -> Any:
-            if not isinstance(node, dict):
-                return node
-            if node and all(k.isdigit() for k in node):
-                return [build(node[k]) for k in sorted(node, key=int)]
-            return {k: build(v) for k, v in node.items()}
-
-        args = [build(root[k]) for k in sorted((k for k in root if k.isdigit()), key=int)]
-        kwargs = {k: build(v) for k, v in root.items() if not k.isdigit()}
-        return tuple(args), kwargs
+        return rebuild_call(rows, self.load)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -361,3 +343,35 @@ class Trace:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rebuild_call(
+    rows: list[TraceRecord], load: Callable[[TraceRecord], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A recorded call's ``(args, kwargs)`` from its input records: numeric path parts are
+    positions (and list indices), named parts keywords (and dict keys).
+
+    Example:
+        >>> rows = [TraceRecord(0, "", 0, "M", "model_input", p, (), "int", "cpu", None, False, v, False)
+        ...         for p, v in (("0", 1), ("1.0", 2), ("mask", 3))]
+        >>> rebuild_call(rows, lambda r: None)
+        ((1, [2]), {'mask': 3})
+    """
+    root: dict[str, Any] = {}
+    for r in rows:
+        value = load(r) if r.is_tensor else r.value
+        parts = r.path.split(".") if r.path else [""]
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def build(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if node and all(k.isdigit() for k in node):
+            return [build(node[k]) for k in sorted(node, key=int)]
+        return {k: build(v) for k, v in node.items()}
+
+    args = tuple(build(root[k]) for k in sorted((k for k in root if k.isdigit()), key=int))
+    return args, {k: build(v) for k, v in root.items() if not k.isdigit()}
