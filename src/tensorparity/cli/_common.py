@@ -24,10 +24,10 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = [
+    "AtolOption",
     "EXIT_DIFFERS",
     "EXIT_ERROR",
     "EXIT_OK",
-    "AtolOption",
     "ExactOption",
     "NanUnequalOption",
     "RtolOption",
