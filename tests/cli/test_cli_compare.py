@@ -19,6 +19,8 @@ from tensorparity.examples import port_model, reference_model
 from tensorparity.trace.capture import capture
 from tensorparity.trace.compare import compare_traces
 
+from _cli_helpers import assert_one_line_error
+
 runner = CliRunner(env={"COLUMNS": "160"})
 MAP = Path(str(files("tensorparity.examples") / "reference_to_port.yaml"))
 
@@ -62,16 +64,6 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("traces")
     return {name: capture_to(root / name, which) for name, which in
             (("ref", "reference"), ("ref2", "reference"), ("port", "port"), ("broken", "broken"))}
-
-
-def assert_one_line_error(result: object, *needles: str) -> str:
-    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
-    assert result.stdout == ""  # type: ignore[attr-defined]
-    lines = result.stderr.splitlines()  # type: ignore[attr-defined]
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_identical_traces_exit_0(traces: dict[str, Path]) -> None:

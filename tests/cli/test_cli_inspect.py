@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
+from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 
@@ -41,17 +42,6 @@ def ckpt(tmp_path: Path) -> Path:
 
 def invoke(*args: str | Path, **env: str) -> object:
     return runner.invoke(app, [str(a) for a in args], env=env or None)
-
-
-def assert_one_line_error(result: object, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 def test_inspect_shows_sections_dtypes_largest_and_folded_tree(ckpt: Path) -> None:

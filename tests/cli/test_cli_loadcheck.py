@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import tensorparity
 from tensorparity.cli import app
 from tensorparity.examples import reference_model
+from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 MAP = Path(tensorparity.__file__).parent / "examples" / "reference_to_port.yaml"
@@ -24,17 +25,6 @@ PORT = "tensorparity.examples:port_model"
 
 def invoke(*args: str | Path) -> object:
     return runner.invoke(app, ["load-check", *(str(a) for a in args)])
-
-
-def assert_one_line_error(result: object, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

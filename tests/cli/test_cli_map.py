@@ -16,6 +16,7 @@ from tensorparity.cli import app
 from tensorparity.cli.map import map_app
 from tensorparity.examples import from_reference, reference_model
 from tensorparity.mapping import Mapping
+from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 
@@ -29,16 +30,6 @@ def cli() -> typer.Typer:
 def invoke(*args: str | Path) -> object:
     prefix = ["map"] if cli() is app else []
     return runner.invoke(cli(), [*prefix, *(str(a) for a in args)])
-
-
-def assert_one_line_error(result: object, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

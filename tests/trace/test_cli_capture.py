@@ -13,6 +13,7 @@ from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.trace.seed import InputSpec, input_hash
 from tensorparity.trace.trace import Trace
+from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 REF = "tensorparity.examples:reference_model"
@@ -20,16 +21,6 @@ REF = "tensorparity.examples:reference_model"
 
 def invoke(*args: str | Path) -> object:
     return runner.invoke(app, ["capture", *(str(a) for a in args)])
-
-
-def assert_one_line_error(result: object, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_capture_with_an_input_spec(tmp_path: Path) -> None:
