@@ -214,9 +214,17 @@ class TraceReport:
     @property
     def first_divergence(self) -> LayerComparison | None:
         """The first layer, in execution order, whose outputs differ; when every output matches,
-        the first (in backward order) whose gradients differ."""
+        the first (in backward order) whose gradients differ. When that layer inherited its error
+        from its parent's own code (both sides recorded inputs), the parent is the divergence."""
         bad = self.mismatched
-        return bad[0] if bad else None
+        if not bad:
+            return None
+        first = bad[0]
+        if first.origin == "inherited" and first.inherited_from:
+            parent = next((x for x in bad if x.layer_a == first.inherited_from and x.origin == "introduced"), None)
+            if parent is not None and first.layer_a.startswith(parent.layer_a.replace("<model>", "")):
+                return parent
+        return first
 
     def _rate(self, direction: str) -> tuple[int, int]:
         verdicts = [getattr(x, f"{direction}_passed") for x in self.layers]

@@ -9,6 +9,10 @@ its input?
   parent's input error; the model's input error at the top;
 - the error of what its own sub-layers returned (a block whose norm diverged inherits from it).
 
+When both sides recorded a sub-layer's inputs and those differ although nothing that ran before it
+inside its parent did, the parent's own code between its sub-layers (a residual, a mask, a scale)
+made the error: the parent *introduced* it and the sub-layer inherited it from the parent.
+
 The tree is A's, rebuilt from execution order (a module's sub-layers finish before it does). A
 mismatched layer *introduced* the error when its output's relative error exceeds its input error
 by ``margin`` (10×), else it *inherited* it, from the layer the largest input error came from,
@@ -122,27 +126,37 @@ def classify(all_a: Sequence[TraceLayer], layers: Sequence[_LayerLike], margin: 
         own[key] = (info[i].error, layer.name) if i is not None else (0.0, None)
         subtree[key] = _worst([subtree[(c.module, c.call)] for c in children[key]], own[key])
 
-    # Top-down, iteratively: (siblings, the error present before the first of them started).
-    stack: list[tuple[list[TraceLayer], _Err]] = [(tops, (model_input, MODEL_INPUT if model_input else None))]
+    # Top-down, iteratively: (siblings, the error present before the first of them started, parent).
+    glue: set[int] = set()  # parents whose own code (between their sub-layers) introduced an error
+    stack: list[tuple[list[TraceLayer], _Err, int | None]] = [
+        (tops, (model_input, MODEL_INPUT if model_input else None), None)]
     while stack:
-        kids, running = stack.pop()
+        kids, running, parent = stack.pop()
         for c in kids:
             key = (c.module, c.call)
             before = running
             i = index.get(key)
-            if i is not None and info[i].recorded_input is not None:
-                before = (info[i].recorded_input, running[1] if info[i].recorded_input > 0 else None)
+            got = info[i].recorded_input if i is not None else None
+            if got is not None:
+                before = (got, running[1] if got > 0 else None)
+                if got > 0 and got > margin * running[0] and parent is not None:
+                    # It received an error that nothing before it produced: the parent's own code
+                    # between its sub-layers (a residual, a mask, a scale) made it.
+                    before = (got, layers[parent].match.a.name)
+                    glue.add(parent)
             inside = _worst([subtree[(k.module, k.call)] for k in children[key]])
             if i is not None:
                 info[i].input_error, info[i].source = _worst([before, inside])
-            stack.append((children[key], before))
+            stack.append((children[key], before, i))
             running = _worst([subtree[key]], running)
 
     names = {x.match.a.name: i for i, x in enumerate(layers)}
     for i, x in enumerate(layers):
         o = info[i]
         if _failed(x.slots["forward"] + x.slots["inputs"]):
-            o.origin = "introduced" if o.error > margin * o.input_error else "inherited"
+            o.origin = "introduced" if o.error > margin * o.input_error or i in glue else "inherited"
+            if i in glue:
+                o.source = None
     first_forward = None
     for i in sorted(info, key=lambda k: layers[k].match.a.order):
         o = info[i]

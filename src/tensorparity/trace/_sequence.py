@@ -1,6 +1,6 @@
 """Sequence alignment of two traces' layers by execution order (Needleman–Wunsch, free gaps).
 
-Only layers whose forward outputs have equal shapes and dtypes can pair. Among those the score
+Only layers whose (first) forward outputs have equal shapes and dtypes can pair. Among those the score
 prefers (weights in brackets): the same module class [1] or family, e.g. two norms [0.5]; close
 output statistics [up to 3: ``3 / (1 + d / 0.01)``, with ``d`` the largest relative difference of
 mean, std and norm]; an equal content hash [1]; the same module name [4]; similar last name
@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     from tensorparity.trace.align import TraceLayer
 
-__all__ = ["sequence_align"]
+__all__ = ["align_within_parents", "sequence_align"]
 
 _FAMILIES = (("norm", "norm"), ("linear", "linear"), ("conv", "conv"), ("attention", "attn"), ("attn", "attn"),
              ("embed", "embed"), ("dropout", "dropout"), ("relu", "act"), ("gelu", "act"), ("silu", "act"),
@@ -44,7 +44,9 @@ class _Features:
             return ids.setdefault(value, len(ids))
 
         outs = [x.outputs for x in layers]
-        self.sig = np.array([idx(("sig", tuple((r.shape, r.dtype) for r in o))) for o in outs], dtype=np.int64)
+        # The first output decides: an attention returning (output, weights) can pair with one
+        # returning the output alone.
+        self.sig = np.array([idx(("sig", o[0].shape, o[0].dtype) if o else ("sig",)) for o in outs], dtype=np.int64)
         classes = [x.module_type.rsplit(".", 1)[-1] for x in layers]
         self.cls = np.array([idx(("cls", c)) for c in classes], dtype=np.int64)
         self.fam = np.array([idx(("fam", _family(c))) if _family(c) else -1 for c in classes], dtype=np.int64)
@@ -124,3 +126,51 @@ def sequence_align(a: Sequence[TraceLayer], b: Sequence[TraceLayer]) -> list[tup
         else:
             j -= 1
     return out[::-1]
+
+
+def _nearest(module: str, anchors: dict[str, str]) -> str | None:
+    """The closest strict ancestor of ``module`` among ``anchors`` ("" is the whole model)."""
+    parts = module.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        head = ".".join(parts[:k])
+        if head in anchors:
+            return head
+    return None
+
+
+def align_within_parents(pairs: Sequence[tuple[TraceLayer, TraceLayer]], left_a: Sequence[TraceLayer],
+                         left_b: Sequence[TraceLayer]) -> list[tuple[TraceLayer, TraceLayer, float]]:
+    """Pair the layers a name-based alignment left over, each inside its nearest paired parent.
+
+    A mapping written for parameter keys names no parameter-free module (an activation, a
+    dropout, an attention wrapper whose projections are fused): such a layer is paired by
+    execution order with the left-over layers of its partner's parent only, so the fill-in
+    can never cross a layer the names already paired.
+
+    Example:
+        >>> from tensorparity.trace.align import group_layers
+        >>> from tensorparity.trace.records import TraceRecord
+        >>> def rec(i, m, t):
+        ...     return TraceRecord(i, m, 0, t, "output", "", (2, 4), "float32", "cpu", None, False)
+        >>> a = group_layers([rec(0, "mlp.fc", "Linear"), rec(1, "mlp.act_fn", "SiLU"), rec(2, "mlp", "MLP")])
+        >>> b = group_layers([rec(0, "ffn.fc", "Linear"), rec(1, "ffn.act", "SiLU"), rec(2, "ffn", "MLP")])
+        >>> [(x.module, y.module) for x, y, _ in align_within_parents([(a[2], b[2])], [a[1]], [b[1]])]
+        [('mlp.act_fn', 'ffn.act')]
+    """
+    anchors_a = {x.module: y.module for x, y in pairs if x.call == 0 and y.call == 0}
+    anchors_b = set(anchors_a.values())
+    groups: dict[tuple[str, str], tuple[list[TraceLayer], list[TraceLayer]]] = {}
+    for layer in left_a:
+        parent = _nearest(layer.module, anchors_a) if layer.module and layer.outputs else None
+        if parent is not None:
+            groups.setdefault((parent, anchors_a[parent]), ([], []))[0].append(layer)
+    by_b = {b: key for key in groups for b in [key[1]]}
+    for layer in left_b:
+        parent = _nearest(layer.module, dict.fromkeys(anchors_b, "")) if layer.module and layer.outputs else None
+        if parent is not None and parent in by_b:
+            groups[by_b[parent]][1].append(layer)
+    found = []
+    for seq_a, seq_b in groups.values():
+        if seq_a and seq_b:
+            found += [(seq_a[i], seq_b[j], score) for i, j, score in sequence_align(seq_a, seq_b)]
+    return found

@@ -33,7 +33,7 @@ import torch
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping
 from tensorparity.mapping.templates import Template
-from tensorparity.trace._sequence import sequence_align
+from tensorparity.trace._sequence import align_within_parents, sequence_align
 from tensorparity.trace.records import TraceRecord
 
 __all__ = ["Alignment", "LayerMatch", "Method", "ModuleRenames", "RecordSource", "TraceLayer", "Unaligned",
@@ -278,7 +278,8 @@ def module_renames(mapping: Mapping, *, param_names: frozenset[str] | set[str] =
 
 @dataclass(frozen=True)
 class LayerMatch:
-    """A layer of A and its partner in B; ``how``: ``name``, ``mapping``, ``order`` or ``model``."""
+    """A layer of A and its partner in B; ``how``: ``name``, ``mapping``, ``order``, ``mapping+order``
+    (a parameter-free module paired by order inside its mapped parent) or ``model``."""
 
     a: TraceLayer
     b: TraceLayer
@@ -373,8 +374,19 @@ def _by_name(a: list[TraceLayer], b: list[TraceLayer], renames: ModuleRenames | 
         else:
             taken[key] = layer
             matches.append(LayerMatch(layer, index[key], "model" if not layer.module else how))
-    only_b = [Unaligned(x, "no layer of A maps to it" if renames else "A has no layer of this name")
-              for x in b if (x.module, x.call) not in taken]
+    left_b = [x for x in b if (x.module, x.call) not in taken]
+    if renames:
+        # Parameter-free modules (activations, dropouts, wrappers of fused projections) have no
+        # rule: pair them by execution order inside their already-paired parents.
+        left_a = [u.layer for u in only_a if not u.reason.startswith("fused")]
+        extra = align_within_parents([(m.a, m.b) for m in matches], left_a, left_b)
+        done_a = {id(x) for x, _, _ in extra}
+        done_b = {id(y) for _, y, _ in extra}
+        matches += [LayerMatch(x, y, "mapping+order", score) for x, y, score in extra]
+        matches.sort(key=lambda m: m.a.order)
+        only_a = [u for u in only_a if id(u.layer) not in done_a]
+        left_b = [x for x in left_b if id(x) not in done_b]
+    only_b = [Unaligned(x, "no layer of A maps to it" if renames else "A has no layer of this name") for x in left_b]
     notes = renames.notes if renames else ()
     return Alignment(how, tuple(matches), tuple(only_a), tuple(only_b), renames, notes)
 

@@ -255,11 +255,15 @@ def _load_mapping(mapping: Any) -> Mapping | None:
 
 def _pair_records(ra: Sequence[TraceRecord], rb: Sequence[TraceRecord]) -> list[tuple[TraceRecord, TraceRecord]]:
     """Records of one kind of two paired layers: by path; a lone record on each side pairs whatever
-    its path (``0`` vs ``last_hidden_state``)."""
+    its path (``0`` vs ``last_hidden_state``), and with the other side's first record when no path
+    is shared (an attention returning ``(output, weights)`` against one returning the output)."""
     if len(ra) == 1 and len(rb) == 1:
         return [(ra[0], rb[0])]
     by_path = {r.path: r for r in rb}
-    return [(r, by_path[r.path]) for r in ra if r.path in by_path]
+    pairs = [(r, by_path[r.path]) for r in ra if r.path in by_path]
+    if not pairs and ra and rb and 1 in (len(ra), len(rb)):
+        pairs = [(ra[0], rb[0])]
+    return pairs
 
 
 def _job(src_a: RecordSource, src_b: RecordSource, slot: str, owner: int | None, ra: TraceRecord,

@@ -7,8 +7,10 @@ each comparison measures that layer's own error, free of anything upstream, and 
 environments: the reference trace is captured where the reference lives (``capture(...,
 inputs=True)``), the other implementation is replayed where it lives.
 
-Modules are paired with the reference's as :mod:`tensorparity.trace.align` pairs them by name: the
-same path, or through the module renames a parameter-key mapping implies. A mismatched module
+Modules are paired with the reference's as :mod:`tensorparity.trace.align` pairs two traces: the
+model is probed once on the reference's model input and aligned by the same path, through the
+module renames a parameter-key mapping implies, or by execution order (see :mod:`._partners`, which
+also adapts a recorded call to a ``forward`` with another signature). A mismatched module
 whose descendants also mismatch *contains* them: its error is explained by them (and it may or may
 not add its own); a mismatched module without mismatched descendants is a culprit.
 """
@@ -27,6 +29,7 @@ from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pair
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
 from tensorparity.report._render import jsonable, plain_text, printable
+from tensorparity.trace._partners import call_adapted, partners
 from tensorparity.trace.align import TraceLayer, group_layers, module_renames
 from tensorparity.trace.format import TraceError
 from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_double
@@ -51,6 +54,7 @@ class ReplayedLayer:
         outputs: each recorded output compared with what the module returned on the recorded inputs.
         contains: mismatched layers inside this one (their error explains this one's).
         error: what the module raised when called on the recorded inputs (a mismatch).
+        adapted: how the recorded call was adapted to the module's signature (``None``: as recorded).
     """
 
     layer: str
@@ -60,6 +64,7 @@ class ReplayedLayer:
     outputs: tuple[TensorComparison, ...] = ()
     contains: tuple[str, ...] = ()
     error: str | None = None
+    adapted: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -88,7 +93,7 @@ class ReplayedLayer:
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "module": self.module, "module_type": self.module_type, "order": self.order,
                 "passed": self.passed, "own_error": self.own_error, "contains": list(self.contains),
-                "error": self.error, "max_abs": self.max_abs, "outputs": [t.to_dict() for t in self.outputs]}
+                "error": self.error, "adapted": self.adapted, "max_abs": self.max_abs, "outputs": [t.to_dict() for t in self.outputs]}
 
 
 @dataclass(frozen=True)
@@ -213,10 +218,14 @@ def _rebuild(rows: list[TraceRecord], trace: Trace, device: torch.device) -> tup
 
 def _pair(recorded: tuple[TraceRecord, ...], got: dict[str, torch.Tensor]) -> tuple[list[tuple[TraceRecord, str]],
                                                                                      list[str]]:
-    """Recorded outputs and returned ones by path; a lone pair matches whatever its path."""
+    """Recorded outputs and returned ones by path; a lone pair matches whatever its path, and so
+    does a lone returned output with the first recorded one when no path is shared (an attention
+    recorded as ``(output, weights)``, replayed on one returning the output)."""
     if len(recorded) == 1 and len(got) == 1:
         return [(recorded[0], next(iter(got)))], []
     pairs = [(r, r.path) for r in recorded if r.path in got]
+    if not pairs and recorded and len(got) == 1:
+        return [(recorded[0], next(iter(got)))], []
     missing = [r.path for r in recorded if r.path not in got]
     return pairs, missing
 
@@ -290,12 +299,18 @@ def replay(
     modes = {m: m.training for m in model.modules()}
     layers: list[ReplayedLayer] = []
     skipped: list[SkippedLayer] = []
+    switched = False
     try:
-        if training is not None:
+        if training is not None and model.training != bool(training):
+            # Only the whole model's mode is matched to the reference's: a sub-module the user
+            # left in another mode (a dropout left on) is part of what is being checked.
             model.train(bool(training))
+            switched = True
+        found = partners(trace, model, key_mapping, device)
         with torch.no_grad():
             for layer in group_layers(trace.records):
-                done = _replay_layer(trace, layer, modules, double, renames, key_mapping, tol, device, factor)
+                done = _replay_layer(trace, layer, modules, double, renames, key_mapping, tol, device, factor,
+                                     found)
                 (layers if isinstance(done, ReplayedLayer) else skipped).append(done)
     finally:
         for m, mode in modes.items():
@@ -303,6 +318,8 @@ def replay(
     layers = _explain(layers)
     notes = [] if training is not None else ["the trace does not say whether the reference ran in training mode; "
                                              "the model's own mode was used"]
+    if switched:
+        notes.append(f"the model was switched to {'training' if training else 'eval'} mode, as the reference ran")
     if training:
         notes.append("the reference ran in training mode: dropout draws masks anew, so replayed layers with "
                      "dropout differ; capture and replay in eval mode")
@@ -320,12 +337,14 @@ def _double(model: nn.Module) -> nn.Module:
 
 def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module], double: dict[str, nn.Module],
                   renames: Any, key_mapping: Mapping | None, tol: Tolerance, device: torch.device,
-                  factor: float) -> ReplayedLayer | SkippedLayer:
+                  factor: float, found: dict[str, tuple[str, str]]) -> ReplayedLayer | SkippedLayer:
     outputs = layer.of_kind("output", "model_output")
     if not outputs:
         return SkippedLayer(layer.name, "no tensor output recorded")
     target, why = (layer.module, "same name")
-    if layer.module and renames is not None:
+    if layer.name in found and layer.module:
+        target, why = found[layer.name][0], "the probe's alignment"
+    elif layer.module and renames is not None:
         target, why = renames.map(layer.module)
         if target is None:
             return SkippedLayer(layer.name, f"no partner module: {why}")
@@ -344,7 +363,7 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
     mtype = f"{type(module).__module__}.{type(module).__qualname__}"
     args, kwargs = _rebuild(rows, trace, device)
     try:
-        result = module(*args, **kwargs)
+        result, adapted = call_adapted(module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - the user's module: its failure is this layer's verdict
         return ReplayedLayer(layer.name, name, mtype, layer.order, error=f"{type(exc).__name__}: {exc}"[:300])
     got = {p: t.detach() for p, t in flatten_value(result) if isinstance(t, torch.Tensor)}
@@ -355,14 +374,15 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
                                    f"{', '.join(got) or 'no tensor'})")
     layer_tol = tol
     if double:
-        got64 = {p: t for p, t in flatten_value(double[name](*to_double(args), **to_double(kwargs)))
+        got64 = {p: t for p, t in flatten_value(call_adapted(double[name], to_double(args), to_double(kwargs))[0])
                  if isinstance(t, torch.Tensor)}
         atols = {r.key: noise_atol(got[p], got64[p], factor=factor) for r, p in pairs
                  if p in got64 and got[p].is_floating_point() and got64[p].shape == got[p].shape}
         layer_tol = noise_tolerance(atols, base=tol)
     jobs = [Pair(r.key, _Recorded(trace, r), _Given(got[p].cpu()), key_b=f"{name}/{p}" if p else name)
             for r, p in pairs]
-    return ReplayedLayer(layer.name, name, mtype, layer.order, tuple(compare_pairs(jobs, layer_tol, workers=1)))
+    return ReplayedLayer(layer.name, name, mtype, layer.order, tuple(compare_pairs(jobs, layer_tol, workers=1)),
+                         adapted=adapted)
 
 
 def _explain(layers: list[ReplayedLayer]) -> list[ReplayedLayer]:

@@ -1,0 +1,96 @@
+"""Replay's two adaptations to another implementation: which of its modules is each reference
+layer's partner, and how to call a module whose ``forward`` takes other arguments.
+
+**Partners.** Names alone (the same path, or the renames a parameter-key mapping implies) cannot
+pair a parameter-free module (an activation, an attention wrapper around fused projections): the
+model is run once on the reference's own model input, recorded as statistics only, and that probe
+trace is aligned with the reference exactly as :func:`~tensorparity.trace.compare_traces` aligns
+two traces (mapping, names, then execution order inside paired parents).
+
+**Calls.** Implementations differ in signatures: Hugging Face's decoder layer takes
+``attention_mask``, ``position_embeddings`` and more as keywords, a port's block takes ``x``. The
+recorded call is tried as it is; then with only the keywords the module's ``forward`` accepts;
+then with the first recorded tensor alone. Which of these ran is reported with the layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorparity.mapping import Mapping
+from tensorparity.trace.align import align_layers
+from tensorparity.trace.trace import Trace, rebuild_call
+
+__all__ = ["call_adapted", "partners"]
+
+
+def partners(trace: Trace, model: nn.Module, mapping: Mapping | None, device: torch.device) -> dict[str, tuple[str, str]]:
+    """Reference layer name -> (the model's module path, how it was paired), from a probe run.
+
+    Empty when the reference holds no model input to probe with, or the probe raises (replay then
+    pairs by names alone).
+    """
+    from tensorparity.trace.capture import capture
+
+    rows = [r for r in trace.records if r.kind == "model_input" and r.call == 0]
+    if not rows or any(r.is_tensor and not r.stored for r in rows):
+        return {}
+    args, kwargs = rebuild_call(rows, lambda r: trace.load(r).to(device))
+    try:
+        with capture(model, mode="stats", grads=False, param_grads=False) as probe, torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the user's model: replay still pairs by names
+        return {}
+    method = "mapping" if mapping is not None else "auto"
+    alignment = align_layers(trace.records, probe.records, mapping=mapping, method=method)  # type: ignore[arg-type]
+    return {m.a.name: (m.b.module, m.how) for m in alignment.matches if m.b.call == 0}
+
+
+def _accepted(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The keywords ``forward`` accepts (``None`` when it takes ``**kwargs``: all of them)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   inspect.Parameter.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+
+
+def call_adapted(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None]:
+    """Call ``module`` on a recorded call, adapting it to the module's signature where needed.
+
+    Returns the result and how the call was adapted (``None`` when called as recorded). The last
+    attempt's exception propagates.
+
+    Example:
+        >>> import torch
+        >>> out, how = call_adapted(torch.nn.ReLU(), (), {"hidden_states": -torch.ones(2), "mask": None})
+        >>> out.tolist(), how
+        ([0.0, 0.0], 'called with the first recorded tensor only (forward takes none of: hidden_states, mask)')
+    """
+    try:
+        return module(*args, **kwargs), None
+    except TypeError as first:
+        kept = _accepted(module, kwargs)
+        if kept is not None and len(kept) < len(kwargs):
+            dropped = ", ".join(k for k in kwargs if k not in kept)
+            try:
+                return module(*args, **kept), f"called without the keywords forward does not take: {dropped}"
+            except TypeError:
+                pass
+        tensor = _first_tensor(args, kwargs)
+        if tensor is None or (len(args) == 1 and not kwargs):
+            raise first from None
+        return module(tensor), ("called with the first recorded tensor only (forward takes none of: "
+                                f"{', '.join(kwargs)})" if not args else "called with the first recorded tensor only")
