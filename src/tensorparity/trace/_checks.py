@@ -9,6 +9,7 @@ from typing import Any
 
 from tensorparity.report.trace import TraceSide
 from tensorparity.trace.align import Alignment, RecordSource
+from tensorparity.trace.records import same_content
 
 __all__ = ["provenance_checks"]
 
@@ -44,7 +45,7 @@ def provenance_checks(src_a: RecordSource, src_b: RecordSource, side_a: TraceSid
     differ = bool(ha and hb and ha != hb)
     inputs_a = {r.path: r.stats.hash for r in src_a.records if r.kind == "model_input" and r.stats and r.stats.hash}
     for r in src_b.records:
-        if r.kind == "model_input" and r.stats and r.stats.hash and inputs_a.get(r.path, r.stats.hash) != r.stats.hash:
+        if r.kind == "model_input" and r.stats and same_content(inputs_a.get(r.path, ""), r.stats.hash) is False:
             differ = True
     if differ:
         warnings.insert(0, "THE INPUTS DIFFER: the two runs were fed different inputs (their hashes differ), so "

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["KINDS", "Kind", "SCHEMA", "TensorStats", "TraceRecord", "fingerprint", "flatten_value", "json_value", "record_key", "tensor_stats"]
+__all__ = ["KINDS", "Kind", "SCHEMA", "TensorStats", "TraceRecord", "fingerprint", "flatten_value", "json_value", "record_key",
+           "same_content", "tensor_stats"]
 
 SCHEMA = "tensorparity.trace/1"
 
@@ -72,15 +73,31 @@ def _positions(n: int, device: torch.device) -> torch.Tensor:
     return weights
 
 
-def fingerprint(t: torch.Tensor) -> str:
-    """A content fingerprint computed where the tensor lives (no copy to the CPU): 64-bit wrapping
-    sums of the elements' bit patterns — all of them, and position-weighted sums of the rows and
-    columns of the tensor laid out in blocks of 1024.
+def _bits(flat: torch.Tensor) -> torch.Tensor:
+    """The elements' bytes as the widest integer type that divides them (int64 for most tensors).
+    The width depends on the byte count only, never on where the tensor starts in its storage."""
+    raw = flat.view(torch.uint8)
+    width = next((w for w in (8, 4, 2) if raw.numel() % w == 0), 1)
+    if width == 1:
+        return raw
+    try:
+        return raw.view(_INT_VIEW[width])
+    except RuntimeError:  # a view starting at a misaligned offset: an aligned copy
+        return raw.clone().view(_INT_VIEW[width])
 
-    Equal tensors always agree; different ones disagree unless their bit patterns collide in every
-    sum, which accidental differences (a changed element, a swapped pair, a transposed or permuted
-    weight) do not. It is a fingerprint for "these are the same numbers", not a cryptographic hash.
-    The sums read the elements in place (no int64 copy), so it costs about two passes.
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A content fingerprint computed where the tensor lives (no copy to the CPU): wrapping sums of
+    the elements' bit patterns, read as 64-bit integers (narrower where the byte count demands) —
+    all of them, and position-weighted sums of the rows and columns of the words laid out in
+    blocks of 1024.
+
+    Equal tensors always agree (integer sums wrap the same way on every device and in every
+    order); different ones disagree unless their bit patterns collide in every sum, which
+    accidental differences (a changed element, a swapped pair, a transposed or permuted weight) do
+    not. It is a fingerprint for "these are the same numbers", not a cryptographic hash. The sums
+    run in the words' own integer type (a widening sum is ten times slower on CPUs), so it costs
+    about two passes at memory speed. ``fp2:`` fingerprints are only ever compared with ``fp2:``.
 
     Example:
         >>> a = torch.arange(6.0).reshape(2, 3)
@@ -89,33 +106,48 @@ def fingerprint(t: torch.Tensor) -> str:
     """
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
-        return "fp1:" + "0" * 32
-    size = flat.element_size()
-    if size in _INT_VIEW:
-        bits = flat.view(_INT_VIEW[size])
-    else:  # complex128 and other wide types: bytes grouped in 8
-        bits = flat.view(torch.int64) if (flat.numel() * size) % 8 == 0 else flat.view(torch.uint8)
+        return "fp2:" + "0" * 32
+    bits = _bits(flat)
+    if bits.element_size() < 4:  # rare (odd byte counts): widen, these sums wrap too narrowly
+        bits = bits.to(torch.int32)
+    kind = bits.dtype
     n = bits.numel()
     block = 1024
     whole = n - n % block
-    plain = int(bits.sum(dtype=torch.int64))
+    plain = 0
     weighted = 0
     if whole:
         grid = bits[:whole].view(-1, block)
-        rows = grid.sum(1, dtype=torch.int64)
-        cols = grid.sum(0, dtype=torch.int64)
-        weighted += int((rows * _positions(rows.numel(), rows.device)).sum())
-        weighted += 31 * int((cols * _positions(block, cols.device)).sum())
+        rows = grid.sum(1, dtype=kind)
+        cols = grid.sum(0, dtype=kind)
+        plain += int(rows.sum(dtype=kind))
+        weighted += int((rows.to(torch.int64) * _positions(rows.numel(), rows.device)).sum())
+        weighted += 31 * int((cols.to(torch.int64) * _positions(block, cols.device)).sum())
     if whole < n:
         tail = bits[whole:].to(torch.int64)
+        plain += int(tail.sum())
         weighted += 17 * int((tail * _positions(tail.numel(), tail.device)).sum())
-    return f"fp1:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+    return f"fp2:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+
+
+def same_content(a: str, b: str) -> bool | None:
+    """Whether two fingerprints say "equal content"; ``None`` when they cannot tell (one missing,
+    or made by different fingerprint versions)."""
+    if not a or not b or a.split(":", 1)[0] != b.split(":", 1)[0]:
+        return None
+    return a == b
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    # float32 sums are cascaded (pairwise) by torch, accurate to a few ulps of the result; a
+    # float64 accumulator would cost a widening pass, three times slower.
+    return x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float64)
 
 
 def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
     """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged), computed
     where the tensor lives in a few passes (float32 arithmetic for 16/32-bit floats, float64 for
-    64-bit and integer types; sums accumulate in float64).
+    64-bit and integer types).
 
     Example:
         >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
@@ -138,7 +170,7 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
     x = x.reshape(-1)
     nan = inf = 0
     low, high = torch.aminmax(x)
-    total = float(x.sum(dtype=torch.float64))
+    total = float(_sum(x))
     if not (math.isfinite(float(low)) and math.isfinite(float(high)) and math.isfinite(total)):
         # NaN propagates into min/max and the sum, Inf into min or max: only then look closer.
         nan = int(torch.isnan(x).sum())
@@ -148,9 +180,9 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
             return TensorStats(numel, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nan, inf,
                                digest)
         low, high = torch.aminmax(x)
-        total = float(x.sum(dtype=torch.float64))
+        total = float(_sum(x))
     n = x.numel()
-    norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    norm = float(torch.linalg.vector_norm(x))
     squares = norm * norm
     mean = total / n
     var = max(0.0, squares / n - mean * mean)
