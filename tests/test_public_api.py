@@ -11,3 +11,14 @@ def test_errors_render_one_line_with_fix() -> None:
     err = tensorparity.TensorParityError("bad\nheader", path="a.pt", key="w", fix="save it again")
     assert str(err) == "a.pt [w]: bad header; fix: save it again"
     assert not issubclass(tensorparity.InternalError, tensorparity.TensorParityError)
+
+
+def test_capture_and_the_callable_compare_package() -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh())
+    with tensorparity.capture(model) as trace:
+        model(torch.ones(2, 3)).sum().backward()
+    report = tensorparity.compare(trace, model)  # a live model, run on the trace's recorded input
+    assert report.verdict == "identical" and report.exit_code == 0
+    assert tensorparity.compare.Tolerance is tensorparity.compare.tolerance.Tolerance  # still the package

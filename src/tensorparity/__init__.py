@@ -3,6 +3,7 @@ same, and when they are not, say exactly where and why they part."""
 
 from __future__ import annotations
 
+from tensorparity import compare  # the package is callable: compare(a, b) compares two traces or models
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry, open
 from tensorparity.diff import diff
 from tensorparity.errors import InternalError, TensorParityError
@@ -11,6 +12,7 @@ from tensorparity.report.diff import DiffReport
 from tensorparity.report.inspect import InspectReport, inspect
 from tensorparity.report.loadcheck import LoadCheckReport
 from tensorparity.report.trace import TraceReport
+from tensorparity.trace.capture import capture
 from tensorparity.trace.compare import compare_traces
 from tensorparity.trace.replay import replay
 
@@ -27,6 +29,8 @@ __all__ = [
     "TraceReport",
     "ValueEntry",
     "__version__",
+    "capture",
+    "compare",
     "compare_traces",
     "diff",
     "inspect",

@@ -279,3 +279,32 @@ def test_a_trace_from_another_process_gives_the_in_process_report(reference: Tra
         report.pop("provenance", None)
     assert json.dumps(across["layers"], sort_keys=True) == json.dumps(in_process["layers"], sort_keys=True)
     assert across["first_divergence"] == in_process["first_divergence"]
+
+
+@pytest.mark.parametrize("bug", ["eps", "transposed"])
+def test_a_live_port_is_run_on_the_reference_input_and_gives_the_traced_report(reference: Trace, bug: str) -> None:
+    """The live side runs on the input the reference recorded and back-propagates the reference's
+    recorded output gradient, so the loss need not be known; the user's gradients are untouched."""
+    model = port(bug)
+    model.head.weight.grad = torch.full_like(model.head.weight, 7.0)
+    live = compare_traces(reference, model, mapping=MAPPING)
+    traced = compare_traces(reference, run(port(bug)), mapping=MAPPING)
+    assert live.first_divergence is not None and traced.first_divergence is not None
+    assert (live.first_divergence.layer_a, live.first_divergence.layer_b) == CULPRITS[bug]
+    # Forward is the same run; backward starts from the reference's output gradient, not from
+    # the port's own (a buggy port's differs), so the head's gradients now match the reference's.
+    assert [(x.layer_a, x.to_dict()["forward"]) for x in live.layers] == \
+        [(x.layer_a, x.to_dict()["forward"]) for x in traced.layers]
+    assert {x.layer_a: x.backward_passed for x in live.layers}["<model>"] is True
+    assert bool((model.head.weight.grad == 7.0).all()) and model.training is False
+
+
+def test_two_live_models_through_the_public_verb() -> None:
+    import tensorparity
+
+    same = tensorparity.compare(hf_model(), port(), mapping=MAPPING, inputs=IDS)
+    assert same.exit_code == 0 and same.params_rate == (15, 15), same.summary()
+    broken = tensorparity.compare(hf_model(), port("activation"), mapping=MAPPING, inputs=IDS)
+    assert broken.first_divergence is not None and broken.first_divergence.layer_b == "blocks.1.mlp.act"
+    with pytest.raises(tensorparity.TensorParityError, match="two live models need an input"):
+        tensorparity.compare(hf_model(), port())

@@ -1,4 +1,5 @@
-"""``tensorparity compare A B``: two traces layer by layer. Exit 0 same, 1 differs, 2 error."""
+"""``tensorparity compare A B``: two traces layer by layer, or a trace and a live model (a
+``module:function`` factory run on the trace's recorded input). Exit 0 same, 1 differs, 2 error."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ __all__ = ["compare_command"]
 @command
 def compare_command(
     a: Annotated[str, typer.Argument(help="First trace folder (A, usually the reference).", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Second trace folder (B).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second trace folder (B), or a model factory 'pkg.module:function' / "
+                                          "'file.py:function' run live on A's recorded input (its backward "
+                                          "starts from A's recorded output gradient).", show_default=False)],
     map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",
                                              help="Mapping from A's parameter keys to B's: renames A's layers into "
                                                   "B's and transforms parameter gradients.")] = None,
@@ -72,7 +75,12 @@ def compare_command(
     if html_ is not None and (html_.is_dir() or not html_.parent.is_dir()):
         raise UsageError("--html needs a file in an existing folder", path=html_,
                          fix="give a file name in an existing folder, e.g. --html report.html")
-    report = compare_traces(a, b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
+    side_b: object = b
+    if not Path(b).exists() and ":" in b:
+        from tensorparity._factory import build_model
+
+        side_b = build_model(b, role="model B").model
+    report = compare_traces(a, side_b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
                             margin=margin, rank=rank)
     if html_ is not None:
         write_atomic(html_, render_trace_html(report), what="the HTML report")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.tree import LazyTensor, TensorEntry
@@ -102,12 +103,16 @@ def compare_traces(
     margin: float = 10.0,
     rank: int | None = None,
     workers: int | None = None,
+    inputs: Any = None,
 ) -> TraceReport:
     """Compare two traces layer by layer, forward and backward.
 
     Args:
         a, b: two traces: :class:`~tensorparity.trace.Trace` objects, paths of trace folders, or
-            anything with ``records``, ``provenance`` and ``load(record)``.
+            anything with ``records``, ``provenance`` and ``load(record)``; or live models
+            (``nn.Module``): a live side is run on the other side's recorded input, in its mode,
+            and its backward pass starts from the other side's recorded output gradient (see
+            :mod:`tensorparity.trace.live`).
         mapping: a :class:`~tensorparity.mapping.Mapping` (or its YAML file) from A's parameter
             keys to B's: layers are renamed through it, parameter gradients transformed by it.
         tolerance: how close is close enough (default: ``torch.testing``'s per dtype). Record keys
@@ -117,6 +122,7 @@ def compare_traces(
             input's by this factor.
         rank: which rank of multi-process trace folders to compare.
         workers: comparison threads (default 2).
+        inputs: the input for live models (needed when both are live; else the recorded one).
 
     Returns:
         A :class:`~tensorparity.report.trace.TraceReport`.
@@ -146,12 +152,27 @@ def compare_traces(
         raise UsageError(f"margin={margin!r} must be a number >= 1", fix="pass e.g. margin=10 (--margin 10)")
     tol = tolerance or Tolerance()
     key_mapping = _load_mapping(mapping)
-    src_a, side_a = _open(a, "A", rank)
-    try:
+    from tensorparity.trace.live import run_like  # here: it imports the capture
+
+    if isinstance(a, nn.Module) and isinstance(b, nn.Module):
+        if inputs is None:
+            raise UsageError("two live models need an input to run on", fix="pass inputs=... (a tensor, a tuple of "
+                                                                            "arguments or a dict of keywords)")
+        a = run_like(a, None, inputs=inputs)
+    if isinstance(a, nn.Module):
         src_b, side_b = _open(b, "B", rank)
-    except BaseException:
-        _close(a, src_a)
-        raise
+        try:
+            src_a, side_a = _open(run_like(a, src_b, inputs=inputs), "A", rank)
+        except BaseException:
+            _close(b, src_b)
+            raise
+    else:
+        src_a, side_a = _open(a, "A", rank)
+        try:
+            src_b, side_b = _open(run_like(b, src_a, inputs=inputs) if isinstance(b, nn.Module) else b, "B", rank)
+        except BaseException:
+            _close(a, src_a)
+            raise
     try:
         return _compare(src_a, src_b, side_a, side_b, key_mapping, tol, align, float(margin), workers)
     finally:  # traces this call opened release their shard files; tensors were compared and dropped
@@ -295,6 +316,8 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
     recs_a = {_param_name(r): r for r in src_a.records if r.kind == "param_grad" and r.is_tensor}
     recs_b = {_param_name(r): r for r in src_b.records if r.kind == "param_grad" and r.is_tensor}
     owner = {(x.match.a.module, x.match.b.module): i for i, x in enumerate(layers)}
+    if not recs_a or not recs_b:  # a forward-only side: nothing to transform or compare
+        return [], sorted(recs_a), sorted(recs_b)
     if not all(r.stored for r in recs_a.values()):
         notes.append("A stored no parameter gradients, so they were paired by the module renames, not transformed")
         return _params_by_renames(src_a, src_b, recs_a, recs_b, layers, owner)
