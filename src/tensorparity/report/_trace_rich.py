@@ -96,6 +96,16 @@ def _first_lines(r: TraceReport) -> list[str]:
         inp = "not recorded" if x.backward_input_error is None else _rel(x.backward_input_error)
         what = (f"its gradients w.r.t. input and parameters differ by {_rel(x.backward_error)} (relative error) "
                 f"where its gradient w.r.t. output differs by {inp}")
+    child = r.mismatched[0]
+    if child is not x and x.direction == "forward":
+        # Pinned on the parent: a sub-layer received an error that nothing inside made.
+        inside = x.layer_a.replace("<model>", "")
+        lonely = [u for u in r.only_a if u.layer.startswith(inside) and not u.reason.startswith("fused")]
+        extra = ("; A's " + ", ".join(f"{printable(u.layer)} ({_short(u.module_type)})" for u in lonely[:3])
+                 + " ran in there without a partner in B") if lonely else ""
+        return [head, f"its sub-layer {printable(child.label)} received inputs that differ by {_rel(child.input_error)} "
+                      f"although nothing that ran before it differs: the error is made by this layer's own code "
+                      f"between its sub-layers{extra}"]
     if x.origin == "introduced":
         verdict = "the error is introduced here"
     elif x.inherited_from:

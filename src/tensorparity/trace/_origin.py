@@ -147,7 +147,7 @@ def classify(all_a: Sequence[TraceLayer], layers: Sequence[_LayerLike], margin: 
             inside = _worst([subtree[(k.module, k.call)] for k in children[key]])
             if i is not None:
                 info[i].input_error, info[i].source = _worst([before, inside])
-            stack.append((children[key], before, i))
+            stack.append((children[key], before, i if i is not None else parent))  # nearest paired ancestor
             running = _worst([subtree[key]], running)
 
     names = {x.match.a.name: i for i, x in enumerate(layers)}
