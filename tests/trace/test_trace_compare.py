@@ -348,3 +348,19 @@ def test_nothing_to_pair_is_never_a_match(reference: Trace) -> None:
     assert (report.verdict, report.exit_code) == ("nothing compared", 1)
     assert any(w.startswith("no layer of A could be paired") for w in report.warnings)
     assert len(report.only_a) == 24 and report.summary().startswith("nothing compared")
+
+
+def test_an_error_made_between_sub_layers_is_pinned_on_the_parent() -> None:
+    """The port computes GELU inline (no module) with the tanh approximation: the error appears in
+    what blocks.0.fc2 receives, made by nothing recorded; the block's own code is named."""
+    x = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(0))
+    ref = reference_model()
+    with capture(ref, inputs=True) as trace:
+        ref(x).sum().backward()
+    report = compare_traces(trace, port_model(bug="gelu_tanh"), mapping=str(MAP))
+    first = report.first_divergence
+    assert first is not None and (first.layer_a, first.layer_b, first.origin) == ("layers.0", "blocks.0", "introduced")
+    assert report.mismatched[0].layer_a == "layers.0.ffn.2" and report.mismatched[0].inherited_from == "layers.0"
+    text = " ".join(str(report).split())
+    assert "the error is made by this layer's own code between its sub-layers" in text
+    assert "layers.0.ffn.1 (GELU)" in text
