@@ -136,9 +136,9 @@ def test_b_can_be_a_live_model_factory_run_on_the_trace_input(tmp_path: Path) ->
     assert same.exit_code == 0, same.output
     data = json.loads(same.stdout)
     assert data["verdict"] in ("identical", "close") and data["b"]["model_class"].endswith("PortModel")
-    (tmp_path / "broken.py").write_text("from tensorparity.examples import port_model\n"
+    (tmp_path / "eps_port.py").write_text("from tensorparity.examples import port_model\n"
                                         "def broken():\n    m = port_model()\n    m.blocks[1].attn_norm.eps = 0.1\n"
                                         "    return m\n")
-    differs = invoke(ref, f"{tmp_path / 'broken.py'}:broken", "--map", MAP)
+    differs = invoke(ref, f"{tmp_path / 'eps_port.py'}:broken", "--map", MAP)
     assert differs.exit_code == 1 and "First divergence (forward): layers.1.norm1 → blocks.1.attn_norm" in differs.stdout
     assert_one_line_error(invoke(ref, "tensorparity.examples:no_such_factory"), "no_such_factory", "fix:")

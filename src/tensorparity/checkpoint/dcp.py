@@ -363,6 +363,7 @@ def read_dcp(path: Path) -> Checkpoint:
     placeholders: list[PlaceholderInfo] = []
     closers: list[Any] = []
     tops: dict[str, Any] = {}  # top-level names -> a stand-in value, for section detection
+    routed: list[tuple[Any, Any]] = []  # (planner route, value): the nesting, for writers
     for fqn, what in plan:
         if isinstance(what, _Item):
             try:
@@ -376,6 +377,7 @@ def read_dcp(path: Path) -> Checkpoint:
             value = _lazy_tensor(folder, fqn, *what)
         entries.update(flatten(value, prefix=fqn, placeholders=placeholders))
         route = planner.get(fqn) if isinstance(planner, dict) else None
+        routed.append((route, value))
         top = str(route[0]) if isinstance(route, tuple) and route else fqn.split(".", 1)[0]
         tops[top] = value if top == fqn else {"": None}
 
@@ -392,4 +394,37 @@ def read_dcp(path: Path) -> Checkpoint:
         provenance["framework"] = framework
     provenance.update(found_prov)
     return Checkpoint(source=str(folder), format="dcp", entries=entries, sections=sections,
-                      provenance=provenance, placeholders=placeholders, closers=closers)
+                      provenance=provenance, placeholders=placeholders, closers=closers,
+                      structure=_nest([(fqn, r, v) for (fqn, _), (r, v) in zip(plan, routed)]))
+
+
+def _nest(items: list[tuple[str, Any, Any]]) -> Any:
+    """Re-nest values along DCP's planner routes (a str is a dict key, an int a list index, as
+    DCP's own ``unflatten_state_dict`` does); ``None`` when a route is missing or contradictory."""
+    root: dict[Any, Any] = {}
+    for fqn, route, value in items:
+        if not (isinstance(route, tuple) and route and isinstance(route[0], str)
+                and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in route)
+                and ".".join(map(str, route)) == fqn):
+            return None
+        node: Any = root
+        for part, nxt in zip(route, route[1:]):
+            fresh: Any = [] if isinstance(nxt, int) else {}
+            if isinstance(node, dict) and isinstance(part, str):
+                node = node.setdefault(part, fresh)
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part <= len(node) < 1 << 20:
+                if part == len(node):
+                    node.append(fresh)
+                node = node[part]
+            else:
+                return None
+            if not isinstance(node, type(fresh)):
+                return None
+        last = route[-1]
+        if isinstance(node, dict) and isinstance(last, str) and last not in node:
+            node[last] = value
+        elif isinstance(node, list) and isinstance(last, int) and last == len(node):
+            node.append(value)
+        else:
+            return None
+    return root

@@ -106,4 +106,5 @@ def build_checkpoint(
         placeholders=placeholders,
         closers=closers,
         notes=notes,
+        structure=obj,
     )

@@ -345,11 +345,13 @@ def _assemble(path: Path, parts: _Parts, *, compression: str, closers: list[Call
     entries: dict[str, Entry] = {}
     sections = {"model_config": "config", "artifacts": "artifacts"}
     formats: set[str] = set()
+    structure: Any = None  # the weights' nested object, kept for writers (one rank only)
     for rank, (file, offset, length, display) in sorted(parts.weights.items()):
         obj = _read_weights(file, offset, length, display, closers, formats)
         if len(parts.weights) == 1 and rank == "":
             sections.update(detect_sections(obj)[1])
             prefix = "" if isinstance(obj, Mapping) and obj else "model_weights"
+            structure = obj if not prefix else None
         else:
             prefix = rank or "model_weights"
         entries.update(flatten(obj, prefix=prefix, placeholders=placeholders))
@@ -370,7 +372,8 @@ def _assemble(path: Path, parts: _Parts, *, compression: str, closers: list[Call
     provenance.update(_config_provenance(config))
     return Checkpoint(source=str(path), format="nemo", entries=entries, sections=sections,
                       default_section="model", provenance=provenance, placeholders=placeholders,
-                      notes=[] if config is not None else [f"no {CONFIG} in the archive"], closers=closers)
+                      notes=[] if config is not None else [f"no {CONFIG} in the archive"], closers=closers,
+                      structure=structure)
 
 
 def _read_weights(file: Path, offset: int, length: int | None, display: str,

@@ -235,6 +235,8 @@ class Checkpoint(Mapping[str, Entry]):
         provenance: framework, versions, epoch, global step, config where known.
         placeholders: every global a pickle named that was not executed.
         notes: anything a reader wants the user to know.
+        structure: the nested object the entries were flattened from (tensors lazy), when the
+            reader had one; writers use it to keep the layout (``None``: a flat mapping).
 
     Example:
         >>> import torch
@@ -256,8 +258,10 @@ class Checkpoint(Mapping[str, Entry]):
         notes: list[str] | None = None,
         closers: list[Callable[[], None]] | None = None,
         default_section: str | None = None,
+        structure: Any = None,
     ) -> None:
         self.source = source
+        self.structure = structure
         self.format = format
         self._entries = entries
         self.sections: dict[str, str] = dict(sections or {})

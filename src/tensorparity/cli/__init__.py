@@ -16,10 +16,13 @@ import typer
 from tensorparity import __version__
 from tensorparity.cli.capture import capture_command
 from tensorparity.cli.compare import compare_command
+from tensorparity.cli.convert import convert_command
+from tensorparity.cli.dataloader_state import dataloader_state_app
 from tensorparity.cli.diff import diff_command
 from tensorparity.cli.inspect import inspect_command
 from tensorparity.cli.loadcheck import load_check_command
 from tensorparity.cli.map import map_app
+from tensorparity.cli.migrate import migrate_command
 from tensorparity.cli.replay import replay_command
 
 __all__ = ["app", "main"]
@@ -54,7 +57,10 @@ app.command("capture")(capture_command)
 app.command("compare")(compare_command)
 app.command("replay")(replay_command)
 app.command("load-check")(load_check_command)
+app.command("convert")(convert_command)
+app.command("migrate")(migrate_command)
 app.add_typer(map_app, name="map")
+app.add_typer(dataloader_state_app, name="dataloader-state")
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ loading one loads its source entries and applies the transform.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +320,8 @@ def apply_mapping(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | st
         sections=_sections(opened, planner.claims), provenance={**opened.provenance, "mapping": used.name},
         placeholders=placeholders,
         notes=[*opened.notes, f"keys mapped by {used.name!r} ({direction.replace('_', ' ')})"],
-        closers=[] if opened is ckpt else [opened.close], default_section=opened.default_section)
+        closers=[] if opened is ckpt else [opened.close], default_section=opened.default_section,
+        structure=opened.structure)
     used_rules = set(planner.rule_of.values())
     unused = tuple(i for i in range(len(used.rules)) if i not in used_rules)
     bound, rule_of = planner.bound_mapping()
@@ -338,34 +338,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _writable(t: torch.Tensor, seen: set[tuple[int, int]]) -> torch.Tensor:
-    """safetensors refuses views and tensors sharing storage: give those their own copy."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    storage = t.untyped_storage()
-    ident = (storage.data_ptr(), storage.nbytes())
-    if not t.is_contiguous() or storage.nbytes() != t.numel() * t.element_size() or (t.numel() and ident in seen):
-        t = t.clone(memory_format=torch.contiguous_format)
-        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-    seen.add(ident)
-    return t
-
-
 def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Path, out_path: str | Path, *,
             format: Literal["safetensors", "torch"] | None = None, direction: Direction = "a_to_b",
             overwrite: bool = False) -> MappedResult:
     """Apply a mapping and write the converted checkpoint, atomically.
 
-    The file is written next to ``out_path`` under a temporary name and renamed into place, so a
-    crash never leaves a half-written checkpoint. The source is never overwritten.
+    The file is written next to ``out_path`` under a temporary name and renamed into place
+    (:func:`tensorparity.migrate.atomic_output`), so a crash never leaves a half-written
+    checkpoint. The source is never overwritten.
 
     Args:
         ckpt: the checkpoint to convert (anything :func:`tensorparity.open` accepts).
         mapping: a :class:`Mapping`, its dict, or a YAML file's path.
         out_path: where to write.
-        format: ``safetensors`` or ``torch`` (``torch.save`` of a flat dict); by default from the
-            suffix (``.pt .pth .bin .ckpt`` -> torch, anything else -> safetensors).
+        format: ``safetensors`` or ``torch`` (a torch zip keeping the source's nesting, renamed
+            keys in the container of the key they replaced); by default from the suffix
+            (``.pt .pth .bin .ckpt`` -> torch, anything else -> safetensors). Written by
+            :func:`tensorparity.migrate.write_checkpoint`, one tensor in memory at a time.
         direction: ``a_to_b`` or ``b_to_a``.
         overwrite: replace an existing file at ``out_path`` (never the source).
 
@@ -395,28 +384,16 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     except UsageError:
         result.checkpoint.close()
         raise
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        seen: set[tuple[int, int]] = set()
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+    from tensorparity.migrate.atomic import atomic_output
+    from tensorparity.migrate.writers import write_checkpoint
 
-            tensors = {e.key: _writable(e.load(), seen) for e in result.checkpoint.tensors()}
-            save_file(tensors, tmp, metadata={"format": "pt", "tensorparity.mapping": result.mapping.name,
-                                              "tensorparity.source": str(result.checkpoint.source)})
-        else:
-            obj = {k: (e.load().detach() if isinstance(e, TensorEntry) else e.value)
-                   for k, e in result.checkpoint.items()}
-            torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+    metadata = {"tensorparity.mapping": result.mapping.name, "tensorparity.source": str(result.checkpoint.source)}
+    try:
+        with atomic_output(out) as tmp:
+            write_checkpoint(result.checkpoint, tmp, format=fmt, metadata=metadata)
     except TensorParityError:
-        Path(tmp).unlink(missing_ok=True)
         raise
     except (OSError, RuntimeError, ValueError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise UsageError(f"could not write the converted checkpoint ({_fold(str(exc), 200)})", path=out,
                          fix="check free disk space and permissions") from exc
     return result

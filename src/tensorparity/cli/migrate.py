@@ -1,0 +1,64 @@
+"""``tensorparity migrate CKPT --migrations SPEC``: bring a checkpoint to the current version.
+
+Exit 0: migrated (verified), a dry run, or already up to date; 2: error (nothing written).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from tensorparity.cli._common import command, stdout_console
+from tensorparity.errors import UsageError
+
+__all__ = ["migrate_command"]
+
+
+@command
+def migrate_command(
+    ckpt: Annotated[str, typer.Argument(help="The checkpoint to migrate: any file or folder tensorparity.open reads.",
+                                        show_default=False)],
+    migrations: Annotated[str, typer.Option("--migrations", "-m", metavar="pkg.mod|file.py|spec.yaml",
+                                            help="The migrations: a Python module or file defining MIGRATIONS "
+                                                 "(or pkg.mod:NAME), or a YAML spec.", show_default=False)],
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="OUT",
+                                               help="Where to write (default: <stem>_fixed<ext> beside CKPT).")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Replace CKPT atomically (temporary file beside it, "
+                                           "fsync, rename).")] = False,
+    backup: Annotated[bool, typer.Option("--backup", help="With --in-place: keep the original as CKPT.bak.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and every change it would make; write "
+                                          "nothing.")] = False,
+    to: Annotated[str | None, typer.Option("--to", metavar="VERSION", help="The version to reach (default: the "
+                                           "newest the migrations know; older: a downgrade through inverses).")] = None,
+    from_: Annotated[str | None, typer.Option("--from", metavar="VERSION", help="The checkpoint's version, when it "
+                                              "records none.")] = None,
+    format_: Annotated[str | None, typer.Option("--format", metavar="FORMAT", help="Output format: torch, "
+                                                "safetensors, safetensors-sharded, dcp, nemo (default: OUT's suffix, "
+                                                "else CKPT's own).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema tensorparity.migrate/1) "
+                                        "and nothing else.")] = False,
+    top: Annotated[int, typer.Option("--top", metavar="N", help="Changes shown per kind before folding.")] = 10,
+) -> None:
+    """Migrate a checkpoint through versioned migrations: recorded inside the output, verified, atomic.
+
+    Reads the checkpoint's version, applies every migration newer than it in order, writes the
+    result under a temporary name, re-opens it and checks every untouched tensor bitwise against
+    the source, and only then renames it into place. A second run finds nothing to do.
+    """
+    from tensorparity.migrate.migrate import migrate
+
+    if top < 0:
+        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
+    if dry_run and (in_place or output is not None):
+        raise UsageError("--dry-run writes nothing, so --in-place/-o would be ignored", fix="drop one of them")
+    report = migrate(ckpt, migrations, output=output, in_place=in_place, backup=backup, dry_run=dry_run, target=to,
+                     from_version=from_, format=format_, overwrite=overwrite)
+    if json_:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+    else:
+        report.render(stdout_console(), top=top)
+    raise typer.Exit(report.exit_code)

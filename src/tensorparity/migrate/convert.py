@@ -1,0 +1,321 @@
+"""Convert a checkpoint between formats: streamed, atomic, verified bitwise.
+
+:func:`convert` opens the source lazily, refuses before writing anything what the target format
+cannot hold, streams every tensor into a temporary name beside the destination
+(:func:`tensorparity.migrate.atomic_output`), re-opens what it wrote, compares every tensor and
+value with the source through :func:`tensorparity.diff` in exact mode, and only then renames it
+into place. A crash, a full disk or a failed verification leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tensorparity.checkpoint import Checkpoint, ValueEntry
+from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.compare import Tolerance
+from tensorparity.errors import InternalError, UsageError
+from tensorparity.migrate.atomic import atomic_output
+from tensorparity.migrate.writers import (
+    FORMATS,
+    NEMO_CONFIG_KEY,
+    check_writable,
+    format_for_path,
+    parse_size,
+    payload,
+    source_metadata,
+    write_checkpoint,
+)
+from tensorparity.report._render import human_bytes, plain_text, printable, rich_header
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderableType
+
+    from tensorparity.report.diff import DiffReport
+
+__all__ = ["SCHEMA", "ConvertReport", "convert", "verify_written"]
+
+SCHEMA = "tensorparity.convert/1"
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What :func:`convert` wrote, and how it was verified.
+
+    Attributes:
+        source, destination: the two paths.
+        source_format: the reader that opened the source (``lightning``, ``safetensors``, ...).
+        format: the format written (one of :data:`tensorparity.migrate.FORMATS`).
+        tensors, values: how many tensor and non-tensor entries were written.
+        nbytes: bytes of tensor data written.
+        size_on_disk: bytes the destination occupies (all files of a folder).
+        files: the files written, relative to the destination (``["."]`` for one file).
+        seconds: wall time of writing and verifying.
+        verified: ``True`` when every tensor and value read back bitwise equal to the source;
+            ``None`` when verification was turned off.
+        verification: the exact-mode :class:`~tensorparity.DiffReport` behind ``verified``.
+        notes: what the user should know (what does not travel to this format, ...).
+    """
+
+    source: str
+    destination: str
+    source_format: str
+    format: str
+    tensors: int
+    values: int
+    nbytes: int
+    size_on_disk: int
+    files: tuple[str, ...]
+    seconds: float
+    verified: bool | None
+    verification: DiffReport | None = field(default=None, repr=False, compare=False)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exit_code(self) -> int:
+        return 0
+
+    def summary(self) -> str:
+        """One line: what was written and whether it read back identical.
+
+        Example:
+            >>> import tempfile, torch
+            >>> src = tempfile.mkdtemp() + "/w.pt"; torch.save({"w": torch.ones(2)}, src)
+            >>> convert(src, src[:-3] + ".safetensors").summary()
+            'converted torch-zip -> safetensors: 1 tensor (8 B), 0 values; verified bitwise'
+        """
+        check = {True: "verified bitwise", False: "VERIFICATION FAILED", None: "not verified"}[self.verified]
+        return (f"converted {self.source_format} -> {self.format}: {self.tensors} tensor{'s' * (self.tensors != 1)} "
+                f"({human_bytes(self.nbytes)}), {self.values} value{'s' * (self.values != 1)}; {check}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"schema": SCHEMA}
+        for name in ("source", "destination", "source_format", "format", "tensors", "values", "nbytes",
+                     "size_on_disk", "seconds", "verified"):
+            d[name] = getattr(self, name)
+        d["files"] = list(self.files)
+        d["notes"] = list(self.notes)
+        d["verification"] = self.verification.classic_summary() if self.verification is not None else None
+        return d
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def renderable(self) -> RenderableType:
+        from rich.console import Group
+        from rich.text import Text
+
+        style = "bold green" if self.verified else "bold red" if self.verified is False else "bold yellow"
+        rows = [("source", f"{printable(self.source)} ({self.source_format})"),
+                ("written", f"{printable(self.destination)} ({self.format}, {len(self.files)} file"
+                            f"{'s' * (len(self.files) != 1)}, {human_bytes(self.size_on_disk)} on disk, "
+                            f"{self.seconds:.2f} s)")]
+        if self.verification is not None:
+            rows.append(("verification", self.verification.classic_summary()))
+        parts: list[RenderableType] = [Text(printable(self.summary()), style=style), rich_header(rows)]
+        parts.extend(Text(f"note: {printable(n)}", style="dim") for n in self.notes)
+        return Group(*parts)
+
+    def render(self, console: Console | None = None) -> None:
+        from tensorparity.cli._common import stdout_console
+
+        (console or stdout_console()).print(self.renderable())
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
+        yield self.renderable()
+
+    def __str__(self) -> str:
+        return plain_text(self.renderable()).rstrip("\n")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<pre>{html.escape(str(self))}</pre>"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse_source(src: Path, dst: Path) -> None:
+    same = False
+    try:
+        same = dst.exists() and src.exists() and os.path.samefile(src, dst)
+    except OSError:
+        pass
+    if same or _inside(dst, src) or (dst.is_dir() and _inside(src, dst)) or src.resolve() == dst.resolve():
+        raise UsageError("refusing to overwrite the checkpoint being converted (or the folder holding it)", path=dst,
+                         fix="write the converted checkpoint to another path")
+
+
+def _disk_usage(dest: Path) -> tuple[int, tuple[str, ...]]:
+    if dest.is_file():
+        return dest.stat().st_size, (".",)
+    files = sorted(p for p in dest.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files), tuple(p.relative_to(dest).as_posix() for p in files)
+
+
+def _dcp_drops(body: Checkpoint, fmt: str) -> list[str]:
+    """Keys DCP cannot keep: empty dicts (its flattening has no leaf for them)."""
+    if fmt != "dcp":
+        return []
+    return [k for k, e in body.items() if isinstance(e, ValueEntry) and isinstance(e.value, Mapping) and not e.value]
+
+
+def _without(ckpt: Checkpoint, keys: list[str]) -> Checkpoint:
+    if not keys:
+        return ckpt
+    gone = set(keys)
+    return Checkpoint(source=ckpt.source, format=ckpt.format, entries={k: e for k, e in ckpt.items() if k not in gone},
+                      sections=ckpt.sections, provenance=ckpt.provenance, default_section=ckpt.default_section)
+
+
+def _notes(src: Checkpoint, fmt: str, weights_only: bool, dropped: list[str]) -> list[str]:
+    notes = []
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        notes.append(f"DCP keeps no empty dicts: {len(dropped)} left out ({shown})")
+    if src.format == "nemo" and fmt != "nemo":
+        notes.append("the .nemo's model_config.yaml travels as metadata 'nemo.model_config'; its artifacts "
+                     "do not (convert back to .nemo from the original to keep them)")
+    if weights_only and src.sections:
+        notes.append("weights only: the other sections (optimizer, schedulers, loops...) were left out")
+    return notes
+
+
+def verify_written(source: Checkpoint, written: Path) -> DiffReport:
+    """Re-open ``written`` and compare it with ``source``: every key, every tensor bitwise.
+
+    Two ``.nemo`` are compared whole (weights, config values, artifact sizes); otherwise the
+    weights a writer writes (:func:`~tensorparity.migrate.writers.payload`) of both sides.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from tensorparity import open as tp_open
+        >>> p = tempfile.mkdtemp() + "/w.pt"; torch.save({"w": torch.ones(1)}, p)
+        >>> verify_written(tp_open({"w": torch.ones(1)}), Path(p)).verdict
+        'identical'
+    """
+    from tensorparity.diff import diff
+
+    with open_checkpoint(written) as back:
+        both_nemo = source.format == "nemo" and back.format == "nemo"
+        return diff(source if both_nemo else payload(source), back if both_nemo else payload(back),
+                    tolerance=Tolerance(exact=True), weights_only=False)
+
+
+def _check_config(expected: str | None, written: Path) -> None:
+    from tensorparity.migrate._nemo_writer import read_config
+
+    if expected is not None and read_config(written) != expected.encode("utf-8"):
+        raise InternalError(f"{written}: the model_config.yaml written is not the one given; nothing was written")
+
+
+def convert(
+    src: str | os.PathLike[str] | Checkpoint,
+    dst: str | os.PathLike[str],
+    *,
+    format: str | None = None,  # noqa: A002 - the CLI's word
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    weights_only: bool = False,
+) -> ConvertReport:
+    """Rewrite a checkpoint in another format, streaming one tensor at a time, atomically.
+
+    The destination is written under a temporary name beside it, re-opened and compared with the
+    source bitwise (every tensor, every value; :func:`tensorparity.diff` in exact mode), and only
+    then renamed into place. The source is never overwritten.
+
+    Args:
+        src: the checkpoint to convert (a path, or an opened :class:`Checkpoint`).
+        dst: the file or folder to write.
+        format: one of :data:`tensorparity.migrate.FORMATS`; default: from ``dst``'s suffix
+            (``.safetensors``, ``.pt .pth .bin .ckpt``, ``.nemo``; a suffix-less name with
+            ``max_shard_size`` is ``safetensors-sharded``).
+        max_shard_size: bytes per shard, ``"500MB"`` style, for ``safetensors-sharded``.
+        overwrite: replace an existing ``dst`` (never the source, nor a folder holding it).
+        verify: re-open and compare bitwise before installing (on by default).
+        weights_only: write the model weights alone (a Lightning checkpoint's ``state_dict``,
+            keyed as the model names them), e.g. to make a safetensors file of a training checkpoint.
+
+    Returns:
+        A :class:`ConvertReport`.
+
+    Raises:
+        UsageError: the destination exists, the format is unknown or cannot hold the source's
+            content (every offending key named), or the disk is full; nothing is left behind.
+        SourceError: the source cannot be read.
+        InternalError: what was written did not read back identical (the destination is untouched).
+
+    Example:
+        >>> import tempfile, torch, tensorparity
+        >>> d = tempfile.mkdtemp(); torch.save({"w": torch.arange(4.0)}, d + "/w.pt")
+        >>> report = convert(d + "/w.pt", d + "/w.safetensors")
+        >>> report.verified, report.format, tensorparity.open(d + "/w.safetensors")["w"].load()
+        (True, 'safetensors', tensor([0., 1., 2., 3.]))
+    """
+    start = time.perf_counter()
+    dest = Path(dst)
+    if not isinstance(src, Checkpoint):
+        _refuse_source(Path(src), dest)
+    elif Path(src.source).exists():
+        _refuse_source(Path(src.source), dest)
+    if os.path.lexists(dest) and not overwrite:
+        raise UsageError("the destination exists", path=dest, fix="choose another path, or pass --overwrite")
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    opened = open_checkpoint(src)
+    try:
+        fmt = format or format_for_path(dest, max_shard_size=limit)
+        if fmt is None:
+            raise UsageError("cannot tell the output format from the destination's name", path=dest,
+                             fix=f"pass --format ({', '.join(FORMATS)}), or name the file .safetensors, .pt or .nemo")
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown output format {fmt!r}", path=dest, fix=f"use one of {', '.join(FORMATS)}")
+        ckpt = opened.weights() if weights_only else opened
+        body = payload(ckpt)
+        check_writable(body, fmt, dest)  # every problem before a byte is written
+        dropped = _dcp_drops(body, fmt)
+        metadata = source_metadata(opened)
+        metadata.pop("format", None)  # a safetensors header's "pt": the safetensors writers set it themselves
+        report: DiffReport | None = None
+        try:
+            with atomic_output(dest) as tmp:
+                write_checkpoint(ckpt, tmp, format=fmt, max_shard_size=limit, metadata=metadata)
+                if verify:
+                    expected = opened if fmt == "nemo" and opened.format == "nemo" else _without(body, dropped)
+                    report = verify_written(expected, tmp)
+                    if fmt == "nemo":
+                        _check_config(metadata.get(NEMO_CONFIG_KEY), tmp)
+                    if report.verdict != "identical":
+                        raise InternalError(f"{dest}: the converted checkpoint does not read back identical to the "
+                                            f"source ({report.classic_summary()}); nothing was written")
+        except OSError as exc:
+            raise UsageError(f"could not write the converted checkpoint ({exc.strerror or exc})", path=dest,
+                             fix="check free disk space, quotas and permissions; the destination was left as it "
+                                 "was") from None
+        except RuntimeError as exc:
+            # torch's zip writer (inside DCP's items) reports a failed or short write as a RuntimeError
+            raise UsageError(f"could not write the converted checkpoint ({' '.join(str(exc).split())[:200]})",
+                             path=dest, fix="check free disk space, quotas and permissions; the destination was "
+                                            "left as it was") from None
+        size, files = _disk_usage(dest)
+        n_tensors = sum(1 for _ in body.tensors())
+        return ConvertReport(
+            source=str(opened.source), destination=str(dest), source_format=opened.format, format=fmt,
+            tensors=n_tensors, values=len(body) - n_tensors - len(dropped),
+            nbytes=body.nbytes(), size_on_disk=size, files=files, seconds=time.perf_counter() - start,
+            verified=None if report is None else True, verification=report,
+            notes=tuple(_notes(opened, fmt, weights_only, dropped)))
+    finally:
+        if opened is not src:
+            opened.close()
