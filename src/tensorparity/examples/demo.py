@@ -17,6 +17,14 @@ Step 5 — layer parity: the reference is captured forward and backward to a tra
 with a subtle bug (LayerNorm eps 1e-3 in one block) is captured in memory and compared through the
 mapping; the report names the first diverging layer, replay confirms it is that layer's own error
 (every module fed the reference's recorded inputs), and the HTML report is written.
+
+Step 7 — migrate: an "old release" checkpoint of the model (old names, fused qkv, a scheduler
+never stepped) is migrated with a dry run first, then in place (atomic, with a backup), then
+diffed against the current layout (identical); a second run finds nothing to do.
+
+Step 8 — data-loader state: an old run's loader state files are converted to torchdata's
+``StatefulDataLoader`` state, re-mapped from 2 to 3 workers, and a real loader resumes with
+exactly the batches the old run would have yielded; an iterable dataset's re-map is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tensorparity
-from tensorparity.examples import reference_model
+from tensorparity.examples import legacy_loader, old_release, reference_model
 from tensorparity.examples.formats import write_formats
 
 OUT = Path(os.environ.get("TENSORPARITY_DEMO_DIR", "demo-output"))
@@ -207,6 +215,8 @@ def main() -> None:
     step_suggest(console)
     step_load_check(console)
     step_parity(console)
+    old_release.step(console, OUT)
+    legacy_loader.step(console, OUT)
     console.rule("[bold green]demo finished")
 
 
