@@ -24,6 +24,7 @@ from tensorparity.cli.loadcheck import load_check_command
 from tensorparity.cli.map import map_app
 from tensorparity.cli.migrate import migrate_command
 from tensorparity.cli.replay import replay_command
+from tensorparity.cli.resume import resume_check_command
 
 __all__ = ["app", "main"]
 
@@ -56,6 +57,7 @@ app.command("diff")(diff_command)
 app.command("capture")(capture_command)
 app.command("compare")(compare_command)
 app.command("replay")(replay_command)
+app.command("resume-check")(resume_check_command)
 app.command("load-check")(load_check_command)
 app.command("convert")(convert_command)
 app.command("migrate")(migrate_command)
