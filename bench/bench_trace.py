@@ -13,29 +13,21 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import OUT, cat_time  # noqa: E402
+from _util import OUT  # noqa: E402
 from conformer import conformer, features  # noqa: E402
 
 from tensorparity.trace.capture import capture  # noqa: E402
 from tensorparity.trace.compare import compare_traces  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -59,19 +51,17 @@ def main() -> None:
         with capture(model, mode="full", out=folder):
             step()
 
-    plain = timed(step, args.repeats)
-    stats = timed(stats_step, args.repeats)
-    full = timed(full_step, args.repeats)
-
     # The same tensors saved in one call, as a user without a background writer would.
     with capture(model, mode="full") as trace:
         step()
     tensors = {r.key: trace.load(r).contiguous() for r in trace.records if r.stored}
     size_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+    tmp = Path(tempfile.mkdtemp(dir=OUT))
+
+    def save() -> None:
         from safetensors.torch import save_file
 
-        save = timed(lambda: save_file(tensors, str(Path(tmp) / "all.safetensors")), args.repeats)
+        save_file(tensors, str(tmp / "all.safetensors"))
 
     # Two traces of the same run, compared; baseline: reading both folders.
     a, b = OUT / "trace_a", OUT / "trace_b"
@@ -81,17 +71,44 @@ def main() -> None:
         with capture(model, mode="full", out=target):
             step()
     files = sorted(p for d in (a, b) for p in d.rglob("*") if p.is_file())
-    read = cat_time(*files, repeats=args.repeats)
-    compare = timed(lambda: compare_traces(a, b), args.repeats)
+
+    # Interleaved rounds: on a shared machine the load drifts between minutes, so each round times
+    # every variant back to back and the ratios are taken per round, then their median.
+    rounds = interleaved({"plain": step, "stats": stats_step, "save": save, "full": full_step,
+                          "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True), "compare": lambda: compare_traces(a, b)},
+                         args.repeats)
+    shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+    def ratio(num: str, *den: str) -> float:
+        return statistics.median(r[num] / sum(r[d] for d in den) for r in rounds)
 
     print(f"model: 12-block conformer, batch 4 x 400 frames, d=256; {len(tensors)} tensors, {size_mb:.0f} MB per trace")
+    print(f"{args.repeats} interleaved rounds; ratios are medians of per-round ratios")
     print(f"{'what':<34} {'median s':>9} {'ratio':>8}")
-    print(f"{'plain step (fwd+bwd)':<34} {plain:>9.3f}")
-    print(f"{'stats capture step':<34} {stats:>9.3f} {stats / plain:>7.2f}x  (target <= 1.15x)")
-    print(f"{'save_file of the same tensors':<34} {save:>9.3f}")
-    print(f"{'full capture step (to disk)':<34} {full:>9.3f} {full / (plain + save):>7.2f}x  of plain + save_file (target <= 1.00x)")
-    print(f"{'cat both traces':<34} {read:>9.3f}")
-    print(f"{'compare_traces':<34} {compare:>9.3f} {compare / read:>7.2f}x  (target <= 2x)")
+    print(f"{'plain step (fwd+bwd)':<34} {med['plain']:>9.3f}")
+    print(f"{'stats capture step':<34} {med['stats']:>9.3f} {ratio('stats', 'plain'):>7.2f}x  (target <= 1.15x)")
+    print(f"{'save_file of the same tensors':<34} {med['save']:>9.3f}")
+    print(f"{'full capture step (to disk)':<34} {med['full']:>9.3f} {ratio('full', 'plain', 'save'):>7.2f}x  "
+          "of plain + save_file (target <= 1.00x)")
+    print(f"{'cat both traces':<34} {med['cat']:>9.3f}")
+    print(f"{'compare_traces':<34} {med['compare']:>9.3f} {ratio('compare', 'cat'):>7.2f}x  (target <= 2x)")
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> list[dict[str, float]]:
+    """One warm-up call each, then ``repeats`` rounds timing every function once, in a rotating order."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    rounds = []
+    for i in range(repeats):
+        times = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name] = time.perf_counter() - start
+        rounds.append(times)
+    return rounds
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: Resolve
         _equal_chunk(acc, b)
         return
     a64, b64 = _work(a), _work(b)
+    if not (tol.exact or integer or a64.is_complex()) and math.isfinite(float(a64.sum()) + float(b64.sum())):
+        _finite_chunk(acc, a64, b64, start, tol)
+        return
     na, nb = torch.isnan(a64), torch.isnan(b64)
     ia, ib = torch.isinf(a64), torch.isinf(b64)
     acc.nan_a += int(na.sum())
@@ -142,6 +145,34 @@ def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: Resolve
             acc.dot += float((fa * fb).sum())
         acc.norm_a += float((absa * absa).sum())
         acc.norm_b += float((absb * absb).sum())
+
+
+def _finite_chunk(acc: _Acc, a64: torch.Tensor, b64: torch.Tensor, start: int, tol: ResolvedTolerance) -> None:
+    """The common case, every element finite on both sides: the same numbers as :func:`_chunk`
+    without the NaN/Inf bookkeeping (half the passes)."""
+    diff = (a64 - b64).abs_()
+    absb = b64.abs()
+    bad = diff > absb * tol.rtol + tol.atol
+    n_bad = int(bad.sum())
+    if n_bad and acc.first is None:
+        acc.first = start + int(torch.argmax(bad.to(torch.uint8)))
+    acc.n_bad += n_bad
+    acc.n_finite += diff.numel()
+    acc.max_abs = max(acc.max_abs, float(diff.max()))
+    acc.sum_abs += float(diff.sum())
+    acc.sum_absb += float(absb.sum())
+    acc.max_absb = max(acc.max_absb, float(absb.max()))
+    positive = absb > 0
+    safe = torch.where(positive, absb, 1.0)
+    acc.max_rel = max(acc.max_rel, float(torch.where(positive, diff / safe,
+                                                     torch.where(diff > 0, math.inf, 0.0)).max()))
+    acc.req_atol = max(acc.req_atol, float((diff - tol.rtol * absb).max()))
+    acc.req_rtol = max(acc.req_rtol, float(torch.where(positive, (diff - tol.atol) / safe,
+                                                       torch.where(diff > tol.atol, math.inf, 0.0)).max()))
+    flat_a, flat_b = a64.reshape(-1), b64.reshape(-1)
+    acc.dot += float(torch.dot(flat_a, flat_b))
+    acc.norm_a += float(torch.dot(flat_a, flat_a))
+    acc.norm_b += float(torch.dot(flat_b, flat_b))
 
 
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ class ShardSet:
     """The shards of one trace folder, checked against the manifest; tensors read lazily.
 
     Sizes and headers are checked on opening (a truncated shard is named at once); a shard's
-    blake2b is checked the first time one of its tensors is read, or by :meth:`verify`.
+    checksum is checked the first time one of its tensors is read, or by :meth:`verify`.
     """
 
     def __init__(self, folder: Path, shards: list[ShardInfo], shard_of: dict[str, str],
@@ -98,14 +98,14 @@ class ShardSet:
             if file in self._verified:
                 return
             info = self.infos[file]
-            digest = file_digest(self.folder / file)
-            if digest != info.blake2b:
-                raise TraceError("shard checksum (blake2b) does not match the manifest: the file is corrupt",
+            digest = file_digest(self.folder / file, info.algorithm)
+            if digest != info.digest:
+                raise TraceError(f"shard checksum ({info.algorithm}) does not match the manifest: the file is corrupt",
                                  path=self.folder / file, fix="copy the trace folder again, or " + RECAPTURE)
             self._verified.add(file)
 
     def verify(self) -> None:
-        """Check every shard's blake2b against the manifest."""
+        """Check every shard's checksum against the manifest."""
         for file in self.infos:
             self._check(file)
 
@@ -296,7 +296,7 @@ class Trace:
         return cls(manifest["records"], manifest["provenance"], manifest["mode"], path=folder, shards=shards)
 
     def verify(self) -> None:
-        """Check every shard's blake2b checksum now (raises :class:`TraceError` naming the shard)."""
+        """Check every shard's checksum now (raises :class:`TraceError` naming the shard)."""
         if self._shards is not None:
             self._shards.verify()
 
