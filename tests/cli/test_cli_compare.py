@@ -142,3 +142,35 @@ def test_b_can_be_a_live_model_factory_run_on_the_trace_input(tmp_path: Path) ->
     differs = invoke(ref, f"{tmp_path / 'eps_port.py'}:broken", "--map", MAP)
     assert differs.exit_code == 1 and "First divergence (forward): layers.1.norm1 → blocks.1.attn_norm" in differs.stdout
     assert_one_line_error(invoke(ref, "tensorparity.examples:no_such_factory"), "no_such_factory", "fix:")
+
+
+def test_noise_floor_recorded_at_capture_judges_each_layer(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    done = runner.invoke(app(), ["capture", "tensorparity.examples:reference_model", "-o", str(ref),
+                                 "--input-spec", "2x16x12:float32", "--inputs", "--noise-floor"])
+    assert done.exit_code == 0, done.output
+    floor = json.loads((ref / "manifest.json").read_text())["provenance"]["noise_floor"]
+    assert floor["factor"] == 3 and 0 < floor["atols"]["layers.1.norm2/0/output"] < 1e-4
+    same = invoke(ref, "tensorparity.examples:port_model", "--map", MAP, "--noise-floor", "--json")
+    assert same.exit_code == 0, same.output
+    data = json.loads(same.stdout)
+    assert data["tolerance"]["description"].endswith("per-key override(s)")
+    (tmp_path / "gelu_port.py").write_text("from tensorparity.examples import port_model\n"
+                                           "def build():\n    return port_model(bug='gelu_tanh')\n")
+    differs = invoke(ref, f"{tmp_path / 'gelu_port.py'}:build", "--map", MAP, "--noise-floor")
+    assert differs.exit_code == 1 and "First divergence (forward): layers.0 → blocks.0" in differs.stdout
+    plain = capture_to(tmp_path / "plain", "reference")
+    assert_one_line_error(invoke(plain, "tensorparity.examples:port_model", "--noise-floor"),
+                          "holds no measured noise floor", "fix: capture it with tensorparity capture ... --noise-floor")
+
+
+def test_measuring_the_noise_floor_leaves_the_model_gradients_alone() -> None:
+    from tensorparity.trace.noise import noise_atols
+
+    model = reference_model()
+    x = torch.randn(1, 16, 12)
+    model(x).sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    atols = noise_atols(model, x, loss=lambda out: out.sum())
+    assert any("/param_grad/" in k for k in atols)
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())

@@ -102,11 +102,15 @@ def capture_run(
     loss: str | None = None,
     device: str | None = None,
     train: bool = False,
+    noise_floor: bool = False,
 ) -> Trace:
     """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
     ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
     and (unless ``backward=False``) backward on ``loss`` (default ``output.float().sum()``)
-    inside :func:`~tensorparity.trace.capture.capture`, and write the trace to ``out``.
+    inside :func:`~tensorparity.trace.capture.capture`, and write the trace to ``out``. With
+    ``noise_floor``, the model is first run in float32 and (a copy) in float64 on the same input,
+    and every record's measured atol is stored in the provenance (``noise_floor``), so that
+    ``tensorparity compare --noise-floor`` judges each layer by its own numerical noise.
 
     Example:
         >>> import tempfile
@@ -153,6 +157,11 @@ def capture_run(
             args, kwargs = tuple(built_inputs), {}
             provenance["input_spec"] = [str(s) for s in specs]
         provenance["loss"] = loss if loss else ("output.float().sum()" if backward else None)
+        if noise_floor:
+            from tensorparity.trace.noise import FACTOR, noise_atols
+
+            atols = noise_atols(model, args, kwargs=kwargs, seed=seed, loss=loss_fn if backward else None)
+            provenance["noise_floor"] = {"factor": FACTOR, "atols": atols}
         created = not Path(out).exists()
         try:
             with capture(model, out=out, mode=mode, window=window, include=include or None,
@@ -229,6 +238,9 @@ def capture_command(
     device: Annotated[str | None, typer.Option("--device", help="Run on this device (cpu, cuda, cuda:1).")] = None,
     train: Annotated[bool, typer.Option("--train", help="Run in training mode (default: model.eval(), so "
                                                         "that dropout is off).")] = False,
+    noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Also run the model in float64 on the same "
+                                              "input and store each record's measured float32 noise, for "
+                                              "'tensorparity compare --noise-floor'.")] = False,
 ) -> None:
     """Capture every layer's forward and backward tensors of a model into a trace folder.
 
@@ -242,7 +254,7 @@ def capture_command(
                          fix=r"pass e.g. --mode window --window '^layers\.3\.' (tensors stored for those modules only)")
     trace = capture_run(model, out, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
                         window=window, include=include, exclude=exclude, types=types, inputs=inputs, seed=seed,
-                        backward=not no_backward, loss=loss, device=device, train=train)
+                        backward=not no_backward, loss=loss, device=device, train=train, noise_floor=noise_floor)
     _render(trace, out)
     raise typer.Exit(0)
 

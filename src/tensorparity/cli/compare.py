@@ -57,6 +57,9 @@ def compare_command(
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
                                         "tensorparity.trace-compare/1) and nothing else.")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 10,
+    noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Judge each layer by the float32 noise "
+                                              "measured when A was captured (tensorparity capture "
+                                              "--noise-floor): atol = 3x its float32-vs-float64 error.")] = False,
     html_: Annotated[Path | None, typer.Option("--html", metavar="PATH",
                                                help="Also write the report as one self-contained HTML file (plot "
                                                     "of per-layer error, filterable table; opens offline). "
@@ -75,6 +78,15 @@ def compare_command(
     if html_ is not None and (html_.is_dir() or not html_.parent.is_dir()):
         raise UsageError("--html needs a file in an existing folder", path=html_,
                          fix="give a file name in an existing folder, e.g. --html report.html")
+    if noise_floor:
+        from tensorparity.trace.noise import recorded_noise_floor
+        from tensorparity.trace.trace import Trace
+
+        reference = Trace.open(a, rank=rank)
+        try:
+            tolerance = recorded_noise_floor(reference, base=tolerance)
+        finally:
+            reference.close()
     side_b: object = b
     if not Path(b).exists() and ":" in b:
         from tensorparity._factory import build_model

@@ -6,7 +6,7 @@ from tensorparity.trace.align import RecordSource, align_layers, module_renames
 from tensorparity.trace.capture import capture
 from tensorparity.trace.compare import compare_traces
 from tensorparity.trace.format import TraceError
-from tensorparity.trace.noise import noise_floor, noise_tolerance
+from tensorparity.trace.noise import noise_floor, noise_tolerance, recorded_noise_floor
 from tensorparity.trace.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
 from tensorparity.trace.replay import ReplayedLayer, ReplayReport, SkippedLayer, replay
 from tensorparity.trace.seed import InputSpec, input_hash, reproducible, seed_everything
@@ -32,6 +32,7 @@ __all__ = [
     "module_renames",
     "noise_floor",
     "noise_tolerance",
+    "recorded_noise_floor",
     "record_key",
     "replay",
     "reproducible",

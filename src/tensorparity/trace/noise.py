@@ -28,7 +28,8 @@ from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.trace.records import TraceRecord
 
-__all__ = ["FACTOR", "ULPS", "noise_atol", "noise_floor", "noise_tolerance", "to_double"]
+__all__ = ["FACTOR", "ULPS", "noise_atol", "noise_atols", "noise_floor", "noise_tolerance", "recorded_noise_floor",
+           "to_double"]
 
 FACTOR = 3.0  # 1 (A's own float32 error) + 2 (dynamo's multiplier for B's): see the module docstring
 ULPS = 4.0  # the floor: float32 units in the last place at the tensor's largest magnitude
@@ -87,6 +88,9 @@ def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: 
     from tensorparity.trace.seed import seed_everything
 
     state = seed_everything(seed, deterministic=False)
+    held = {p: p.grad for p in model.parameters()}  # the model's own gradients are neither read nor left changed
+    for p in held:
+        p.grad = None
     try:
         with capture(model, grads=loss is not None, param_grads=loss is not None) as trace:
             if loss is None:
@@ -96,6 +100,8 @@ def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: 
                 loss(model(*args, **kwargs)).backward()
     finally:
         state.restore()
+        for p, grad in held.items():
+            p.grad = grad
     return trace
 
 
@@ -139,6 +145,22 @@ def noise_floor(
         >>> 0 < tol.for_key("layers.1.norm2/0/output", torch.float32).atol < 1e-4
         True
     """
+    return noise_tolerance(noise_atols(model, inputs, kwargs=kwargs, factor=factor, ulps=ulps, seed=seed, loss=loss),
+                           base=base)
+
+
+def noise_atols(model: nn.Module, inputs: Any, *, kwargs: dict[str, Any] | None = None, factor: float = FACTOR,
+                ulps: float = ULPS, seed: int = 0, loss: Callable[[Any], torch.Tensor] | None = None
+                ) -> dict[str, float]:
+    """The measured atol of every record key (what :func:`noise_floor` turns into a tolerance, and
+    what ``tensorparity capture --noise-floor`` stores in the trace).
+
+    Example:
+        >>> from tensorparity.examples import reference_model
+        >>> atols = noise_atols(reference_model(), torch.randn(1, 16, 8))
+        >>> 0 < atols["layers.1.norm2/0/output"] < 1e-4
+        True
+    """
     if not isinstance(model, nn.Module):
         raise UsageError(f"noise_floor needs the reference nn.Module, not {type(model).__name__}",
                          fix="pass the model itself")
@@ -156,7 +178,23 @@ def noise_floor(
         if other is None or tuple(other.shape) != tuple(r.shape):
             continue
         atols[r.key] = noise_atol(t32.load(r), t64.load(other), factor=factor, ulps=ulps)
-    return noise_tolerance(atols, base=base)
+    return atols
+
+
+def recorded_noise_floor(trace: Any, *, base: Tolerance | None = None) -> Tolerance:
+    """The tolerance a trace captured with ``--noise-floor`` carries (its provenance's
+    ``noise_floor.atols``), for comparing it as side A.
+
+    Raises:
+        UsageError: the trace was captured without a noise floor.
+    """
+    floor = (getattr(trace, "provenance", None) or {}).get("noise_floor")
+    atols = floor.get("atols") if isinstance(floor, dict) else None
+    if not isinstance(atols, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in atols.values()):
+        raise UsageError("trace A holds no measured noise floor", path=getattr(trace, "path", None),
+                         fix="capture it with tensorparity capture ... --noise-floor (or pass a Tolerance from "
+                             "tensorparity.trace.noise_floor(model, inputs))")
+    return noise_tolerance({str(k): float(v) for k, v in atols.items()}, base=base)
 
 
 def _measured(records: Sequence[TraceRecord]) -> list[TraceRecord]:
