@@ -14,7 +14,7 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -33,6 +33,7 @@ __all__ = [
     "RtolOption",
     "StatisticOption",
     "command",
+    "finish",
     "stdout_console",
     "write_atomic",
 ]
@@ -110,6 +111,16 @@ def stdout_console() -> Console:
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def finish(report: Any, *, json_: bool, top: int) -> NoReturn:
+    """Print a report (JSON and nothing else, or its rich rendering) and exit with its code."""
+    if json_:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+    else:
+        report.render(stdout_console(), top=top)
+    raise typer.Exit(report.exit_code)
 
 
 def write_atomic(path: Path, text: str, *, what: str = "the file") -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Annotated
 
 import typer
@@ -15,7 +14,7 @@ from tensorparity.cli._common import (
     RtolOption,
     StatisticOption,
     command,
-    stdout_console,
+    finish,
 )
 from tensorparity.compare import Tolerance
 from tensorparity.diff import diff
@@ -118,9 +117,4 @@ def diff_command(
                                 overrides=tol)
     report = diff(a, b, mapping=map_, tolerance=tolerance, include=include, exclude=exclude,
                   weights_only=weights_only)
-    if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
-    else:
-        report.render(stdout_console(), top=top)
-    raise typer.Exit(report.exit_code)
+    finish(report, json_=json_, top=top)

@@ -4,12 +4,11 @@ Exit 0 passed, 1 a key/shape/dtype/value problem, 2 error."""
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, finish
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
 from tensorparity.loadcheck import load_check
@@ -58,9 +57,4 @@ def load_check_command(
     tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol)
     report = load_check(checkpoint, model=model, reference=reference, mapping=map_, tolerance=tolerance,
                         strict=strict, cast=cast)
-    if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
-    else:
-        report.render(stdout_console(), top=top)
-    raise typer.Exit(report.exit_code)
+    finish(report, json_=json_, top=top)

@@ -5,12 +5,11 @@ Exit 0: migrated (verified), a dry run, or already up to date; 2: error (nothing
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, finish
 from tensorparity.errors import UsageError
 
 __all__ = ["migrate_command"]
@@ -56,9 +55,4 @@ def migrate_command(
         raise UsageError("--dry-run writes nothing, so --in-place/-o would be ignored", fix="drop one of them")
     report = migrate(ckpt, migrations, output=output, in_place=in_place, backup=backup, dry_run=dry_run, target=to,
                      from_version=from_, format=format_, overwrite=overwrite)
-    if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
-    else:
-        report.render(stdout_console(), top=top)
-    raise typer.Exit(report.exit_code)
+    finish(report, json_=json_, top=top)

@@ -3,12 +3,11 @@ error. Exit 0 every replayed layer matches, 1 some differ (or nothing could be r
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, finish
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
 
@@ -64,9 +63,4 @@ def replay_command(
         _load_checkpoint(built.model, checkpoint)
     report = replay(reference, built.model, mapping=map_, tolerance=tolerance, noise_floor=noise_floor,
                     factor=factor)
-    if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
-    else:
-        report.render(stdout_console(), top=top)
-    raise typer.Exit(report.exit_code)
+    finish(report, json_=json_, top=top)

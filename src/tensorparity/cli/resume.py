@@ -4,13 +4,12 @@ bad options)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import AtolOption, RtolOption, command, stdout_console, write_atomic
+from tensorparity.cli._common import AtolOption, RtolOption, command, finish, write_atomic
 from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.resume import resume_check
@@ -82,9 +81,4 @@ def resume_check_command(
                           timeout=timeout, workdir=keep)
     if html is not None:
         write_atomic(html, report.to_html(), what="the HTML report")
-    if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
-    else:
-        report.render(stdout_console(), top=top)
-    raise typer.Exit(report.exit_code)
+    finish(report, json_=json_, top=top)
