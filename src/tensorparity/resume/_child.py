@@ -11,6 +11,8 @@ earlier leg), an optional component override (a confirmation run), training from
 ``stop`` with snapshots, and an optional save. The result is a JSON file in the work folder; what
 the recipe prints goes to the process's log. A job with ``"runner": "module:function"`` runs
 that function instead (legs a framework's own trainer drives), in the same fresh process.
+``--preload a.b,c`` imports those modules once, before any job (a framework that takes seconds to
+import: Lightning), and runs nothing of them.
 """
 
 from __future__ import annotations
@@ -151,6 +153,18 @@ def _become_leg(job: dict[str, Any], channel: Any) -> None:
         os._exit(code)
 
 
+def _preload(argv: list[str]) -> None:
+    """Import the modules named after ``--preload`` (importing only: no job has run yet)."""
+    names = argv[argv.index("--preload") + 1] if "--preload" in argv[:-1] else ""
+    if "--serve" in argv and (torch.version.cuda is not None or torch.version.hip is not None):
+        return  # as for torch._dynamo in serve(): an import that touched CUDA would break every fork
+    for name in filter(None, names.split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001,S110 - an optimisation only: the leg imports it (and fails) itself
+            pass
+
+
 def serve() -> int:
     """The fork server: one job per line on stdin, one ``<id> <pid>`` line back per fork."""
     if torch.version.cuda is None and torch.version.hip is None:
@@ -180,6 +194,7 @@ def serve() -> int:
 
 def main() -> int:
     """Read one job from stdin, run it, write the result file (``--serve``: be the fork server)."""
+    _preload(sys.argv[1:])
     if "--serve" in sys.argv[1:]:
         return serve()
     raw = sys.stdin.buffer.read()

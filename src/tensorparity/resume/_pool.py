@@ -99,12 +99,16 @@ class Launcher(Protocol):
 # spawn: a new interpreter per job, started ahead of time
 
 
+def _preload_args(preload: tuple[str, ...]) -> list[str]:
+    return ["--preload", ",".join(preload)] if preload else []
+
+
 class _Spawned:
-    def __init__(self, work: Path, index: int, env: dict[str, str]) -> None:
+    def __init__(self, work: Path, index: int, env: dict[str, str], preload: tuple[str, ...] = ()) -> None:
         self.log_path = work / f"child-{index}.log"
         self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()/discard()
-        self.proc = subprocess.Popen([sys.executable, "-m", _MODULE], stdin=subprocess.PIPE, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", _MODULE, *_preload_args(preload)], stdin=subprocess.PIPE,
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.result_path: Path | None = None
         self.name = ""
 
@@ -145,14 +149,14 @@ class SpawnLauncher:
 
     isolation = "spawn"
 
-    def __init__(self, work: Path, *, ahead: int = 1) -> None:
-        self.work, self.ahead, self.env = work, ahead, child_env()
+    def __init__(self, work: Path, *, ahead: int = 1, preload: tuple[str, ...] = ()) -> None:
+        self.work, self.ahead, self.env, self.preload = work, ahead, child_env(), preload
         self._waiting: list[_Spawned] = []
         self._all: list[_Spawned] = []
 
     def warm(self, n: int) -> None:
         while len(self._waiting) < n:
-            child = _Spawned(self.work, len(self._all), self.env)
+            child = _Spawned(self.work, len(self._all), self.env, self.preload)
             self._all.append(child)
             self._waiting.append(child)
 
@@ -175,12 +179,12 @@ class SpawnLauncher:
 class _Server:
     """``python -m tensorparity.resume._child --serve``: reads a job per line, forks, answers the pid."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], preload: tuple[str, ...] = ()) -> None:
         self.env = env
         self.log = Path(tempfile.mkstemp(prefix="tensorparity-resume-server-", suffix=".log")[1])
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", _MODULE, "--serve"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log, env=env)
+            self.proc = subprocess.Popen([sys.executable, "-m", _MODULE, "--serve", *_preload_args(preload)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
         self.lock = threading.Lock()
 
     def alive(self) -> bool:
@@ -218,7 +222,9 @@ class _Server:
         self.log.unlink(missing_ok=True)
 
 
-_SERVER: _Server | None = None
+# One server per set of preloaded modules: a plain recipe's legs never see what a framework
+# integration preloaded (Lightning).
+_SERVERS: dict[tuple[str, ...], _Server] = {}
 _SERVER_LOCK = threading.Lock()
 # Variables read when the interpreter or a library starts (not later): when one of them changes,
 # the server is restarted. Others (PYTEST_CURRENT_TEST...) reach each leg with its job.
@@ -229,25 +235,23 @@ def _startup(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.upper().startswith(_AT_START)}
 
 
-def _server() -> _Server:
-    """The session's server, started on first use (again when it died or a start-up variable
-    changed)."""
-    global _SERVER
+def _server(preload: tuple[str, ...] = ()) -> _Server:
+    """The session's server for ``preload``, started on first use (again when it died or a
+    start-up variable changed)."""
     env = child_env()
     with _SERVER_LOCK:
-        if _SERVER is None or not _SERVER.alive() or _startup(_SERVER.env) != _startup(env):
-            if _SERVER is not None:
-                _SERVER.close()
-            _SERVER = _Server(env)
-        return _SERVER
+        server = _SERVERS.get(preload)
+        if server is None or not server.alive() or _startup(server.env) != _startup(env):
+            if server is not None:
+                server.close()
+            server = _SERVERS[preload] = _Server(env, preload)
+        return server
 
 
 @atexit.register
 def _stop_server() -> None:
-    global _SERVER
-    if _SERVER is not None:
-        _SERVER.close()
-        _SERVER = None
+    while _SERVERS:
+        _SERVERS.popitem()[1].close()
 
 
 def _gone(pid: int, parent: int) -> bool:
@@ -291,9 +295,9 @@ class ForkLauncher:
 
     isolation = "fork"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, preload: tuple[str, ...] = ()) -> None:
         self.work = work
-        self.server = _server()
+        self.server = _server(preload)
         self._count = 0
         self._started: list[_Forked] = []
 
@@ -310,8 +314,10 @@ class ForkLauncher:
             handle.discard()
 
 
-def launcher(isolation: str, work: Path, *, ahead: int = 1) -> SpawnLauncher | ForkLauncher:
-    """The launcher for ``isolation`` (``fork`` or ``spawn``)."""
+def launcher(isolation: str, work: Path, *, ahead: int = 1,
+             preload: tuple[str, ...] = ()) -> SpawnLauncher | ForkLauncher:
+    """The launcher for ``isolation`` (``fork`` or ``spawn``); every process imports ``preload``
+    before its job."""
     if isolation == "fork":
-        return ForkLauncher(work)
-    return SpawnLauncher(work, ahead=ahead)
+        return ForkLauncher(work, preload=preload)
+    return SpawnLauncher(work, ahead=ahead, preload=preload)

@@ -170,7 +170,10 @@ def _data(d: _Delta, restored: bool, rows: Sequence[StepRow]) -> str:
     epoch, batch = got("epoch"), got("batch_in_epoch")
     loader = [k for k in d.keys() if k.startswith("data.loader.")]
     yielded = _value(d, "data.loader._num_yielded")
-    if epoch or batch:
+    if epoch and not batch and epoch[1] != "0":
+        text = (f"the epoch counter is {epoch[1]}, expected {epoch[0]}, at the same position in the data: what is "
+                f"keyed on the epoch (epoch-wise schedulers, max_epochs, sampler.set_epoch) will differ")
+    elif epoch or batch:
         got_parts = [f"{name} {pair[1]}" for name, pair in (("epoch", epoch), ("batch", batch)) if pair]
         exp_parts = [f"{name} {pair[0]}" for name, pair in (("epoch", epoch), ("batch", batch)) if pair]
         restart = (batch is None or batch[1] == "0") and (epoch is None or epoch[1] == "0")
@@ -181,6 +184,10 @@ def _data(d: _Delta, restored: bool, rows: Sequence[StepRow]) -> str:
         text = f"the stateful data loader restarted from the epoch start (0 batches yielded; expected {yielded[0]})"
     elif loader:
         text = f"the data loader's state differs ({_names([_strip(k, 'data.loader') for k in loader[:3]])})"
+    elif _value(d, "data.progress.lightning_batch_idx"):
+        a, b = _value(d, "data.progress.lightning_batch_idx")  # type: ignore[misc]
+        text = (f"Lightning's batch_idx for the next batch is {b}, expected {a}: its loop counters disagree with "
+                "the data")
     elif _value(d, "data.progress.step"):
         a, b = _value(d, "data.progress.step")  # type: ignore[misc]
         text = f"the step counter is {b}, expected {a}"

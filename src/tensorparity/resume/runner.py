@@ -41,7 +41,7 @@ from tensorparity.resume.errors import NondeterminismError, RecipeError
 from tensorparity.resume.fingerprint import StepRecord, compare_records
 from tensorparity.resume.recipe import LoadedRecipe, load_recipe
 
-__all__ = ["RunResult", "judge_segment", "resume_check"]
+__all__ = ["CheckOptions", "RunResult", "check_options", "judge_segment", "resume_check", "run_check"]
 
 Profile = Literal["bitwise", "dtype"]
 
@@ -159,16 +159,18 @@ class _Check:
     """One resume check in progress: the pool, the work folder, the legs' results."""
 
     def __init__(self, loaded: LoadedRecipe, pool: Launcher, work: Path, *, steps: int, seed: int,
-                 tolerance: Tolerance, timeout: float, threads: int | None) -> None:
-        self.loaded, self.pool, self.work = loaded, pool, work
+                 tolerance: Tolerance, timeout: float, threads: int | None, runner: str | None = None) -> None:
+        self.loaded, self.pool, self.work, self.runner = loaded, pool, work, runner
         self.steps, self.seed, self.tol, self.timeout, self.threads = steps, seed, tolerance, timeout, threads
         self._jobs = 0
 
     def start(self, legs: list[dict[str, Any]]) -> Handle:
         self._jobs += 1
-        return self.pool.start({"recipe": self.loaded.spec.to_dict(), "seed": self.seed, "threads": self.threads,
-                                "work": str(self.work), "result": str(self.work / f"result-{self._jobs}.json"),
-                                "legs": legs})
+        job = {"recipe": self.loaded.spec.to_dict(), "seed": self.seed, "threads": self.threads,
+               "work": str(self.work), "result": str(self.work / f"result-{self._jobs}.json"), "legs": legs}
+        if self.runner:  # a framework's legs (tensorparity.integrations): same jobs, its own runner
+            job["runner"] = self.runner
+        return self.pool.start(job)
 
     def results(self, child: Handle) -> dict[str, RunResult]:
         return {leg["name"]: RunResult.from_child(leg) for leg in child.wait(self.timeout)["legs"]}
@@ -265,6 +267,43 @@ def resume_check(
         'pass'
     """
     began = time.perf_counter()
+    options = check_options(steps=steps, resume_at=resume_at, chain=chain, tolerance=tolerance, seed=seed,
+                            confirm=confirm, timeout=timeout, threads=threads, isolation=isolation)
+    return run_check(load_recipe(recipe), options, workdir=workdir, began=began)
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """:func:`resume_check`'s options, checked (what :func:`run_check` takes).
+
+    Attributes:
+        legs: the resume points of each leg (``[(3,), (6,)]``, or one chain ``[(3, 6)]``).
+        tolerance, profile: the tolerance and its name (``bitwise``, ``dtype``, ``custom``).
+        steps, seed, confirm, timeout, threads, isolation: as :func:`resume_check` takes them.
+    """
+
+    legs: list[tuple[int, ...]]
+    tolerance: Tolerance
+    profile: str
+    steps: int
+    seed: int
+    confirm: bool
+    timeout: float
+    threads: int | None
+    isolation: str
+
+
+def check_options(*, steps: Any, resume_at: Any, chain: Any = False, tolerance: Any = "bitwise", seed: Any = 0,
+                  confirm: Any = True, timeout: Any = 600.0, threads: Any = 1, isolation: Any = None) -> CheckOptions:
+    """Check :func:`resume_check`'s options all at once (a framework integration takes the same).
+
+    Raises:
+        UsageError: every problem found, in one line.
+
+    Example:
+        >>> check_options(steps=8, resume_at=[6, 3]).legs
+        [(3,), (6,)]
+    """
     legs, tol, profile = _options(steps, resume_at, chain, tolerance, seed, timeout, threads)
     if confirm not in (True, False):
         raise UsageError(f"confirm must be True or False, not {confirm!r}", fix="pass confirm=False to skip re-runs")
@@ -273,18 +312,30 @@ def resume_check(
     if isolation not in ("fork", "spawn") or (isolation == "fork" and not fork_available()):
         raise UsageError(f"isolation must be 'fork' (Linux) or 'spawn', not {isolation!r}",
                          fix="pass isolation='spawn', or leave it out")
-    loaded = load_recipe(recipe)
+    return CheckOptions(legs, tol, profile, steps, seed, confirm, float(timeout), threads, isolation)
+
+
+def run_check(loaded: LoadedRecipe, options: CheckOptions, *, workdir: str | Path | None = None,
+              runner: str | None = None, preload: tuple[str, ...] = (), began: float | None = None) -> ResumeReport:
+    """Run a resume check of ``loaded`` with checked ``options``: the legs, the judging, the
+    confirmations, the report.
+
+    ``runner`` (``"module:function"``) runs every leg instead of tensorparity's own loop (a
+    framework's trainer: :mod:`tensorparity.integrations.lightning`); ``preload`` is imported by
+    every fresh process before its job.
+    """
+    began = time.perf_counter() if began is None else began
     keep = workdir is not None
     if keep:
         Path(workdir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
     work = Path(tempfile.mkdtemp(prefix="tensorparity-resume-", dir=workdir))
-    pool = launcher(isolation, work, ahead=1 if confirm else 0)
+    pool = launcher(options.isolation, work, ahead=1 if options.confirm else 0, preload=preload)
     try:
         if isinstance(pool, SpawnLauncher):
-            pool.warm(min(2 + len(legs) + int(confirm), 5))
-        check = _Check(loaded, pool, work, steps=steps, seed=seed, tolerance=tol, timeout=float(timeout),
-                       threads=threads)
-        return _run(check, legs, profile=profile, confirm=confirm, began=began)
+            pool.warm(min(2 + len(options.legs) + int(options.confirm), 5))
+        check = _Check(loaded, pool, work, steps=options.steps, seed=options.seed, tolerance=options.tolerance,
+                       timeout=options.timeout, threads=options.threads, runner=runner)
+        return _run(check, options.legs, profile=options.profile, confirm=options.confirm, began=began)
     finally:
         pool.close()
         if not keep:
