@@ -37,7 +37,7 @@ def test_the_plugin_is_registered_through_its_entry_point() -> None:
 
 
 def test_pass_resume_bug_and_bad_input(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_resume=_TESTS)
+    pytester.makepyfile(test_plugin_resume=_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=2)
     out = result.stdout.str()
@@ -56,6 +56,7 @@ def test_pass_resume_bug_and_bad_input(pytester: pytest.Pytester) -> None:
     assert "tensorparity resume report" in bug and "Audit right after loading the checkpoint of step 2" in bug
     # Bad input: the recipe's own error, one line with the fix, never called a resume bug.
     bad = out[out.index("_ test_recipe_fails_to_build _"):]
+    bad = bad.split("short test summary info")[0]  # the summary (shown with -r) lists every failure
     assert "RecipeError: " in bad and "the recipe's build() raised ValueError: no such dataset: /data/train" in bad
     assert "fix: fix the recipe's build()" in bad and "does not resume exactly" not in bad
     assert "tensorparity/resume/runner.py" not in bad
@@ -66,7 +67,7 @@ def test_assert_same_checkpoint(pytester: pytest.Pytester) -> None:
     weights = {"layer.weight": torch.arange(6.0).reshape(2, 3), "layer.bias": torch.zeros(2)}
     torch.save(weights, a)
     torch.save({**weights, "layer.weight": weights["layer.weight"] + torch.tensor([[0, 0, 0.5], [0, 0, 0]])}, b)
-    pytester.makepyfile(test_diff=f'''
+    pytester.makepyfile(test_plugin_diff=f'''
 from tensorparity.pytest_plugin import assert_same_checkpoint
 
 def test_same():
