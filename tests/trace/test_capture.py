@@ -248,6 +248,25 @@ def test_stats_mode_equals_tensor_stats_of_the_full_tensors() -> None:
         stats.load(stats.records[2])
 
 
+def test_stats_mode_measures_a_tensor_again_after_an_in_place_change() -> None:
+    # lin#1's output object is recorded, changed in place by the ReLU, and recorded again as act's
+    # output and as the model's: one object, two contents, told apart by its version counter.
+    model = Twice()
+    x = torch.randn(3, 4)
+    with capture(model, mode="stats") as trace:
+        model(x).sum().backward()
+    with torch.no_grad():
+        h2 = model.lin(model.lin(x))
+    assert trace.get("lin/1/output").stats == tensor_stats(h2)
+    assert trace.get("act/0/output").stats == tensor_stats(torch.relu(h2))
+    assert trace.get("<model>/0/model_output").stats == tensor_stats(torch.relu(h2))
+    wrapped = nn.Sequential(nn.Linear(4, 4))  # the container's output is its child's, measured once
+    with capture(wrapped, mode="stats") as trace:
+        wrapped(x).sum().backward()
+    assert trace.get("0/0/output").stats == trace.get("<model>/0/model_output").stats
+    assert trace.get("0/0/output").stats == tensor_stats(wrapped(x))
+
+
 def test_window_mode_stores_only_the_window() -> None:
     model = reference_model()
     x = torch.randn(2, 16, 20)

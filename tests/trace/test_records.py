@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tensorparity.trace.records import fingerprint, same_content, tensor_stats
+from tensorparity.trace.stats import _SMALL_BYTES, _bits, _fingerprint_words, _passes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
@@ -48,3 +50,54 @@ def test_statistics_skip_nan_and_inf_and_agree_with_float64() -> None:
     x[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     s = tensor_stats(x)
     assert (s.nan, s.inf) == (1, 2) and s.min == pytest.approx(float(x[3:].min()))
+
+
+def test_fingerprints_never_change_between_versions() -> None:
+    # Traces written by earlier releases are compared with new ones: fp2 is pinned bit for bit,
+    # for the small-tensor route (NumPy) and the large one (torch), int64 and int32 words.
+    assert fingerprint(torch.arange(3000, dtype=torch.float32)) == "fp2:839101914173400088b78a4c5db5c000"
+    assert fingerprint(torch.arange(100_001, dtype=torch.float32)) == "fp2:000000bc67daa80014779c8f7f7e5800"
+    assert 100_001 * 4 > _SMALL_BYTES
+
+
+@pytest.mark.parametrize("n", [5, 1023, 1024, 1025, 4096 * 3 + 7, 70_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_the_numpy_and_the_torch_route_agree(n: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(n)
+    t = (torch.randn(n, generator=g) * 1e4).to(dtype)
+    bits = _bits(t)
+    if bits.element_size() < 4:
+        bits = bits.to(torch.int32)
+    wide = bits.element_size() == 8
+    cpu = torch.device("cpu")
+    assert _fingerprint_words(bits.numpy(), cpu, True, wide) == _fingerprint_words(bits, cpu, False, wide)
+    x = t.to(torch.float64) if not t.is_floating_point() else t.float()
+    assert _passes(x.numpy()) == pytest.approx(_passes(x), rel=1e-5)
+
+
+def test_large_tensors_changed_swapped_or_expanded() -> None:
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(4, 400, 256, generator=g)  # 1.6 MB: the torch route
+    assert t.numel() * 4 > _SMALL_BYTES
+    assert fingerprint(t) == fingerprint(t.clone())
+    changed = t.clone()
+    changed[2, 100, 7] += 1e-3
+    swapped = t.clone()
+    swapped[0, 0, [0, 2]] = t[0, 0, [2, 0]]  # two channels inside one 8 KB block
+    rows = t[torch.tensor([1, 0, 2, 3])]  # batch items reordered: whole blocks move
+    assert len({fingerprint(x) for x in (t, changed, swapped, rows)}) == 4
+    expanded = torch.randn(1, 300_000, generator=g).expand(3, 300_000)  # a stride-0 gradient
+    assert fingerprint(expanded) == fingerprint(expanded.contiguous())
+    assert tensor_stats(expanded) == tensor_stats(expanded.contiguous())
+    strided = t.transpose(1, 2)
+    assert tensor_stats(strided) == tensor_stats(strided.contiguous())
+    assert tensor_stats(strided).mean == pytest.approx(float(t.double().mean()), rel=1e-4, abs=1e-6)
+
+
+def test_numpy_route_statistics_with_nan_and_integers() -> None:
+    x = torch.tensor([1.0, float("nan"), 3.0, float("-inf")])
+    s = tensor_stats(x)
+    assert (s.min, s.max, s.mean, s.nan, s.inf) == (1.0, 3.0, 2.0, 1, 1)
+    i = tensor_stats(torch.tensor([2, 4], dtype=torch.int32))
+    assert (i.min, i.max, i.mean, i.std) == (2.0, 4.0, 3.0, 1.0)
+    assert isinstance(_passes(np.ones(3, dtype=np.float32))[0], float)

@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from torch import nn
 
 from tensorparity.errors import UsageError
 from tensorparity.trace.format import MODES, STORABLE, TraceWriter, build_manifest, write_manifest
-from tensorparity.trace.records import SCHEMA, TraceRecord, flatten_value, json_value, record_key, tensor_stats
+from tensorparity.trace.records import SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key, tensor_stats
 from tensorparity.trace.seed import environment, input_hash
 from tensorparity.trace.trace import ShardSet, Trace, prepare_folder
 
@@ -162,6 +163,7 @@ class _Recorder:
         self.full_modules: set[str] = set()
         self.param_calls: dict[str, int] = defaultdict(int)
         self.input_hashes: list[str] = []
+        self.measured: dict[int, tuple[Any, int, TensorStats]] = {}
         self.handles: list[Any] = []
         self.active = True
 
@@ -279,7 +281,7 @@ class _Recorder:
             self._finish(TraceRecord(*meta, None, False, f"<{t.layout} tensor on {t.device}: not captured>"))
             return
         if not (full and t.dtype in STORABLE):
-            self._finish(TraceRecord(*meta, tensor_stats(t), False))
+            self._finish(TraceRecord(*meta, self._stats(leaf), False))
             return
         copy = t.clone(memory_format=torch.contiguous_format)
         key = record_key(module, call, kind, path)
@@ -288,6 +290,22 @@ class _Recorder:
             self._finish(TraceRecord(*meta, tensor_stats(copy), True))
         else:
             self.writer.put(key, copy, lambda cpu: self._finish(TraceRecord(*meta, tensor_stats(cpu), True)))
+
+    def _stats(self, leaf: torch.Tensor) -> TensorStats:
+        # One tensor is often recorded several times: a container's output is its last child's,
+        # the model's output its last layer's, one gradient reaches several hooks. The same
+        # object at the same version counter (bumped by every in-place change) has the same
+        # statistics; the weak reference proves it is still that object, not a new one at its id.
+        try:
+            version = leaf._version
+        except RuntimeError:  # inference tensors keep no version counter: measure every time
+            return tensor_stats(leaf)
+        seen = self.measured.get(id(leaf))
+        if seen is not None and seen[0]() is leaf and seen[1] == version:
+            return seen[2]
+        stats = tensor_stats(leaf)
+        self.measured[id(leaf)] = (weakref.ref(leaf), version, stats)
+        return stats
 
     def provenance(self, extra: Mapping[str, Any] | None, rank: int, world: int) -> dict[str, Any]:
         params = list(self.model.parameters()) or list(self.model.buffers())

@@ -1,4 +1,4 @@
-"""What a trace holds: one record per captured tensor, and the statistics kept for each.
+"""What a trace holds: one record per captured tensor (its statistics: :mod:`tensorparity.trace.stats`).
 
 A record names *where* a tensor came from (execution index, module path, call number, module
 type, what it is, its place inside nested outputs) and *what* it was (shape, dtype, statistics,
@@ -10,12 +10,13 @@ of these records plus provenance (see :mod:`tensorparity.trace.format`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from tensorparity.trace.stats import TensorStats, fingerprint, same_content, tensor_stats
 
 __all__ = ["KINDS", "Kind", "SCHEMA", "TensorStats", "TraceRecord", "fingerprint", "flatten_value", "json_value", "record_key",
            "same_content", "tensor_stats"]
@@ -27,166 +28,6 @@ SCHEMA = "tensorparity.trace/1"
 # owner, path = the parameter's name); model_input / model_output: the whole model's.
 Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output"]
 KINDS: tuple[str, ...] = ("input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output")
-
-
-@dataclass(frozen=True)
-class TensorStats:
-    """Statistics of one tensor, computed where the tensor lives (on its device), in float64."""
-
-    numel: int
-    min: float
-    max: float
-    mean: float
-    std: float
-    norm: float
-    nan: int
-    inf: int
-    hash: str  # content fingerprint (see fingerprint()), "" when not computed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v)
-                for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorStats:
-        # Fields a newer minor schema version adds are ignored; the known ones are required.
-        names = [f.name for f in fields(cls)]
-        return cls(**{k: (float(data[k]) if k in ("min", "max", "mean", "std", "norm") else data[k]) for k in names})
-
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_POSITIONS: dict[tuple[int, str], torch.Tensor] = {}
-_POSITIONS_LIMIT = 1 << 24  # cache position weights for tensors up to 16M elements
-
-
-def _positions(n: int, device: torch.device) -> torch.Tensor:
-    key = (n, str(device))
-    weights = _POSITIONS.get(key)
-    if weights is None:
-        # Odd multipliers of a Weyl sequence: every position weighs differently, so a permuted or
-        # transposed tensor changes the fingerprint even though its sum does not.
-        weights = torch.arange(n, device=device, dtype=torch.int64) * 0x9E3779B97F4A7C15 % (1 << 62) * 2 + 1
-        if n <= _POSITIONS_LIMIT:
-            if sum(w.numel() for w in _POSITIONS.values()) + n > 4 * _POSITIONS_LIMIT:
-                _POSITIONS.clear()
-            _POSITIONS[key] = weights
-    return weights
-
-
-def _bits(flat: torch.Tensor) -> torch.Tensor:
-    """The elements' bytes as the widest integer type that divides them (int64 for most tensors).
-    The width depends on the byte count only, never on where the tensor starts in its storage."""
-    raw = flat.view(torch.uint8)
-    width = next((w for w in (8, 4, 2) if raw.numel() % w == 0), 1)
-    if width == 1:
-        return raw
-    try:
-        return raw.view(_INT_VIEW[width])
-    except RuntimeError:  # a view starting at a misaligned offset: an aligned copy
-        return raw.clone().view(_INT_VIEW[width])
-
-
-def fingerprint(t: torch.Tensor) -> str:
-    """A content fingerprint computed where the tensor lives (no copy to the CPU): wrapping sums of
-    the elements' bit patterns, read as 64-bit integers (narrower where the byte count demands) —
-    all of them, and position-weighted sums of the rows and columns of the words laid out in
-    blocks of 1024.
-
-    Equal tensors always agree (integer sums wrap the same way on every device and in every
-    order); different ones disagree unless their bit patterns collide in every sum, which
-    accidental differences (a changed element, a swapped pair, a transposed or permuted weight) do
-    not. It is a fingerprint for "these are the same numbers", not a cryptographic hash. The sums
-    run in the words' own integer type (a widening sum is ten times slower on CPUs), so it costs
-    about two passes at memory speed. ``fp2:`` fingerprints are only ever compared with ``fp2:``.
-
-    Example:
-        >>> a = torch.arange(6.0).reshape(2, 3)
-        >>> fingerprint(a) == fingerprint(a.clone()), fingerprint(a) == fingerprint(a.t().contiguous())
-        (True, False)
-    """
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return "fp2:" + "0" * 32
-    bits = _bits(flat)
-    if bits.element_size() < 4:  # rare (odd byte counts): widen, these sums wrap too narrowly
-        bits = bits.to(torch.int32)
-    kind = bits.dtype
-    n = bits.numel()
-    block = 1024
-    whole = n - n % block
-    plain = 0
-    weighted = 0
-    if whole:
-        grid = bits[:whole].view(-1, block)
-        rows = grid.sum(1, dtype=kind)
-        cols = grid.sum(0, dtype=kind)
-        plain += int(rows.sum(dtype=kind))
-        weighted += int((rows.to(torch.int64) * _positions(rows.numel(), rows.device)).sum())
-        weighted += 31 * int((cols.to(torch.int64) * _positions(block, cols.device)).sum())
-    if whole < n:
-        tail = bits[whole:].to(torch.int64)
-        plain += int(tail.sum())
-        weighted += 17 * int((tail * _positions(tail.numel(), tail.device)).sum())
-    return f"fp2:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
-
-
-def same_content(a: str, b: str) -> bool | None:
-    """Whether two fingerprints say "equal content"; ``None`` when they cannot tell (one missing,
-    or made by different fingerprint versions)."""
-    if not a or not b or a.split(":", 1)[0] != b.split(":", 1)[0]:
-        return None
-    return a == b
-
-
-def _sum(x: torch.Tensor) -> torch.Tensor:
-    # float32 sums are cascaded (pairwise) by torch, accurate to a few ulps of the result; a
-    # float64 accumulator would cost a widening pass, three times slower.
-    return x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float64)
-
-
-def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
-    """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged), computed
-    where the tensor lives in a few passes (float32 arithmetic for 16/32-bit floats, float64 for
-    64-bit and integer types).
-
-    Example:
-        >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
-        >>> (s.min, s.max, s.mean, s.nan)
-        (1.0, 3.0, 2.0, 1)
-    """
-    t = t.detach()
-    numel = t.numel()
-    digest = fingerprint(t) if with_hash else ""
-    if numel == 0:
-        return TensorStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, digest)
-    if t.is_complex():
-        x = t.abs().to(torch.float64)
-    elif t.dtype in (torch.float32, torch.float64):
-        x = t
-    elif t.is_floating_point():
-        x = t.to(torch.float32)
-    else:
-        x = t.to(torch.float64)
-    x = x.reshape(-1)
-    nan = inf = 0
-    low, high = torch.aminmax(x)
-    total = float(_sum(x))
-    if not (math.isfinite(float(low)) and math.isfinite(float(high)) and math.isfinite(total)):
-        # NaN propagates into min/max and the sum, Inf into min or max: only then look closer.
-        nan = int(torch.isnan(x).sum())
-        inf = int(torch.isinf(x).sum())
-        x = x[torch.isfinite(x)]
-        if x.numel() == 0:
-            return TensorStats(numel, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nan, inf,
-                               digest)
-        low, high = torch.aminmax(x)
-        total = float(_sum(x))
-    n = x.numel()
-    squares = max(0.0, float(torch.dot(x, x)))  # BLAS: twice vector_norm's speed
-    norm = math.sqrt(squares)
-    mean = total / n
-    var = max(0.0, squares / n - mean * mean)
-    return TensorStats(numel, float(low), float(high), mean, math.sqrt(var), norm, nan, inf, digest)
 
 
 def json_value(value: Any) -> Any:

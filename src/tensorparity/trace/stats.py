@@ -1,0 +1,241 @@
+"""The statistics a trace keeps of every tensor, and its content fingerprint.
+
+Both are computed where the tensor lives, in as few operations as possible: a capture in
+``stats`` mode measures hundreds of tensors per step, each right after a large kernel has flushed
+the caches, where every tensor operation costs ten microseconds or more whatever its size. A
+large tensor takes four reductions of its data (row and column sums of its bit patterns for the
+fingerprint, min/max, the sum, a BLAS dot for the norm) and a dozen operations in all; a small
+one on the CPU (up to 256 KB: norm weights, biases) is measured by NumPy, whose fixed cost per
+operation is a fifth of torch's. Both routes compute the same fingerprint, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["TensorStats", "fingerprint", "same_content", "tensor_stats"]
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Statistics of one tensor, computed where the tensor lives (on its device)."""
+
+    numel: int
+    min: float
+    max: float
+    mean: float
+    std: float
+    norm: float
+    nan: int
+    inf: int
+    hash: str  # content fingerprint (see fingerprint()), "" when not computed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v)
+                for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorStats:
+        # Fields a newer minor schema version adds are ignored; the known ones are required.
+        names = [f.name for f in fields(cls)]
+        return cls(**{k: (float(data[k]) if k in ("min", "max", "mean", "std", "norm") else data[k]) for k in names})
+
+
+_BLOCK = 1024  # words per row of the fingerprint's grid
+_SMALL_BYTES = 256 * 1024  # CPU tensors up to this size are measured by NumPy
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CACHE_LIMIT = 1 << 24  # int64 elements of weights kept per cache (128 MB at most)
+_POSITIONS: dict[tuple[int, str], torch.Tensor] = {}
+_WEIGHTS: dict[tuple[int, int, str], Any] = {}
+
+
+def _positions(n: int, device: torch.device | str) -> torch.Tensor:
+    key = (n, str(device))
+    weights = _POSITIONS.get(key)
+    if weights is None:
+        # Odd multipliers of a Weyl sequence: every position weighs differently, so a permuted or
+        # transposed tensor changes the fingerprint even though its sum does not.
+        weights = torch.arange(n, device=device, dtype=torch.int64) * 0x9E3779B97F4A7C15 % (1 << 62) * 2 + 1
+        _remember(_POSITIONS, key, weights, n)
+    return weights
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any, size: int) -> None:
+    if size > _CACHE_LIMIT:
+        return
+    if sum(v.size if isinstance(v, np.ndarray) else v.numel() for v in cache.values()) + size > _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
+def _weights(rows: int, tail: int, device: torch.device | str, numpy: bool) -> Any:
+    """The fingerprint as one matrix product: the words are laid out as ``rows`` row sums, 1024
+    column sums (when ``rows``) and ``tail`` left-over words; row 0 of the matrix sums the row
+    sums, row 1 the tail, row 2 weighs everything by position (rows x1, columns x31, tail x17)."""
+    key = (rows, tail, "numpy" if numpy else str(device))
+    matrix = _WEIGHTS.get(key)
+    if matrix is None:
+        cols = _BLOCK if rows else 0
+        matrix = torch.zeros(3, rows + cols + tail, dtype=torch.int64, device=device)
+        matrix[0, :rows] = 1
+        matrix[1, rows + cols:] = 1
+        if rows:
+            matrix[2, :rows] = _positions(rows, device)
+            matrix[2, rows:rows + cols] = 31 * _positions(cols, device)
+        if tail:
+            matrix[2, rows + cols:] = 17 * _positions(tail, device)
+        if numpy:
+            matrix = matrix.numpy()
+        _remember(_WEIGHTS, key, matrix, 3 * (rows + cols + tail))
+    return matrix
+
+
+def _bits(flat: torch.Tensor) -> torch.Tensor:
+    """The elements' bytes as the widest integer type that divides them (int64 for most tensors).
+    The width depends on the byte count only, never on where the tensor starts in its storage."""
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes % 8 == 0 and flat.element_size() <= 8:
+        try:  # one view for the common case
+            return flat.view(torch.int64)
+        except RuntimeError:  # misaligned start, or a dtype view cannot reinterpret: the long way
+            pass
+    raw = flat.view(torch.uint8)
+    width = next((w for w in (8, 4, 2) if raw.numel() % w == 0), 1)
+    if width == 1:
+        return raw
+    try:
+        return raw.view(_INT_VIEW[width])
+    except RuntimeError:  # a view starting at a misaligned offset: an aligned copy
+        return raw.clone().view(_INT_VIEW[width])
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A content fingerprint computed where the tensor lives (no copy to the CPU): wrapping sums of
+    the elements' bit patterns, read as 64-bit integers (narrower where the byte count demands) —
+    all of them, and position-weighted sums of the rows and columns of the words laid out in
+    blocks of 1024.
+
+    Equal tensors always agree (integer sums wrap the same way on every device and in every
+    order); different ones disagree unless their bit patterns collide in every sum, which
+    accidental differences (a changed element, a swapped pair, a transposed or permuted weight) do
+    not. It is a fingerprint for "these are the same numbers", not a cryptographic hash. The sums
+    run in the words' own integer type (a widening sum is ten times slower on CPUs), so it costs
+    about two passes at memory speed. ``fp2:`` fingerprints are only ever compared with ``fp2:``.
+
+    Example:
+        >>> a = torch.arange(6.0).reshape(2, 3)
+        >>> fingerprint(a) == fingerprint(a.clone()), fingerprint(a) == fingerprint(a.t().contiguous())
+        (True, False)
+    """
+    return _fingerprint(_flat(t))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    # One dense row-major copy of a strided or expanded tensor (none of a contiguous one).
+    flat = t.detach().reshape(-1)
+    return flat if flat.is_contiguous() else flat.contiguous()
+
+
+def _fingerprint(flat: torch.Tensor) -> str:
+    if flat.numel() == 0:
+        return "fp2:" + "0" * 32
+    bits = _bits(flat)
+    if bits.element_size() < 4:  # rare (odd byte counts): widen, these sums wrap too narrowly
+        bits = bits.to(torch.int32)
+    numpy = _small_cpu(bits)
+    return _fingerprint_words(bits.numpy() if numpy else bits, bits.device, numpy, bits.element_size() == 8)
+
+
+def _fingerprint_words(bits: Any, device: torch.device, numpy: bool, wide: bool) -> str:
+    # bits: flat int32/int64 words, a torch tensor or (small, on the CPU) a NumPy array.
+    n = len(bits)
+    whole = n - n % _BLOCK
+    parts = []
+    if whole:
+        grid = bits[:whole].reshape(-1, _BLOCK)
+        parts += [grid.sum(1, dtype=bits.dtype), grid.sum(0, dtype=bits.dtype)]  # row sums, column sums
+    if whole < n:
+        parts.append(bits[whole:])
+    matrix = _weights(whole // _BLOCK, n - whole, device, numpy)
+    if numpy:
+        words = parts[0].astype(np.int64) if len(parts) == 1 else np.concatenate(parts, dtype=np.int64)
+        rows, tail, weighted = (matrix @ words).tolist()
+    else:
+        words = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int64)
+        # An integer matrix-vector product on the CPU; CUDA has none, multiply and sum there.
+        sums = matrix @ words if words.device.type == "cpu" else (matrix * words).sum(1)
+        rows, tail, weighted = sums.tolist()
+    if not wide:  # int32 words: their row sums wrap at 32 bits
+        rows = (rows + 2**31) % 2**32 - 2**31
+    plain = rows + tail
+    return f"fp2:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+
+
+def _small_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.numel() * t.element_size() <= _SMALL_BYTES
+
+
+def same_content(a: str, b: str) -> bool | None:
+    """Whether two fingerprints say "equal content"; ``None`` when they cannot tell (one missing,
+    or made by different fingerprint versions)."""
+    if not a or not b or a.split(":", 1)[0] != b.split(":", 1)[0]:
+        return None
+    return a == b
+
+
+def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
+    """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged), computed
+    where the tensor lives (float32 arithmetic for 16/32-bit floats, float64 for 64-bit and
+    integer types).
+
+    Example:
+        >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
+        >>> (s.min, s.max, s.mean, s.nan)
+        (1.0, 3.0, 2.0, 1)
+    """
+    flat = _flat(t)  # a strided tensor is copied once, for the fingerprint and the stats
+    numel = flat.numel()
+    digest = _fingerprint(flat) if with_hash else ""
+    if numel == 0:
+        return TensorStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, digest)
+    if flat.is_complex():
+        x = flat.abs().to(torch.float64)
+    elif flat.dtype in (torch.float32, torch.float64):
+        x = flat
+    elif flat.is_floating_point():
+        x = flat.to(torch.float32)
+    else:
+        x = flat.to(torch.float64)
+    if _small_cpu(x):
+        x = x.numpy()
+    low, high, total, squares = _passes(x)
+    nan = inf = 0
+    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(total) and math.isfinite(squares)):
+        # NaN propagates into min/max and the sums, Inf into min or max: only then look closer.
+        xp: Any = np if isinstance(x, np.ndarray) else torch
+        nan = int(xp.isnan(x).sum())
+        inf = int(xp.isinf(x).sum())
+        x = x[xp.isfinite(x)]
+        if len(x) == 0:
+            return TensorStats(numel, math.nan, math.nan, math.nan, math.nan, math.nan, nan, inf, digest)
+        low, high, total, squares = _passes(x)
+    n = len(x)
+    squares = max(0.0, squares)
+    mean = total / n
+    var = max(0.0, squares / n - mean * mean)
+    return TensorStats(numel, low, high, mean, math.sqrt(var), math.sqrt(squares), nan, inf, digest)
+
+
+def _passes(x: Any) -> list[float]:
+    """min, max, sum, sum of squares of a flat float32/float64 tensor or array. Sums are pairwise
+    (torch cascades, NumPy pairs): a few ulps of the result, where a float64 accumulator would cost
+    a widening pass; the squares come from a BLAS dot, twice vector_norm's speed."""
+    if isinstance(x, np.ndarray):
+        return [float(x.min()), float(x.max()), float(x.sum()), float(np.dot(x, x))]
+    low, high = torch.aminmax(x)
+    return torch.stack([low, high, x.sum(), torch.dot(x, x)]).tolist()
