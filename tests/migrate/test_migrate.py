@@ -170,6 +170,7 @@ def test_tied_weights_and_a_move_into_another_section(tmp_path: Path) -> None:
     assert report.counts() == {"renamed": 1, "copied": 1, "changed": 1}
     loaded = torch.load(report.output, weights_only=True)
     assert torch.equal(loaded["model"]["head.weight"], embed) and "ema.shadow" not in loaded["model"]
+    assert loaded["model"]["head.weight"].data_ptr() == loaded["model"]["embed.weight"].data_ptr()  # tied, once
     assert loaded["ema_state"]["decay"] == 0.99 and torch.equal(loaded["ema_state"]["shadow"], torch.ones(2))
     assert report.made == 0  # a tie and a move keep the source's bytes: verified against the source
 

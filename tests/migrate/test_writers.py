@@ -106,6 +106,22 @@ def test_torch_output_pickles_exactly_as_torch_save(tmp_path: Path) -> None:
     _same(torch.load(ours, weights_only=True), state)
 
 
+def test_torch_output_keeps_ties_of_the_source_file_and_copies_other_views(tmp_path: Path) -> None:
+    embed = torch.randn(6, 4)
+    torch.save({"embed.weight": embed, "head.weight": embed, "row": embed[1], "flat": embed.view(24)},
+               tmp_path / "tied.pt")
+    out = _write(tmp_path / "tied.pt", tmp_path / "copy.pt", format="torch")
+    back = torch.load(out, weights_only=True)
+    assert back["head.weight"].data_ptr() == back["embed.weight"].data_ptr()  # loads tied, as saved
+    assert back["flat"].data_ptr() == back["embed.weight"].data_ptr()  # the same bytes, another shape
+    assert back["row"].data_ptr() != back["embed.weight"].data_ptr()  # a slice: its own copy
+    for key in back:
+        assert torch.equal(back[key], {"embed.weight": embed, "head.weight": embed, "row": embed[1],
+                                       "flat": embed.view(24)}[key]), key
+    storages = [n for n in zipfile.ZipFile(out).namelist() if "/data/" in n and not n.endswith(".json")]
+    assert len(storages) == 2  # embed once, the row once
+
+
 def test_torch_output_keeps_a_lightning_checkpoint_nested(tmp_path: Path, lightning_ckpt: Path) -> None:
     ckpt = tensorparity.open(lightning_ckpt)
     out = tmp_path / "copy.ckpt"

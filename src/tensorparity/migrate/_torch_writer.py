@@ -8,9 +8,11 @@ storage id, or ``_rebuild_tensor_v3`` for dtypes without a typed storage, wrappe
 it reads ``torch.save``'s. Then each storage is loaded, written as its own 64-byte aligned
 record by torch's own ``PyTorchFileWriter``, and dropped before the next.
 
-Each tensor gets its own storage, dense and in C order: tensors that shared a storage (tied
-weights, views) are written as copies. Values are the same; the file may be larger than one
-``torch.save`` wrote, and a tie is no longer a tie after loading.
+Storages are written dense and in C order. Tensors whose bytes are the very same bytes of the
+source file (tied weights that ``torch.save`` stored once, a tie a migration added) share one
+storage again, so they load tied and are stored once. Other sharing (a slice or a transposed view
+of another tensor, tensors of an in-memory dict) is written as copies: the same values, more
+bytes, no tie after loading.
 
 The nested structure of the source (Lightning sections, optimizer state lists, int keys, dicts
 whose keys hold dots) comes from the reader's ``Checkpoint.structure``; see :mod:`._layout`.
@@ -94,11 +96,22 @@ class _Pickler(pickle.Pickler):
         return obj.persistent_id() if isinstance(obj, _Storage) else None
 
 
-def _storages(ckpt: Checkpoint) -> dict[str, _Storage]:
+def _storages(ckpt: Checkpoint) -> tuple[dict[str, _Storage], list[str]]:
+    """Each tensor's storage, and the keys whose data is written (one per storage)."""
     out: dict[str, _Storage] = {}
+    by_place: dict[tuple[Any, torch.dtype], _Storage] = {}
+    written: list[str] = []
     for entry in ckpt.tensors():
-        out[entry.key] = _Storage(str(len(out)), entry.dtype, entry.numel)
-    return out
+        span = entry.byte_span()
+        place = (span, entry.dtype) if span is not None and span.nbytes else None
+        storage = by_place.get(place) if place is not None else None
+        if storage is None:
+            storage = _Storage(str(len(written)), entry.dtype, entry.numel)
+            written.append(entry.key)
+            if place is not None:
+                by_place[place] = storage
+        out[entry.key] = storage
+    return out, written
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +173,7 @@ class _Sink:
 def write_torch_zip(ckpt: Checkpoint, out: IO[bytes], *, structure: Any,
                     metadata: Mapping[str, str] | None = None) -> None:
     """Write ``ckpt`` as a torch zip to the open binary file ``out``, one tensor at a time."""
-    storages = _storages(ckpt)
+    storages, written = _storages(ckpt)
     obj = rebuild(ckpt, structure, lambda e: _Tensor(e, storages[e.key]))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(obj)
@@ -173,7 +186,7 @@ def write_torch_zip(ckpt: Checkpoint, out: IO[bytes], *, structure: Any,
         writer.write_record(".format_version", "1", 1)
         writer.write_record(".storage_alignment", "64", 2)
         writer.write_record("byteorder", "little", len("little"))
-        for key, tensor in iter_loaded(ckpt, list(storages)):
+        for key, tensor in iter_loaded(ckpt, written):
             nbytes = tensor.numel() * tensor.element_size()
             # The tensor is little-endian in memory here (readers fix byte order on load).
             writer.write_record(f"data/{storages[key].key}", tensor.untyped_storage(), nbytes)

@@ -236,7 +236,9 @@ def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: 
     the source's nesting is kept (Lightning sections, optimizer state lists, int keys, dicts
     whose keys hold dots); a key the source did not have (renamed by a mapping, added by a
     migration) goes into the deepest dict whose path prefixes it, e.g. a Lightning
-    ``state_dict``. Tensors that shared storage are written as separate copies.
+    ``state_dict``. Torch output stores tensors that were the same bytes of the source file
+    (tied weights) once, tied; other shared storage, and every tie in the other formats, is
+    written as separate copies.
 
     Args:
         ckpt: what to write; its tensors are loaded one by one.
