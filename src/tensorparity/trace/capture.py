@@ -37,7 +37,8 @@ from torch import nn
 
 from tensorparity.errors import UsageError
 from tensorparity.trace.format import MODES, STORABLE, TraceWriter, build_manifest, write_manifest
-from tensorparity.trace.records import SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key, tensor_stats
+from tensorparity.trace.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
+                                       tensor_stats)
 from tensorparity.trace.seed import environment, input_hash
 from tensorparity.trace.trace import ShardSet, Trace, prepare_folder
 
