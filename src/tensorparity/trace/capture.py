@@ -275,16 +275,16 @@ class _Recorder:
         if not isinstance(leaf, torch.Tensor):
             self._finish(TraceRecord(*head, (), type(leaf).__name__, "", None, False, json_value(leaf), False))
             return
-        t = leaf.detach()
-        dtype = str(t.dtype).removeprefix("torch.")
-        meta = (*head, tuple(t.shape), dtype, str(t.device))
-        if t.layout != torch.strided or t.device.type == "meta":
-            self._finish(TraceRecord(*meta, None, False, f"<{t.layout} tensor on {t.device}: not captured>"))
+        # Metadata needs no detached view: inside a step every tensor operation costs ~10 µs.
+        dtype = str(leaf.dtype).removeprefix("torch.")
+        meta = (*head, tuple(leaf.shape), dtype, str(leaf.device))
+        if leaf.layout != torch.strided or leaf.device.type == "meta":
+            self._finish(TraceRecord(*meta, None, False, f"<{leaf.layout} tensor on {leaf.device}: not captured>"))
             return
-        if not (full and t.dtype in STORABLE):
+        if not (full and leaf.dtype in STORABLE):
             self._finish(TraceRecord(*meta, self._stats(leaf), False))
             return
-        copy = t.clone(memory_format=torch.contiguous_format)
+        copy = leaf.detach().clone(memory_format=torch.contiguous_format)
         key = record_key(module, call, kind, path)
         if self.writer is None:
             self.tensors[key] = copy

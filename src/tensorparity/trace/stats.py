@@ -137,7 +137,7 @@ def fingerprint(t: torch.Tensor) -> str:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     # One dense row-major copy of a strided or expanded tensor (none of a contiguous one).
-    flat = t.detach().reshape(-1)
+    flat = (t.detach() if t.requires_grad else t).reshape(-1)
     return flat if flat.is_contiguous() else flat.contiguous()
 
 
