@@ -79,6 +79,16 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def _optimizer_step(objs: TrainingObjects, batch: Any) -> torch.Tensor:
+    objs.model.train()
+    objs.optimizer.zero_grad()
+    loss = _loss(objs.model, batch)
+    loss.backward()
+    objs.optimizer.step()
+    objs.scheduler.step()
+    return loss
+
+
 class TinyDefaultRecipe:
     """Model, AdamW, warm-up schedule, EMA, shuffled loader; no save/load of its own."""
 
@@ -93,12 +103,7 @@ class TinyDefaultRecipe:
                 "extras": {"ema": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))}}
 
     def step(self, objs: TrainingObjects, batch: Any) -> torch.Tensor:
-        objs.model.train()
-        objs.optimizer.zero_grad()
-        loss = _loss(objs.model, batch)
-        loss.backward()
-        objs.optimizer.step()
-        objs.scheduler.step()
+        loss = _optimizer_step(objs, batch)
         objs.extras["ema"].update_parameters(objs.model)
         return loss
 
@@ -185,13 +190,7 @@ class LoraRecipe:
                 "dataloader": torch.utils.data.DataLoader(NoisyFeatures(), batch_size=4, shuffle=True)}
 
     def step(self, objs: TrainingObjects, batch: Any) -> torch.Tensor:
-        objs.model.train()
-        objs.optimizer.zero_grad()
-        loss = _loss(objs.model, batch)
-        loss.backward()
-        objs.optimizer.step()
-        objs.scheduler.step()
-        return loss
+        return _optimizer_step(objs, batch)
 
     def save(self, objs: TrainingObjects, path: Path) -> None:
         adapters = {k: v for k, v in objs.model.state_dict().items() if ".lora_" in k}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from tensorparity._factory import FactoryError, _attribute, _import, _on_path, p
 from tensorparity.compare import Tolerance
 from tensorparity.errors import MissingDependencyError, UsageError
 from tensorparity.report.resume import ResumeReport
-from tensorparity.resume.recipe import LoadedRecipe, RecipeSpec, _module_location, spec_of
+from tensorparity.resume.recipe import LoadedRecipe, RecipeSpec, _module_location, defining_module, spec_of
 from tensorparity.resume.runner import check_options, run_check
 
 __all__ = ["LightningCase", "lightning_resume_check"]
@@ -93,13 +92,9 @@ def _name(factory: Any, role: str) -> RecipeSpec:
         except FactoryError as exc:
             raise UsageError(exc.message, key=role, fix=exc.fix) from None
     elif callable(factory) and hasattr(factory, "__qualname__") and hasattr(factory, "__module__"):
-        if "<locals>" in factory.__qualname__:
-            raise UsageError(f"the {role} factory {factory.__qualname__!r} is defined inside a function, so a fresh "
-                             f"process cannot import it", fix="define it at module level, or pass its name")
-        module = sys.modules.get(factory.__module__)
-        if module is None:
-            raise UsageError(f"the {role} factory's module {factory.__module__!r} is not imported",
-                             fix="pass its name: 'package.module:function' or 'path/to/file.py:function'")
+        module = defining_module(f"the {role} factory", factory.__qualname__, factory.__module__, error=UsageError,
+                                 fix_local="define it at module level, or pass its name",
+                                 fix_import="pass its name: 'package.module:function' or 'path/to/file.py:function'")
         spec = _module_location(module, factory.__qualname__)
     else:
         raise UsageError(f"the {role} must be given as a factory (a function, a class or its name), not a "

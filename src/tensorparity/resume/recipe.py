@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
+from tensorparity.errors import TensorParityError
 from tensorparity.resume.errors import RecipeError
 
 __all__ = ["LoadedRecipe", "Progress", "Recipe", "RecipeSpec", "TrainingObjects", "as_objects", "load_recipe",
@@ -254,6 +255,19 @@ def _module_location(module: Any, qualname: str) -> RecipeSpec:
     return RecipeSpec(f"{name}:{qualname}", (str(folder),) if folder else ())
 
 
+def defining_module(what: str, qualname: str, module_name: str, *, error: type[TensorParityError], fix_local: str,
+                    fix_import: str) -> Any:
+    """The module a fresh process imports ``qualname`` from: refused (``error``) for what is
+    defined inside a function, or lives in a module that is not imported."""
+    if "<locals>" in qualname:
+        raise error(f"{what} {qualname!r} is defined inside a function, so a fresh process cannot import it",
+                    fix=fix_local)
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise error(f"{what} {qualname!r}: module {module_name!r} is not imported", fix=fix_import)
+    return module
+
+
 def spec_of(recipe: Any) -> RecipeSpec:
     """The name under which a fresh process finds ``recipe`` again.
 
@@ -275,13 +289,8 @@ def spec_of(recipe: Any) -> RecipeSpec:
             return RecipeSpec(f"{parsed.path.expanduser().resolve()}:{parsed.attribute}")
         return RecipeSpec(parsed.text.strip(), (str(Path.cwd()),))
     cls = recipe if isinstance(recipe, type) else type(recipe)
-    if "<locals>" in cls.__qualname__:
-        raise RecipeError(f"recipe class {cls.__qualname__!r} is defined inside a function, so a fresh process "
-                          f"cannot import it", fix="define the recipe class at module level")
-    module = sys.modules.get(cls.__module__)
-    if module is None:
-        raise RecipeError(f"recipe class {cls.__qualname__!r}: module {cls.__module__!r} is not imported",
-                          fix=_FIX_FORM)
+    module = defining_module("recipe class", cls.__qualname__, cls.__module__, error=RecipeError,
+                             fix_local="define the recipe class at module level", fix_import=_FIX_FORM)
     if isinstance(recipe, type):
         return _module_location(module, cls.__qualname__)
     for name, value in vars(module).items():
