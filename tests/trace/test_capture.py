@@ -265,6 +265,9 @@ def test_stats_mode_measures_a_tensor_again_after_an_in_place_change() -> None:
         wrapped(x).sum().backward()
     assert trace.get("0/0/output").stats == trace.get("<model>/0/model_output").stats
     assert trace.get("0/0/output").stats == tensor_stats(wrapped(x))
+    with torch.inference_mode(), capture(wrapped, mode="stats") as trace:  # no version counters here
+        out = wrapped(x)
+    assert trace.get("0/0/output").stats == tensor_stats(out) == trace.get("<model>/0/model_output").stats
 
 
 def test_window_mode_stores_only_the_window() -> None:
