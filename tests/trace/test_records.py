@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tensorparity.trace.records import fingerprint, same_content, tensor_stats
-from tensorparity.trace.stats import _SMALL_BYTES, _bits, _fingerprint_words, _passes
+from tensorparity.trace.stats import _SMALL_BYTES, _bits, _column_sums, _fingerprint_words, _passes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
@@ -58,6 +58,19 @@ def test_fingerprints_never_change_between_versions() -> None:
     assert fingerprint(torch.arange(3000, dtype=torch.float32)) == "fp2:839101914173400088b78a4c5db5c000"
     assert fingerprint(torch.arange(100_001, dtype=torch.float32)) == "fp2:000000bc67daa80014779c8f7f7e5800"
     assert 100_001 * 4 > _SMALL_BYTES
+    # Tall grids whose column sums are folded 16 rows (800 rows) or 8 rows (200) at a time, and one
+    # with a tail: the same fingerprints as the plain column sums of fp2's first release gave.
+    pins = {1_638_400: "fp2:a68382f4c86716832cb30b4dbbb10406", 409_600: "fp2:f23ad083dc86eb1b420fe69c05eccc68",
+            1_644_550: "fp2:279679a96b7513a834179852c43b29fe"}
+    for n, pin in pins.items():
+        assert fingerprint((torch.arange(n, dtype=torch.int64) * 2654435761 % 1000003).to(torch.float32) / 7) == pin
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 72, 128, 200, 800, 801])
+def test_folded_column_sums_are_the_column_sums(rows: int) -> None:
+    grid = torch.randint(-2**62, 2**62, (rows, 1024), generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(_column_sums(grid), grid.sum(0))  # wrapping int64 sums, in any order
+    assert np.array_equal(_column_sums(grid.numpy()), grid.numpy().sum(0))
 
 
 @pytest.mark.parametrize("n", [5, 1023, 1024, 1025, 4096 * 3 + 7, 70_000])

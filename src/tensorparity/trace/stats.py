@@ -3,7 +3,7 @@
 Both are computed where the tensor lives, in as few operations as possible: a capture in
 ``stats`` mode measures hundreds of tensors per step, each right after a large kernel has flushed
 the caches, where every tensor operation costs ten microseconds or more whatever its size. A
-large tensor takes four reductions of its data (row and column sums of its bit patterns for the
+large tensor takes five reductions of its data (row and column sums of its bit patterns for the
 fingerprint, min/max, the sum, a BLAS dot for the norm) and a dozen operations in all; a small
 one on the CPU (up to 256 KB: norm weights, biases) is measured by NumPy, whose fixed cost per
 operation is a fifth of torch's. Both routes compute the same fingerprint, bit for bit.
@@ -157,10 +157,12 @@ def _fingerprint_words(bits: Any, device: torch.device, numpy: bool, wide: bool)
     whole = n - n % _BLOCK
     parts = []
     if whole:
-        grid = bits[:whole].reshape(-1, _BLOCK)
-        parts += [grid.sum(1, dtype=bits.dtype), grid.sum(0, dtype=bits.dtype)]  # row sums, column sums
+        grid = (bits if whole == n else bits[:whole]).reshape(-1, _BLOCK)
+        parts += [grid.sum(1, dtype=bits.dtype), _column_sums(grid)]
     if whole < n:
         parts.append(bits[whole:])
+    if not numpy and device.type == "cpu":  # the few sums left are combined by NumPy (less fixed cost)
+        parts, numpy = [p.numpy() for p in parts], True
     matrix = _weights(whole // _BLOCK, n - whole, device, numpy)
     if numpy:
         words = parts[0].astype(np.int64) if len(parts) == 1 else np.concatenate(parts, dtype=np.int64)
@@ -174,6 +176,19 @@ def _fingerprint_words(bits: Any, device: torch.device, numpy: bool, wide: bool)
         rows = (rows + 2**31) % 2**32 - 2**31
     plain = rows + tail
     return f"fp2:{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+
+
+def _column_sums(grid: Any) -> Any:
+    """The column sums of a (rows, 1024) grid of words. On the CPU, torch sums a tall grid along its
+    columns at a third of the speed of its rows; summing blocks of 8 or 16 rows first (a reduction
+    over the middle of a (rows/q, q, 1024) view, at row speed) and then the few partial rows gives
+    the same wrapping sums, bit for bit, in about two thirds of the time."""
+    rows = len(grid)
+    if isinstance(grid, torch.Tensor) and grid.device.type == "cpu":
+        q = next((k for k in (16, 8) if rows >= 8 * k and rows % k == 0), 0)
+        if q:
+            return grid.view(rows // q, q, _BLOCK).sum(1, dtype=grid.dtype).sum(0, dtype=grid.dtype)
+    return grid.sum(0, dtype=grid.dtype)
 
 
 def _small_cpu(t: torch.Tensor) -> bool:
@@ -238,4 +253,6 @@ def _passes(x: Any) -> list[float]:
     if isinstance(x, np.ndarray):
         return [float(x.min()), float(x.max()), float(x.sum()), float(np.dot(x, x))]
     low, high = torch.aminmax(x)
-    return torch.stack([low, high, x.sum(), torch.dot(x, x)]).tolist()
+    if x.device.type == "cpu":  # no device to wait for: four reads beat a stack
+        return [low.item(), high.item(), x.sum().item(), torch.dot(x, x).item()]
+    return torch.stack([low, high, x.sum(), torch.dot(x, x)]).tolist()  # one synchronisation
