@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
     model, x = conformer(), features()
 
     def step() -> None:
