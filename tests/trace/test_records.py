@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
+
 import numpy as np
 import pytest
 import torch
 
+from tensorparity.trace import stats
 from tensorparity.trace.records import fingerprint, same_content, tensor_stats
 from tensorparity.trace.stats import _SMALL_BYTES, _bits, _column_sums, _fingerprint_words, _passes
 
@@ -114,3 +118,51 @@ def test_numpy_route_statistics_with_nan_and_integers() -> None:
     i = tensor_stats(torch.tensor([2, 4], dtype=torch.int32))
     assert (i.min, i.max, i.mean, i.std) == (2.0, 4.0, 3.0, 1.0)
     assert isinstance(_passes(np.ones(3, dtype=np.float32))[0], float)
+
+
+needs_accelerator = pytest.mark.skipif(stats._fused is None, reason="the C accelerator is not built here")
+
+
+def test_the_accelerator_is_built_where_a_c_compiler_is() -> None:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}): the torch route serves alone")
+    from tensorparity.trace import _fused
+
+    assert callable(_fused.reduce)
+
+
+@needs_accelerator
+@pytest.mark.parametrize("n", [2, 1000, 2048, 2048 * 3 + 2, 409_600, 409_600 + 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_accelerator_agrees_with_the_torch_route(n: int, dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    t = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 1).to(dtype)
+    assert stats._fused_stats(t) is not None  # one read in C, not the torch route
+    fast = tensor_stats(t)
+    assert fast.hash == fingerprint(t)  # fingerprint() itself never takes the accelerator
+    monkeypatch.setattr(stats, "_fused", None)
+    slow = tensor_stats(t)
+    assert (fast.numel, fast.min, fast.max, fast.nan, fast.inf, fast.hash) == \
+        (slow.numel, slow.min, slow.max, slow.nan, slow.inf, slow.hash)
+    assert fast.mean == pytest.approx(slow.mean, rel=1e-5, abs=1e-6)
+    assert fast.std == pytest.approx(slow.std, rel=1e-5) and fast.norm == pytest.approx(slow.norm, rel=1e-6)
+
+
+@needs_accelerator
+def test_the_accelerator_leaves_nan_inf_and_misaligned_views_to_the_exact_route() -> None:
+    t = torch.randn(5000, generator=torch.Generator().manual_seed(4))
+    t[[7, 4000]] = torch.tensor([float("nan"), float("inf")])
+    assert stats._fused_stats(t) is None
+    s = tensor_stats(t)
+    assert (s.nan, s.inf) == (1, 1) and s.max == pytest.approx(float(t[torch.isfinite(t)].max()))
+    odd = torch.randn(3001)[1:]  # starts 4 bytes into its storage: no aligned int64 words
+    assert stats._fused_stats(odd) is None
+    slow, fast = tensor_stats(odd), tensor_stats(odd.clone())  # the torch route, then the accelerator
+    assert (slow.hash, slow.min, slow.max) == (fast.hash, fast.min, fast.max)
+    assert slow.mean == pytest.approx(fast.mean, rel=1e-5, abs=1e-6) and slow.norm == pytest.approx(fast.norm)
+    words = np.empty(1024, np.int64)
+    with pytest.raises(ValueError, match="one int64 per 1024 words"):
+        stats._fused.reduce(torch.zeros(4096).numpy(), False, np.empty(3, np.int64), words)
+    with pytest.raises(ValueError, match="whole number of words"):
+        stats._fused.reduce(torch.zeros(3).numpy(), False, np.empty(0, np.int64), words)
