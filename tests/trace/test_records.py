@@ -166,3 +166,6 @@ def test_the_accelerator_leaves_nan_inf_and_misaligned_views_to_the_exact_route(
         stats._fused.reduce(torch.zeros(4096).numpy(), False, np.empty(3, np.int64), words)
     with pytest.raises(ValueError, match="whole number of words"):
         stats._fused.reduce(torch.zeros(3).numpy(), False, np.empty(0, np.int64), words)
+    misaligned = np.zeros(8 * 1024 + 8, np.uint8)[4:4 + 8 * 1024]  # 4 bytes past an aligned start
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        stats._fused.reduce(misaligned, False, np.empty(1, np.int64), words)
