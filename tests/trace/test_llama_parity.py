@@ -223,15 +223,23 @@ def test_the_port_matches_hf_llama_forward_and_backward(reference: Trace, align:
         assert pairs[f"model.layers.{i}.self_attn"] == f"blocks.{i}.attn"
     assert pairs["<model>"] == "<model>" and pairs["model.norm"] == "final_norm"
     n = len(report.layers)
-    assert n == 20 and report.forward_rate == (n, n) and report.backward_rate == (n, n)
-    # q/k/v and gate/up have no single partner: listed with the reason, not silently dropped.
+    assert report.forward_rate == (n, n) and report.backward_rate == (n, n)
     only_a = {x.layer: x.reason for x in report.only_a}
-    assert {f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in "qkv"} <= only_a.keys()
     if align == "mapping":
-        # Every parameter gradient has its partner, the fused ones through the rule's concat:
-        # 21 parameters, of which q/k/v and gate/up of each layer form 4 fused groups.
+        # The fused qkv and gate/up projections compare with A's parts concatenated (the layout
+        # derived from the rule's concat), and every parameter gradient has its partner.
+        assert n == 24
+        for i in range(LAYERS):
+            qkv = " + ".join(f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv")
+            assert pairs[qkv] == f"blocks.{i}.attn.qkv"
+            assert pairs[f"model.layers.{i}.mlp.gate_proj + model.layers.{i}.mlp.up_proj"] == f"blocks.{i}.mlp.gate_up"
+        layer = next(x for x in report.layers if x.layer_b == "blocks.0.attn.qkv")
+        assert layer.layout == "A's 3 outputs concatenated (rules[2]: concat along dim 0)"
         assert report.params_rate == (15, 15)
-        assert only_a["model.layers.0.self_attn.q_proj"] == "fused by rules[2] into blocks.0.attn.qkv"
+    else:
+        # By order, q/k/v and gate/up have no single partner: listed with the reason, not dropped.
+        assert n == 20
+        assert {f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in "qkv"} <= only_a.keys()
 
 
 @pytest.mark.parametrize("bug", list(CULPRITS))

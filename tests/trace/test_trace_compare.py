@@ -152,10 +152,14 @@ def test_reference_and_port_match_through_the_mapping_and_automatic_alignment() 
     a, b = run(reference_model(), x), run(port_model(), x)
     by_map = compare_traces(a, b, mapping=MAP)
     by_order = compare_traces(a, b)
-    for report in (by_map, by_order):
+    for report, n, only_a, only_b in ((by_map, 18, 6, 0), (by_order, 16, 12, 2)):
         assert report.verdict == "close" and report.exit_code == 0, report.summary()
-        assert len(report.layers) == 16 and report.forward_rate == (16, 16) and report.backward_rate == (16, 16)
-        assert len(report.only_a) == 12 and len(report.only_b) == 2
+        assert len(report.layers) == n and report.forward_rate == (n, n) and report.backward_rate == (n, n)
+        assert len(report.only_a) == only_a and len(report.only_b) == only_b
+    # Through the mapping A's q, k and v projections compare, concatenated, with B's fused qkv.
+    qkv = next(x for x in by_map.layers if x.layer_b == "blocks.0.qkv")
+    assert qkv.layer_a == "layers.0.self_attn.q_proj + layers.0.self_attn.k_proj + layers.0.self_attn.v_proj"
+    assert qkv.passed and qkv.layout and "concatenated" in qkv.layout
     # Through the mapping the fused qkv's gradient is the concatenation of q's, k's and v's.
     assert by_map.params_rate == (30, 30) and by_map.mapping and by_map.mapping.endswith("reference_to_port.yaml")
     fused = [t for t in by_map.params if "q_proj" in t.key and t.key_b == "blocks.0.qkv/0/param_grad/weight"]

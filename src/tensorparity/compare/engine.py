@@ -36,12 +36,14 @@ class Loadable(Protocol):
 
 @dataclass(frozen=True)
 class Pair:
-    """Two entries to compare: ``a`` under ``key``, ``b`` under ``key_b`` (when it differs)."""
+    """Two entries to compare: ``a`` under ``key``, ``b`` under ``key_b`` (when it differs);
+    ``tolerance``, when given, judges this pair instead of the run's."""
 
     key: str
     a: Loadable
     b: Loadable
     key_b: str | None = None
+    tolerance: Tolerance | None = None
 
 
 def _identical_on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
@@ -64,6 +66,7 @@ def _identical_on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | N
 
 
 def _run(pair: Pair, tolerance: Tolerance) -> TensorComparison:
+    tolerance = pair.tolerance or tolerance
     fast = _identical_on_disk(pair, tolerance)
     if fast is not None:
         return fast

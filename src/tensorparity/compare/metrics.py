@@ -7,7 +7,7 @@ Pure tensor math, no I/O. Memory stays bounded by the chunk size (a few float64 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -175,6 +175,36 @@ def _finite_chunk(acc: _Acc, a64: torch.Tensor, b64: torch.Tensor, start: int, t
     acc.norm_b += float(torch.dot(flat_b, flat_b))
 
 
+def _eps(*dtypes: torch.dtype) -> float:
+    """The machine epsilon of the coarsest floating dtype among ``dtypes`` (0 for integers)."""
+    eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
+    return max(eps, default=0.0)
+
+
+def _scaled(tol: ResolvedTolerance, acc: _Acc, flat_a: torch.Tensor, flat_b: torch.Tensor, chunk: int,
+            integer: bool, dtype_a: torch.dtype, dtype_b: torch.dtype) -> tuple[ResolvedTolerance, _Acc]:
+    """Apply ``tol.ulps``: atol at least that many ulps of the compared dtype at ``max|b|``.
+
+    The scale is known only once every chunk was read, so elements were judged at the plain
+    atol; where the raised atol covers every error the verdict is read off the required atol,
+    else (a real mismatch) the elements are counted again at the raised atol.
+    """
+    if not tol.ulps or tol.exact or integer:
+        return tol, acc
+    atol = tol.ulps * _eps(dtype_a, dtype_b) * acc.max_absb
+    if not atol > tol.atol:
+        return tol, acc
+    raised = replace(tol, atol=atol, source=f"{tol.source}, {tol.ulps:.3g} ulp of max|b|")
+    if acc.n_bad == 0:
+        return raised, acc
+    if acc.req_atol <= atol and not acc.nonfinite_bad:
+        return raised, replace(acc, n_bad=0, first=None)
+    again = _Acc()
+    for start in range(0, flat_a.numel(), chunk):
+        _chunk(again, flat_a[start:start + chunk], flat_b[start:start + chunk], start, raised, integer)
+    return raised, again
+
+
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise: do the two elements differ in any bit (so -0.0 vs 0.0 and NaN payloads count)?"""
     if a.dtype != b.dtype:
@@ -238,6 +268,7 @@ def compare_tensors(
     acc = _Acc()
     for start in range(0, numel, chunk):
         _chunk(acc, flat_a[start:start + chunk], flat_b[start:start + chunk], start, tol, integer)
+    tol, acc = _scaled(tol, acc, flat_a, flat_b, chunk, integer, a.dtype, b.dtype)
     if tol.statistic == "max":
         within = acc.max_abs <= tol.atol + tol.rtol * acc.max_absb
     elif tol.statistic == "mean":

@@ -56,13 +56,15 @@ class ResolvedTolerance:
     equal_nan: bool = True
     statistic: Statistic = "elementwise"
     source: str = "default"
+    ulps: float = 0.0
 
     def describe(self) -> str:
         if self.exact:
             return "exact (bitwise)"
         nan = "" if self.equal_nan else ", NaN != NaN"
         stat = "" if self.statistic == "elementwise" else f", {self.statistic} error"
-        return f"atol={self.atol:g}, rtol={self.rtol:g}{stat}{nan}"
+        ulps = f", atol >= {self.ulps:.3g} ulp of max|b|" if self.ulps else ""
+        return f"atol={self.atol:g}, rtol={self.rtol:g}{ulps}{stat}{nan}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class Tolerance:
     (``statistic="elementwise"``), for the largest error (``"max"``: ``max|a-b| <= atol + rtol *
     max|b|``) or on average (``"mean"``). ``exact`` demands identical bytes. ``overrides`` are
     ``(regex, Tolerance)`` pairs; the first regex that matches a key (``re.search``) wins.
+
+    ``ulps`` raises atol to at least ``ulps`` units in the last place of the compared dtype at
+    the tensor's own scale (``ulps · eps · max|b|``): summation-order noise is relative to the
+    largest magnitude a sum builds, not to each element (an element near zero in a large
+    gradient carries the noise of the large ones). Layer parity sets it by default (see
+    :func:`tensorparity.trace.compare.float_tolerance`); ``None`` or 0 leaves atol as it is.
 
     Example:
         >>> tol = Tolerance(atol=1e-4, overrides=((r"\\.norm", Tolerance(atol=1e-2)),))
@@ -87,10 +95,11 @@ class Tolerance:
     equal_nan: bool = True
     statistic: Statistic = "elementwise"
     overrides: tuple[tuple[str, Tolerance], ...] = field(default=())
+    ulps: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("atol", "rtol"):
+        for name in ("atol", "rtol", "ulps"):
             value = getattr(self, name)
             if value is not None and not (value >= 0):
                 problems.append(f"{name}={value} must be a number >= 0")
@@ -123,6 +132,7 @@ class Tolerance:
             equal_nan=chosen.equal_nan,
             statistic=chosen.statistic,
             source=source,
+            ulps=float(chosen.ulps or 0.0) if not chosen.exact else 0.0,
         )
 
     def describe(self) -> str:
@@ -132,6 +142,8 @@ class Tolerance:
             atol = "dtype default" if self.atol is None else f"{self.atol:g}"
             rtol = "dtype default" if self.rtol is None else f"{self.rtol:g}"
             text = f"atol={atol}, rtol={rtol}, statistic={self.statistic}"
+            if self.ulps:
+                text += f", atol >= {self.ulps:.3g} ulp of max|b|"
             if not self.equal_nan:
                 text += ", NaN != NaN"
         if self.overrides:
@@ -141,7 +153,7 @@ class Tolerance:
     def to_dict(self) -> dict[str, object]:
         return {
             "atol": self.atol, "rtol": self.rtol, "exact": self.exact, "equal_nan": self.equal_nan,
-            "statistic": self.statistic,
+            "statistic": self.statistic, "ulps": self.ulps,
             "overrides": [{"pattern": p, **t.to_dict()} for p, t in self.overrides],
         }
 
@@ -152,5 +164,6 @@ def _merge(base: Tolerance, override: Tolerance) -> Tolerance:
         override,
         atol=override.atol if override.atol is not None else base.atol,
         rtol=override.rtol if override.rtol is not None else base.rtol,
+        ulps=override.ulps if override.ulps is not None else base.ulps,
         overrides=(),
     )

@@ -156,6 +156,21 @@ def rich_parts(r: TraceReport, *, top: int) -> tuple[list[RenderableType], Rende
         body += rich_titled_table(title, _COLUMNS, [_row(x, first) for x in bad[:top]], total=len(bad), hint=_HINT,
                                   left=_LEFT)
         body.append(Text())
+    if r.healed:
+        rows = [[str(x.order), x.label, "/".join(x.healed_directions), num(x.max_abs), printable(x.healed_how)]
+                for x in r.healed[:top]]
+        body += rich_titled_table(f"Healed layers: differ in layout only, not in value ({len(r.healed):,})",
+                                  ["#", "layer", "where", "max abs", "why"], rows, total=len(r.healed),
+                                  hint=_HINT, left=("layer", "where", "why"))
+        body.append(Text())
+    laid = [x for x in r.layers if x.layout or x.layout_notes]
+    if laid:
+        rows = [[x.label, printable("; ".join(((x.layout,) if x.layout else ()) + x.layout_notes))]
+                for x in laid[:top]]
+        body += rich_titled_table(f"Layers compared through a layout derived from the mapping ({len(laid):,})",
+                                  ["layer", "what was done to A's activations"], rows, total=len(laid), hint=_HINT,
+                                  left=("layer", "what was done to A's activations"))
+        body.append(Text())
     good = r.matched
     if good:
         body += rich_titled_table(f"Matched layers ({len(good):,})", _COLUMNS[:-1],

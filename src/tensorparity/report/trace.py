@@ -88,6 +88,14 @@ class LayerComparison:
             parameters; w.r.t. output).
         origin: for a mismatched layer, ``introduced`` or ``inherited``; ``inherited_from`` names
             the layer that introduced what it inherited (``<model input>`` when the inputs differ).
+        layout: how A's activations were transformed into B's layout before comparing (derived
+            from the mapping rule that transforms the layer's weights), ``None`` when as they are;
+            ``layout_notes``: what of it could not be applied, and why.
+        healed_at: for a layer that differs while the ancestor it runs in matches again (a
+            re-parametrisation, not a bug), that ancestor (``None`` where the tensors that differ
+            are known to hold the same values in another order, though the ancestor differs for
+            another reason); ``healed_directions``: in which directions (``forward``,
+            ``backward``) it differs in layout only: those are no mismatch.
     """
 
     layer_a: str
@@ -109,6 +117,38 @@ class LayerComparison:
     backward_input_error: float | None = None
     origin: Origin | None = None
     inherited_from: str | None = None
+    layout: str | None = None
+    layout_notes: tuple[str, ...] = ()
+    healed_at: str | None = None
+    healed_directions: tuple[str, ...] = ()
+
+    @property
+    def healed(self) -> bool:
+        """It differs in layout only: what it passes on matches again at :attr:`healed_at`, or its
+        differing tensors hold the same values in another order."""
+        return bool(self.healed_directions)
+
+    @property
+    def healed_how(self) -> str:
+        """``healed at attn``, or ``same values, reordered``."""
+        return f"healed at {self.healed_at}" if self.healed_at else "same values, reordered"
+
+    @property
+    def forward_mismatch(self) -> bool:
+        """Its forward differs, and not in layout only."""
+        return self.forward_passed is False and "forward" not in self.healed_directions
+
+    @property
+    def backward_mismatch(self) -> bool:
+        """Its gradients differ, and not in layout only."""
+        return self.backward_passed is False and "backward" not in self.healed_directions
+
+    def counted(self) -> tuple[TensorComparison, ...]:
+        """The comparisons its verdict rests on: all but those of a direction that healed
+        (parameter gradients always count)."""
+        out = [] if "forward" in self.healed_directions else list(self.forward + self.inputs)
+        back = "backward" in self.healed_directions
+        return tuple(out + [t for t in self.backward if not back or kind_of(t) == "param_grad"])
 
     @property
     def forward_passed(self) -> bool | None:
@@ -203,9 +243,14 @@ class TraceReport:
     def mismatched(self) -> tuple[LayerComparison, ...]:
         """Mismatched layers in execution order: forward mismatches first, then backward-only ones
         in backward order."""
-        fwd = [x for x in self.layers if x.forward_passed is False]
-        bwd = [x for x in self.layers if x.forward_passed is not False and x.backward_passed is False]
+        fwd = [x for x in self.layers if x.forward_mismatch]
+        bwd = [x for x in self.layers if not x.forward_mismatch and x.backward_mismatch]
         return tuple(fwd + sorted(bwd, key=lambda x: (x.backward_order is None, x.backward_order or 0)))
+
+    @property
+    def healed(self) -> tuple[LayerComparison, ...]:
+        """Layers that differ in layout only: their ancestor matches again (see ``healed_at``)."""
+        return tuple(x for x in self.layers if x.healed)
 
     @property
     def matched(self) -> tuple[LayerComparison, ...]:
@@ -246,8 +291,9 @@ class TraceReport:
     # Verdict
     @property
     def _comparisons(self) -> list[TensorComparison]:
-        """Every comparison once (parameter gradients under a layer are also in ``params``)."""
-        out = [t for x in self.layers for t in x.forward + x.inputs + x.backward]
+        """Every comparison once (parameter gradients under a layer are also in ``params``); of a
+        healed direction none (its activations differ in layout only)."""
+        out = [t for x in self.layers for t in x.counted()]
         seen = {id(t) for t in out}
         return out + [t for t in self.params if id(t) not in seen]
 
@@ -278,8 +324,9 @@ class TraceReport:
         def rate(ok: int, n: int) -> str:
             return f"{100.0 * ok / n:.1f}%" if n else "n/a"
 
+        healed = f"Healed: {len(self.healed)} / " if self.healed else ""
         return (f"Common layers: {len(self.layers)} / Only in A: {len(self.only_a)} / Only in B: {len(self.only_b)} / "
-                f"Matched: {len(self.matched)} / Mismatched: {len(self.mismatched)} / "
+                f"Matched: {len(self.matched)} / Mismatched: {len(self.mismatched)} / {healed}"
                 f"Forward match rate: {rate(*self.forward_rate)} / Backward match rate: {rate(*self.backward_rate)} / "
                 f"Parameter gradients matched: {self.params_rate[0]}/{self.params_rate[1]} → {self.verdict}")
 
@@ -292,8 +339,11 @@ class TraceReport:
             return "nothing compared: no layer of A could be paired with a layer of B"
         if first is None:
             same = sum(t.status == "identical" for t in self._comparisons)
-            return (f"{self.verdict}: {plural(len(self.layers), 'layer')} match forward and backward "
-                    f"({same:,} of {plural(len(self._comparisons), 'tensor')} bitwise identical)")
+            healed = (f"; {plural(len(self.healed), 'layer')} differ in layout only ("
+                      f"{', '.join(sorted({printable(x.healed_how) for x in self.healed})[:3])})"
+                      if self.healed else "")
+            return (f"{self.verdict}: {plural(len(self.layers) - len(self.healed), 'layer')} match forward and "
+                    f"backward ({same:,} of {plural(len(self._comparisons), 'tensor')} bitwise identical){healed}")
         return (f"differs: first divergence {first.direction} at {first.label} "
                 f"({printable(first.type_a.rsplit('.', 1)[-1])}), "
                 f"{first.origin or 'introduced'}; {plural(len(self.mismatched), 'mismatched layer')}")
@@ -311,7 +361,7 @@ class TraceReport:
             "tolerance": {"description": self.tolerance.describe(), **self.tolerance.to_dict()},
             "margin": self.margin,
             "counts": {"common": len(self.layers), "only_in_a": len(self.only_a), "only_in_b": len(self.only_b),
-                       "matched": len(self.matched), "mismatched": len(self.mismatched),
+                       "matched": len(self.matched), "mismatched": len(self.mismatched), "healed": len(self.healed),
                        "forward_matched": fwd[0], "forward_compared": fwd[1],
                        "backward_matched": bwd[0], "backward_compared": bwd[1],
                        "param_grads_matched": params[0], "param_grads_compared": params[1]},

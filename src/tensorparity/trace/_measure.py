@@ -87,6 +87,14 @@ def compare_stats(key: str, ra: TraceRecord, rb: TraceRecord, tolerance: Toleran
     """
     sa, sb = stats_a or ra.stats, stats_b or rb.stats
     tol = (tolerance or Tolerance()).for_key(key, _dtype(ra.dtype), _dtype(rb.dtype))
+    scale = _magnitude(sb) if tol.ulps else None
+    if scale:
+        # ulps are of the tensor's own scale (its largest magnitude), not of the statistics
+        # vector's, whose norm entry would loosen min, max and mean by √numel.
+        eps = max(torch.finfo(_dtype(d)).eps if _dtype(d).is_floating_point else 0.0 for d in (ra.dtype, rb.dtype))
+        atol = max(tol.atol, tol.ulps * eps * scale)
+        tol = replace(tol, atol=atol, ulps=0.0,
+                      source=tol.source if atol == tol.atol else f"{tol.source}, {tol.ulps:.3g} ulp of max|b|")
     common = dict(key=key, key_b=key_b if key_b != key else None, shape_a=ra.shape, shape_b=rb.shape,
                   dtype_a=ra.dtype, dtype_b=rb.dtype, tolerance=tol, numel=math.prod(ra.shape))
     if ra.shape != rb.shape:

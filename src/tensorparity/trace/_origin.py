@@ -25,6 +25,18 @@ the error of its gradients w.r.t. input and parameters exceeds that of its gradi
 output by ``margin``; without a recorded gradient w.r.t. output, when no layer before it in
 backward order differs.
 
+**Healed.** A mismatched layer whose nearest paired ancestor (the module it runs inside, up to the
+whole model) matches again, in the same direction, differs in layout, not in value: a
+re-parametrisation (q/k rows permuted for another RoPE convention, heads reordered) that the code
+between the layers undoes. It is reported as *healed at* that ancestor, never as the first
+divergence, and passes no error on (its error counts as 0 for the layers after it). So is a layer
+whose differing outputs hold, token by token, the same values in another order (its features
+permuted), even where a real bug elsewhere in the ancestor keeps the ancestor from matching: a
+reordering is a layout, and the bug is then found where it is. Parameter
+gradients heal only where they hold the same values in another order (the weights are stored in
+another layout and the gradient follows them); otherwise a parameter whose gradient differs is
+stepped differently, and the layer is a mismatch.
+
 A's module tree is rebuilt from execution order: forward hooks fire when a module *finishes*, so
 when a layer finishes, the layers that finished since it started and lie under its module path are
 its sub-layers. Works for modules called several times and for any nesting, in one pass.
@@ -50,6 +62,15 @@ class _LayerLike(Protocol):
     slots: dict[str, list[Any]]
 
 
+@dataclass(frozen=True)
+class Healed:
+    """Where a layer's difference heals, and in which directions (``forward``, ``backward``)."""
+
+    at: str | None  # the ancestor that matches again (None: only known to be a reordering)
+    directions: tuple[str, ...]
+    reordered: bool = False  # some direction holds the same values in another order
+
+
 @dataclass
 class Origin:
     """What :func:`classify` found for one aligned layer."""
@@ -62,11 +83,14 @@ class Origin:
     backward_input_error: float | None = None
     origin: str | None = None
     inherited_from: str | None = None
+    healed_at: str | None = None
+    healed_directions: tuple[str, ...] = ()
 
     def as_fields(self) -> dict[str, Any]:
         return {"error": self.error, "input_error": self.input_error, "backward_error": self.backward_error,
                 "backward_input_error": self.backward_input_error, "origin": self.origin,
-                "inherited_from": self.inherited_from}
+                "inherited_from": self.inherited_from, "healed_at": self.healed_at,
+                "healed_directions": self.healed_directions}
 
 
 def _failed(jobs: Sequence[Any]) -> bool:
@@ -118,12 +142,18 @@ def classify(all_a: Sequence[TraceLayer], layers: Sequence[_LayerLike], margin: 
     if inputs_differ:
         model_input = max(model_input, math.inf)
     children, tops = _tree(all_a)
+    healed = _healed(layers, index, children, tops)
+    for i, h in healed.items():
+        info[i].healed_at, info[i].healed_directions = h.at, h.directions
+    fwd_healed = {i for i, h in healed.items() if "forward" in h.directions}
+    bwd_healed = {i for i, h in healed.items() if "backward" in h.directions}
     own: dict[tuple[str, int], _Err] = {}
     subtree: dict[tuple[str, int], _Err] = {}
     for layer in sorted((x for x in all_a if x.outputs), key=lambda x: x.order):  # children first
         key = (layer.module, layer.call)
         i = index.get(key)
-        own[key] = (info[i].error, layer.name) if i is not None else (0.0, None)
+        # A healed layer's difference is one of layout: it passes no error on.
+        own[key] = (info[i].error, layer.name) if i is not None and i not in fwd_healed else (0.0, None)
         subtree[key] = _worst([subtree[(c.module, c.call)] for c in children[key]], own[key])
 
     # Top-down, iteratively: (siblings, the error present before the first of them started, parent).
@@ -153,7 +183,7 @@ def classify(all_a: Sequence[TraceLayer], layers: Sequence[_LayerLike], margin: 
     names = {x.match.a.name: i for i, x in enumerate(layers)}
     for i, x in enumerate(layers):
         o = info[i]
-        if _failed(x.slots["forward"] + x.slots["inputs"]):
+        if i not in fwd_healed and _failed(x.slots["forward"] + x.slots["inputs"]):
             o.origin = "introduced" if o.error > margin * o.input_error or i in glue else "inherited"
             if i in glue:
                 o.source = None
@@ -164,8 +194,66 @@ def classify(all_a: Sequence[TraceLayer], layers: Sequence[_LayerLike], margin: 
             o.inherited_from = _resolve(o.source, info, names)
         elif o.origin == "introduced" and first_forward is None:
             first_forward = layers[i].match.a.name
-    _backward(layers, info, margin, first_forward)
+    _backward(layers, info, margin, first_forward, bwd_healed)
     return info
+
+
+def _activation_jobs(jobs: Sequence[Any]) -> list[Any]:
+    return [j for j in jobs if j.ra.kind != "param_grad"]
+
+
+def _healed(layers: Sequence[_LayerLike], index: dict[tuple[str, int], int],
+            children: dict[tuple[str, int], list[TraceLayer]], tops: list[TraceLayer]) -> dict[int, Healed]:
+    """Mismatched layers whose nearest paired ancestor matches again in the same direction: the
+    layer's index -> that ancestor's name and the directions healed (see the module docstring)."""
+    parent: dict[tuple[str, int], tuple[str, int] | None] = {(t.module, t.call): None for t in tops}
+    for key, kids in children.items():
+        for c in kids:
+            parent[(c.module, c.call)] = key
+    found: dict[int, Healed] = {}
+    for i, x in enumerate(layers):
+        if not x.match.a.module:
+            continue  # the whole model's outputs are what a port must get right
+        bwd = x.slots["backward"]
+        params = [j for j in bwd if j.ra.kind == "param_grad" and getattr(j, "reordered", None) is None]
+        wanted = [d for d, bad in (("forward", _failed(x.slots["forward"] + x.slots["inputs"])),
+                                   ("backward", _failed(_activation_jobs(bwd)) and not _failed(params))) if bad]
+        at, done, reordered = None, [], False
+        for direction in wanted:
+            key = parent.get((x.match.a.module, x.match.a.call))
+            while key is not None and (key not in index or not _compared(layers[index[key]], direction)):
+                key = parent.get(key)
+            if key is not None and not _failed(_direction_jobs(layers[index[key]], direction)):
+                at = at or layers[index[key]].match.a.name
+                done.append(direction)
+            elif _reordered(_direction_jobs(x, direction)):
+                done.append(direction)
+                reordered = True
+        if done:
+            found[i] = Healed(at, tuple(done), reordered)
+    return found
+
+
+def _reordered(jobs: Sequence[Any]) -> bool:
+    """Every failing comparison holds the same values in another order (see ``sorted_values``),
+    inputs and gradients w.r.t. input included (they must match as they are)."""
+    bad = [j for j in jobs if j.result is not None and not j.result.passed]
+    return bool(bad) and all(getattr(j, "reordered", None) is not None for j in bad)
+
+
+def _direction_jobs(layer: _LayerLike, direction: str) -> list[Any]:
+    if direction == "forward":
+        return list(layer.slots["forward"]) + list(layer.slots["inputs"])
+    return _activation_jobs(layer.slots["backward"])
+
+
+def _compared(layer: _LayerLike, direction: str) -> bool:
+    """Whether a layer can be the point where a sub-layer's difference heals: in the forward pass
+    it has outputs compared; in the backward pass its gradient w.r.t. input (what leaves it after
+    its sub-layers ran; its gradient w.r.t. output arrived before them)."""
+    if direction == "forward":
+        return bool(layer.slots["forward"])
+    return any(j.ra.kind == "grad_input" for j in layer.slots["backward"])
 
 
 def _resolve(source: str | None, info: dict[int, Origin], names: dict[str, int]) -> str | None:
@@ -180,7 +268,8 @@ def _resolve(source: str | None, info: dict[int, Origin], names: dict[str, int])
     return source
 
 
-def _backward(layers: Sequence[_LayerLike], info: dict[int, Origin], margin: float, first_forward: str | None) -> None:
+def _backward(layers: Sequence[_LayerLike], info: dict[int, Origin], margin: float, first_forward: str | None,
+              healed: set[int]) -> None:
     """Backward errors, and origins of layers whose outputs match but whose gradients differ."""
     order = sorted(range(len(layers)), key=lambda i: (layers[i].match.a.backward_order is None,
                                                       layers[i].match.a.backward_order or 0))
@@ -192,7 +281,7 @@ def _backward(layers: Sequence[_LayerLike], info: dict[int, Origin], margin: flo
         o = info[i]
         o.backward_input_error = _max(grad_out) if grad_out else None
         o.backward_error = _max(rest)
-        failed = _failed(jobs)
+        failed = _failed(jobs) and i not in healed
         if failed and o.origin is None:
             if o.backward_input_error is not None:
                 introduced = o.backward_error > margin * o.backward_input_error

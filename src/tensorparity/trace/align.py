@@ -179,7 +179,8 @@ class ModuleRenames:
         for template, into, rule in self.fused:
             values = template.match(bare)
             if values is not None:
-                return None, f"fused by rules[{rule}] into {Template(into).format(values)}"
+                parts = " + ".join(Template(t).format(values) if t else "<model>" for t in into.split(" + "))
+                return None, f"fused by rules[{rule}] into {parts}"
         parts = bare.split(".")
         for k in range(len(parts), 0, -1):
             head = ".".join(parts[:k])
@@ -285,6 +286,17 @@ class LayerMatch:
     b: TraceLayer
     how: str
     score: float | None = None
+    group_a: tuple[TraceLayer, ...] = ()  # several layers a side: a fused module on the other
+    group_b: tuple[TraceLayer, ...] = ()
+    layout: Any = None  # a trace._layout.Layout: how A's activations become B's
+
+    @property
+    def name_a(self) -> str:
+        return " + ".join(x.name for x in self.group_a) if self.group_a else self.a.name
+
+    @property
+    def name_b(self) -> str:
+        return " + ".join(x.name for x in self.group_b) if self.group_b else self.b.name
 
 
 @dataclass(frozen=True)

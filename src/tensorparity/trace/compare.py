@@ -10,6 +10,7 @@ and v's), so they are compared even where the layers they belong to are fused.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,10 @@ from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
-from tensorparity.trace._measure import compare_stats, relative_error, stats_error
+from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records, sorted_values,
+                                     run_jobs, is_default)
+from tensorparity.trace._layout import apply_layouts, combine_stats, derive_layouts, param_shapes
+from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
 from tensorparity.trace.align import (
     Alignment,
@@ -45,52 +49,13 @@ _SLOTS = (("forward", "output"), ("forward", "model_output"), ("inputs", "input"
           ("backward", "grad_output"), ("backward", "grad_input"), ("backward", "param_grad"))
 
 
-@dataclass(frozen=True)
-class _RecordTensor:
-    """A record's tensor, loaded from its trace on demand (what the engine's pairs hold)."""
-
-    source: RecordSource
-    record: TraceRecord
-
-    def load(self) -> torch.Tensor:
-        return self.source.load(self.record)
-
-
-def _loadable(source: RecordSource, record: TraceRecord) -> Any:
-    """A stored record's tensor for the engine: a located :class:`TensorEntry` where the trace can
-    say where its bytes are (identical tensors are then recognised from the shards' bytes)."""
-    lazy = getattr(source, "lazy", None)
-    if callable(lazy) and record.stored:
-        t = lazy(record)
-        if isinstance(t, LazyTensor):
-            return TensorEntry(record.key, t.shape, t.dtype, t.nbytes, t.location, t.loader, _span=t.span)
-    return _RecordTensor(source, record)
-
-
-@dataclass
-class _Job:
-    """One pair of tensors to compare, and where its result goes."""
-
-    slot: str
-    owner: int | None  # index of the layer match, None: a parameter outside aligned layers
-    key: str
-    key_b: str
-    a: Any  # a Loadable
-    b: Any
-    ra: TraceRecord
-    rb: TraceRecord
-    stats: bool = False
-    param: bool = False
-    result: TensorComparison | None = None
-    error: float = 0.0
-
-
 @dataclass
 class _Layer:
     """A layer pair's results while the report is built."""
 
     match: LayerMatch
-    slots: dict[str, list[_Job]] = field(default_factory=lambda: {"forward": [], "inputs": [], "backward": []})
+    slots: dict[str, list[Job]] = field(default_factory=lambda: {"forward": [], "inputs": [], "backward": []})
+    notes: list[str] = field(default_factory=list)
 
 
 def compare_traces(
@@ -189,22 +154,34 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
              key_mapping: Mapping | None, tol: Tolerance, align: Method, margin: float,
              workers: int | None) -> TraceReport:
     alignment = align_layers(src_a.records, src_b.records, mapping=key_mapping, method=align)
-    layers = [_Layer(m) for m in alignment.matches]
-    jobs: list[_Job] = []
-    skipped: list[str] = []
+    notes: list[str] = list(alignment.notes)
     through_mapping = key_mapping is not None and alignment.method == "mapping"
+    if through_mapping:
+        assert key_mapping is not None
+        layers_a, layers_b = group_layers(src_a.records), group_layers(src_b.records)
+        layouts = derive_layouts(key_mapping, param_shapes(src_a.records), param_shapes(src_b.records),
+                                 layers_a, layers_b)
+        notes += [f"{', '.join(x.a)}: {x.describe()}" for x in layouts if x.problem]
+        alignment = apply_layouts(alignment, layouts, layers_a, layers_b, key_mapping.prefix_b)
+    layers = [_Layer(m) for m in alignment.matches]
+    jobs: list[Job] = []
+    skipped: list[str] = []
     for i, layer in enumerate(layers):
+        if layer.match.layout is not None:
+            for slot, job in layout_jobs(src_a, src_b, i, layer.match, layer.notes):
+                jobs.append(job)
+                layer.slots[slot].append(job)
+            continue
         for slot, kind in _SLOTS:
             if kind == "param_grad" and through_mapping:
                 continue
-            for ra, rb in _pair_records(layer.match.a.of_kind(kind), layer.match.b.of_kind(kind)):
-                job = _job(src_a, src_b, slot, i, ra, rb, param=kind == "param_grad")
+            for ra, rb in pair_records(layer.match.a.of_kind(kind), layer.match.b.of_kind(kind)):
+                job = make_job(src_a, src_b, slot, i, ra, rb, param=kind == "param_grad")
                 if job is None:
                     skipped.append(ra.key)
                     continue
                 jobs.append(job)
                 layer.slots[slot].append(job)
-    notes: list[str] = list(alignment.notes)
     if skipped:
         notes.append(f"{len(skipped):,} record pair(s) could not be compared (a side kept neither the tensor nor "
                      f"its statistics), e.g. {skipped[0]}")
@@ -217,14 +194,26 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
         if params_only_a and params_only_b:
             notes.append("some parameter gradients have no partner of the same name: a mapping (--map) compares "
                          "renamed and fused parameters through its transforms")
-    _run(jobs, tol, workers)
+    assign_tolerances(jobs, layers, tol)
+    run_jobs(jobs, tol, workers)
+    sorted_values(jobs, layers, tol)
     warnings, more_notes, inputs_differ = provenance_checks(src_a, src_b, side_a, side_b, alignment)
     notes += more_notes
     results = classify(group_layers(src_a.records), layers, margin, inputs_differ)
+    for i, origin in results.items():
+        for job in layers[i].slots["forward"] + layers[i].slots["backward"]:
+            direction = "forward" if job.slot == "forward" else "backward"
+            if job.reordered is not None and direction in origin.healed_directions:
+                layers[i].notes.append(f"{job.reordered.key}: the same values in another order (another "
+                                       "layout); a mapping compares them in place")
+                job.result = job.reordered
     comparisons = tuple(_layer_comparison(layer, results.get(i)) for i, layer in enumerate(layers))
     if any(j.stats for j in jobs):
         notes.append(f"{sum(j.stats for j in jobs):,} of {len(jobs):,} comparisons used statistics only (a side "
                      "stored no tensor): equal statistics do not prove equal tensors")
+    if is_default(tol):
+        notes.append("default tolerance: torch's per dtype, atol raised to 2·√n ulp of each tensor's largest "
+                     "magnitude (n: the terms a value sums), so float32 summation order is not a mismatch")
     return TraceReport(
         a=side_a, b=side_b, tolerance=tol, alignment=alignment.method, layers=comparisons,
         only_a=tuple(_unaligned(u.layer, u.reason) for u in alignment.only_a),
@@ -274,30 +263,6 @@ def _load_mapping(mapping: Any) -> Mapping | None:
 
 # --- pairing records ----------------------------------------------------------------------------
 
-def _pair_records(ra: Sequence[TraceRecord], rb: Sequence[TraceRecord]) -> list[tuple[TraceRecord, TraceRecord]]:
-    """Records of one kind of two paired layers: by path; a lone record on each side pairs whatever
-    its path (``0`` vs ``last_hidden_state``), and with the other side's first record when no path
-    is shared (an attention returning ``(output, weights)`` against one returning the output)."""
-    if len(ra) == 1 and len(rb) == 1:
-        return [(ra[0], rb[0])]
-    by_path = {r.path: r for r in rb}
-    pairs = [(r, by_path[r.path]) for r in ra if r.path in by_path]
-    if not pairs and ra and rb and 1 in (len(ra), len(rb)):
-        pairs = [(ra[0], rb[0])]
-    return pairs
-
-
-def _job(src_a: RecordSource, src_b: RecordSource, slot: str, owner: int | None, ra: TraceRecord,
-         rb: TraceRecord, *, param: bool = False) -> _Job | None:
-    """The comparison of two records: by value when both stored their tensor, else by statistics
-    (``None`` when a side kept neither)."""
-    stats = not (ra.stored and rb.stored)
-    if stats and ((ra.stats is None and not ra.stored) or (rb.stats is None and not rb.stored)):
-        return None
-    return _Job(slot, owner, ra.key, rb.key, _loadable(src_a, ra), _loadable(src_b, rb), ra, rb,
-                stats=stats, param=param)
-
-
 def _param_name(r: TraceRecord) -> str:
     return f"{r.module}.{r.path}" if r.module else r.path
 
@@ -310,18 +275,17 @@ def _params_without_partner(alignment: Alignment) -> tuple[list[str], list[str]]
 
 
 def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: Mapping, layers: list[_Layer],
-                            notes: list[str]) -> tuple[list[_Job], list[str], list[str]]:
+                            notes: list[str]) -> tuple[list[Job], list[str], list[str]]:
     """Parameter gradients of A renamed and transformed (concat, transpose, ...) into B's keys by the
     mapping itself, then compared with B's; each goes under its layer when both owners are paired."""
     recs_a = {_param_name(r): r for r in src_a.records if r.kind == "param_grad" and r.is_tensor}
     recs_b = {_param_name(r): r for r in src_b.records if r.kind == "param_grad" and r.is_tensor}
-    owner = {(x.match.a.module, x.match.b.module): i for i, x in enumerate(layers)}
+    owner = {(a.module, b.module): i for i, x in enumerate(layers)
+             for a in (x.match.group_a or (x.match.a,)) for b in (x.match.group_b or (x.match.b,))}
     if not recs_a or not recs_b:  # a forward-only side: nothing to transform or compare
         return [], sorted(recs_a), sorted(recs_b)
-    if not all(r.stored for r in recs_a.values()):
-        notes.append("A stored no parameter gradients, so they were paired by the module renames, not transformed")
-        return _params_by_renames(src_a, src_b, recs_a, recs_b, layers, owner)
-    entries = {k: LazyTensor(r.shape, getattr(torch, r.dtype), 0, r.key, _RecordTensor(src_a, r).load)
+    stored = all(r.stored for r in recs_a.values())
+    entries = {k: LazyTensor(r.shape, getattr(torch, r.dtype), 0, r.key, RecordTensor(src_a, r).load)
                for k, r in recs_a.items()}
     try:
         mapped = apply_mapping(open_checkpoint(entries), mapping)
@@ -329,7 +293,7 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
         notes.append(f"the mapping does not fit A's parameter gradients ({exc.problems[0]}); they were "
                      "paired by the module renames")
         return _params_by_renames(src_a, src_b, recs_a, recs_b, layers, owner)
-    jobs, only_a = [], list(mapped.unmapped)
+    jobs, only_a, done = [], list(mapped.unmapped), set()
     for target, entry in mapped.checkpoint.items():
         sources = [recs_a[s] for s in mapped.claims[target]]
         rb = recs_b.get(target)
@@ -338,11 +302,21 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
             continue
         if not rb.stored and rb.stats is None:
             continue
-        i = owner.get((sources[0].module, rb.module)) if len(sources) == 1 else None
-        # What A's side is after the transform: its statistics are measured, not taken from A's records.
-        ra = replace(sources[0], shape=tuple(entry.shape), dtype=str(entry.dtype).removeprefix("torch."), stats=None)
-        job = _Job("backward", i, " + ".join(r.key for r in sources), rb.key, entry, _loadable(src_b, rb),
-                   ra, rb, stats=not rb.stored, param=True)
+        i = owner.get((sources[0].module, rb.module))
+        if stored:
+            # What A's side is after the transform: its statistics are measured, not taken from A's records.
+            ra = replace(sources[0], shape=tuple(entry.shape), dtype=str(entry.dtype).removeprefix("torch."),
+                         stats=None)
+            job = Job("backward", i, " + ".join(r.key for r in sources), rb.key, entry, loadable(src_b, rb),
+                      ra, rb, stats=not rb.stored, param=True)
+        else:
+            group = mapped.claims[target]
+            if group in done:
+                continue
+            done.add(group)
+            job = _param_stats_job(i, mapping, mapped, group, sources, recs_b, notes)
+            if job is None:
+                continue
         jobs.append(job)
         if i is not None:
             layers[i].slots["backward"].append(job)
@@ -350,36 +324,52 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
     return jobs, only_a, only_b
 
 
+_MOVES = frozenset({"rearrange", "permute", "transpose", "reshape", "concat", "split", "cast", "chain"})
+
+
+def _moves_data(transform: Any) -> bool:
+    """Whether a transform only moves (or casts) elements, so statistics of the whole survive it."""
+    if transform is None:
+        return True
+    return transform.name in _MOVES and all(_moves_data(s) for s in getattr(transform, "steps", ()))
+
+
+def _param_stats_job(owner: int | None, mapping: Mapping, mapped: Any, group: tuple[str, ...],
+                     sources: list[TraceRecord], recs_b: dict[str, TraceRecord], notes: list[str]) -> Job | None:
+    """Parameter gradients kept as statistics: the statistics of a rule's sources together against
+    those of its targets together (exact for a rule that only moves elements)."""
+    targets = [t for t, c in mapped.claims.items() if c == group and t in recs_b]
+    rule = mapped.rule_of.get(targets[0])
+    if rule is not None and not _moves_data(mapping.rules[rule].transform):
+        notes.append(f"rules[{rule}] changes values ({mapping.rules[rule].transform.describe()}): the parameter "
+                     f"gradients of {', '.join(group)} kept as statistics cannot be compared through it")
+        return None
+    stats_a = combine_stats([r.stats for r in sources]) if len(sources) > 1 else sources[0].stats
+    parts_b = [recs_b[t] for t in targets]
+    stats_b = combine_stats([r.stats for r in parts_b]) if len(parts_b) > 1 else parts_b[0].stats
+    if stats_a is None or stats_b is None:
+        return None
+    numel_a, numel_b = sum(math.prod(r.shape) for r in sources), sum(math.prod(r.shape) for r in parts_b)
+    ra = replace(sources[0], shape=(numel_a,), stats=stats_a, stored=False)
+    rb = replace(parts_b[0], shape=(numel_b,), stats=stats_b, stored=False)
+    return Job("backward", owner, " + ".join(r.key for r in sources), " + ".join(r.key for r in parts_b),
+               RecordTensor(None, ra), RecordTensor(None, rb), ra, rb, stats=True, param=True)  # type: ignore[arg-type]
+
+
 def _params_by_renames(src_a: RecordSource, src_b: RecordSource, recs_a: dict[str, TraceRecord],
                        recs_b: dict[str, TraceRecord], layers: list[_Layer],
-                       owner: dict[tuple[str, str], int]) -> tuple[list[_Job], list[str], list[str]]:
+                       owner: dict[tuple[str, str], int]) -> tuple[list[Job], list[str], list[str]]:
     jobs, taken = [], set()
     for x in layers:
-        for ra, rb in _pair_records(x.match.a.of_kind("param_grad"), x.match.b.of_kind("param_grad")):
+        for ra, rb in pair_records(x.match.a.of_kind("param_grad"), x.match.b.of_kind("param_grad")):
             i = owner[(x.match.a.module, x.match.b.module)]
-            job = _job(src_a, src_b, "backward", i, ra, rb, param=True)
+            job = make_job(src_a, src_b, "backward", i, ra, rb, param=True)
             if job is None:
                 continue
             jobs.append(job)
             layers[i].slots["backward"].append(job)
             taken |= {("a", _param_name(ra)), ("b", _param_name(rb))}
     return (jobs, [k for k in recs_a if ("a", k) not in taken], [k for k in recs_b if ("b", k) not in taken])
-
-
-# --- comparing ----------------------------------------------------------------------------------
-
-def _run(jobs: list[_Job], tol: Tolerance, workers: int | None) -> None:
-    tensor_jobs = [j for j in jobs if not j.stats]
-    pairs = (Pair(j.key, j.a, j.b, j.key_b if j.key_b != j.key else None) for j in tensor_jobs)
-    for job, result in zip(tensor_jobs, compare_pairs(pairs, tol, workers=workers), strict=True):
-        job.result = result
-        job.error = relative_error(result, job.rb.stats or job.ra.stats)
-    for job in jobs:
-        if job.stats:
-            sa = job.ra.stats if job.ra.stats is not None or not job.ra.stored else tensor_stats(job.a.load())
-            sb = job.rb.stats if job.rb.stats is not None or not job.rb.stored else tensor_stats(job.b.load())
-            job.result = compare_stats(job.key, job.ra, job.rb, tol, stats_a=sa, stats_b=sb, key_b=job.key_b)
-            job.error = stats_error(job.result, sa, sb)
 
 
 # --- assembly ------------------------------------------------------------------------
@@ -394,8 +384,9 @@ def _layer_comparison(layer: _Layer, origin: Any) -> LayerComparison:
     bases = {j.stats for v in layer.slots.values() for j in v}
     basis = "mixed" if len(bases) > 1 else ("stats" if bases == {True} else "tensors")
     kw = origin.as_fields() if origin is not None else {}
-    return LayerComparison(layer_a=m.a.name, layer_b=m.b.name, type_a=m.a.module_type, type_b=m.b.module_type,
+    return LayerComparison(layer_a=m.name_a, layer_b=m.name_b, type_a=m.a.module_type, type_b=m.b.module_type,
                            how=m.how, order=m.a.order, backward_order=m.a.backward_order, shape=m.a.shape,
                            forward=slots["forward"], inputs=slots["inputs"], backward=slots["backward"],
                            basis=basis, by_stats=tuple(j.key for v in layer.slots.values() for j in v if j.stats),
-                           **kw)
+                           layout=m.layout.describe() if m.layout is not None else None,
+                           layout_notes=tuple(layer.notes), **kw)

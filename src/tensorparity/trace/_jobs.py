@@ -1,0 +1,280 @@
+"""The comparisons two aligned traces make: one job per pair of records, run through the
+:mod:`tensorparity.compare` engine (by value) or :func:`~._measure.compare_stats` (by statistics).
+
+**Layouts.** A pair of layers whose mapping rule transforms their weights (see :mod:`._layout`)
+compares A's activations transformed into B's layout: outputs and gradients w.r.t. outputs
+gathered (and joined, for a fused group), inputs and gradients w.r.t. input gathered (the modules
+of a group share one input tensor, and the gradient recorded for it is the whole gradient that
+tensor receives, so the first module's stands for the group). Under statistics, a reordering keeps
+min, max, mean, std and norm, and joined parts combine exactly.
+
+**Default tolerance (float32-aware).** Unless the user gave ``atol``, ``rtol`` or ``exact``, each
+comparison's atol is raised to ``2·√n`` ulps of the compared dtype at the tensor's own largest
+magnitude, ``n`` the number of terms a value of it sums: the larger feature size of the layer's
+input and output for activations and their gradients, the number of rows (tokens) the layer saw
+for a parameter gradient. Summation-order noise is a few ulps of the scale a sum builds, growing
+like √n; a bug is orders of magnitude larger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint.tree import LazyTensor, TensorEntry
+from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.trace._layout import Gathered, Layout, combine_stats, feature_axis
+from tensorparity.trace._measure import compare_stats, relative_error, stats_error
+from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
+from tensorparity.trace.records import TraceRecord, tensor_stats
+
+__all__ = ["Job", "RecordTensor", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
+           "sorted_values"]
+
+ULPS_PER_ROOT = 2.0  # ulps of the tensor's scale per √(terms summed), see the module docstring
+
+
+@dataclass(frozen=True)
+class RecordTensor:
+    """A record's tensor, loaded from its trace on demand (what the engine's pairs hold)."""
+
+    source: RecordSource
+    record: TraceRecord
+
+    def load(self) -> torch.Tensor:
+        return self.source.load(self.record)
+
+
+def loadable(source: RecordSource, record: TraceRecord) -> Any:
+    """A stored record's tensor for the engine: a located :class:`TensorEntry` where the trace can
+    say where its bytes are (identical tensors are then recognised from the shards' bytes)."""
+    lazy = getattr(source, "lazy", None)
+    if callable(lazy) and record.stored:
+        t = lazy(record)
+        if isinstance(t, LazyTensor):
+            return TensorEntry(record.key, t.shape, t.dtype, t.nbytes, t.location, t.loader, _span=t.span)
+    return RecordTensor(source, record)
+
+
+@dataclass
+class Job:
+    """One pair of tensors to compare, and where its result goes."""
+
+    slot: str
+    owner: int | None  # index of the layer match, None: a parameter outside aligned layers
+    key: str
+    key_b: str
+    a: Any  # a Loadable
+    b: Any
+    ra: TraceRecord
+    rb: TraceRecord
+    stats: bool = False
+    param: bool = False
+    tolerance: Tolerance | None = None
+    result: TensorComparison | None = None
+    error: float = 0.0
+    reordered: TensorComparison | None = None  # a failing comparison's values compared sorted (passed)
+
+
+def pair_records(ra: Sequence[TraceRecord], rb: Sequence[TraceRecord]) -> list[tuple[TraceRecord, TraceRecord]]:
+    """Records of one kind of two paired layers: by path; a lone record on each side pairs whatever
+    its path (``0`` vs ``last_hidden_state``), and with the other side's first record when no path
+    is shared (an attention returning ``(output, weights)`` against one returning the output)."""
+    if len(ra) == 1 and len(rb) == 1:
+        return [(ra[0], rb[0])]
+    by_path = {r.path: r for r in rb}
+    pairs = [(r, by_path[r.path]) for r in ra if r.path in by_path]
+    if not pairs and ra and rb and 1 in (len(ra), len(rb)):
+        pairs = [(ra[0], rb[0])]
+    return pairs
+
+
+def make_job(src_a: RecordSource, src_b: RecordSource, slot: str, owner: int | None, ra: TraceRecord,
+             rb: TraceRecord, *, param: bool = False) -> Job | None:
+    """The comparison of two records: by value when both stored their tensor, else by statistics
+    (``None`` when a side kept neither)."""
+    stats = not (ra.stored and rb.stored)
+    if stats and ((ra.stats is None and not ra.stored) or (rb.stats is None and not rb.stored)):
+        return None
+    return Job(slot, owner, ra.key, rb.key, loadable(src_a, ra), loadable(src_b, rb), ra, rb, stats=stats, param=param)
+
+
+# --- the float32-aware default tolerance -----------------------------------------------------------
+
+def is_default(tol: Tolerance) -> bool:
+    """Whether the user left the tolerance to the defaults (no atol, rtol, exact or ulps given)."""
+    return tol.atol is None and tol.rtol is None and not tol.exact and tol.ulps is None
+
+
+def _last(shape: Sequence[int] | None) -> int:
+    return int(shape[-1]) if shape else 1
+
+
+def summands(layer: TraceLayer, kind: str) -> int:
+    """How many terms a value of this record of ``layer`` sums (see the module docstring)."""
+    outs = layer.of_kind("output", "model_output")
+    if kind == "param_grad":
+        shape = outs[0].shape if outs else ()
+        return max(1, math.prod(shape) // max(1, _last(shape)))
+    ins = [r for r in layer.of_kind("input", "model_input") if r.shape]
+    return max(1, _last(outs[0].shape if outs else None), _last(ins[0].shape if ins else None))
+
+
+def float_tolerance(tol: Tolerance, n: int) -> Tolerance:
+    """``tol`` with atol raised to ``2·√n`` ulps of the tensor's scale (see the module docstring).
+
+    Example:
+        >>> float_tolerance(Tolerance(), 64).ulps
+        16.0
+    """
+    return replace(tol, ulps=ULPS_PER_ROOT * math.sqrt(max(1, n)))
+
+
+def assign_tolerances(jobs: Sequence[Job], layers: Sequence[Any], tol: Tolerance) -> None:
+    """Give each job the float32-aware default tolerance where the user left tolerances alone."""
+    if not is_default(tol):
+        return
+    for job in jobs:
+        if job.owner is not None:
+            n = summands(layers[job.owner].match.a, job.ra.kind)
+        else:
+            n = max(1, math.prod(job.rb.shape) // max(1, _last(job.rb.shape))) if job.rb.shape else 1
+        job.tolerance = float_tolerance(tol, n)
+
+
+# --- layouts ----------------------------------------------------------------------------------------
+
+def _with_path(layer: TraceLayer, kind: str, path: str) -> TraceRecord | None:
+    recs = layer.of_kind(kind)
+    if len(recs) == 1:
+        return recs[0]
+    return next((r for r in recs if r.path == path), None) if recs else None
+
+
+def _joined_shape(shapes: Sequence[tuple[int, ...]], axis: int, size: int | None) -> tuple[int, ...] | None:
+    """The shape of parts joined on ``axis`` (then gathered to ``size``); ``None`` when they disagree."""
+    first = list(shapes[0])
+    if not -len(first) <= axis < len(first):
+        return None
+    ax = axis % len(first)
+    for s in shapes[1:]:
+        if len(s) != len(first) or any(x != y for i, (x, y) in enumerate(zip(s, first, strict=True)) if i != ax):
+            return None
+    first[ax] = sum(s[ax] for s in shapes) if size is None else size
+    return tuple(first)
+
+
+def layout_jobs(src_a: RecordSource, src_b: RecordSource, owner: int, match: LayerMatch,
+                notes: list[str]) -> list[tuple[str, Job]]:
+    """The jobs of a layer pair with a :class:`~._layout.Layout` (slot, job); what could not be
+    transformed is compared without the transform, or left out, and ``notes`` say why."""
+    layout: Layout = match.layout
+    group_a, group_b = match.group_a or (match.a,), match.group_b or (match.b,)
+    jobs: list[tuple[str, Job]] = []
+    for slot, kind in (("forward", "output"), ("inputs", "input"), ("backward", "grad_output"),
+                       ("backward", "grad_input")):
+        joined = kind in ("output", "grad_output")
+        index = layout.out_index if joined else layout.in_index
+        for ra0, rb0 in pair_records(group_a[0].of_kind(kind), group_b[0].of_kind(kind)):
+            parts_a = [_with_path(x, kind, ra0.path) for x in group_a] if joined else [ra0]
+            parts_b = [_with_path(x, kind, rb0.path) for x in group_b] if joined else [rb0]
+            if any(p is None for p in parts_a + parts_b):
+                notes.append(f"{kind} of {match.name_a}: a module of the group recorded none at "
+                             f"{ra0.path or 'its output'}")
+                continue
+            job = _layout_job(src_a, src_b, owner, slot, layout, index, parts_a, parts_b, notes)  # type: ignore[arg-type]
+            if job is not None:
+                jobs.append((slot, job))
+    return jobs
+
+
+def _layout_job(src_a: RecordSource, src_b: RecordSource, owner: int, slot: str, layout: Layout,
+                index: torch.Tensor | None, parts_a: list[TraceRecord], parts_b: list[TraceRecord],
+                notes: list[str]) -> Job | None:
+    ra0, rb0 = parts_a[0], parts_b[0]
+    axis_a, axis_b = layout.axis_a, layout.axis_b
+    shape_a = _joined_shape([p.shape for p in parts_a], axis_a, None)
+    shape_b = _joined_shape([p.shape for p in parts_b], axis_b, None)
+    if shape_a is not None and index is not None:
+        size = shape_a[axis_a] if -len(shape_a) <= axis_a < len(shape_a) else -1
+        fits = size == len(index) and (not index.numel() or int(index.max()) < size)
+        shape_a = _joined_shape([shape_a], axis_a, len(index)) if fits else None
+    if shape_a is None or shape_b is None or shape_a != shape_b:
+        notes.append(f"the layout of {ra0.layer} ({layout.describe()}) does not fit its {ra0.kind} "
+                     f"({list(ra0.shape)} vs {list(rb0.shape)}): compared without it")
+        return make_job(src_a, src_b, slot, owner, ra0, rb0)
+    stored = all(p.stored for p in parts_a + parts_b)
+    stats_a = combine_stats([p.stats for p in parts_a]) if (len(parts_a) > 1 or index is not None) else ra0.stats
+    stats_b = combine_stats([p.stats for p in parts_b]) if len(parts_b) > 1 else rb0.stats
+    if not stored and (stats_a is None or stats_b is None):
+        notes.append(f"the {ra0.kind} of {ra0.layer}: a side kept neither tensors nor statistics")
+        return None
+    ra = replace(ra0, shape=shape_a, stats=stats_a, stored=stored)
+    rb = replace(rb0, shape=shape_b, stats=stats_b, stored=stored)
+    a = Gathered(tuple(RecordTensor(src_a, p) for p in parts_a), axis_a, index)
+    b = Gathered(tuple(RecordTensor(src_b, p) for p in parts_b), axis_b)
+    return Job(slot, owner, ra0.key, rb0.key, a, b, ra, rb, stats=not stored)
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+def run_jobs(jobs: list[Job], tol: Tolerance, workers: int | None) -> None:
+    """Compare every job: tensors through the engine, statistics where a side stored none."""
+    tensor_jobs = [j for j in jobs if not j.stats]
+    pairs = (Pair(j.key, j.a, j.b, j.key_b if j.key_b != j.key else None, j.tolerance) for j in tensor_jobs)
+    for job, result in zip(tensor_jobs, compare_pairs(pairs, tol, workers=workers), strict=True):
+        job.result = result
+        job.error = relative_error(result, job.rb.stats or job.ra.stats)
+    for job in jobs:
+        if job.stats:
+            sa = job.ra.stats if job.ra.stats is not None or not job.ra.stored else tensor_stats(job.a.load())
+            sb = job.rb.stats if job.rb.stats is not None or not job.rb.stored else tensor_stats(job.b.load())
+            job.result = compare_stats(job.key, job.ra, job.rb, job.tolerance or tol, stats_a=sa, stats_b=sb,
+                                       key_b=job.key_b)
+            job.error = stats_error(job.result, sa, sb)
+
+
+def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> None:
+    """For each failing comparison of two stored tensors, compare their values sorted: a
+    parameter gradient's all together, an output's or output gradient's along the layer's feature
+    axis (token by token). Equal values in another order mean another layout (rows permuted: the
+    weights are stored differently, or heads reordered), which :mod:`._origin` then treats as a
+    layout difference. Statistics are compared first (a reordering keeps them), so an inherited
+    error costs no sort."""
+    for job in jobs:
+        r = job.result
+        kind = job.ra.kind
+        if not (r is not None and not r.passed and not job.stats and r.numel > 1 and r.status != "shape"):
+            continue
+        if kind not in ("param_grad", "output", "grad_output") or job.ra.shape != job.rb.shape:
+            continue
+        sa, sb = job.ra.stats, job.rb.stats
+        if sa is not None and sb is not None and not compare_stats(job.key, replace(job.ra, stored=False),
+                                                                  replace(job.rb, stored=False),
+                                                                  job.tolerance or tol).passed:
+            continue
+        a, b = job.a.load(), job.b.load()
+        if not (a.is_floating_point() and b.is_floating_point()):
+            continue
+        if kind == "param_grad":
+            a, b = a.reshape(-1), b.reshape(-1)
+            axis = 0
+        else:
+            axis = feature_axis(layers[job.owner].match.b.module_type) if job.owner is not None else -1
+        key = f"{job.key} (values sorted{'' if kind == 'param_grad' else ' along the features'})"
+        found = next(compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
+                                         None, job.tolerance)], tol, workers=1))
+        if found.passed:
+            job.reordered = found
+
+
+@dataclass(frozen=True)
+class _Given:
+    tensor: torch.Tensor
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
