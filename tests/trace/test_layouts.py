@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tensorparity.mapping import Concat, Mapping, Rearrange, Rule, Split, Transpose
-from tensorparity.trace import capture, compare_traces
+from tensorparity.trace import capture, compare_traces, replay
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace.align import group_layers
 from tensorparity.trace.records import tensor_stats
@@ -287,3 +287,43 @@ def test_statistics_of_joined_parts_are_exact() -> None:
     for name in ("min", "max", "mean", "std", "norm"):
         assert getattr(joined, name) == pytest.approx(getattr(whole, name), rel=1e-5)
     assert joined.numel == 137 and joined.hash == ""
+
+
+# --- replay --------------------------------------------------------------------------------------------
+
+def reference_with_inputs(model: nn.Module):  # noqa: ANN201
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1))
+    with capture(model, inputs=True) as t, torch.no_grad():
+        model(x)
+    return t
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_replay_of_the_other_rope_convention_matches(mapped: bool) -> None:
+    a, b = pair()
+    report = replay(reference_with_inputs(a), b, mapping=rope_mapping() if mapped else None)
+    assert report.verdict in ("identical", "close") and not report.culprits, report.summary()
+    q = next(x for x in report.layers if x.layer == "attn.q_proj")
+    if mapped:
+        assert q.layout and "output features reordered" in q.layout and not q.reordered
+    else:  # the same values in another order: a layout, said so, not an own error
+        assert q.reordered and "same values, reordered" in q.describe()
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+@pytest.mark.parametrize(("bug", "culprit"), [("norm", "norm"), ("v_proj", "attn.v_proj")])
+def test_replay_names_the_real_bug_alone(bug: str, culprit: str, mapped: bool) -> None:
+    a, b = pair(bug)
+    report = replay(reference_with_inputs(a), b, mapping=rope_mapping() if mapped else None)
+    assert [x.layer for x in report.culprits] == [culprit], report.summary()
+
+
+def test_replay_of_a_fused_module_on_its_parts() -> None:
+    a, b, mapping = fused_pair()
+    report = replay(reference_with_inputs(a), b, mapping=mapping)
+    assert report.verdict in ("identical", "close"), report.summary()
+    qkv = next(x for x in report.layers if x.layer == "qkv")
+    assert qkv.module == "q + k + v" and "compared with B's 3 outputs concatenated" in (qkv.layout or "")
+    a, b, mapping = fused_pair(bug=True)
+    assert [(x.layer, x.module) for x in replay(reference_with_inputs(a), b, mapping=mapping).culprits] == [
+        ("qkv", "q + k + v")]

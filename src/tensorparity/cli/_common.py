@@ -123,6 +123,39 @@ def finish(report: Any, *, json_: bool, top: int) -> NoReturn:
     raise typer.Exit(report.exit_code)
 
 
+def check_output(out: Path, inputs: list[str], overwrite: bool, *, flag: str = "--overwrite",
+                 what: str = "the file") -> None:
+    """Refuse before any work is done: an existing file without ``flag``, a file that is (or lies
+    inside) an input, a folder, a missing parent folder."""
+    for source in inputs:
+        try:
+            same = Path(source).exists() and out.exists() and os.path.samefile(source, out)
+        except OSError:
+            same = False
+        if same or (Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve())):
+            raise UsageError(f"refusing to write {what} over (or into) an input", path=out,
+                             fix="write it to another path, e.g. map.yaml")
+    if out.is_dir():
+        raise UsageError("the output is a folder", path=out, fix="give a file name, e.g. map.yaml")
+    if out.exists() and not overwrite:
+        raise UsageError("the output file exists", path=out, fix=f"pass {flag} to replace it, or choose another path")
+    if not out.parent.is_dir():
+        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
+
+
+def save_found_mapping(report: Any, path: Path | None) -> None:
+    """``--save-map``: write the mapping compare or replay found (YAML, atomically), or say on
+    stderr why there is none."""
+    if path is None:
+        return
+    found = getattr(report, "found_mapping", None)
+    if found is None:
+        sys.stderr.write(f"--save-map: no mapping was found to save (none was needed, or a mapping was given); "
+                         f"{path} not written\n")
+        return
+    write_atomic(path, found.to_yaml(), what="the mapping")
+
+
 def write_atomic(path: Path, text: str, *, what: str = "the file") -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
     never leaves a half-written file.

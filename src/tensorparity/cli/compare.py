@@ -15,7 +15,9 @@ from tensorparity.cli._common import (
     NanUnequalOption,
     RtolOption,
     StatisticOption,
+    check_output,
     command,
+    save_found_mapping,
     stdout_console,
     write_atomic,
 )
@@ -60,6 +62,11 @@ def compare_command(
     noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Judge each layer by the float32 noise "
                                               "measured when A was captured (tensorparity capture "
                                               "--noise-floor): atol = 3x its float32-vs-float64 error.")] = False,
+    save_map: Annotated[Path | None, typer.Option("--save-map", metavar="MAP.yaml",
+                                                  help="Without --map: write the mapping compare found from the "
+                                                       "traces' parameters (YAML, for review and reuse).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-map replace an existing "
+                                            "file.")] = False,
     html_: Annotated[Path | None, typer.Option("--html", metavar="PATH",
                                                help="Also write the report as one self-contained HTML file (plot "
                                                     "of per-layer error, filterable table; opens offline). "
@@ -78,6 +85,8 @@ def compare_command(
     if html_ is not None and (html_.is_dir() or not html_.parent.is_dir()):
         raise UsageError("--html needs a file in an existing folder", path=html_,
                          fix="give a file name in an existing folder, e.g. --html report.html")
+    if save_map is not None:
+        check_output(save_map, [a, b], overwrite, what="the mapping")
     if noise_floor:
         from tensorparity.trace.noise import recorded_noise_floor
         from tensorparity.trace.trace import Trace
@@ -94,6 +103,7 @@ def compare_command(
         side_b = build_model(b, role="model B").model
     report = compare_traces(a, side_b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
                             margin=margin, rank=rank)
+    save_found_mapping(report, save_map)
     if html_ is not None:
         write_atomic(html_, render_trace_html(report), what="the HTML report")
     if json_:

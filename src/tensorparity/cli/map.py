@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console, write_atomic
+from tensorparity.cli._common import check_output, command, stdout_console, write_atomic
 from tensorparity.errors import UsageError
 from tensorparity.mapping.suggest import suggest_mapping
 
@@ -33,24 +33,6 @@ map_app = typer.Typer(
 @map_app.callback()
 def _map() -> None:
     """Mappings between the keys (and layouts) of two checkpoints."""
-
-
-def _check_output(out: Path, inputs: list[str], force: bool) -> None:
-    """Refuse before any work is done: an existing file without --force, an input, a missing folder."""
-    for source in inputs:
-        try:
-            same = Path(source).exists() and out.exists() and os.path.samefile(source, out)
-        except OSError:
-            same = False
-        if same or (Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve())):
-            raise UsageError("refusing to write the mapping over (or into) a checkpoint being compared", path=out,
-                             fix="write the mapping to another path, e.g. -o map.yaml")
-    if out.is_dir():
-        raise UsageError("the output is a folder", path=out, fix="give a file name, e.g. -o map.yaml")
-    if out.exists() and not force:
-        raise UsageError("the output file exists", path=out, fix="pass --force to replace it, or choose another path")
-    if not out.parent.is_dir():
-        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
 
 
 @command
@@ -78,7 +60,7 @@ def suggest_command(
     if top < 0:
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
     if output is not None:
-        _check_output(output, [a, b], force)
+        check_output(output, [a, b], force, flag="--force", what="the mapping")
     suggestion = suggest_mapping(a, b, weights_only=weights_only)
     if output is not None:
         write_atomic(output, suggestion.to_yaml(), what="the mapping")

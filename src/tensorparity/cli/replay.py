@@ -3,11 +3,12 @@ error. Exit 0 every replayed layer matches, 1 some differ (or nothing could be r
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, finish
+from tensorparity.cli._common import check_output, command, finish, save_found_mapping
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
 
@@ -39,6 +40,11 @@ def replay_command(
     tol: Annotated[list[str] | None, typer.Option("--tol", metavar="REGEX=ATOL[,RTOL]",
                                                   help="Tolerance for reference record keys matching REGEX; "
                                                        "repeatable, first match wins.")] = None,
+    save_map: Annotated[Path | None, typer.Option("--save-map", metavar="MAP.yaml",
+                                                  help="Without --map: write the mapping replay found from the "
+                                                       "reference's parameters and the model's (YAML).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-map replace an existing "
+                                            "file.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
                                         "tensorparity.trace-replay/1) and nothing else.")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Skipped layers listed before folding.")] = 10,
@@ -58,9 +64,12 @@ def replay_command(
     if not factor > 0:
         raise UsageError(f"--factor must be > 0, not {factor}", fix="pass e.g. --factor 3")
     tolerance = parse_tolerance(atol=atol, rtol=rtol, overrides=tol)
+    if save_map is not None:
+        check_output(save_map, [reference], overwrite, what="the mapping")
     built = build_model(model)
     if checkpoint is not None:
         _load_checkpoint(built.model, checkpoint)
     report = replay(reference, built.model, mapping=map_, tolerance=tolerance, noise_floor=noise_floor,
                     factor=factor)
+    save_found_mapping(report, save_map)
     finish(report, json_=json_, top=top)

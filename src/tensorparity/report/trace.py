@@ -167,9 +167,9 @@ class LayerComparison:
     @property
     def direction(self) -> str | None:
         """``forward`` or ``backward``: where this layer first differs (``None`` when it matches)."""
-        if self.forward_passed is False:
+        if self.forward_mismatch:
             return "forward"
-        return "backward" if self.backward_passed is False else None
+        return "backward" if self.backward_mismatch else None
 
     @property
     def max_abs(self) -> float:
@@ -219,6 +219,8 @@ class TraceReport:
         margin: a layer *introduced* its error when its relative error exceeds its input's by
             this factor.
         inputs_differ: the two runs were fed different inputs (every layer will differ).
+        found_mapping: the :class:`~tensorparity.mapping.Mapping` compare found from the traces'
+            parameters when none was given (``mapping`` then says so); ``None`` otherwise.
         warnings: what makes the verdict doubtful; ``notes``: what the reader should know.
     """
 
@@ -237,6 +239,7 @@ class TraceReport:
     inputs_differ: bool = False
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    found_mapping: Any = None
 
     # Counts
     @property
@@ -357,7 +360,8 @@ class TraceReport:
             "schema": SCHEMA, "verdict": self.verdict, "passed": self.passed, "exit_code": self.exit_code,
             "summary": self.summary(), "classic_summary": self.classic_summary(),
             "a": self.a.to_dict(), "b": self.b.to_dict(),
-            "alignment": {"method": self.alignment, "mapping": self.mapping},
+            "alignment": {"method": self.alignment, "mapping": self.mapping,
+                          "found_mapping": self.found_mapping.to_dict() if self.found_mapping is not None else None},
             "tolerance": {"description": self.tolerance.describe(), **self.tolerance.to_dict()},
             "margin": self.margin,
             "counts": {"common": len(self.layers), "only_in_a": len(self.only_a), "only_in_b": len(self.only_b),

@@ -240,7 +240,7 @@ def run_jobs(jobs: list[Job], tol: Tolerance, workers: int | None) -> None:
 
 def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> None:
     """For each failing comparison of two stored tensors, compare their values sorted: a
-    parameter gradient's all together, an output's or output gradient's along the layer's feature
+    parameter gradient's all together, an activation's or its gradient's along the layer's feature
     axis (token by token). Equal values in another order mean another layout (rows permuted: the
     weights are stored differently, or heads reordered), which :mod:`._origin` then treats as a
     layout difference. Statistics are compared first (a reordering keeps them), so an inherited
@@ -250,7 +250,7 @@ def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> Non
         kind = job.ra.kind
         if not (r is not None and not r.passed and not job.stats and r.numel > 1 and r.status != "shape"):
             continue
-        if kind not in ("param_grad", "output", "grad_output") or job.ra.shape != job.rb.shape:
+        if kind not in ("param_grad", "output", "grad_output", "input", "grad_input") or job.ra.shape != job.rb.shape:
             continue
         sa, sb = job.ra.stats, job.rb.stats
         if sa is not None and sb is not None and not compare_stats(job.key, replace(job.ra, stored=False),

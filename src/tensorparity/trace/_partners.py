@@ -22,32 +22,73 @@ import torch
 from torch import nn
 
 from tensorparity.mapping import Mapping
-from tensorparity.trace.align import align_layers
+from tensorparity.trace._layout import Layout, derive_layouts, param_shapes
+from tensorparity.trace.align import align_layers, group_layers
 from tensorparity.trace.trace import Trace, rebuild_call
 
-__all__ = ["call_adapted", "partners"]
+__all__ = ["call_adapted", "model_layouts", "model_mapping", "partners", "probe"]
 
 
-def partners(trace: Trace, model: nn.Module, mapping: Mapping | None, device: torch.device) -> dict[str, tuple[str, str]]:
-    """Reference layer name -> (the model's module path, how it was paired), from a probe run.
-
-    Empty when the reference holds no model input to probe with, or the probe raises (replay then
-    pairs by names alone).
-    """
+def probe(trace: Trace, model: nn.Module, device: torch.device) -> Trace | None:
+    """The model run once on the reference's own model input, recorded as statistics only (what
+    pairs its modules with the reference's); ``None`` when the reference holds no model input to
+    probe with, or the probe raises (replay then pairs by names alone)."""
     from tensorparity.trace.capture import capture
 
     rows = [r for r in trace.records if r.kind == "model_input" and r.call == 0]
     if not rows or any(r.is_tensor and not r.stored for r in rows):
-        return {}
+        return None
     args, kwargs = rebuild_call(rows, lambda r: trace.load(r).to(device))
     try:
-        with capture(model, mode="stats", grads=False, param_grads=False) as probe, torch.no_grad():
+        with capture(model, mode="stats", grads=False, param_grads=False) as found, torch.no_grad():
             model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - the user's model: replay still pairs by names
+        return None
+    return found
+
+
+def partners(trace: Trace, probed: Trace | None, mapping: Mapping | None) -> dict[str, tuple[str, str]]:
+    """Reference layer name -> (the model's module path, how it was paired), from a probe run."""
+    if probed is None:
         return {}
     method = "mapping" if mapping is not None else "auto"
-    alignment = align_layers(trace.records, probe.records, mapping=mapping, method=method)  # type: ignore[arg-type]
+    alignment = align_layers(trace.records, probed.records, mapping=mapping, method=method)  # type: ignore[arg-type]
     return {m.a.name: (m.b.module, m.how) for m in alignment.matches if m.b.call == 0}
+
+
+def model_layouts(trace: Trace, model: nn.Module, probed: Trace | None, mapping: Mapping) -> list[Layout]:
+    """The activation layouts the mapping implies between the reference and the model."""
+    owners = dict(model.named_modules())
+    params_b = {}
+    for name, p in model.named_parameters():
+        owner = owners.get(name.rpartition(".")[0], model)
+        params_b[name] = (tuple(p.shape), f"{type(owner).__module__}.{type(owner).__qualname__}")
+    layers_b = group_layers(probed.records) if probed is not None else []
+    return derive_layouts(mapping, param_shapes(trace.records), params_b, group_layers(trace.records), layers_b)
+
+
+def model_mapping(trace: Trace, model: nn.Module) -> tuple[Mapping | None, str]:
+    """The mapping from the reference's recorded parameters to the model's, found by content when
+    the names or the layouts differ (see :mod:`._found`); ``(None, why)`` where none is needed or
+    the trace recorded no parameters."""
+    from tensorparity.mapping import suggest_mapping
+    from tensorparity.trace._found import stored_parameters
+
+    recorded, kind = stored_parameters(trace.records)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    if kind != "param" or not params:
+        return None, ("no mapping was given and the reference stores no parameters to find one from (capture it "
+                      "in full mode, or pass --map)") if kind != "param" else ""
+    if recorded.keys() == params.keys() and all(
+            tuple(recorded[k].shape) == tuple(params[k].shape) and torch.equal(trace.load(recorded[k]).to(params[k].device),
+                                                                             params[k]) for k in params):
+        return None, ""
+    suggestion = suggest_mapping({k: trace.load(r) for k, r in recorded.items()},
+                                 {k: p.cpu() for k, p in params.items()}, progress=False)
+    if not any(p.transform is not None or p.a_keys != p.b_keys for p in suggestion.pairs):
+        return None, ""
+    return suggestion.mapping, (f"no mapping was given: found one from the reference's parameters and the "
+                                f"model's ({suggestion.summary()})")
 
 
 def _accepted(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
+from tensorparity.trace._found import find_mapping
 from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records, sorted_values,
                                      run_jobs, is_default)
 from tensorparity.trace._layout import apply_layouts, combine_stats, derive_layouts, param_shapes
@@ -153,8 +154,14 @@ def _close(given: Any, source: Any) -> None:
 def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b: TraceSide,
              key_mapping: Mapping | None, tol: Tolerance, align: Method, margin: float,
              workers: int | None) -> TraceReport:
+    notes: list[str] = []
+    found = None
+    if key_mapping is None and align == "auto":
+        found = find_mapping(src_a, src_b)
+        notes += [found.note] if found.note else []
+        key_mapping = found.mapping
     alignment = align_layers(src_a.records, src_b.records, mapping=key_mapping, method=align)
-    notes: list[str] = list(alignment.notes)
+    notes += list(alignment.notes)
     through_mapping = key_mapping is not None and alignment.method == "mapping"
     if through_mapping:
         assert key_mapping is not None
@@ -201,8 +208,8 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
     notes += more_notes
     results = classify(group_layers(src_a.records), layers, margin, inputs_differ)
     for i, origin in results.items():
-        for job in layers[i].slots["forward"] + layers[i].slots["backward"]:
-            direction = "forward" if job.slot == "forward" else "backward"
+        for job in layers[i].slots["forward"] + layers[i].slots["inputs"] + layers[i].slots["backward"]:
+            direction = "backward" if job.slot == "backward" else "forward"
             if job.reordered is not None and direction in origin.healed_directions:
                 layers[i].notes.append(f"{job.reordered.key}: the same values in another order (another "
                                        "layout); a mapping compares them in place")
@@ -220,7 +227,9 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
         only_b=tuple(_unaligned(u.layer, u.reason) for u in alignment.only_b),
         params=tuple(j.result for j in jobs if j.param and j.result is not None),
         params_only_a=tuple(params_only_a), params_only_b=tuple(params_only_b),
-        mapping=(str(key_mapping.source or key_mapping.name) if through_mapping and key_mapping else None),
+        mapping=(None if not (through_mapping and key_mapping) else "found from the traces' parameters"
+                 if found is not None and found.mapping is not None else str(key_mapping.source or key_mapping.name)),
+        found_mapping=found.mapping if found is not None else None,
         margin=margin, inputs_differ=inputs_differ, warnings=tuple(warnings), notes=tuple(notes))
 
 

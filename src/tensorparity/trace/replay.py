@@ -29,7 +29,9 @@ from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pair
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
 from tensorparity.report._render import jsonable, plain_text, printable
-from tensorparity.trace._partners import call_adapted, partners
+from tensorparity.trace._jobs import float_tolerance, is_default, summands
+from tensorparity.trace._layout import Gathered, Layout, feature_axis
+from tensorparity.trace._partners import call_adapted, model_layouts, model_mapping, partners, probe
 from tensorparity.trace.align import TraceLayer, group_layers, module_renames
 from tensorparity.trace.format import TraceError
 from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_double
@@ -55,6 +57,11 @@ class ReplayedLayer:
         contains: mismatched layers inside this one (their error explains this one's).
         error: what the module raised when called on the recorded inputs (a mismatch).
         adapted: how the recorded call was adapted to the module's signature (``None``: as recorded).
+        layout: how the reference's tensors were transformed into the model's layout (derived
+            from the mapping rule that transforms the module's weights; a fused module is
+            replayed against its parts concatenated); ``None``: as they are.
+        reordered: what it returned holds the reference's values in another order along its
+            features (another layout, not another computation): no mismatch.
     """
 
     layer: str
@@ -65,10 +72,12 @@ class ReplayedLayer:
     contains: tuple[str, ...] = ()
     error: str | None = None
     adapted: str | None = None
+    layout: str | None = None
+    reordered: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.error is None and all(t.passed for t in self.outputs)
+        return self.error is None and (self.reordered or all(t.passed for t in self.outputs))
 
     @property
     def own_error(self) -> bool:
@@ -83,7 +92,8 @@ class ReplayedLayer:
         if self.error is not None:
             return f"{self.layer} -> {self.module or '<model>'}: raised {self.error}"
         worst = max(self.outputs, key=lambda t: (not t.passed, t.max_abs), default=None)
-        text = f"{self.layer} -> {self.module or '<model>'}: " + ("matches" if self.passed else "differs")
+        verdict = "same values, reordered (another layout)" if self.reordered else "matches" if self.passed else "differs"
+        text = f"{self.layer} -> {self.module or '<model>'}: " + verdict
         if worst is not None:
             text += f", max abs {worst.max_abs:.3g} ({worst.tolerance.describe()}, {worst.tolerance.source})"
         if self.contains:
@@ -93,7 +103,8 @@ class ReplayedLayer:
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "module": self.module, "module_type": self.module_type, "order": self.order,
                 "passed": self.passed, "own_error": self.own_error, "contains": list(self.contains),
-                "error": self.error, "adapted": self.adapted, "max_abs": self.max_abs, "outputs": [t.to_dict() for t in self.outputs]}
+                "error": self.error, "adapted": self.adapted, "layout": self.layout, "reordered": self.reordered,
+                "max_abs": self.max_abs, "outputs": [t.to_dict() for t in self.outputs]}
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,7 @@ class ReplayReport:
     layers: tuple[ReplayedLayer, ...]
     skipped: tuple[SkippedLayer, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    found_mapping: Mapping | None = None
 
     @property
     def mismatched(self) -> tuple[ReplayedLayer, ...]:
@@ -154,7 +166,8 @@ class ReplayReport:
                          "verdict": self.verdict, "tolerance": self.tolerance.describe(),
                          "culprits": [x.layer for x in self.culprits],
                          "layers": [x.to_dict() for x in self.layers],
-                         "skipped": [x.to_dict() for x in self.skipped], "notes": list(self.notes)})
+                         "skipped": [x.to_dict() for x in self.skipped], "notes": list(self.notes),
+                         "found_mapping": self.found_mapping.to_dict() if self.found_mapping is not None else None})
 
     def to_json(self, *, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -170,6 +183,10 @@ class ReplayReport:
         for x in self.layers:
             verdict = "match" if x.passed else ("OWN ERROR" if x.own_error else "differs (contains "
                                                 + ", ".join(x.contains[:3]) + ")")
+            if x.reordered:
+                verdict = "layout only (reordered)"
+            elif x.layout and x.passed:
+                verdict = "match (through the layout)"
             if x.error is not None:
                 verdict = "raised: " + x.error[:60]
             tol = x.outputs[0].tolerance.describe() if x.outputs else ""
@@ -182,6 +199,11 @@ class ReplayReport:
             shown = self.skipped[:top]
             rest = f" (and {len(self.skipped) - len(shown)} more)" if len(self.skipped) > len(shown) else ""
             parts.append(Text("skipped: " + "; ".join(f"{s.layer}: {s.reason}" for s in shown) + rest))
+        laid = [x for x in self.layers if x.layout]
+        if laid:
+            parts.append(Text("compared through a layout derived from the mapping: "
+                              + "; ".join(f"{printable(x.layer)}: {x.layout}" for x in laid[:top])
+                              + (f" (and {len(laid) - top} more)" if len(laid) > top else "")))
         parts += [Text("note: " + n) for n in self.notes]
         return Group(*parts)
 
@@ -256,7 +278,9 @@ def replay(
             train/eval mode the reference was captured in (restored afterwards).
         mapping: the reference's parameter keys -> the model's; modules are renamed through it.
         tolerance: keys are the reference's record keys (``module/call/output[/path]``), so a
-            :func:`~tensorparity.trace.noise.noise_floor` of the reference applies as it is.
+            :func:`~tensorparity.trace.noise.noise_floor` of the reference applies as it is. By
+            default torch's per dtype, with atol raised to float32 summation noise at each
+            tensor's scale (see :mod:`tensorparity.trace._jobs`).
         noise_floor: also replay each module in float64 (a deep copy of the model, inputs cast)
             and judge its outputs with ``factor`` times its own measured float32 error.
         factor: the noise floor's multiple (see :mod:`tensorparity.trace.noise`).
@@ -287,9 +311,6 @@ def replay(
                          path=trace.path, fix="capture the reference again with inputs=True "
                                               "(tensorparity capture ... --inputs)")
     key_mapping = load_mapping(mapping) if mapping is not None else None
-    renames = None
-    if key_mapping is not None:
-        renames = module_renames(key_mapping, param_names={r.path for r in trace.records if r.kind == "param_grad"})
     tol = tolerance or Tolerance()
     params = list(model.parameters()) or list(model.buffers())
     device = params[0].device if params else torch.device("cpu")
@@ -306,18 +327,42 @@ def replay(
             # left in another mode (a dropout left on) is part of what is being checked.
             model.train(bool(training))
             switched = True
-        found = partners(trace, model, key_mapping, device)
+        probed = probe(trace, model, device)
+        notes: list[str] = []
+        found_mapping = None
+        if key_mapping is None:
+            key_mapping, why = model_mapping(trace, model)
+            notes += [why] if why else []
+            found_mapping = key_mapping
+        renames = layouts = None
+        if key_mapping is not None:
+            renames = module_renames(key_mapping, param_names={r.path for r in trace.records
+                                                               if r.kind in ("param", "param_grad")})
+            layouts = model_layouts(trace, model, probed, key_mapping)
+            notes += [f"{', '.join(x.a)}: {x.describe()}" for x in layouts if x.problem]
+        found = partners(trace, probed, key_mapping)
+        grouped = {m: x for x in layouts or () if x.problem is None for m in x.a}
+        all_layers = group_layers(trace.records)
+        by_key = {(x.module, x.call): x for x in all_layers}
         with torch.no_grad():
-            for layer in group_layers(trace.records):
-                done = _replay_layer(trace, layer, modules, double, renames, key_mapping, tol, device, factor,
-                                     found)
+            for layer in all_layers:
+                lay = grouped.get(layer.module) if layer.module else None
+                if lay is not None and layer.module != lay.a[0]:
+                    continue  # replayed with the first module of its group
+                if lay is not None:
+                    group = tuple(by_key.get((m, layer.call)) for m in lay.a)
+                    done = _replay_layout(trace, group, lay, modules, key_mapping, tol, device)  # type: ignore[arg-type]
+                else:
+                    done = _replay_layer(trace, layer, modules, double, renames, key_mapping, tol, device, factor,
+                                         found)
                 (layers if isinstance(done, ReplayedLayer) else skipped).append(done)
     finally:
         for m, mode in modes.items():
             m.training = mode
     layers = _explain(layers)
-    notes = [] if training is not None else ["the trace does not say whether the reference ran in training mode; "
-                                             "the model's own mode was used"]
+    if training is None:
+        notes.append("the trace does not say whether the reference ran in training mode; the model's own mode "
+                     "was used")
     if switched:
         notes.append(f"the model was switched to {'training' if training else 'eval'} mode, as the reference ran")
     if training:
@@ -326,13 +371,13 @@ def replay(
     if renames is not None:
         notes += list(renames.notes)
     return ReplayReport(str(trace.path or "<in-memory trace>"), f"{type(model).__module__}.{type(model).__qualname__}",
-                        tol, tuple(layers), tuple(skipped), tuple(notes))
+                        tol, tuple(layers), tuple(skipped), tuple(notes), found_mapping)
 
 
 def _double(model: nn.Module) -> nn.Module:
-    import copy
+    from tensorparity.trace.noise import double_copy
 
-    return copy.deepcopy(model).double()
+    return double_copy(model)
 
 
 def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module], double: dict[str, nn.Module],
@@ -379,10 +424,97 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
         atols = {r.key: noise_atol(got[p], got64[p], factor=factor) for r, p in pairs
                  if p in got64 and got[p].is_floating_point() and got64[p].shape == got[p].shape}
         layer_tol = noise_tolerance(atols, base=tol)
-    jobs = [Pair(r.key, _Recorded(trace, r), _Given(got[p].cpu()), key_b=f"{name}/{p}" if p else name)
-            for r, p in pairs]
-    return ReplayedLayer(layer.name, name, mtype, layer.order, tuple(compare_pairs(jobs, layer_tol, workers=1)),
-                         adapted=adapted)
+    pair_tol = float_tolerance(tol, summands(layer, "output")) if not double and is_default(tol) else None
+    jobs = [Pair(r.key, _Recorded(trace, r), _Given(got[p].cpu()), key_b=f"{name}/{p}" if p else name,
+                 tolerance=pair_tol) for r, p in pairs]
+    results = tuple(compare_pairs(jobs, layer_tol, workers=1))
+    return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted,
+                         reordered=_reordered(jobs, results, feature_axis(mtype), layer_tol))
+
+
+def _reordered(jobs: list[Pair], results: tuple[TensorComparison, ...], axis: int, tol: Tolerance) -> bool:
+    """Whether every output that differs holds the reference's values in another order along the
+    features (token by token): another layout (rows of the weights permuted), not another result."""
+    bad = [(j, t) for j, t in zip(jobs, results, strict=True) if not t.passed]
+    if not bad:
+        return False
+    for job, t in bad:
+        if t.status == "shape":
+            return False
+        a, b = job.a.load(), job.b.load()
+        if not (a.is_floating_point() and b.is_floating_point()) or a.dim() == 0:
+            return False
+        key = f"{job.key} (values sorted along the features)"
+        if not compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
+                                   tolerance=job.tolerance)], tol, workers=1).__next__().passed:
+            return False
+    return True
+
+
+def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: Layout, modules: dict[str, nn.Module],
+                   key_mapping: Mapping | None, tol: Tolerance, device: torch.device) -> ReplayedLayer | SkippedLayer:
+    """A group of reference layers replayed on the model's modules through a layout: the model's
+    module(s) called on the reference's input (its features reordered where the layout says), what
+    they return joined on their feature axis, and compared with the reference's outputs joined and
+    reordered into the model's layout."""
+    name_a = " + ".join(x.name for x in group if x is not None)
+    first = group[0]
+    if first is None or any(x is None for x in group):
+        return SkippedLayer(name_a or layout.a[0], "a module of its group did not run in the reference")
+    prefix = key_mapping.prefix_b if key_mapping is not None else ""
+    names = [next((n for n in (m, prefix + m) if n in modules), None) for m in layout.b]
+    if any(n is None for n in names):
+        return SkippedLayer(name_a, f"the model has no module {', '.join(layout.b)} (from {layout.describe()})")
+    rows = [r for r in first.records if r.kind == "input"]
+    outs = [x.of_kind("output") for x in group]
+    if not rows:
+        return SkippedLayer(name_a, "its inputs were not recorded")
+    if any(r.is_tensor and not r.stored for r in rows) or not all(o and all(r.stored for r in o) for o in outs):
+        return SkippedLayer(name_a, f"its inputs or outputs were kept as statistics only (mode {trace.mode})")
+    args, kwargs = _rebuild(rows, trace, device)
+    if layout.in_index is not None:
+        args, kwargs = _reorder_first(args, kwargs, layout.in_index, layout.axis_a)
+    label = " + ".join(n for n in names if n)
+    mtypes = {f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" for n in names if n}
+    mtype = " + ".join(sorted(mtypes))
+    got, adapted = [], None
+    for n in names:
+        try:
+            result, how = call_adapted(modules[n], args, kwargs)  # type: ignore[index]
+        except Exception as exc:  # noqa: BLE001 - the user's module: its failure is this layer's verdict
+            return ReplayedLayer(name_a, label, mtype, first.order, error=f"{type(exc).__name__}: {exc}"[:300],
+                                 layout=layout.describe())
+        adapted = adapted or how
+        tensor = next((t for _, t in flatten_value(result) if isinstance(t, torch.Tensor)), None)
+        if tensor is None:
+            return ReplayedLayer(name_a, label, mtype, first.order, error=f"{n} returned no tensor",
+                                 layout=layout.describe())
+        got.append(tensor.detach().cpu())
+    want = Gathered(tuple(_Recorded(trace, o[0]) for o in outs), layout.axis_a, layout.out_index)
+    try:
+        mine = torch.cat(got, dim=layout.axis_b) if len(got) > 1 else got[0]
+    except RuntimeError as exc:
+        return ReplayedLayer(name_a, label, mtype, first.order, layout=layout.describe(),
+                             error=f"its outputs do not join on axis {layout.axis_b} ({exc})"[:300])
+    pair_tol = float_tolerance(tol, summands(first, "output")) if is_default(tol) else None
+    pair = Pair(outs[0][0].key, want, _Given(mine), key_b=label, tolerance=pair_tol)
+    results = tuple(compare_pairs([pair], tol, workers=1))
+    return ReplayedLayer(name_a, label, mtype, first.order, results, adapted=adapted, layout=layout.describe(),
+                         reordered=_reordered([pair], results, layout.axis_b, tol))
+
+
+def _reorder_first(args: tuple[Any, ...], kwargs: dict[str, Any], index: torch.Tensor,
+                   axis: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with its first tensor's features reordered (the layout's input index)."""
+    args = list(args)  # type: ignore[assignment]
+    for i, v in enumerate(args):
+        if isinstance(v, torch.Tensor):
+            args[i] = v.index_select(axis, index.to(v.device))  # type: ignore[index]
+            return tuple(args), kwargs
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            return tuple(args), {**kwargs, k: v.index_select(axis, index.to(v.device))}
+    return tuple(args), kwargs
 
 
 def _explain(layers: list[ReplayedLayer]) -> list[ReplayedLayer]:
@@ -396,5 +528,6 @@ def _explain(layers: list[ReplayedLayer]) -> list[ReplayedLayer]:
         module = x.layer.split("#")[0]
         prefix = "" if module == "<model>" else module + "."
         inner = tuple(y.layer for y in bad if y is not x and y.layer != "<model>" and y.layer.startswith(prefix))
-        out.append(ReplayedLayer(x.layer, x.module, x.module_type, x.order, x.outputs, inner, x.error))
+        out.append(ReplayedLayer(x.layer, x.module, x.module_type, x.order, x.outputs, inner, x.error, x.adapted,
+                                 x.layout, x.reordered))
     return out

@@ -1,0 +1,103 @@
+"""No mapping given: find it from what the traces hold.
+
+A trace captured in ``full`` mode stores every parameter (kind ``param``) or at least every
+parameter gradient (kind ``param_grad``, which a mapping reorders, transposes, fuses or splits
+exactly as it does the parameter). Those tensors are handed to
+:func:`~tensorparity.mapping.suggest_mapping`, which pairs them by name and content (identical
+bytes, transposed, concatenated, RoPE-permuted, cast, close statistics) and writes the rules.
+
+The mapping found is used when it pairs keys the names alone do not, or pairs same-named keys
+through a transform (rows permuted for another RoPE convention); it is printed in the report and
+``--save-map`` writes it for review. Two traces of one implementation (the same keys, the same
+content fingerprints) need no search. Without stored parameters (``stats`` mode) nothing is
+searched: layers align by names, else by execution order, and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.tree import LazyTensor
+from tensorparity.errors import TensorParityError
+from tensorparity.mapping import Mapping, Suggestion, suggest_mapping
+from tensorparity.trace.records import TraceRecord
+
+__all__ = ["Found", "find_mapping", "stored_parameters"]
+
+_MIN_SHARE = 0.5  # of the smaller side's parameters the suggestion must pair
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the search found: the mapping (``None`` when none is needed or none was found), the
+    suggestion it came from, and a sentence for the report."""
+
+    mapping: Mapping | None
+    suggestion: Suggestion | None
+    note: str
+
+
+def _key(r: TraceRecord) -> str:
+    return f"{r.module}.{r.path}" if r.module else r.path
+
+
+def stored_parameters(records: Any) -> tuple[dict[str, TraceRecord], str]:
+    """A trace's parameters as stored records, and which kind they are: ``param`` records where
+    the trace has them, else ``param_grad`` records; empty where it stored neither."""
+    for kind in ("param", "param_grad"):
+        found = {}
+        for r in records:
+            if r.kind == kind and r.is_tensor and r.call == 0:
+                found.setdefault(_key(r), r)
+        if found and all(r.stored for r in found.values()):
+            return found, kind
+    return {}, ""
+
+
+def _entries(source: Any, records: dict[str, TraceRecord]) -> Any:
+    def loader(r: TraceRecord) -> Any:
+        return lambda: source.load(r)
+
+    return open_checkpoint({k: LazyTensor(tuple(r.shape), getattr(torch, r.dtype), 0, r.key, loader(r))
+                            for k, r in records.items()})
+
+
+def find_mapping(src_a: Any, src_b: Any) -> Found:
+    """Search the mapping between two traces' parameters (see the module docstring)."""
+    params_a, kind_a = stored_parameters(src_a.records)
+    params_b, kind_b = stored_parameters(src_b.records)
+    if not params_a or not params_b:
+        return Found(None, None, "no mapping was given and the traces store no parameters to find one from "
+                                 "(capture in full mode, or pass --map)")
+    same_keys = params_a.keys() == params_b.keys()
+    if same_keys and all(_same(params_a[k], params_b[k]) for k in params_a):
+        return Found(None, None, "")
+    if kind_a != kind_b:
+        return Found(None, None, f"A stores {kind_a} records and B {kind_b}: no mapping searched (pass --map)")
+    try:
+        suggestion = suggest_mapping(_entries(src_a, params_a), _entries(src_b, params_b), progress=False)
+    except TensorParityError as exc:
+        return Found(None, None, f"no mapping could be found from the traces' parameters ({exc.message})")
+    what = "parameters" if kind_a == "param" else "parameter gradients"
+    paired = {k for p in suggestion.pairs for k in p.a_keys}
+    smaller = min(len(params_a), len(params_b))
+    moved = [p for p in suggestion.pairs if p.transform is not None or p.a_keys != p.b_keys]
+    if not moved:
+        return Found(None, suggestion, "")
+    if len(paired) < _MIN_SHARE * smaller:
+        return Found(None, suggestion, f"a mapping searched from the traces' {what} paired only {len(paired)} of "
+                                       f"{smaller}: not used (pass --map)")
+    rules = len(suggestion.mapping.rules)
+    return Found(suggestion.mapping, suggestion,
+                 f"no mapping was given: found one from the traces' {what} ({suggestion.summary()}); "
+                 f"{rules} rule{'s' if rules != 1 else ''} used (--save-map FILE writes it)")
+
+
+def _same(a: TraceRecord, b: TraceRecord) -> bool:
+    sa, sb = a.stats, b.stats
+    return (tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and sa is not None and sb is not None
+            and bool(sa.hash) and sa.hash == sb.hash)
