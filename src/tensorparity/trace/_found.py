@@ -26,7 +26,7 @@ from tensorparity.errors import TensorParityError
 from tensorparity.mapping import Mapping, Suggestion, suggest_mapping
 from tensorparity.trace.records import TraceRecord
 
-__all__ = ["Found", "find_mapping", "stored_parameters"]
+__all__ = ["Found", "extend_by_names", "find_mapping", "stored_parameters"]
 
 _MIN_SHARE = 0.5  # of the smaller side's parameters the suggestion must pair
 
@@ -91,8 +91,10 @@ def find_mapping(src_a: Any, src_b: Any) -> Found:
     if len(paired) < _MIN_SHARE * smaller:
         return Found(None, suggestion, f"a mapping searched from the traces' {what} paired only {len(paired)} of "
                                        f"{smaller}: not used (pass --map)")
-    rules = len(suggestion.mapping.rules)
-    return Found(suggestion.mapping, suggestion,
+    mapping = extend_by_names(suggestion, {k: (tuple(r.shape), r.dtype) for k, r in params_a.items()},
+                              {k: (tuple(r.shape), r.dtype) for k, r in params_b.items()})
+    rules = len(mapping.rules)
+    return Found(mapping, suggestion,
                  f"no mapping was given: found one from the traces' {what} ({suggestion.summary()}); "
                  f"{rules} rule{'s' if rules != 1 else ''} used (--save-map FILE writes it)")
 
@@ -101,3 +103,60 @@ def _same(a: TraceRecord, b: TraceRecord) -> bool:
     sa, sb = a.stats, b.stats
     return (tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and sa is not None and sb is not None
             and bool(sa.hash) and sa.hash == sb.hash)
+
+
+def _templated(key: str, digits: dict[str, str]) -> str | None:
+    parts = key.split(".")
+    out = [f"{{{digits[p]}}}" if p in digits else p for p in parts]
+    return ".".join(out)
+
+
+def extend_by_names(suggestion: Suggestion, shapes_a: dict[str, tuple[tuple[int, ...], str]],
+                    shapes_b: dict[str, tuple[tuple[int, ...], str]]) -> Mapping:
+    """The suggested mapping, with each literal rule that names one layer (``h.0.attn.c_attn.weight
+    -> [blocks.0.attn.q.weight, ...]``) made a template over its layer index where the keys the
+    template adds are exactly keys the content left unmatched, on both sides, in the shapes the
+    rule's transform makes. A port with a bug in one layer's weights (v loaded with k's) has no
+    content match there; the names say which keys correspond, and the comparison then shows the
+    values differ, instead of leaving the layer unpaired."""
+    from dataclasses import replace as _replace
+
+    from tensorparity.mapping import Rule, apply_mapping
+
+    mapping = suggestion.mapping
+    left_a, left_b = set(suggestion.unmatched_a), set(suggestion.unmatched_b)
+    if not left_a or not left_b:
+        return mapping
+    rules = list(mapping.rules)
+    changed = False
+    for n, rule in enumerate(rules):
+        if rule.regex or any("{" in t for t in rule.a + rule.b):
+            continue
+        numbers = {p for k in rule.a for p in k.split(".") if p.isdigit()}
+        if len(numbers) != 1 or not all(numbers <= set(k.split(".")) for k in rule.b):
+            continue
+        slot = {numbers.pop(): "i"}
+        try:
+            candidate = Rule(tuple(_templated(k, slot) for k in rule.a), tuple(_templated(k, slot) for k in rule.b),
+                             rule.transform, note=rule.note)  # type: ignore[arg-type]
+        except TensorParityError:
+            continue
+        trial = mapping.with_rules([*rules[:n], candidate, *rules[n + 1:]])
+        claimed = {k for k in shapes_a if candidate.match(k)}
+        new_a = claimed - set(rule.a)
+        if not new_a or not new_a <= left_a:
+            continue
+        try:
+            meta = {k: torch.empty(shapes_a[k][0], dtype=getattr(torch, shapes_a[k][1]), device="meta")
+                    for k in claimed}
+            made = apply_mapping(meta, _replace(trial, rules=(candidate,), passthrough=False)).checkpoint
+        except (TensorParityError, ValueError, RuntimeError):
+            continue
+        new_b = set(made) - set(rule.b)
+        if not new_b <= left_b or any(k not in shapes_b or tuple(made[k].shape) != shapes_b[k][0] for k in new_b):
+            continue
+        rules[n] = candidate
+        left_a -= new_a
+        left_b -= new_b
+        changed = True
+    return mapping.with_rules(rules) if changed else mapping

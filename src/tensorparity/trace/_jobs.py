@@ -32,7 +32,7 @@ from tensorparity.trace._measure import compare_stats, relative_error, stats_err
 from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
 from tensorparity.trace.records import TraceRecord, tensor_stats
 
-__all__ = ["Job", "RecordTensor", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
+__all__ = ["Job", "RecordTensor", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
            "sorted_values"]
 
 ULPS_PER_ROOT = 2.0  # ulps of the tensor's scale per √(terms summed), see the module docstring
@@ -100,7 +100,34 @@ def make_job(src_a: RecordSource, src_b: RecordSource, slot: str, owner: int | N
     stats = not (ra.stored and rb.stored)
     if stats and ((ra.stats is None and not ra.stored) or (rb.stats is None and not rb.stored)):
         return None
-    return Job(slot, owner, ra.key, rb.key, loadable(src_a, ra), loadable(src_b, rb), ra, rb, stats=stats, param=param)
+    b = loadable(src_b, rb)
+    if same_but_unit_dims(ra.shape, rb.shape):
+        # [1, T, D] against [T, D] (a position embedding looked up with or without a batch dim):
+        # the same values, compared in A's shape.
+        b, rb = Reshaped(b, tuple(ra.shape)), replace(rb, shape=tuple(ra.shape))
+    return Job(slot, owner, ra.key, rb.key, loadable(src_a, ra), b, ra, rb, stats=stats, param=param)
+
+
+def same_but_unit_dims(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Two different shapes that hold the same elements in the same order, differing only in
+    dimensions of size 1.
+
+    Example:
+        >>> same_but_unit_dims((1, 12, 48), (12, 48)), same_but_unit_dims((2, 3), (3, 2))
+        (True, False)
+    """
+    return tuple(a) != tuple(b) and [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """A loadable seen in another shape of the same elements (unit dimensions added or removed)."""
+
+    inner: Any
+    shape: tuple[int, ...]
+
+    def load(self) -> torch.Tensor:
+        return self.inner.load().reshape(self.shape)
 
 
 # --- the float32-aware default tolerance -----------------------------------------------------------

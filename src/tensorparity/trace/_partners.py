@@ -16,13 +16,14 @@ then with the first recorded tensor alone. Which of these ran is reported with t
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from tensorparity.mapping import Mapping
-from tensorparity.trace._layout import Layout, derive_layouts, param_shapes
+from tensorparity.trace._layout import Layout, apply_layouts, derive_layouts, param_shapes
 from tensorparity.trace.align import align_layers, group_layers
 from tensorparity.trace.trace import Trace, rebuild_call
 
@@ -47,13 +48,19 @@ def probe(trace: Trace, model: nn.Module, device: torch.device) -> Trace | None:
     return found
 
 
-def partners(trace: Trace, probed: Trace | None, mapping: Mapping | None) -> dict[str, tuple[str, str]]:
-    """Reference layer name -> (the model's module path, how it was paired), from a probe run."""
+def partners(trace: Trace, probed: Trace | None, mapping: Mapping | None,
+             layouts: Sequence[Layout] = ()) -> dict[str, tuple[str, str]]:
+    """Reference layer name -> (the model's module path, how it was paired), from a probe run
+    aligned as compare aligns two traces (layouts included: a group's modules are replayed
+    together, and what a group's modules were paired with before is released)."""
     if probed is None:
         return {}
     method = "mapping" if mapping is not None else "auto"
     alignment = align_layers(trace.records, probed.records, mapping=mapping, method=method)  # type: ignore[arg-type]
-    return {m.a.name: (m.b.module, m.how) for m in alignment.matches if m.b.call == 0}
+    if layouts:
+        alignment = apply_layouts(alignment, layouts, group_layers(trace.records), group_layers(probed.records),
+                                  mapping.prefix_b if mapping is not None else "")
+    return {m.a.name: (m.b.module, m.how) for m in alignment.matches if m.b.call == 0 and not m.group_a}
 
 
 def model_layouts(trace: Trace, model: nn.Module, probed: Trace | None, mapping: Mapping) -> list[Layout]:
@@ -72,7 +79,7 @@ def model_mapping(trace: Trace, model: nn.Module) -> tuple[Mapping | None, str]:
     the names or the layouts differ (see :mod:`._found`); ``(None, why)`` where none is needed or
     the trace recorded no parameters."""
     from tensorparity.mapping import suggest_mapping
-    from tensorparity.trace._found import stored_parameters
+    from tensorparity.trace._found import extend_by_names, stored_parameters
 
     recorded, kind = stored_parameters(trace.records)
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -87,8 +94,10 @@ def model_mapping(trace: Trace, model: nn.Module) -> tuple[Mapping | None, str]:
                                  {k: p.cpu() for k, p in params.items()}, progress=False)
     if not any(p.transform is not None or p.a_keys != p.b_keys for p in suggestion.pairs):
         return None, ""
-    return suggestion.mapping, (f"no mapping was given: found one from the reference's parameters and the "
-                                f"model's ({suggestion.summary()})")
+    shapes_a = {k: (tuple(r.shape), r.dtype) for k, r in recorded.items()}
+    shapes_b = {k: (tuple(p.shape), str(p.dtype).removeprefix("torch.")) for k, p in params.items()}
+    return extend_by_names(suggestion, shapes_a, shapes_b), (
+        f"no mapping was given: found one from the reference's parameters and the model's ({suggestion.summary()})")
 
 
 def _accepted(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -102,6 +111,16 @@ def _accepted(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any] | Non
     names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                    inspect.Parameter.KEYWORD_ONLY)}
     return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _required(module: nn.Module) -> list[str]:
+    """The names of ``forward``'s positional arguments (torchtune's attention: ``x, y``)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                 inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -133,5 +152,13 @@ def call_adapted(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         tensor = _first_tensor(args, kwargs)
         if tensor is None or (len(args) == 1 and not kwargs):
             raise first from None
-        return module(tensor), ("called with the first recorded tensor only (forward takes none of: "
-                                f"{', '.join(kwargs)})" if not args else "called with the first recorded tensor only")
+        try:
+            return module(tensor), ("called with the first recorded tensor only (forward takes none of: "
+                                    f"{', '.join(kwargs)})" if not args else "called with the first recorded tensor only")
+        except (TypeError, ValueError) as second:
+            required = _required(module)
+            if len(required) < 2:
+                raise second from None
+            # Self-attention written as forward(x, y): the recorded hidden states for each.
+            return module(*[tensor] * len(required)), (f"called with the first recorded tensor for each of "
+                                                       f"{', '.join(required)}")

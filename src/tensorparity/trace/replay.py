@@ -29,7 +29,7 @@ from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pair
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
 from tensorparity.report._render import jsonable, plain_text, printable
-from tensorparity.trace._jobs import float_tolerance, is_default, summands
+from tensorparity.trace._jobs import float_tolerance, is_default, same_but_unit_dims, summands
 from tensorparity.trace._layout import Gathered, Layout, feature_axis
 from tensorparity.trace._partners import call_adapted, model_layouts, model_mapping, partners, probe
 from tensorparity.trace.align import TraceLayer, group_layers, module_renames
@@ -314,8 +314,10 @@ def replay(
     tol = tolerance or Tolerance()
     params = list(model.parameters()) or list(model.buffers())
     device = params[0].device if params else torch.device("cpu")
-    modules = dict(model.named_modules())
-    double = dict(_double(model).named_modules()) if noise_floor else {}
+    # Aliases too: a module shared by several parents is recorded under the name of the parent
+    # that called it (see the capture), which may be any of its paths.
+    modules = dict(model.named_modules(remove_duplicate=False))
+    double = dict(_double(model).named_modules(remove_duplicate=False)) if noise_floor else {}
     training = trace.provenance.get("training")
     modes = {m: m.training for m in model.modules()}
     layers: list[ReplayedLayer] = []
@@ -334,14 +336,15 @@ def replay(
             key_mapping, why = model_mapping(trace, model)
             notes += [why] if why else []
             found_mapping = key_mapping
-        renames = layouts = None
+        renames = None
+        layouts: list[Layout] = []
         if key_mapping is not None:
             renames = module_renames(key_mapping, param_names={r.path for r in trace.records
                                                                if r.kind in ("param", "param_grad")})
             layouts = model_layouts(trace, model, probed, key_mapping)
             notes += [f"{', '.join(x.a)}: {x.describe()}" for x in layouts if x.problem]
-        found = partners(trace, probed, key_mapping)
-        grouped = {m: x for x in layouts or () if x.problem is None for m in x.a}
+        found = partners(trace, probed, key_mapping, layouts)
+        grouped = {m: x for x in layouts if x.problem is None for m in x.a}
         all_layers = group_layers(trace.records)
         by_key = {(x.module, x.call): x for x in all_layers}
         with torch.no_grad():
@@ -425,11 +428,16 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
                  if p in got64 and got[p].is_floating_point() and got64[p].shape == got[p].shape}
         layer_tol = noise_tolerance(atols, base=tol)
     pair_tol = float_tolerance(tol, summands(layer, "output")) if not double and is_default(tol) else None
-    jobs = [Pair(r.key, _Recorded(trace, r), _Given(got[p].cpu()), key_b=f"{name}/{p}" if p else name,
-                 tolerance=pair_tol) for r, p in pairs]
+    jobs = [Pair(r.key, _Recorded(trace, r), _Given(_as_recorded(got[p].cpu(), r)),
+                 key_b=f"{name}/{p}" if p else name, tolerance=pair_tol) for r, p in pairs]
     results = tuple(compare_pairs(jobs, layer_tol, workers=1))
     return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted,
                          reordered=_reordered(jobs, results, feature_axis(mtype), layer_tol))
+
+
+def _as_recorded(t: torch.Tensor, record: TraceRecord) -> torch.Tensor:
+    """``t`` in the recorded shape where the two differ in unit dimensions only."""
+    return t.reshape(record.shape) if same_but_unit_dims(record.shape, t.shape) else t
 
 
 def _reordered(jobs: list[Pair], results: tuple[TensorComparison, ...], axis: int, tol: Tolerance) -> bool:
@@ -499,8 +507,32 @@ def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: L
     pair_tol = float_tolerance(tol, summands(first, "output")) if is_default(tol) else None
     pair = Pair(outs[0][0].key, want, _Given(mine), key_b=label, tolerance=pair_tol)
     results = tuple(compare_pairs([pair], tol, workers=1))
+    reordered = _reordered([pair], results, layout.axis_b, tol)
+    if not results[0].passed and not reordered and results[0].status != "shape":
+        # Name the parts that differ: v of a fused qkv, not the whole group.
+        sizes_a = [o[0].shape[layout.axis_a] for o in outs]
+        names_a = [x.name for x in group if x is not None]
+        bad_a, bad_b = _differing_parts(want.load(), mine, results[0], layout, sizes_a, [g.shape[layout.axis_b] for g in got])
+        name_a = " + ".join(names_a[i] for i in bad_a) if len(names_a) > 1 and bad_a else name_a
+        label = " + ".join(names[i] for i in bad_b) if len(names) > 1 and bad_b else label  # type: ignore[misc]
     return ReplayedLayer(name_a, label, mtype, first.order, results, adapted=adapted, layout=layout.describe(),
-                         reordered=_reordered([pair], results, layout.axis_b, tol))
+                         reordered=reordered)
+
+
+def _differing_parts(want: torch.Tensor, mine: torch.Tensor, result: TensorComparison, layout: Layout,
+                     sizes_a: list[int], sizes_b: list[int]) -> tuple[list[int], list[int]]:
+    """Which of A's and B's modules in a group hold the features outside tolerance."""
+    tol = result.tolerance
+    bad = ((want.double() - mine.double()).abs() > tol.atol + tol.rtol * mine.double().abs())
+    axis = layout.axis_b % bad.dim()
+    features = bad.movedim(axis, 0).reshape(bad.shape[axis], -1).any(1).nonzero().flatten()
+    at_a = layout.out_index[features] if layout.out_index is not None else features
+
+    def parts(positions: torch.Tensor, sizes: list[int]) -> list[int]:
+        ends = torch.tensor(sizes).cumsum(0)
+        return sorted({int(torch.searchsorted(ends, p, right=True)) for p in positions.tolist()})
+
+    return parts(at_a, sizes_a), parts(features, sizes_b)
 
 
 def _reorder_first(args: tuple[Any, ...], kwargs: dict[str, Any], index: torch.Tensor,
