@@ -328,3 +328,61 @@ def test_replay_of_a_fused_module_on_its_parts() -> None:
     # the bug is in v: the part of the group that differs is named
     assert [(x.layer, x.module) for x in replay(reference_with_inputs(a), b, mapping=mapping).culprits] == [
         ("qkv", "v")]
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+class TwoOutputs(nn.Linear):
+    """Returns its output and its input: the layout fits the first, not the second."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return super().forward(x), x
+
+
+def test_a_layout_that_does_not_fit_a_record_is_said_on_the_layer_and_compared_without() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Sequential(TwoOutputs(4, 8)), nn.Sequential(TwoOutputs(4, 8))
+    swap = Rearrange("(c two) i -> (two c) i", (("two", 2),))
+    b[0].weight.data = swap.apply([a[0].weight.data])[0]
+    b[0].bias.data = Rearrange("(c two) -> (two c)", (("two", 2),)).apply([a[0].bias.data])[0]
+    mapping = Mapping([Rule("0.weight", "0.weight", swap),
+                       Rule("0.bias", "0.bias", Rearrange("(c two) -> (two c)", (("two", 2),)))])
+    x = torch.randn(3, 4, requires_grad=True)
+    traces = []
+    for m in (a, b):
+        with capture(m) as t:
+            out = m(x)
+            (out[0].sum() + out[1].sum()).backward()
+        traces.append(t)
+    report = compare_traces(traces[0], traces[1], mapping=mapping)
+    layer = next(x for x in report.layers if x.layer_a == "0")
+    assert any("does not fit its output 1 (A [3, 4], B [3, 4]; the layout reorders 8 features on axis -1): "
+               "compared without it" in n for n in layer.layout_notes), layer.layout_notes
+    # output 0 went through the layout (B's is A's reordered: bit for bit), output 1 as it is
+    assert [(t.key, t.status) for t in layer.forward] == [("0/0/output/0", "identical"), ("0/0/output/1", "identical")]
+
+
+class Interleave(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., [0, 2, 1, 3]]
+
+
+def test_an_input_side_layout_without_recorded_inputs_is_said() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Identity(), nn.Linear(4, 2)), nn.Sequential(Interleave(), nn.Linear(4, 2))
+    cols = Rearrange("o (two c) -> o (c two)", (("two", 2),))
+    b[1].weight.data = cols.apply([a[1].weight.data])[0]
+    b[1].bias.data = a[1].bias.data.clone()
+    mapping = Mapping([Rule("1.weight", "1.weight", cols)])
+    x = torch.randn(3, 4)
+    traces = []
+    for m in (a, b):
+        with capture(m) as t:
+            m(x).sum().backward()
+        traces.append(t)
+    assert torch.allclose(a(x), b(x))
+    report = compare_traces(traces[0], traces[1], mapping=mapping)
+    layer = next(x for x in report.layers if x.layer_a == "1")
+    assert layer.layout and "input features reordered" in layer.layout
+    assert any("inputs were not recorded" in n for n in layer.layout_notes)
+    assert report.verdict == "close", report.summary()

@@ -61,7 +61,10 @@ def _mark(passed: bool | None) -> str:
 
 
 def _origin_cell(x: LayerComparison, first: LayerComparison | None) -> str:
-    """``introduced``, ``inherited`` (from the first divergence), or ``inherited ← layer``."""
+    """``introduced``, ``inherited`` (from the first divergence), ``inherited ← layer``, or for a
+    layer that differs in layout only, ``layout only (healed at X)``."""
+    if x.healed and x.origin is None:
+        return f"layout only ({printable(x.healed_how)})"
     if x.origin is None:
         return ""
     if x.origin == "inherited" and x.inherited_from and (first is None or x.inherited_from != first.layer_a):

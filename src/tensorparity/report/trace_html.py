@@ -196,7 +196,7 @@ def _row(x: LayerComparison, first: LayerComparison | None) -> str:
     return (f'<tr class="{css}" data-name="{_E(x.layer_a + " " + x.layer_b)}"><td>{x.order}</td>'
             f"<td>{_E(x.label)}</td><td>{_E(types)}</td>{_cell(x.forward_passed)}{_cell(x.backward_passed)}"
             f"<td>{_E(num(x.max_abs))}</td><td>{_E(_rel(x.error))}</td><td>{_E(bwd)}</td><td>{_E(shape)}</td>"
-            f"<td>{_E(_origin_cell(x, first))}</td></tr>")
+            f"<td>{_E(_origin_cell(x, first))}</td><td>{_E(x.layout or '')}</td></tr>")
 
 
 def _unaligned(report: TraceReport) -> str:
@@ -239,7 +239,8 @@ def render_trace_html(report: TraceReport, *, title: str | None = None) -> str:
     alignment = report.alignment + (f" ({report.mapping})" if report.mapping else "")
     rows = "".join(_row(x, first) for x in report.layers)
     head = ("<tr><th>#</th><th>layer</th><th>type</th><th>fwd</th><th>bwd</th><th>max abs</th>"
-            "<th>rel. error</th><th>grad rel. error</th><th>shape</th><th>origin</th></tr>")
+            "<th>rel. error</th><th>grad rel. error</th><th>shape</th><th>origin</th>"
+            "<th>layout (what was done to A's activations)</th></tr>")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_E(title)}</title>'
         f"<style>{_CSS}</style></head><body>"

@@ -202,6 +202,9 @@ def layout_jobs(src_a: RecordSource, src_b: RecordSource, owner: int, match: Lay
     layout: Layout = match.layout
     group_a, group_b = match.group_a or (match.a,), match.group_b or (match.b,)
     jobs: list[tuple[str, Job]] = []
+    if layout.in_index is not None and not group_a[0].of_kind("input"):
+        notes.append(f"the layout reorders {match.name_a}'s input features, but its inputs were not recorded "
+                     "(capture with inputs=True to compare them)")
     for slot, kind in (("forward", "output"), ("inputs", "input"), ("backward", "grad_output"),
                        ("backward", "grad_input")):
         joined = kind in ("output", "grad_output")
@@ -231,8 +234,10 @@ def _layout_job(src_a: RecordSource, src_b: RecordSource, owner: int, slot: str,
         fits = size == len(index) and (not index.numel() or int(index.max()) < size)
         shape_a = _joined_shape([shape_a], axis_a, len(index)) if fits else None
     if shape_a is None or shape_b is None or shape_a != shape_b:
+        size = f"reorders {len(index)} features on axis {axis_a}" if index is not None else "joins the group"
         notes.append(f"the layout of {ra0.layer} ({layout.describe()}) does not fit its {ra0.kind} "
-                     f"({list(ra0.shape)} vs {list(rb0.shape)}): compared without it")
+                     f"{ra0.path or ''} (A {list(ra0.shape)}, B {list(rb0.shape)}; the layout {size}): "
+                     "compared without it")
         return make_job(src_a, src_b, slot, owner, ra0, rb0)
     stored = all(p.stored for p in parts_a + parts_b)
     stats_a = combine_stats([p.stats for p in parts_a]) if (len(parts_a) > 1 or index is not None) else ra0.stats
