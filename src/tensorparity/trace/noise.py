@@ -16,8 +16,9 @@ place of float32 at the tensor's largest magnitude (and never 0).
 
 from __future__ import annotations
 
-import copy
 import re
+import types
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,8 +29,8 @@ from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.trace.records import TraceRecord
 
-__all__ = ["FACTOR", "ULPS", "noise_atol", "noise_atols", "noise_floor", "noise_tolerance", "recorded_noise_floor",
-           "to_double"]
+__all__ = ["FACTOR", "ULPS", "double_copy", "noise_atol", "noise_atols", "noise_floor", "noise_tolerance",
+           "recorded_noise_floor", "to_double"]
 
 FACTOR = 3.0  # 1 (A's own float32 error) + 2 (dynamo's multiplier for B's): see the module docstring
 ULPS = 4.0  # the floor: float32 units in the last place at the tensor's largest magnitude
@@ -63,6 +64,73 @@ def to_double(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(to_double(v) for v in value)
     return value
+
+
+def double_copy(model: nn.Module, *, rebuild: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A float64 second instance of ``model``, made without ``copy.deepcopy``; ``model`` is left
+    exactly as it was (parameters, dtype, gradients, hooks).
+
+    Every module is copied shallowly: its attributes that are not parameters, buffers or
+    sub-modules (configs, tokenizers, the ``wrapt`` proxies every NeMo model holds, which refuse
+    to be deep-copied) are shared with the original, not copied. Parameters and buffers are fresh
+    clones (floating ones float64, parameters without gradients), sub-modules are copied the same
+    way, and whatever the original shares (tied weights, a module used twice) the copy shares
+    too. The copy carries none of the original's hooks (a capture's among them), then gets
+    ``.double()`` so that modules overriding it (Lightning's dtype) see it.
+
+    Args:
+        model: the float32 model; it is not changed.
+        rebuild: instead of copying, build a fresh instance (``rebuild()``) and load ``model``'s
+            state dict into it.
+
+    Example:
+        >>> ref = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+        >>> twin = double_copy(ref)
+        >>> twin[0].weight.dtype, ref[0].weight.dtype, torch.equal(twin[0].weight, ref[0].weight.double())
+        (torch.float64, torch.float32, True)
+    """
+    if rebuild is not None:
+        fresh = rebuild()
+        fresh.load_state_dict(model.state_dict())
+        return fresh.train(model.training).double()
+    return _copy_module(model, {}).double()
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    # memo: id of an original module, parameter or buffer -> its copy (what is shared stays shared).
+    if id(module) in memo:
+        return memo[id(module)]
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    state = dict(module.__dict__)  # not __getstate__/__reduce__: those may drop or refuse attributes
+    for name, value in state.items():
+        if name.startswith("_") and "hook" in name and isinstance(value, dict):
+            state[name] = OrderedDict()  # forward, backward and state-dict hooks: the original's, not the copy's
+        elif isinstance(value, types.MethodType) and value.__self__ is module:
+            state[name] = types.MethodType(value.__func__, new)  # a method bound as an attribute (a patched forward)
+    state["_is_full_backward_hook"] = None
+    state.pop("_compiled_call_impl", None)  # module.compile()'s wrapper calls the original
+    state["_parameters"] = {k: _copy_tensor(p, memo) for k, p in module._parameters.items()}
+    state["_buffers"] = {k: _copy_tensor(b, memo) for k, b in module._buffers.items()}
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {k: None if m is None else _copy_module(m, memo) for k, m in module._modules.items()}
+    new.__dict__.update(state)
+    return new
+
+
+def _copy_tensor(t: torch.Tensor | None, memo: dict[int, Any]) -> Any:
+    if t is None:
+        return None
+    if id(t) not in memo:
+        data = t.detach().to(torch.float64 if t.is_floating_point() else t.dtype, copy=True)
+        if isinstance(t, nn.Parameter):
+            copied = nn.Parameter(data, requires_grad=t.requires_grad)
+            # attributes libraries tag parameters with (Megatron's), not tensor hooks
+            copied.__dict__.update({k: v for k, v in t.__dict__.items() if "hook" not in k})
+        else:
+            copied = data
+        memo[id(t)] = copied
+    return memo[id(t)]
 
 
 def noise_tolerance(atols: dict[str, float], *, base: Tolerance | None = None) -> Tolerance:
@@ -118,7 +186,7 @@ def noise_floor(
 ) -> Tolerance:
     """Measure every layer's float32 noise and return it as a per-layer :class:`Tolerance`.
 
-    The model runs as it is (float32) and a deep copy of it in float64 (``.double()``, floating
+    The model runs as it is (float32) and a copy of it in float64 (:func:`double_copy`, floating
     inputs cast), both under the same seed, both captured in memory. Each record both runs hold
     (module outputs, the model output, and with ``loss`` the gradients) gets
     ``atol = max(factor · max|x32 - x64|, ulps · eps32 · max|x64|)`` and rtol 0 (see the module
@@ -168,7 +236,7 @@ def noise_atols(model: nn.Module, inputs: Any, *, kwargs: dict[str, Any] | None 
         raise UsageError(f"factor={factor} must be > 0 and ulps={ulps} >= 0", fix="e.g. factor=3, ulps=4")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     kw = dict(kwargs or {})
-    double = copy.deepcopy(model).double()
+    double = double_copy(model)
     t32 = _run(model, args, kw, seed, loss)
     t64 = _run(double, to_double(args), to_double(kw), seed, loss)
     by_key = {r.key: r for r in t64.records if r.stored}
