@@ -9,6 +9,12 @@ one on the CPU (up to 256 KB: norm weights, biases) is measured by NumPy, whose 
 operation is a fifth of torch's. Where the optional C accelerator is built (``_fused.c``), a
 float32/float64 CPU tensor is instead read once for all of it. Every route computes the same
 fingerprint, bit for bit.
+
+The sums run in float32 for 16/32-bit floats (a float64 accumulator costs a widening pass). A
+tensor whose float32 sum of squares could overflow (an attention mask filled with
+``finfo(float32).min``, a diverged gradient of 1e19), which its min and max alone tell, has its
+moments computed in float64 instead: two-pass, and scaled by a power of two where float64 itself
+could overflow.
 """
 
 from __future__ import annotations
@@ -218,12 +224,16 @@ def same_content(a: str, b: str) -> bool | None:
 def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
     """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged), computed
     where the tensor lives (float32 arithmetic for 16/32-bit floats, float64 for 64-bit and
-    integer types).
+    integer types, and for any tensor whose float32 sums could overflow, such as an attention mask
+    of ``finfo(float32).min``).
 
     Example:
         >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
         >>> (s.min, s.max, s.mean, s.nan)
         (1.0, 3.0, 2.0, 1)
+        >>> mask = tensor_stats(torch.full((4,), torch.finfo(torch.float32).min))
+        >>> mask.norm == -2 * mask.mean, mask.std
+        (True, 0.0)
     """
     flat = _flat(t)  # a strided tensor is copied once, for the fingerprint and the stats
     numel = flat.numel()
@@ -246,8 +256,8 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
         x = x.numpy()
     low, high, total, squares = _passes(x)
     nan = inf = 0
-    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(total) and math.isfinite(squares)):
-        # NaN propagates into min/max and the sums, Inf into min or max: only then look closer.
+    if not (math.isfinite(low) and math.isfinite(high)):
+        # NaN propagates into min/max, Inf shows in min or max: only then look closer.
         xp: Any = np if isinstance(x, np.ndarray) else torch
         nan = int(xp.isnan(x).sum())
         inf = int(xp.isinf(x).sum())
@@ -255,6 +265,8 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
         if len(x) == 0:
             return TensorStats(numel, math.nan, math.nan, math.nan, math.nan, math.nan, nan, inf, digest)
         low, high, total, squares = _passes(x)
+    if _may_overflow(low, high, len(x), x.dtype) or not (math.isfinite(total) and math.isfinite(squares)):
+        return TensorStats(numel, low, high, *_wide_moments(x, low, high), nan, inf, digest)
     return _finish(numel, len(x), low, high, total, squares, nan, inf, digest)
 
 
@@ -278,13 +290,20 @@ def _fused_stats(flat: torch.Tensor) -> TensorStats | None:
     words = nbytes // 8
     rows = words // _BLOCK
     row_sums, col_sums = np.empty(rows, np.int64), np.empty(_BLOCK, np.int64)
-    low, high, total, squares = _fused.reduce(flat.numpy(), flat.dtype == torch.float64, row_sums, col_sums)
-    if not (math.isfinite(total) and math.isfinite(squares)):
+    data = flat.numpy()
+    low, high, total, squares = _fused.reduce(data, flat.dtype == torch.float64, row_sums, col_sums)
+    # The C min/max skip NaN (the sums do not); Inf shows in min or max.
+    wide = _may_overflow(low, high, numel, flat.dtype)
+    if wide and (not (math.isfinite(low) and math.isfinite(high)) or np.isnan(data).any()):
+        return None
+    if not wide and not (math.isfinite(total) and math.isfinite(squares)):
         return None
     parts = [row_sums, col_sums] if rows else []
     if rows * _BLOCK < words:
         parts.append(flat.view(torch.int64)[rows * _BLOCK:].numpy())
     digest = _combine(parts, rows, words - rows * _BLOCK, flat.device, True, True)
+    if wide:
+        return TensorStats(numel, low, high, *_wide_moments(data, low, high), 0, 0, digest)
     return _finish(numel, numel, low, high, total, squares, 0, 0, digest)
 
 
@@ -293,8 +312,59 @@ def _passes(x: Any) -> list[float]:
     (torch cascades, NumPy pairs): a few ulps of the result, where a float64 accumulator would cost
     a widening pass; the squares come from a BLAS dot, twice vector_norm's speed."""
     if isinstance(x, np.ndarray):
-        return [float(x.min()), float(x.max()), float(x.sum()), float(np.dot(x, x))]
+        low, high = float(x.min()), float(x.max())
+        if not (math.isfinite(low) and math.isfinite(high)) or _may_overflow(low, high, x.size, x.dtype):
+            # NumPy warns on an overflowing float32 sum: leave those sums to the caller's exact route.
+            return [low, high, math.nan, math.nan]
+        return [low, high, float(x.sum()), float(np.dot(x, x))]
     low, high = torch.aminmax(x)
     if x.device.type == "cpu":  # no device to wait for: four reads beat a stack
         return [low.item(), high.item(), x.sum().item(), torch.dot(x, x).item()]
     return torch.stack([low, high, x.sum(), torch.dot(x, x)]).tolist()  # one synchronisation
+
+
+# A sum of squares at most 2**120 (float32) or 2**1000 (float64) leaves a margin of 2**8 and more
+# below the largest float for the rounding of the partial sums: it cannot overflow.
+_SAFE_SQUARES = {4: 2.0**120, 8: 2.0**1000}
+
+
+def _may_overflow(low: float, high: float, n: int, dtype: Any) -> bool:
+    """Whether the float sums of ``n`` finite elements in [low, high] of ``dtype`` (torch or NumPy,
+    float32 or float64) could overflow; ``False`` where either bound is NaN or infinite."""
+    peak = max(abs(low), abs(high))
+    return math.isfinite(peak) and peak * peak * n > _SAFE_SQUARES[dtype.itemsize]
+
+
+def _wide_moments(x: Any, low: float, high: float) -> tuple[float, float, float]:
+    """mean, std and norm of finite elements in [low, high], computed in float64: the sum, the sum
+    of squares, and the variance from the deviations (two passes, so a constant mask gets std 0).
+    Where float64 squares could overflow too (float64 data beyond 1e150), the elements are first
+    scaled by a power of two, which is exact."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+        x = x.numpy()  # one implementation for every CPU route: the C accelerator's results agree bit for bit
+    n = len(x)
+    peak = max(abs(low), abs(high))
+    shift = math.frexp(peak)[1] if peak * peak * n > _SAFE_SQUARES[8] else 0
+    if isinstance(x, np.ndarray):
+        w = x.astype(np.float64)  # always a copy: the deviations are formed in place
+        if shift:
+            w *= 2.0**-shift
+        total, squares = float(w.sum()), float(np.dot(w, w))
+        w -= total / n
+        deviations = float(np.dot(w, w))
+    else:
+        w = x.to(torch.float64, copy=True)
+        if shift:
+            w *= 2.0**-shift
+        total_t, squares_t = w.sum(), torch.dot(w, w)
+        w -= total_t / n
+        total, squares, deviations = torch.stack([total_t, squares_t, torch.dot(w, w)]).tolist()  # one synchronisation
+    return (_unscale(total / n, shift), _unscale(math.sqrt(deviations / n), shift),
+            _unscale(math.sqrt(squares), shift))
+
+
+def _unscale(value: float, shift: int) -> float:
+    try:
+        return math.ldexp(value, shift)
+    except OverflowError:  # a float64 norm beyond the largest float64
+        return math.copysign(math.inf, value)
