@@ -266,6 +266,7 @@ def recorded_noise_floor(trace: Any, *, base: Tolerance | None = None) -> Tolera
 
 
 def _measured(records: Sequence[TraceRecord]) -> list[TraceRecord]:
-    # Inputs are what the comparison feeds, not what it judges; non-floating records compare exactly.
-    return [r for r in records if r.stored and r.kind not in ("input", "model_input")
+    # Inputs (and parameters) are what the comparison feeds, not what it judges; non-floating
+    # records compare exactly.
+    return [r for r in records if r.stored and r.kind not in ("input", "model_input", "param")
             and r.dtype in ("float32", "float16", "bfloat16", "float64")]
