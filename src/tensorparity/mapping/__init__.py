@@ -30,6 +30,7 @@ from tensorparity.mapping.transforms import (
 )
 
 from tensorparity.mapping.suggest import SuggestedPair, Suggestion, suggest_mapping  # noqa: E402
+from tensorparity.mapping._digests import ParamSignature, param_signature, suggest_from_signatures  # noqa: E402
 
 __all__ = [
     "Cast",
@@ -40,6 +41,7 @@ __all__ = [
     "MappingError",
     "MappingProblem",
     "NotInvertibleError",
+    "ParamSignature",
     "Permute",
     "Rearrange",
     "Reshape",
@@ -54,7 +56,9 @@ __all__ = [
     "apply_mapping",
     "convert",
     "load_mapping",
+    "param_signature",
     "register_transform",
+    "suggest_from_signatures",
     "suggest_mapping",
     "transform_from_dict",
     "transform_names",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -276,7 +276,17 @@ def _select(a: Checkpoint, b: Checkpoint, weights_only: bool | None) -> tuple[Ch
 
 # --- the suggestion --------------------------------------------------------------------------------
 
-def _suggest(side_a: Checkpoint, side_b: Checkpoint, progress: bool | None, weights_only: bool | None) -> Suggestion:
+# Pairs the keys that names left by content: (pool of A, pool of B, names, progress) -> matches.
+Finder = Callable[[list[TensorEntry], list[TensorEntry], NameAffinity, "Tick | None"], list[Match]]
+
+
+def _by_content(pool_a: list[TensorEntry], pool_b: list[TensorEntry], names: NameAffinity,
+                tick: Tick | None) -> list[Match]:
+    return ContentMatcher(pool_a, pool_b, names, tick).run()
+
+
+def _suggest(side_a: Checkpoint, side_b: Checkpoint, progress: bool | None, weights_only: bool | None,
+             find: Finder = _by_content) -> Suggestion:
     prefix_a, prefix_b = detect_prefixes(list(side_a), list(side_b))
     bare_a = {k[len(prefix_a):]: side_a[k] for k in side_a}
     bare_b = {k[len(prefix_b):]: side_b[k] for k in side_b}
@@ -296,7 +306,7 @@ def _suggest(side_a: Checkpoint, side_b: Checkpoint, progress: bool | None, weig
     pool_a = [replace(e, key=k) for k, e in bare_a.items() if k not in taken_a and isinstance(e, TensorEntry)]
     pool_b = [replace(e, key=k) for k, e in bare_b.items() if k not in taken_a and isinstance(e, TensorEntry)]
     with _progress(progress, sum(e.nbytes for e in pool_a + pool_b)) as tick:
-        found = ContentMatcher(pool_a, pool_b, names, tick).run()
+        found = find(pool_a, pool_b, names, tick)
     paired_a = taken_a | {k for m in found for k in m.a}
     paired_b = taken_a | {k for m in found for k in m.b}
     left_a = [k for k in bare_a if k not in paired_a]
