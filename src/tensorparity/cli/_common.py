@@ -134,7 +134,7 @@ def check_output(out: Path, inputs: list[str], overwrite: bool, *, flag: str = "
             same = False
         if same or (Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve())):
             raise UsageError(f"refusing to write {what} over (or into) an input", path=out,
-                             fix="write it to another path, e.g. map.yaml")
+                             fix=f"write {what} to another path")
     if out.is_dir():
         raise UsageError("the output is a folder", path=out, fix="give a file name, e.g. map.yaml")
     if out.exists() and not overwrite:
