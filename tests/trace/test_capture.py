@@ -112,6 +112,8 @@ def test_public_entry_point_records_forward_and_backward() -> None:
         "lin/0/grad_output")
     assert {"lin/0/param_grad/weight", "lin/0/param_grad/bias"} <= set(backward)
     assert [r.index for r in trace.records] == list(range(len(keys)))
+    # The parameters, read as the forward began, are numbered after everything else.
+    assert keys[-2:] == ["lin/0/param/weight", "lin/0/param/bias"]
     assert trace.layers() == ["<model>", "lin", "lin#1", "act"]
     assert [r.call for r in trace.select(module="lin", kind="output")] == [0, 1]
 
@@ -213,7 +215,7 @@ def test_include_exclude_and_types_filter_modules() -> None:
     with capture(model, types=[nn.LayerNorm, "Linear"], grads=False) as trace:
         model(x)
     kinds = {(r.module_type.rsplit(".", 1)[-1], r.kind) for r in trace.records if r.module}
-    assert kinds == {("LayerNorm", "output"), ("Linear", "output")}
+    assert kinds == {("LayerNorm", "output"), ("Linear", "output"), ("LayerNorm", "param"), ("Linear", "param")}
 
 
 def test_model_input_is_always_stored_and_hashed() -> None:
@@ -304,7 +306,7 @@ def test_called_modules_under_no_grad_record_forward_only() -> None:
     model = Twice()
     with torch.no_grad(), capture(model) as trace:
         model(torch.randn(2, 4))
-    assert {r.kind for r in trace.records} == {"model_input", "output", "model_output"}
+    assert {r.kind for r in trace.records} == {"model_input", "output", "model_output", "param"}
 
 
 def test_two_forward_calls_of_the_model_are_calls_0_and_1() -> None:

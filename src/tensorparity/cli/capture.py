@@ -103,6 +103,7 @@ def capture_run(
     device: str | None = None,
     train: bool = False,
     noise_floor: bool = False,
+    params: bool = True,
 ) -> Trace:
     """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
     ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
@@ -110,7 +111,8 @@ def capture_run(
     inside :func:`~tensorparity.trace.capture.capture`, and write the trace to ``out``. With
     ``noise_floor``, the model is first run in float32 and (a copy) in float64 on the same input,
     and every record's measured atol is stored in the provenance (``noise_floor``), so that
-    ``tensorparity compare --noise-floor`` judges each layer by its own numerical noise.
+    ``tensorparity compare --noise-floor`` judges each layer by its own numerical noise. With
+    ``params`` (the default) every parameter is recorded too, as the forward began.
 
     Example:
         >>> import tempfile
@@ -165,7 +167,8 @@ def capture_run(
         created = not Path(out).exists()
         try:
             with capture(model, out=out, mode=mode, window=window, include=include or None,
-                         exclude=exclude or None, types=types or None, inputs=inputs, provenance=provenance) as trace:
+                         exclude=exclude or None, types=types or None, inputs=inputs, params=params,
+                         provenance=provenance) as trace:
                 _run(model, args, kwargs, loss_fn if backward else None)
         except BaseException:
             if created:  # a failed run leaves no half-written trace behind in a folder it made
@@ -241,6 +244,9 @@ def capture_command(
     noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Also run the model in float64 on the same "
                                               "input and store each record's measured float32 noise, for "
                                               "'tensorparity compare --noise-floor'.")] = False,
+    params: Annotated[bool, typer.Option("--params/--no-params", help="Record every parameter as the forward "
+                                         "began (stored in full mode), so that 'tensorparity map suggest' and "
+                                         "diff can read the weights from the trace.")] = True,
 ) -> None:
     """Capture every layer's forward and backward tensors of a model into a trace folder.
 
@@ -254,7 +260,8 @@ def capture_command(
                          fix=r"pass e.g. --mode window --window '^layers\.3\.' (tensors stored for those modules only)")
     trace = capture_run(model, out, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
                         window=window, include=include, exclude=exclude, types=types, inputs=inputs, seed=seed,
-                        backward=not no_backward, loss=loss, device=device, train=train, noise_floor=noise_floor)
+                        backward=not no_backward, loss=loss, device=device, train=train, noise_floor=noise_floor,
+                        params=params)
     _render(trace, out)
     raise typer.Exit(0)
 
@@ -266,7 +273,9 @@ def _render(trace: Trace, out: Path) -> None:
     prov = trace.provenance
     shards = sorted(trace.path.glob("shard-*.safetensors")) if trace.path is not None else []
     backward = any(r.kind in ("grad_output", "param_grad") for r in trace.records)
-    console.print(f"captured {plural(len(trace.records), 'record')} of {plural(len(trace.layers()), 'layer')} "
+    n_params = sum(r.kind == "param" for r in trace.records)
+    params = f" and {plural(n_params, 'parameter')}" if n_params else ""
+    console.print(f"captured {plural(len(trace.records), 'record')} of {plural(len(trace.layers()), 'layer')}{params} "
                   f"({prov['model_class'].rsplit('.', 1)[-1]}, mode {trace.mode}, "
                   f"{'forward + backward' if backward else 'forward only'}) -> {out}")
     stats_only = sum(r.is_tensor and not r.stored for r in trace.records)

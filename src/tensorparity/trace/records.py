@@ -25,9 +25,12 @@ SCHEMA = "tensorparity.trace/1"
 
 # input: a module's forward input; output: its forward output; grad_output / grad_input: the
 # gradient w.r.t. its output / input; param_grad: a parameter's gradient (module = the parameter's
-# owner, path = the parameter's name); model_input / model_output: the whole model's.
-Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output"]
-KINDS: tuple[str, ...] = ("input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output")
+# owner, path = the parameter's name); model_input / model_output: the whole model's; param: a
+# parameter's value as the first forward used it (module = owner, path = name, call 0), once per
+# capture: it belongs to no module call, so layers and alignment leave it out.
+Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output", "param"]
+KINDS: tuple[str, ...] = ("input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output",
+                          "param")
 
 
 def json_value(value: Any) -> Any:

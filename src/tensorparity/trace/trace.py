@@ -30,9 +30,9 @@ from tensorparity.trace.format import (
     read_manifest,
     write_manifest,
 )
-from tensorparity.trace.records import TraceRecord
+from tensorparity.trace.records import TensorStats, TraceRecord
 
-__all__ = ["ShardSet", "Trace", "prepare_folder"]
+__all__ = ["ShardSet", "Trace", "param_name", "prepare_folder"]
 
 
 def prepare_folder(path: str | os.PathLike[str]) -> Path:
@@ -215,8 +215,71 @@ class Trace:
                           "in memory", lambda: tensor)
 
     def layers(self) -> list[str]:
-        """Layer names (``module`` or ``module#call``) in first-seen order."""
-        return list(dict.fromkeys(r.layer for r in self.records))
+        """Layer names (``module`` or ``module#call``) in first-seen order (parameter records
+        belong to no call: a module that owns parameters but never ran is not a layer)."""
+        return list(dict.fromkeys(r.layer for r in self.records if r.kind != "param"))
+
+    def parameters(self) -> dict[str, torch.Tensor | LazyTensor]:
+        """The stored parameters by their ``state_dict`` key (``owner.name``), in model order:
+        tensors for a trace in memory, located :class:`LazyTensor` s for a trace folder (read on
+        ``.loader()``); both are what :func:`tensorparity.open` and
+        :func:`tensorparity.mapping.suggest_mapping` take. Empty for a trace without stored
+        parameters (``stats`` mode, ``params=False``, a trace older than parameter records).
+
+        Example:
+            >>> import torch, tensorparity.trace as tt
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+            >>> with tt.capture(model) as trace:
+            ...     _ = model(torch.ones(1, 2))
+            >>> {k: tuple(v.shape) for k, v in trace.parameters().items()}
+            {'0.weight': (3, 2), '0.bias': (3,)}
+        """
+        out: dict[str, torch.Tensor | LazyTensor] = {}
+        for r in self.records:
+            if r.kind == "param" and r.stored:
+                out[param_name(r)] = self._tensors[r.key] if r.key in self._tensors else self.lazy(r)
+        return out
+
+    def parameter_stats(self) -> dict[str, TensorStats]:
+        """Every recorded parameter's statistics and fingerprint by ``state_dict`` key (any mode).
+
+        Example:
+            >>> import torch, tensorparity.trace as tt
+            >>> model = torch.nn.Linear(2, 3)
+            >>> with tt.capture(model, mode="stats") as trace:
+            ...     _ = model(torch.ones(1, 2))
+            >>> trace.parameter_stats()["bias"].numel
+            3
+        """
+        return {param_name(r): r.stats for r in self.records if r.kind == "param" and r.stats is not None}
+
+    def module_path(self, name: str) -> str:
+        """The registered module path (``model.get_submodule(...)``) of a recorded module name.
+
+        A call is recorded under its call site (see :mod:`tensorparity.trace.capture`): one
+        module shared by several parents is recorded once per parent; the provenance's
+        ``call_sites`` maps those names back. Layer names (``module#call``, ``<model>``) are
+        accepted; a name the table does not list is returned as it is.
+
+        Example:
+            >>> import torch, tensorparity.trace as tt
+            >>> act = torch.nn.SiLU()
+            >>> model = torch.nn.Sequential(torch.nn.Sequential(act), torch.nn.Sequential(act))
+            >>> with tt.capture(model) as trace:
+            ...     _ = model(torch.ones(2))
+            >>> [r.module for r in trace.select(kind="output")][:3]
+            ['0.0', '0', '1.0']
+            >>> trace.module_path("1.0"), trace.module_path("1.0#1"), trace.module_path("<model>")
+            ('0.0', '0.0', '')
+        """
+        if name == "<model>":
+            return ""
+        base, _, call = name.rpartition("#")
+        if base and call.isdigit():
+            name = base
+        sites = self.provenance.get("call_sites") or {}
+        found = sites.get(name, name) if isinstance(sites, dict) else name
+        return str(found)
 
     def select(self, *, kind: str | Collection[str] | None = None, layer: str | Collection[str] | None = None,
                module: str | Collection[str] | None = None) -> list[TraceRecord]:
@@ -343,6 +406,17 @@ class Trace:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def param_name(record: TraceRecord) -> str:
+    """A parameter record's ``state_dict`` key: ``owner.name`` (``name`` for the model's own).
+
+    Example:
+        >>> param_name(TraceRecord(1, "layers.0.fc", 0, "Linear", "param", "weight", (2,), "float32", "cpu",
+        ...                        None, False))
+        'layers.0.fc.weight'
+    """
+    return f"{record.module}.{record.path}" if record.module else record.path
 
 
 def rebuild_call(
