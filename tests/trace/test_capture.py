@@ -239,8 +239,12 @@ def test_stats_mode_equals_tensor_stats_of_the_full_tensors() -> None:
         m1(x).sum().backward()
     with capture(m2, mode="stats") as stats:
         m2(x).sum().backward()
-    assert [r.key for r in full.records] == [r.key for r in stats.records]
-    for a, b in zip(full.records, stats.records):
+    # In stats mode each parameter also gets its stored content signature (see test_params).
+    sigs = [r for r in stats.records if r.kind == "param_signature"]
+    assert len(sigs) == len(list(model.parameters())) and all(r.stored and r.dtype == "int64" for r in sigs)
+    plain = [r for r in stats.records if r.kind != "param_signature"]
+    assert [r.key for r in full.records] == [r.key for r in plain]
+    for a, b in zip(full.records, plain):
         if b.kind == "model_input":
             assert b.stored
             continue
@@ -277,15 +281,19 @@ def test_window_mode_stores_only_the_window() -> None:
     x = torch.randn(2, 16, 20)
     with capture(model, mode="window", window=r"^layers\.1\.ffn") as trace:
         model(x).sum().backward()
-    stored = {r.module for r in trace.records if r.stored}
+    stored = {r.module for r in trace.records if r.stored and r.kind != "param_signature"}
     assert stored == {"", "layers.1.ffn", "layers.1.ffn.0", "layers.1.ffn.1", "layers.1.ffn.2"}
+    # parameters outside the window keep their content signature, those inside their tensor
+    assert trace.get("layers.0.ffn.2/0/param_signature/weight").stored
+    assert "layers.1.ffn.2/0/param_signature/weight" not in {r.key for r in trace.records}
     assert trace.get("layers.1.ffn.2/0/param_grad/weight").stored
     assert not trace.get("layers.0.ffn.2/0/param_grad/weight").stored
     assert trace.get("layers.0.ffn/0/output").stats is not None
     # An index range counts module calls in the order they begin: 0 the model, 1 pre_encode, 2 layers.0 ...
     with capture(model, mode="window", window=(1, 3), grads=False) as trace:
         model(x)
-    assert {r.module for r in trace.records if r.stored} == {"", "pre_encode", "layers.0"}
+    assert {r.module for r in trace.records if r.stored and r.kind != "param_signature"} == {"", "pre_encode",
+                                                                                              "layers.0"}
 
 
 def test_bad_options_are_all_reported_at_once_before_any_hook() -> None:

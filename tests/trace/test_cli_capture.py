@@ -27,9 +27,9 @@ def test_capture_with_an_input_spec(tmp_path: Path) -> None:
     result = invoke(REF, "-o", tmp_path / "t", "--input-spec", "2x16x20:float32", "--seed", "3")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == (f"captured 95 records of 28 layers (ReferenceModel, mode full, forward + backward) -> "
-                        f"{tmp_path / 't'}")
-    assert lines[1].startswith("  stored: 95 tensors, ") and lines[1].endswith(" KiB in 1 shard; statistics only: 0")
+    assert lines[0] == (f"captured 133 records of 28 layers and 38 parameters (ReferenceModel, mode full, "
+                        f"forward + backward) -> {tmp_path / 't'}")
+    assert lines[1].startswith("  stored: 133 tensors, ") and lines[1].endswith(" KiB in 1 shard; statistics only: 0")
     x = InputSpec.parse("2x16x20:float32", seed=3).build()
     assert lines[2] == f"  input: 2x16x20:float32:seed=3 (hash {input_hash(x)})"
     trace = Trace.open(tmp_path / "t")
@@ -55,13 +55,13 @@ def test_modes_and_no_backward(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "mode stats, forward only" in result.stdout
     trace = Trace.open(tmp_path / "s")
-    assert {r.kind for r in trace.records} == {"model_input", "output", "model_output"}
-    assert [r.kind for r in trace.records if r.stored] == ["model_input"]
+    assert {r.kind for r in trace.records} == {"model_input", "output", "model_output", "param", "param_signature"}
+    assert {r.kind for r in trace.records if r.stored} == {"model_input", "param_signature"}
     result = invoke(REF, "-o", tmp_path / "w", "--input-spec", "2x16x20", "--mode", "window",
                     "--window", r"^layers\.1\.ffn$", "--include", r"^layers\.1", "--exclude", "proj")
     assert result.exit_code == 0, result.output
     trace = Trace.open(tmp_path / "w")
-    assert {r.module for r in trace.records if r.stored} == {"", "layers.1.ffn"}
+    assert {r.module for r in trace.records if r.stored and r.kind != "param_signature"} == {"", "layers.1.ffn"}
     assert not any("proj" in r.module for r in trace.records)
 
 

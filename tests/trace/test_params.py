@@ -198,7 +198,6 @@ def test_a_module_that_never_ran_is_no_layer() -> None:
     assert runs[0].layers() == ["<model>", "fc"] and "spare.weight" in runs[0].parameters()
 
 
-@pytest.mark.xfail(strict=True, reason="align.group_layers must skip kind 'param' records (they belong to no call)")
 def test_a_module_that_never_ran_is_not_compared() -> None:
     runs = []
     for _ in range(2):

@@ -151,8 +151,10 @@ def test_reference_and_port_match_through_the_mapping_and_automatic_alignment() 
     x = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(0))
     a, b = run(reference_model(), x), run(port_model(), x)
     by_map = compare_traces(a, b, mapping=MAP)
-    by_order = compare_traces(a, b)
-    for report, n, only_a, only_b in ((by_map, 18, 6, 0), (by_order, 16, 12, 2)):
+    by_order = compare_traces(a, b, align="order")
+    found = compare_traces(a, b)  # no mapping given: found from the traces' parameters
+    assert found.mapping == "found from the traces' parameters" and found.found_mapping is not None
+    for report, n, only_a, only_b in ((by_map, 18, 6, 0), (by_order, 16, 12, 2), (found, 18, 6, 0)):
         assert report.verdict == "close" and report.exit_code == 0, report.summary()
         assert len(report.layers) == n and report.forward_rate == (n, n) and report.backward_rate == (n, n)
         assert len(report.only_a) == only_a and len(report.only_b) == only_b
@@ -168,14 +170,16 @@ def test_reference_and_port_match_through_the_mapping_and_automatic_alignment() 
     assert any("different model classes" in n for n in by_map.notes) and not by_map.warnings
 
 
-@pytest.mark.parametrize("how", ["mapping", "order"])
+@pytest.mark.parametrize("how", ["mapping", "order", "found"])
 def test_a_bug_in_the_port_is_named_in_both_namings(how: str) -> None:
     x = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(0))
     broken = port_model()
     broken.blocks[1].attn_norm.eps = 0.1
-    report = compare_traces(run(reference_model(), x), run(broken, x), mapping=MAP if how == "mapping" else None)
+    report = compare_traces(run(reference_model(), x), run(broken, x), mapping=MAP if how == "mapping" else None,
+                            align="order" if how == "order" else "auto")
     first = report.first_divergence
-    assert first is not None and report.alignment == how
+    assert first is not None and report.alignment == ("order" if how == "order" else "mapping")
+    assert (report.found_mapping is not None) == (how == "found")
     assert (first.layer_a, first.layer_b, first.origin) == ("layers.1.norm1", "blocks.1.attn_norm", "introduced")
     assert all(x.origin == "inherited" for x in report.mismatched[1:])
     assert report.summary().startswith("differs: first divergence forward at layers.1.norm1 → blocks.1.attn_norm")

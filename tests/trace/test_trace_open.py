@@ -30,7 +30,9 @@ def test_open_lists_the_stored_tensors_by_record_key(tmp_path: Path) -> None:
     assert detect_format(tmp_path / "t") == "trace"
     with tensorparity.open(tmp_path / "t") as ckpt:
         assert ckpt.format == "trace"
-        assert list(ckpt) == [r.key for r in trace.records]  # execution order
+        # the run's records in execution order, then the parameters under their state_dict keys
+        runs = [r.key for r in trace.records if r.kind != "param"]
+        assert list(ckpt) == runs + [f"param.{k}" for k in trace.parameters()]
         entry = ckpt["layers.0.ffn/0/output"]
         assert isinstance(entry, TensorEntry) and entry.shape == (2, 10, 32) and entry.dtype == torch.float32
         assert torch.equal(entry.load(), trace.load("layers.0.ffn/0/output"))
@@ -84,7 +86,8 @@ def test_multi_rank_trace_lists_every_rank(tmp_path: Path) -> None:
             model(torch.ones(1, 2) * rank)
     assert detect_format(tmp_path / "t") == "trace"
     ckpt = tensorparity.open(tmp_path / "t")
-    assert list(ckpt) == ["rank-0/<model>/0/model_input/0", "rank-0/<model>/0/model_output",
-                          "rank-1/<model>/0/model_input/0", "rank-1/<model>/0/model_output"]
+    assert list(ckpt) == [f"rank-{r}/{k}" for r in (0, 1) for k in ("<model>/0/model_input/0",
+                                                                    "<model>/0/model_output", "param.weight",
+                                                                    "param.bias")]
     assert ckpt.provenance["ranks"] == [0, 1]
     assert torch.equal(ckpt["rank-1/<model>/0/model_input/0"].load(), torch.ones(1, 2))

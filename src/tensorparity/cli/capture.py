@@ -277,7 +277,7 @@ def _render(trace: Trace, out: Path) -> None:
     params = f" and {plural(n_params, 'parameter')}" if n_params else ""
     console.print(f"captured {plural(len(trace.records), 'record')} of {plural(len(trace.layers()), 'layer')}{params} "
                   f"({prov['model_class'].rsplit('.', 1)[-1]}, mode {trace.mode}, "
-                  f"{'forward + backward' if backward else 'forward only'}) -> {out}")
+                  f"{'forward + backward' if backward else 'forward only'}) -> {out}", soft_wrap=True)
     stats_only = sum(r.is_tensor and not r.stored for r in trace.records)
     console.print(f"  stored: {plural(sum(r.stored for r in trace.records), 'tensor')}, "
                   f"{human_bytes(sum(p.stat().st_size for p in shards))} in {plural(len(shards), 'shard')}; "

@@ -9,8 +9,11 @@ bytes, transposed, concatenated, RoPE-permuted, cast, close statistics) and writ
 The mapping found is used when it pairs keys the names alone do not, or pairs same-named keys
 through a transform (rows permuted for another RoPE convention); it is printed in the report and
 ``--save-map`` writes it for review. Two traces of one implementation (the same keys, the same
-content fingerprints) need no search. Without stored parameters (``stats`` mode) nothing is
-searched: layers align by names, else by execution order, and the report says so.
+content fingerprints) need no search. In ``stats`` mode a trace stores each parameter's content
+signature instead (row and column digests: :func:`tensorparity.mapping.param_signature`), from
+which :func:`~tensorparity.mapping.suggest_from_signatures` finds the same mapping. A trace with
+neither (``params=False``, older traces) is aligned by names, else by execution order, and the
+report says so.
 """
 
 from __future__ import annotations
@@ -66,10 +69,56 @@ def _entries(source: Any, records: dict[str, TraceRecord]) -> Any:
                             for k, r in records.items()})
 
 
+def signatures(source: Any) -> dict[str, Any]:
+    """A trace's parameter signatures (``param_signature`` records, stats mode) by ``owner.name``,
+    with the statistics of their ``param`` record; empty where it has none."""
+    from tensorparity.mapping._digests import SCHEMA, ParamSignature
+
+    params = {_key(r): r for r in source.records if r.kind == "param" and r.is_tensor}
+    out = {}
+    for r in source.records:
+        if r.kind != "param_signature" or not r.stored or _key(r) not in params:
+            continue
+        p = params[_key(r)]
+        s = p.stats
+        stats = None
+        if s is not None and s.numel:
+            stats = [s.mean, s.std, s.min, s.max, s.norm / max(1, s.numel - s.nan - s.inf) ** 0.5]
+        out[_key(r)] = ParamSignature.from_tensors(source.load(r), {"schema": SCHEMA, "shape": list(p.shape),
+                                                                    "dtype": p.dtype, "stats": stats})
+    return out
+
+
+def _from_signatures(src_a: Any, src_b: Any) -> Found | None:
+    """The search on the parameters' signatures, where neither trace stored the tensors."""
+    from tensorparity.mapping import suggest_from_signatures
+
+    sig_a, sig_b = signatures(src_a), signatures(src_b)
+    if not sig_a or not sig_b:
+        return None
+    if sig_a.keys() == sig_b.keys() and all(sig_a[k] == sig_b[k] for k in sig_a):
+        return Found(None, None, "")
+    suggestion = suggest_from_signatures(sig_a, sig_b)
+    if not any(p.transform is not None or p.a_keys != p.b_keys for p in suggestion.pairs):
+        return Found(None, suggestion, "")
+    mapping = extend_by_names(suggestion, {k: (tuple(s.shape), str(s.dtype).removeprefix("torch."))
+                                           for k, s in sig_a.items()},
+                              {k: (tuple(s.shape), str(s.dtype).removeprefix("torch.")) for k, s in sig_b.items()})
+    return Found(mapping, suggestion, f"no mapping was given: found one from the traces' parameter signatures "
+                                      f"({suggestion.summary()}); {len(mapping.rules)} rules used")
+
+
 def find_mapping(src_a: Any, src_b: Any) -> Found:
     """Search the mapping between two traces' parameters (see the module docstring)."""
     params_a, kind_a = stored_parameters(src_a.records)
     params_b, kind_b = stored_parameters(src_b.records)
+    if kind_a != "param" or kind_b != "param":
+        try:
+            by_signature = _from_signatures(src_a, src_b)
+        except TensorParityError as exc:
+            by_signature = Found(None, None, f"the traces' parameter signatures could not be read ({exc.message})")
+        if by_signature is not None:
+            return by_signature
     if not params_a or not params_b:
         return Found(None, None, "no mapping was given and the traces store no parameters to find one from "
                                  "(capture in full mode, or pass --map)")

@@ -41,7 +41,7 @@ def probe(trace: Trace, model: nn.Module, device: torch.device) -> Trace | None:
         return None
     args, kwargs = rebuild_call(rows, lambda r: trace.load(r).to(device))
     try:
-        with capture(model, mode="stats", grads=False, param_grads=False) as found, torch.no_grad():
+        with capture(model, mode="stats", grads=False, param_grads=False, params=False) as found, torch.no_grad():
             model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - the user's model: replay still pairs by names
         return None

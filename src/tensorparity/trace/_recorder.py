@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tensorparity.mapping._digests import param_signature
 from tensorparity.trace.format import STORABLE, TraceWriter
 from tensorparity.trace.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
                                        tensor_stats)
@@ -291,6 +292,13 @@ class Recorder:
         key = record_key(owner, 0, "param", local)
         self.add(owner, 0, mtype, "param", local, param, full=full, index=index,
                  finish=functools.partial(self._param_row, key))
+        if not full and param.layout == torch.strided and param.device.type != "meta":
+            # Not stored: its content signature is (row and column digests, R + C int64), from
+            # which compare finds the mapping to another implementation as from the tensor.
+            digests = param_signature(param.detach()).to_tensors()[0]
+            sig = record_key(owner, 0, "param_signature", local)
+            self.add(owner, 0, mtype, "param_signature", local, digests, full=True, index=index,
+                     finish=functools.partial(self._param_row, sig))
 
     def _param_row(self, key: str, *fields: Any) -> None:
         self.param_rows[key] = fields  # dict assignment is atomic; a stored row replaces a statistics one

@@ -124,6 +124,8 @@ def group_layers(records: Sequence[TraceRecord]) -> list[TraceLayer]:
     """
     groups: dict[tuple[str, int], list[TraceRecord]] = {}
     for r in records:
+        if r.kind in ("param", "param_signature"):  # what the layer ran with, not what it did: a module that never ran is no layer
+            continue
         groups.setdefault((r.module, r.call), []).append(r)
     layers = []
     for (module, call), recs in groups.items():

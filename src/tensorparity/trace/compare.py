@@ -251,7 +251,7 @@ def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, Trace
     records = list(src.records)
     prov = dict(src.provenance or {})
     mode = getattr(src, "mode", None) or prov.get("mode") or _mode(records)
-    layers = len({(r.module, r.call) for r in records})
+    layers = len({(r.module, r.call) for r in records if r.kind not in ("param", "param_signature")})
     model = prov.get("model_class") or prov.get("model")
     return src, TraceSide(label, str(mode), len(records), layers, str(model) if model else None, prov)
 

@@ -268,5 +268,5 @@ def recorded_noise_floor(trace: Any, *, base: Tolerance | None = None) -> Tolera
 def _measured(records: Sequence[TraceRecord]) -> list[TraceRecord]:
     # Inputs (and parameters) are what the comparison feeds, not what it judges; non-floating
     # records compare exactly.
-    return [r for r in records if r.stored and r.kind not in ("input", "model_input", "param")
+    return [r for r in records if r.stored and r.kind not in ("input", "model_input", "param", "param_signature")
             and r.dtype in ("float32", "float16", "bfloat16", "float64")]

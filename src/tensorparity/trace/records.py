@@ -27,10 +27,13 @@ SCHEMA = "tensorparity.trace/1"
 # gradient w.r.t. its output / input; param_grad: a parameter's gradient (module = the parameter's
 # owner, path = the parameter's name); model_input / model_output: the whole model's; param: a
 # parameter's value as the first forward used it (module = owner, path = name, call 0), once per
-# capture: it belongs to no module call, so layers and alignment leave it out.
-Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output", "param"]
+# capture: it belongs to no module call, so layers and alignment leave it out; param_signature: where
+# a parameter is not stored (stats mode), its content signature (row and column digests, int64,
+# see tensorparity.mapping.param_signature), stored, so a mapping can still be found from it.
+Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output", "param",
+               "param_signature"]
 KINDS: tuple[str, ...] = ("input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output",
-                          "param")
+                          "param", "param_signature")
 
 
 def json_value(value: Any) -> Any:

@@ -344,6 +344,7 @@ def replay(
             layouts = model_layouts(trace, model, probed, key_mapping)
             notes += [f"{', '.join(x.a)}: {x.describe()}" for x in layouts if x.problem]
         found = partners(trace, probed, key_mapping, layouts)
+        call_sites = dict((probed.provenance.get("call_sites") or {}) if probed is not None else {})
         grouped = {m: x for x in layouts if x.problem is None for m in x.a}
         all_layers = group_layers(trace.records)
         by_key = {(x.module, x.call): x for x in all_layers}
@@ -357,7 +358,7 @@ def replay(
                     done = _replay_layout(trace, group, lay, modules, key_mapping, tol, device)  # type: ignore[arg-type]
                 else:
                     done = _replay_layer(trace, layer, modules, double, renames, key_mapping, tol, device, factor,
-                                         found)
+                                         found, call_sites)
                 (layers if isinstance(done, ReplayedLayer) else skipped).append(done)
     finally:
         for m, mode in modes.items():
@@ -385,7 +386,8 @@ def _double(model: nn.Module) -> nn.Module:
 
 def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module], double: dict[str, nn.Module],
                   renames: Any, key_mapping: Mapping | None, tol: Tolerance, device: torch.device,
-                  factor: float, found: dict[str, tuple[str, str]]) -> ReplayedLayer | SkippedLayer:
+                  factor: float, found: dict[str, tuple[str, str]],
+                  probed_paths: dict[str, str] | None = None) -> ReplayedLayer | SkippedLayer:
     outputs = layer.of_kind("output", "model_output")
     if not outputs:
         return SkippedLayer(layer.name, "no tensor output recorded")
@@ -397,6 +399,8 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
         if target is None:
             return SkippedLayer(layer.name, f"no partner module: {why}")
     names = [target] + ([key_mapping.prefix_b + target] if key_mapping is not None and key_mapping.prefix_b else [])
+    if probed_paths:  # a call-site name the probe recorded for a module registered elsewhere
+        names += [probed_paths[n] for n in names if n in probed_paths]
     name = next((n for n in names if n in modules), None)
     if name is None:
         return SkippedLayer(layer.name, f"the model has no module {target!r}"
