@@ -5,7 +5,11 @@ Run: .venv/bin/python bench/bench_trace.py [--repeats 5]
 - stats: a step under capture(mode="stats") against the plain step;
 - full: a step under capture(mode="full", out=folder) against the plain step plus
   safetensors.torch.save_file of the same tensors (the ceiling the background writer beats);
-- compare: compare_traces of two full traces against `cat` of both folders' files.
+- compare: compare_traces of two full traces against `cat` of both folders' files;
+- compare through layouts: the same, against a port whose feed-forward weights are stored with
+  their hidden features interleaved (rows of `up`, columns of `down` permuted), compared through
+  the mapping that says so: every `up` output is reordered (its layout) before comparing, every
+  activation between them is found to hold the same values reordered.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from _util import OUT  # noqa: E402
 from conformer import conformer, features  # noqa: E402
 
 from tensorparity.trace.capture import capture  # noqa: E402
+from tensorparity.mapping import Mapping, Rearrange, Rule, apply_mapping  # noqa: E402
 from tensorparity.trace.compare import compare_traces  # noqa: E402
 
 
@@ -72,11 +77,26 @@ def main() -> None:
         with capture(model, mode="full", out=target):
             step()
     files = sorted(p for d in (a, b) for p in d.rglob("*") if p.is_file())
+    port, mapping = interleaved_port(model)
+    permuted = OUT / "trace_port"
+    shutil.rmtree(permuted, ignore_errors=True)
+    torch.manual_seed(0)
+    with capture(port, mode="full", out=permuted):
+        port.zero_grad(set_to_none=True)
+        port(x).sum().backward()
+    check = compare_traces(a, permuted, mapping=mapping)
+    assert check.verdict in ("identical", "close"), check.summary()
+    laid = sum(1 for layer in check.layers if layer.layout)
+    files_port = sorted(p for d in (a, permuted) for p in d.rglob("*") if p.is_file())
 
     # Interleaved rounds: on a shared machine the load drifts between minutes, so each round times
     # every variant back to back and the ratios are taken per round, then their median.
     rounds = interleaved({"plain": step, "stats": stats_step, "save": save, "full": full_step,
-                          "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True), "compare": lambda: compare_traces(a, b)},
+                          "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True),
+                          "compare": lambda: compare_traces(a, b),
+                          "cat_port": lambda: subprocess.run(["cat", *map(str, files_port)], stdout=subprocess.DEVNULL,
+                                                             check=True),
+                          "compare_port": lambda: compare_traces(a, permuted, mapping=mapping)},
                          args.repeats)
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -94,6 +114,25 @@ def main() -> None:
           "of plain + save_file (target <= 1.00x)")
     print(f"{'cat both traces':<34} {med['cat']:>9.3f}")
     print(f"{'compare_traces':<34} {med['compare']:>9.3f} {ratio('compare', 'cat'):>7.2f}x  (target <= 2x)")
+    print(f"{'cat reference + port traces':<34} {med['cat_port']:>9.3f}")
+    print(f"{'compare_traces through layouts':<34} {med['compare_port']:>9.3f} "
+          f"{ratio('compare_port', 'cat_port'):>7.2f}x  (target <= 2x; {laid} layers through a layout)")
+
+
+def interleaved_port(model: torch.nn.Module) -> tuple[torch.nn.Module, Mapping]:
+    """A copy of ``model`` whose feed-forward hidden features are stored interleaved, and the
+    mapping from ``model``'s keys to it."""
+    import copy
+
+    two = (("two", 2),)
+    mapping = Mapping([Rule("blocks.{i}.{ff}.up.weight", "blocks.{i}.{ff}.up.weight",
+                            Rearrange("(two h) c -> (h two) c", two)),
+                       Rule("blocks.{i}.{ff}.up.bias", "blocks.{i}.{ff}.up.bias", Rearrange("(two h) -> (h two)", two)),
+                       Rule("blocks.{i}.{ff}.down.weight", "blocks.{i}.{ff}.down.weight",
+                            Rearrange("o (two h) -> o (h two)", two))])
+    port = copy.deepcopy(model)
+    port.load_state_dict({k: e.load() for k, e in apply_mapping(model.state_dict(), mapping).checkpoint.items()})
+    return port, mapping
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> list[dict[str, float]]:

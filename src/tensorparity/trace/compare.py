@@ -394,7 +394,8 @@ def _layer_comparison(layer: _Layer, origin: Any) -> LayerComparison:
     basis = "mixed" if len(bases) > 1 else ("stats" if bases == {True} else "tensors")
     kw = origin.as_fields() if origin is not None else {}
     return LayerComparison(layer_a=m.name_a, layer_b=m.name_b, type_a=m.a.module_type, type_b=m.b.module_type,
-                           how=m.how, order=m.a.order, backward_order=m.a.backward_order, shape=m.a.shape,
+                           how=m.how, order=m.a.order, backward_order=m.a.backward_order,
+                           shape=layer.slots["forward"][0].ra.shape if m.layout and layer.slots["forward"] else m.a.shape,
                            forward=slots["forward"], inputs=slots["inputs"], backward=slots["backward"],
                            basis=basis, by_stats=tuple(j.key for v in layer.slots.values() for j in v if j.stats),
                            layout=m.layout.describe() if m.layout is not None else None,
