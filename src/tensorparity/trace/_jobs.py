@@ -13,7 +13,10 @@ comparison's atol is raised to ``2·√n`` ulps of the compared dtype at the ten
 magnitude, ``n`` the number of terms a value of it sums: the larger feature size of the layer's
 input and output for activations and their gradients, the number of rows (tokens) the layer saw
 for a parameter gradient. Summation-order noise is a few ulps of the scale a sum builds, growing
-like √n; a bug is orders of magnitude larger.
+like √n; a bug is orders of magnitude larger. A parameter gradient's terms are the output gradient
+times what the parameter multiplied: where those cancel (a bias before a BatchNorm sums to zero
+but for rounding), its atol is at least ``2·n`` ulps of its largest term, the bound for n terms
+each carrying the noise of the gradient they came from.
 """
 
 from __future__ import annotations
@@ -171,6 +174,40 @@ def assign_tolerances(jobs: Sequence[Job], layers: Sequence[Any], tol: Tolerance
         else:
             n = max(1, math.prod(job.rb.shape) // max(1, _last(job.rb.shape))) if job.rb.shape else 1
         job.tolerance = float_tolerance(tol, n)
+        scale = summand_scale(layers[job.owner].match.b, job.rb) if job.param and job.owner is not None else 0.0
+        if scale:
+            # A parameter gradient that sums to (nearly) nothing (a bias before a BatchNorm) is
+            # all rounding: the n terms it sums each carry the noise of the gradient they came
+            # from, and cancel; its error is bounded by n ulps of its largest term, not by its
+            # own tiny scale.
+            atol = ULPS_PER_ROOT * n * _dtype_eps(job.rb.dtype) * scale
+            if atol > 1e-5:
+                job.tolerance = replace(job.tolerance, atol=atol)
+
+
+def _dtype_eps(name: str) -> float:
+    dtype = getattr(torch, name, None)
+    return torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 0.0
+
+
+def _magnitude(r: TraceRecord | None) -> float:
+    s = r.stats if r is not None else None
+    if s is None or not (math.isfinite(s.min) and math.isfinite(s.max)):
+        return 0.0
+    return max(abs(s.min), abs(s.max))
+
+
+def summand_scale(layer: TraceLayer, param: TraceRecord) -> float:
+    """The largest term a parameter gradient of ``layer`` sums: the gradient w.r.t. output times
+    what the parameter multiplied — the layer's input for a weight where it was recorded, else (and
+    for a bias or a norm's weight) the larger of 1 and the layer's output, a stand-in of the same
+    order for the activations a layer passes on."""
+    gout = _magnitude(next(iter(layer.of_kind("grad_output")), None))
+    if not gout:
+        return 0.0
+    out = _magnitude(next(iter(layer.of_kind("output")), None))
+    inp = _magnitude(next(iter(layer.of_kind("input")), None)) if len(param.shape) > 1 else 0.0
+    return gout * max(1.0, inp or out)
 
 
 # --- layouts ----------------------------------------------------------------------------------------
