@@ -209,6 +209,23 @@ def step_parity(console: Console) -> None:
     if culprits != ["blocks.1.mlp_norm"]:
         raise SystemExit(f"demo: replay should isolate blocks.1.mlp_norm, not {culprits}")
 
+    console.print("[bold]compare_traces(reference, correct port) with no mapping: found from the traces' parameters; "
+                  "the port's fused qkv compared with the reference's q, k, v outputs concatenated")
+    with reproducible(0):
+        correct = port_model()
+        with capture(correct) as port_trace:
+            correct(features).sum().backward()
+    found = compare_traces(folder / "reference", port_trace)
+    console.print(found.summary(), soft_wrap=True)
+    for layer in found.layers:
+        if layer.layout:
+            console.print(f"  {layer.label}: {layer.layout}", soft_wrap=True, markup=False, highlight=False)
+    if not found.passed or found.found_mapping is None:
+        raise SystemExit(f"demo: the correct port should match through the mapping found: {found.summary()}")
+    found_path = folder / "found-mapping.yaml"
+    found_path.write_text(found.found_mapping.to_yaml(), encoding="utf-8")
+    console.print(f"the mapping found (tensorparity compare ... --save-map FILE): [bold]{found_path}")
+
 
 def main() -> None:
     console = Console(width=None if sys.stdout.isatty() else 110)

@@ -21,6 +21,7 @@ each carrying the noise of the gradient they came from.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -81,6 +82,13 @@ class Job:
     result: TensorComparison | None = None
     error: float = 0.0
     reordered: TensorComparison | None = None  # a failing comparison's values compared sorted (passed)
+    check: Any = None  # the sorted-values check, run once on demand (see sorted_values)
+
+    def is_reordered(self) -> bool:
+        """Whether this failing comparison holds the same values in another order (checked once)."""
+        if self.check is not None:
+            self.reordered, self.check = self.check(), None
+        return self.reordered is not None
 
 
 def pair_records(ra: Sequence[TraceRecord], rb: Sequence[TraceRecord]) -> list[tuple[TraceRecord, TraceRecord]]:
@@ -308,12 +316,12 @@ def run_jobs(jobs: list[Job], tol: Tolerance, workers: int | None) -> None:
 
 
 def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> None:
-    """For each failing comparison of two stored tensors, compare their values sorted: a
-    parameter gradient's all together, an activation's or its gradient's along the layer's feature
-    axis (token by token). Equal values in another order mean another layout (rows permuted: the
-    weights are stored differently, or heads reordered), which :mod:`._origin` then treats as a
-    layout difference. Statistics are compared first (a reordering keeps them), so an inherited
-    error costs no sort."""
+    """Arm each failing comparison of two stored tensors with a check, run only when asked
+    (:meth:`Job.is_reordered`, by :mod:`._origin` where a layer's ancestor does not settle it):
+    are their values the same when sorted — a parameter gradient's all together, an activation's or
+    its gradient's along the layer's feature axis (token by token)? Equal values in another order
+    mean another layout (rows permuted: the weights are stored differently, heads reordered).
+    Statistics are compared first (a reordering keeps them), so an inherited error costs no sort."""
     for job in jobs:
         r = job.result
         kind = job.ra.kind
@@ -321,24 +329,25 @@ def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> Non
             continue
         if kind not in ("param_grad", "output", "grad_output", "input", "grad_input") or job.ra.shape != job.rb.shape:
             continue
-        sa, sb = job.ra.stats, job.rb.stats
-        if sa is not None and sb is not None and not compare_stats(job.key, replace(job.ra, stored=False),
-                                                                  replace(job.rb, stored=False),
-                                                                  job.tolerance or tol).passed:
-            continue
-        a, b = job.a.load(), job.b.load()
-        if not (a.is_floating_point() and b.is_floating_point()):
-            continue
-        if kind == "param_grad":
-            a, b = a.reshape(-1), b.reshape(-1)
-            axis = 0
-        else:
-            axis = feature_axis(layers[job.owner].match.b.module_type) if job.owner is not None else -1
-        key = f"{job.key} (values sorted{'' if kind == 'param_grad' else ' along the features'})"
-        found = next(compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
-                                         None, job.tolerance)], tol, workers=1))
-        if found.passed:
-            job.reordered = found
+        axis = feature_axis(layers[job.owner].match.b.module_type) if job.owner is not None else -1
+        job.check = functools.partial(_sorted_check, job, tol, 0 if kind == "param_grad" else axis)
+
+
+def _sorted_check(job: Job, tol: Tolerance, axis: int) -> TensorComparison | None:
+    sa, sb = job.ra.stats, job.rb.stats
+    if sa is not None and sb is not None and not compare_stats(job.key, replace(job.ra, stored=False),
+                                                              replace(job.rb, stored=False),
+                                                              job.tolerance or tol).passed:
+        return None
+    a, b = job.a.load(), job.b.load()
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return None
+    if job.ra.kind == "param_grad":
+        a, b = a.reshape(-1), b.reshape(-1)
+    key = f"{job.key} (values sorted{'' if job.ra.kind == 'param_grad' else ' along the features'})"
+    found = next(compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
+                                     None, job.tolerance)], tol, workers=1))
+    return found if found.passed else None
 
 
 @dataclass(frozen=True)

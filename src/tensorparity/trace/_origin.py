@@ -215,9 +215,11 @@ def _healed(layers: Sequence[_LayerLike], index: dict[tuple[str, int], int],
         if not x.match.a.module:
             continue  # the whole model's outputs are what a port must get right
         bwd = x.slots["backward"]
-        params = [j for j in bwd if j.ra.kind == "param_grad" and getattr(j, "reordered", None) is None]
         wanted = [d for d, bad in (("forward", _failed(x.slots["forward"] + x.slots["inputs"])),
-                                   ("backward", _failed(_activation_jobs(bwd)) and not _failed(params))) if bad]
+                                   ("backward", _failed(_activation_jobs(bwd)))) if bad]
+        if "backward" in wanted and not all(_is_reordered(j) for j in bwd if j.ra.kind == "param_grad"
+                                            and j.result is not None and not j.result.passed):
+            wanted.remove("backward")  # a parameter gradient differs in value: stepped differently
         at, done, reordered = None, [], False
         for direction in wanted:
             key = parent.get((x.match.a.module, x.match.a.call))
@@ -238,7 +240,12 @@ def _reordered(jobs: Sequence[Any]) -> bool:
     """Every failing comparison holds the same values in another order (see ``sorted_values``),
     inputs and gradients w.r.t. input included (they must match as they are)."""
     bad = [j for j in jobs if j.result is not None and not j.result.passed]
-    return bool(bad) and all(getattr(j, "reordered", None) is not None for j in bad)
+    return bool(bad) and all(_is_reordered(j) for j in bad)
+
+
+def _is_reordered(job: Any) -> bool:
+    check = getattr(job, "is_reordered", None)
+    return bool(check()) if callable(check) else getattr(job, "reordered", None) is not None
 
 
 def _direction_jobs(layer: _LayerLike, direction: str) -> list[Any]:

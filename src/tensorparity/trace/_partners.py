@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from tensorparity.mapping import Mapping
-from tensorparity.trace._layout import Layout, apply_layouts, derive_layouts, param_shapes
+from tensorparity.trace._layout import Layout, derive_layouts, param_shapes
+from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace.align import align_layers, group_layers
 from tensorparity.trace.trace import Trace, rebuild_call
 

@@ -29,7 +29,8 @@ from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
 from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records, sorted_values,
                                      run_jobs, is_default)
-from tensorparity.trace._layout import apply_layouts, combine_stats, derive_layouts, param_shapes
+from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
+from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
 from tensorparity.trace.align import (

@@ -17,20 +17,21 @@ not add its own); a mismatched module without mismatched descendants is a culpri
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.compare import Pair, Tolerance, compare_pairs
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
-from tensorparity.report._render import jsonable, plain_text, printable
-from tensorparity.trace._jobs import float_tolerance, is_default, same_but_unit_dims, summands
+from tensorparity.trace._jobs import float_tolerance, is_default, summands
 from tensorparity.trace._layout import Gathered, Layout, feature_axis
+from tensorparity.trace._replay_report import SCHEMA, ReplayedLayer, ReplayReport, SkippedLayer
+from tensorparity.trace._replay_layout import as_recorded, differing_parts, reorder_first
+from tensorparity.trace._replay_layout import reordered as values_reordered
 from tensorparity.trace._partners import call_adapted, model_layouts, model_mapping, partners, probe
 from tensorparity.trace.align import TraceLayer, group_layers, module_renames
 from tensorparity.trace.format import TraceError
@@ -38,183 +39,7 @@ from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_dou
 from tensorparity.trace.records import TraceRecord, flatten_value
 from tensorparity.trace.trace import Trace, rebuild_call
 
-if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
-
 __all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer", "replay"]
-
-SCHEMA = "tensorparity.trace-replay/1"
-
-
-@dataclass(frozen=True)
-class ReplayedLayer:
-    """One reference layer replayed on its partner module.
-
-    Attributes:
-        layer: the reference layer (``module`` or ``module#call``); ``module``: the model's module.
-        module_type: the model's module class; ``order``: the reference's execution position.
-        outputs: each recorded output compared with what the module returned on the recorded inputs.
-        contains: mismatched layers inside this one (their error explains this one's).
-        error: what the module raised when called on the recorded inputs (a mismatch).
-        adapted: how the recorded call was adapted to the module's signature (``None``: as recorded).
-        layout: how the reference's tensors were transformed into the model's layout (derived
-            from the mapping rule that transforms the module's weights; a fused module is
-            replayed against its parts concatenated); ``None``: as they are.
-        reordered: what it returned holds the reference's values in another order along its
-            features (another layout, not another computation): no mismatch.
-    """
-
-    layer: str
-    module: str
-    module_type: str
-    order: int
-    outputs: tuple[TensorComparison, ...] = ()
-    contains: tuple[str, ...] = ()
-    error: str | None = None
-    adapted: str | None = None
-    layout: str | None = None
-    reordered: bool = False
-
-    @property
-    def passed(self) -> bool:
-        return self.error is None and (self.reordered or all(t.passed for t in self.outputs))
-
-    @property
-    def own_error(self) -> bool:
-        """Mismatched and not explained by a mismatched child: this layer computes something else."""
-        return not self.passed and not self.contains
-
-    @property
-    def max_abs(self) -> float:
-        return max((t.max_abs for t in self.outputs), default=0.0)
-
-    def describe(self) -> str:
-        if self.error is not None:
-            return f"{self.layer} -> {self.module or '<model>'}: raised {self.error}"
-        worst = max(self.outputs, key=lambda t: (not t.passed, t.max_abs), default=None)
-        verdict = "same values, reordered (another layout)" if self.reordered else "matches" if self.passed else "differs"
-        text = f"{self.layer} -> {self.module or '<model>'}: " + verdict
-        if worst is not None:
-            text += f", max abs {worst.max_abs:.3g} ({worst.tolerance.describe()}, {worst.tolerance.source})"
-        if self.contains:
-            text += f"; explained by {', '.join(self.contains)}"
-        return text
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "module": self.module, "module_type": self.module_type, "order": self.order,
-                "passed": self.passed, "own_error": self.own_error, "contains": list(self.contains),
-                "error": self.error, "adapted": self.adapted, "layout": self.layout, "reordered": self.reordered,
-                "max_abs": self.max_abs, "outputs": [t.to_dict() for t in self.outputs]}
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A reference layer that could not be replayed, and why."""
-
-    layer: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class ReplayReport:
-    """What :func:`replay` found: every replayed layer in execution order, the skipped ones.
-
-    ``culprits`` are the mismatched layers with no mismatched layer inside them, leaf-most first
-    (execution order puts a child's output before its parent's).
-    """
-
-    reference: str
-    model_class: str
-    tolerance: Tolerance
-    layers: tuple[ReplayedLayer, ...]
-    skipped: tuple[SkippedLayer, ...] = ()
-    notes: tuple[str, ...] = field(default=())
-    found_mapping: Mapping | None = None
-
-    @property
-    def mismatched(self) -> tuple[ReplayedLayer, ...]:
-        return tuple(x for x in self.layers if not x.passed)
-
-    @property
-    def culprits(self) -> tuple[ReplayedLayer, ...]:
-        return tuple(x for x in self.layers if x.own_error)
-
-    @property
-    def verdict(self) -> str:
-        if not self.layers:
-            return "nothing replayed"
-        if self.mismatched:
-            return "differs"
-        return "identical" if all(t.status == "identical" for x in self.layers for t in x.outputs) else "close"
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.verdict in ("differs", "nothing replayed") else 0
-
-    def summary(self) -> str:
-        text = (f"replay of {self.reference} on {self.model_class}: {self.verdict}; {len(self.layers)} layers "
-                f"replayed, {len(self.mismatched)} differ, {len(self.skipped)} skipped")
-        if self.culprits:
-            text += "; own error in " + ", ".join(x.layer for x in self.culprits)
-        return text
-
-    def to_dict(self) -> dict[str, Any]:
-        return jsonable({"schema": SCHEMA, "reference": self.reference, "model_class": self.model_class,
-                         "verdict": self.verdict, "tolerance": self.tolerance.describe(),
-                         "culprits": [x.layer for x in self.culprits],
-                         "layers": [x.to_dict() for x in self.layers],
-                         "skipped": [x.to_dict() for x in self.skipped], "notes": list(self.notes),
-                         "found_mapping": self.found_mapping.to_dict() if self.found_mapping is not None else None})
-
-    def to_json(self, *, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def renderable(self, *, top: int = 10) -> RenderableType:
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(title="Layers replayed on the reference's inputs (execution order)", title_justify="left")
-        for col in ("reference layer", "module", "verdict", "max abs", "tolerance"):
-            table.add_column(col)
-        for x in self.layers:
-            verdict = "match" if x.passed else ("OWN ERROR" if x.own_error else "differs (contains "
-                                                + ", ".join(x.contains[:3]) + ")")
-            if x.reordered:
-                verdict = "layout only (reordered)"
-            elif x.layout and x.passed:
-                verdict = "match (through the layout)"
-            if x.error is not None:
-                verdict = "raised: " + x.error[:60]
-            tol = x.outputs[0].tolerance.describe() if x.outputs else ""
-            table.add_row(printable(x.layer), printable(x.module or "<model>"), verdict, f"{x.max_abs:.3g}", tol)
-        parts: list[Any] = [Text(self.summary())]
-        for x in self.culprits:
-            parts.append(Text("own error: " + x.describe()))
-        parts.append(table)
-        if self.skipped:
-            shown = self.skipped[:top]
-            rest = f" (and {len(self.skipped) - len(shown)} more)" if len(self.skipped) > len(shown) else ""
-            parts.append(Text("skipped: " + "; ".join(f"{s.layer}: {s.reason}" for s in shown) + rest))
-        laid = [x for x in self.layers if x.layout]
-        if laid:
-            parts.append(Text("compared through a layout derived from the mapping: "
-                              + "; ".join(f"{printable(x.layer)}: {x.layout}" for x in laid[:top])
-                              + (f" (and {len(laid) - top} more)" if len(laid) > top else "")))
-        parts += [Text("note: " + n) for n in self.notes]
-        return Group(*parts)
-
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        from rich.console import Console
-
-        (console or Console(highlight=False)).print(self.renderable(top=top))
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable())
-
 
 @dataclass(frozen=True)
 class _Given:
@@ -432,35 +257,11 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
                  if p in got64 and got[p].is_floating_point() and got64[p].shape == got[p].shape}
         layer_tol = noise_tolerance(atols, base=tol)
     pair_tol = float_tolerance(tol, summands(layer, "output")) if not double and is_default(tol) else None
-    jobs = [Pair(r.key, _Recorded(trace, r), _Given(_as_recorded(got[p].cpu(), r)),
+    jobs = [Pair(r.key, _Recorded(trace, r), _Given(as_recorded(got[p].cpu(), r)),
                  key_b=f"{name}/{p}" if p else name, tolerance=pair_tol) for r, p in pairs]
     results = tuple(compare_pairs(jobs, layer_tol, workers=1))
     return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted,
-                         reordered=_reordered(jobs, results, feature_axis(mtype), layer_tol))
-
-
-def _as_recorded(t: torch.Tensor, record: TraceRecord) -> torch.Tensor:
-    """``t`` in the recorded shape where the two differ in unit dimensions only."""
-    return t.reshape(record.shape) if same_but_unit_dims(record.shape, t.shape) else t
-
-
-def _reordered(jobs: list[Pair], results: tuple[TensorComparison, ...], axis: int, tol: Tolerance) -> bool:
-    """Whether every output that differs holds the reference's values in another order along the
-    features (token by token): another layout (rows of the weights permuted), not another result."""
-    bad = [(j, t) for j, t in zip(jobs, results, strict=True) if not t.passed]
-    if not bad:
-        return False
-    for job, t in bad:
-        if t.status == "shape":
-            return False
-        a, b = job.a.load(), job.b.load()
-        if not (a.is_floating_point() and b.is_floating_point()) or a.dim() == 0:
-            return False
-        key = f"{job.key} (values sorted along the features)"
-        if not compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
-                                   tolerance=job.tolerance)], tol, workers=1).__next__().passed:
-            return False
-    return True
+                         reordered=values_reordered(jobs, results, feature_axis(mtype), layer_tol))
 
 
 def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: Layout, modules: dict[str, nn.Module],
@@ -485,7 +286,7 @@ def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: L
         return SkippedLayer(name_a, f"its inputs or outputs were kept as statistics only (mode {trace.mode})")
     args, kwargs = _rebuild(rows, trace, device)
     if layout.in_index is not None:
-        args, kwargs = _reorder_first(args, kwargs, layout.in_index, layout.axis_a)
+        args, kwargs = reorder_first(args, kwargs, layout.in_index, layout.axis_a)
     label = " + ".join(n for n in names if n)
     mtypes = {f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" for n in names if n}
     mtype = " + ".join(sorted(mtypes))
@@ -511,46 +312,16 @@ def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: L
     pair_tol = float_tolerance(tol, summands(first, "output")) if is_default(tol) else None
     pair = Pair(outs[0][0].key, want, _Given(mine), key_b=label, tolerance=pair_tol)
     results = tuple(compare_pairs([pair], tol, workers=1))
-    reordered = _reordered([pair], results, layout.axis_b, tol)
+    reordered = values_reordered([pair], results, layout.axis_b, tol)
     if not results[0].passed and not reordered and results[0].status != "shape":
         # Name the parts that differ: v of a fused qkv, not the whole group.
         sizes_a = [o[0].shape[layout.axis_a] for o in outs]
         names_a = [x.name for x in group if x is not None]
-        bad_a, bad_b = _differing_parts(want.load(), mine, results[0], layout, sizes_a, [g.shape[layout.axis_b] for g in got])
+        bad_a, bad_b = differing_parts(want.load(), mine, results[0], layout, sizes_a, [g.shape[layout.axis_b] for g in got])
         name_a = " + ".join(names_a[i] for i in bad_a) if len(names_a) > 1 and bad_a else name_a
         label = " + ".join(names[i] for i in bad_b) if len(names) > 1 and bad_b else label  # type: ignore[misc]
     return ReplayedLayer(name_a, label, mtype, first.order, results, adapted=adapted, layout=layout.describe(),
                          reordered=reordered)
-
-
-def _differing_parts(want: torch.Tensor, mine: torch.Tensor, result: TensorComparison, layout: Layout,
-                     sizes_a: list[int], sizes_b: list[int]) -> tuple[list[int], list[int]]:
-    """Which of A's and B's modules in a group hold the features outside tolerance."""
-    tol = result.tolerance
-    bad = ((want.double() - mine.double()).abs() > tol.atol + tol.rtol * mine.double().abs())
-    axis = layout.axis_b % bad.dim()
-    features = bad.movedim(axis, 0).reshape(bad.shape[axis], -1).any(1).nonzero().flatten()
-    at_a = layout.out_index[features] if layout.out_index is not None else features
-
-    def parts(positions: torch.Tensor, sizes: list[int]) -> list[int]:
-        ends = torch.tensor(sizes).cumsum(0)
-        return sorted({int(torch.searchsorted(ends, p, right=True)) for p in positions.tolist()})
-
-    return parts(at_a, sizes_a), parts(features, sizes_b)
-
-
-def _reorder_first(args: tuple[Any, ...], kwargs: dict[str, Any], index: torch.Tensor,
-                   axis: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call with its first tensor's features reordered (the layout's input index)."""
-    args = list(args)  # type: ignore[assignment]
-    for i, v in enumerate(args):
-        if isinstance(v, torch.Tensor):
-            args[i] = v.index_select(axis, index.to(v.device))  # type: ignore[index]
-            return tuple(args), kwargs
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor):
-            return tuple(args), {**kwargs, k: v.index_select(axis, index.to(v.device))}
-    return tuple(args), kwargs
 
 
 def _explain(layers: list[ReplayedLayer]) -> list[ReplayedLayer]:
