@@ -15,6 +15,7 @@ Run: .venv/bin/python bench/bench_trace.py [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import statistics
 import subprocess
@@ -88,6 +89,18 @@ def main() -> None:
     assert check.verdict in ("identical", "close"), check.summary()
     laid = sum(1 for layer in check.layers if layer.layout)
     files_port = sorted(p for d in (a, permuted) for p in d.rglob("*") if p.is_file())
+    # The cost of the layouts themselves: a trace of the same layout whose every value differs in
+    # its last bits (each parameter moved by one ulp), compared element by element like the port.
+    noisy_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy_model.parameters():
+            p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+    noisy = OUT / "trace_noisy"
+    shutil.rmtree(noisy, ignore_errors=True)
+    torch.manual_seed(0)
+    with capture(noisy_model, mode="full", out=noisy):
+        noisy_model.zero_grad(set_to_none=True)
+        noisy_model(x).sum().backward()
 
     # Interleaved rounds: on a shared machine the load drifts between minutes, so each round times
     # every variant back to back and the ratios are taken per round, then their median.
@@ -96,7 +109,8 @@ def main() -> None:
                           "compare": lambda: compare_traces(a, b),
                           "cat_port": lambda: subprocess.run(["cat", *map(str, files_port)], stdout=subprocess.DEVNULL,
                                                              check=True),
-                          "compare_port": lambda: compare_traces(a, permuted, mapping=mapping)},
+                          "compare_port": lambda: compare_traces(a, permuted, mapping=mapping),
+                          "compare_noisy": lambda: compare_traces(a, noisy)},
                          args.repeats)
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -117,13 +131,14 @@ def main() -> None:
     print(f"{'cat reference + port traces':<34} {med['cat_port']:>9.3f}")
     print(f"{'compare_traces through layouts':<34} {med['compare_port']:>9.3f} "
           f"{ratio('compare_port', 'cat_port'):>7.2f}x  (target <= 2x; {laid} layers through a layout)")
+    print(f"{'compare_traces, last bits differ':<34} {med['compare_noisy']:>9.3f} "
+          f"{ratio('compare_noisy', 'cat'):>7.2f}x  (same layout, every value compared)")
+    print(f"{'layouts vs same-layout value compare':<34} {'':>9} {ratio('compare_port', 'compare_noisy'):>7.2f}x")
 
 
 def interleaved_port(model: torch.nn.Module) -> tuple[torch.nn.Module, Mapping]:
     """A copy of ``model`` whose feed-forward hidden features are stored interleaved, and the
     mapping from ``model``'s keys to it."""
-    import copy
-
     two = (("two", 2),)
     mapping = Mapping([Rule("blocks.{i}.{ff}.up.weight", "blocks.{i}.{ff}.up.weight",
                             Rearrange("(two h) c -> (h two) c", two)),
