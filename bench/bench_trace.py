@@ -79,12 +79,7 @@ def main() -> None:
             step()
     files = sorted(p for d in (a, b) for p in d.rglob("*") if p.is_file())
     port, mapping = interleaved_port(model)
-    permuted = OUT / "trace_port"
-    shutil.rmtree(permuted, ignore_errors=True)
-    torch.manual_seed(0)
-    with capture(port, mode="full", out=permuted):
-        port.zero_grad(set_to_none=True)
-        port(x).sum().backward()
+    permuted = trace_to(port, x, OUT / "trace_port")
     check = compare_traces(a, permuted, mapping=mapping)
     assert check.verdict in ("identical", "close"), check.summary()
     laid = sum(1 for layer in check.layers if layer.layout)
@@ -95,12 +90,7 @@ def main() -> None:
     with torch.no_grad():
         for p in noisy_model.parameters():
             p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
-    noisy = OUT / "trace_noisy"
-    shutil.rmtree(noisy, ignore_errors=True)
-    torch.manual_seed(0)
-    with capture(noisy_model, mode="full", out=noisy):
-        noisy_model.zero_grad(set_to_none=True)
-        noisy_model(x).sum().backward()
+    noisy = trace_to(noisy_model, x, OUT / "trace_noisy")
 
     # Interleaved rounds: on a shared machine the load drifts between minutes, so each round times
     # every variant back to back and the ratios are taken per round, then their median.
@@ -134,6 +124,16 @@ def main() -> None:
     print(f"{'compare_traces, last bits differ':<34} {med['compare_noisy']:>9.3f} "
           f"{ratio('compare_noisy', 'cat'):>7.2f}x  (same layout, every value compared)")
     print(f"{'layouts vs same-layout value compare':<34} {'':>9} {ratio('compare_port', 'compare_noisy'):>7.2f}x")
+
+
+def trace_to(model: torch.nn.Module, x: torch.Tensor, folder: Path) -> Path:
+    """One step of ``model`` captured in full to ``folder`` (replaced)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    torch.manual_seed(0)
+    with capture(model, mode="full", out=folder):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+    return folder
 
 
 def interleaved_port(model: torch.nn.Module) -> tuple[torch.nn.Module, Mapping]:

@@ -36,7 +36,7 @@ from tensorparity.trace._measure import compare_stats, relative_error, stats_err
 from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
 from tensorparity.trace.records import TraceRecord, tensor_stats
 
-__all__ = ["Job", "RecordTensor", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
+__all__ = ["Given", "Job", "RecordTensor", "sorted_comparison", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
            "sorted_values"]
 
 ULPS_PER_ROOT = 2.0  # ulps of the tensor's scale per √(terms summed), see the module docstring
@@ -344,14 +344,23 @@ def _sorted_check(job: Job, tol: Tolerance, axis: int) -> TensorComparison | Non
         return None
     if job.ra.kind == "param_grad":
         a, b = a.reshape(-1), b.reshape(-1)
-    key = f"{job.key} (values sorted{'' if job.ra.kind == 'param_grad' else ' along the features'})"
-    found = next(compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
-                                     None, job.tolerance)], tol, workers=1))
+    found = sorted_comparison(job.key, a, b, axis, tol, job.tolerance)
     return found if found.passed else None
 
 
+def sorted_comparison(key: str, a: torch.Tensor, b: torch.Tensor, axis: int, tol: Tolerance,
+                      tolerance: Tolerance | None = None) -> TensorComparison:
+    """Two tensors compared with their values sorted along ``axis``: passes when they hold the same
+    values in another order (compare and replay tell a layout from a bug with it)."""
+    what = "values sorted" if a.dim() == 1 else "values sorted along the features"
+    pair = Pair(f"{key} ({what})", Given(a.sort(dim=axis).values), Given(b.sort(dim=axis).values), None, tolerance)
+    return next(compare_pairs([pair], tol, workers=1))
+
+
 @dataclass(frozen=True)
-class _Given:
+class Given:
+    """A tensor already in memory, as the engine's pairs take it."""
+
     tensor: torch.Tensor
 
     def load(self) -> torch.Tensor:

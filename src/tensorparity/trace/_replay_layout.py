@@ -8,20 +8,12 @@ from typing import Any
 
 import torch
 
-from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
-from tensorparity.trace._jobs import same_but_unit_dims
+from tensorparity.compare import Pair, TensorComparison, Tolerance
+from tensorparity.trace._jobs import same_but_unit_dims, sorted_comparison
 from tensorparity.trace._layout import Layout
 from tensorparity.trace.records import TraceRecord
 
 __all__ = ["as_recorded", "differing_parts", "reorder_first", "reordered"]
-
-
-class _Given:
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def load(self) -> torch.Tensor:
-        return self.tensor
 
 
 def as_recorded(t: torch.Tensor, record: TraceRecord) -> torch.Tensor:
@@ -41,9 +33,7 @@ def reordered(jobs: list[Pair], results: tuple[TensorComparison, ...], axis: int
         a, b = job.a.load(), job.b.load()
         if not (a.is_floating_point() and b.is_floating_point()) or a.dim() == 0:
             return False
-        key = f"{job.key} (values sorted along the features)"
-        if not compare_pairs([Pair(key, _Given(a.sort(dim=axis).values), _Given(b.sort(dim=axis).values),
-                                   tolerance=job.tolerance)], tol, workers=1).__next__().passed:
+        if not sorted_comparison(job.key, a, b, axis, tol, job.tolerance).passed:
             return False
     return True
 

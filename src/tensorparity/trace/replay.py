@@ -18,7 +18,6 @@ not add its own); a mismatched module without mismatched descendants is a culpri
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 from tensorparity.compare import Pair, Tolerance, compare_pairs
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
-from tensorparity.trace._jobs import float_tolerance, is_default, summands
+from tensorparity.trace._jobs import Given, RecordTensor, float_tolerance, is_default, summands
 from tensorparity.trace._layout import Gathered, Layout, feature_axis
 from tensorparity.trace._replay_report import SCHEMA, ReplayedLayer, ReplayReport, SkippedLayer
 from tensorparity.trace._replay_layout import as_recorded, differing_parts, reorder_first
@@ -40,23 +39,6 @@ from tensorparity.trace.records import TraceRecord, flatten_value
 from tensorparity.trace.trace import Trace, rebuild_call
 
 __all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer", "replay"]
-
-@dataclass(frozen=True)
-class _Given:
-    tensor: torch.Tensor
-
-    def load(self) -> torch.Tensor:
-        return self.tensor
-
-
-@dataclass(frozen=True)
-class _Recorded:
-    trace: Trace
-    record: TraceRecord
-
-    def load(self) -> torch.Tensor:
-        return self.trace.load(self.record)
-
 
 def _rebuild(rows: list[TraceRecord], trace: Trace, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The recorded call's ``(args, kwargs)``, its tensors moved to ``device``."""
@@ -257,7 +239,7 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
                  if p in got64 and got[p].is_floating_point() and got64[p].shape == got[p].shape}
         layer_tol = noise_tolerance(atols, base=tol)
     pair_tol = float_tolerance(tol, summands(layer, "output")) if not double and is_default(tol) else None
-    jobs = [Pair(r.key, _Recorded(trace, r), _Given(as_recorded(got[p].cpu(), r)),
+    jobs = [Pair(r.key, RecordTensor(trace, r), Given(as_recorded(got[p].cpu(), r)),
                  key_b=f"{name}/{p}" if p else name, tolerance=pair_tol) for r, p in pairs]
     results = tuple(compare_pairs(jobs, layer_tol, workers=1))
     return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted,
@@ -303,14 +285,14 @@ def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: L
             return ReplayedLayer(name_a, label, mtype, first.order, error=f"{n} returned no tensor",
                                  layout=layout.describe())
         got.append(tensor.detach().cpu())
-    want = Gathered(tuple(_Recorded(trace, o[0]) for o in outs), layout.axis_a, layout.out_index)
+    want = Gathered(tuple(RecordTensor(trace, o[0]) for o in outs), layout.axis_a, layout.out_index)
     try:
         mine = torch.cat(got, dim=layout.axis_b) if len(got) > 1 else got[0]
     except RuntimeError as exc:
         return ReplayedLayer(name_a, label, mtype, first.order, layout=layout.describe(),
                              error=f"its outputs do not join on axis {layout.axis_b} ({exc})"[:300])
     pair_tol = float_tolerance(tol, summands(first, "output")) if is_default(tol) else None
-    pair = Pair(outs[0][0].key, want, _Given(mine), key_b=label, tolerance=pair_tol)
+    pair = Pair(outs[0][0].key, want, Given(mine), key_b=label, tolerance=pair_tol)
     results = tuple(compare_pairs([pair], tol, workers=1))
     reordered = values_reordered([pair], results, layout.axis_b, tol)
     if not results[0].passed and not reordered and results[0].status != "shape":
