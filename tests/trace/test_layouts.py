@@ -204,12 +204,24 @@ def test_a_bug_in_one_part_of_a_fused_group_is_named() -> None:
     assert first.origin == "introduced"
 
 
-def test_the_fused_to_split_mapping_no_longer_crashes_the_module_renames() -> None:
-    a, b, _ = fused_pair()
+def test_a_templated_fused_to_split_rule_pairs_every_layer() -> None:
+    """``layers.{i}.qkv -> [layers.{i}.q, .k, .v]`` once crashed the module renames (a
+    placeholder repeated in the joined target names)."""
+    torch.manual_seed(0)
+    a, b = nn.Sequential(), nn.Sequential()
+    a.layers, b.layers = nn.ModuleList([Fused(), Fused()]), nn.ModuleList([Split3(), Split3()])
+    a.forward = lambda x: a.layers[1](a.layers[0](x)[..., :D].contiguous())  # type: ignore[method-assign]
+    b.forward = lambda x: b.layers[1](b.layers[0](x)[..., :D].contiguous())  # type: ignore[method-assign]
     mapping = Mapping([Rule("layers.{i}.qkv.{p}", ["layers.{i}.q.{p}", "layers.{i}.k.{p}", "layers.{i}.v.{p}"],
-                            Split(0))])
-    report = compare_traces(trace(a), trace(b), mapping=mapping)  # rules name no key here: nothing fused
-    assert report.verdict in ("close", "differs")
+                            Split(0, (D, D, D))),
+                       Rule("layers.{i}.out.{p}", "layers.{i}.out.{p}")])
+    from tensorparity.mapping import apply_mapping
+
+    b.load_state_dict({k: e.load() for k, e in apply_mapping(a.state_dict(), mapping).checkpoint.items()})
+    report = compare_traces(trace(a), trace(b), mapping=mapping)
+    assert report.verdict == "close", report.summary()
+    assert {x.layer_b for x in report.layers if x.layout} == {"layers.0.q + layers.0.k + layers.0.v",
+                                                               "layers.1.q + layers.1.k + layers.1.v"}
 
 
 def test_transposed_weights_of_a_conv1d_style_module_need_no_activation_transform() -> None:
