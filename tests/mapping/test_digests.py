@@ -30,7 +30,7 @@ from tensorparity.mapping import (
     suggest_from_signatures,
     suggest_mapping,
 )
-from tensorparity.mapping._digests import _sums, _sums_by_parts, _weights
+from tensorparity.mapping._param_signature import _sums, _sums_by_parts, _weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trace"))
 import ports  # noqa: E402

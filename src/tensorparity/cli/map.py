@@ -7,7 +7,6 @@ code: 0 every key of both sides has a partner, 1 some keys are unmatched (they a
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated

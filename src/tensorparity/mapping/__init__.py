@@ -30,7 +30,8 @@ from tensorparity.mapping.transforms import (
 )
 
 from tensorparity.mapping.suggest import SuggestedPair, Suggestion, suggest_mapping  # noqa: E402
-from tensorparity.mapping._digests import ParamSignature, param_signature, suggest_from_signatures  # noqa: E402
+from tensorparity.mapping._digests import suggest_from_signatures  # noqa: E402
+from tensorparity.mapping._param_signature import ParamSignature, param_signature  # noqa: E402
 
 __all__ = [
     "Cast",

@@ -72,7 +72,7 @@ def _entries(source: Any, records: dict[str, TraceRecord]) -> Any:
 def signatures(source: Any) -> dict[str, Any]:
     """A trace's parameter signatures (``param_signature`` records, stats mode) by ``owner.name``,
     with the statistics of their ``param`` record; empty where it has none."""
-    from tensorparity.mapping._digests import SCHEMA, ParamSignature
+    from tensorparity.mapping._param_signature import SCHEMA, ParamSignature
 
     params = {_key(r): r for r in source.records if r.kind == "param" and r.is_tensor}
     out = {}

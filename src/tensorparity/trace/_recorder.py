@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tensorparity.mapping._digests import param_signature
+from tensorparity.mapping._param_signature import param_signature
 from tensorparity.trace.format import STORABLE, TraceWriter
 from tensorparity.trace.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
                                        tensor_stats)

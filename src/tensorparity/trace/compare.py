@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint.tree import LazyTensor, TensorEntry
-from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.checkpoint.tree import LazyTensor
+from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
@@ -42,7 +42,7 @@ from tensorparity.trace.align import (
     align_layers,
     group_layers,
 )
-from tensorparity.trace.records import TraceRecord, tensor_stats
+from tensorparity.trace.records import TraceRecord
 
 __all__ = ["compare_stats", "compare_traces", "relative_error"]
 
