@@ -175,3 +175,29 @@ def test_measuring_the_noise_floor_leaves_the_model_gradients_alone() -> None:
     atols = noise_atols(model, x, loss=lambda out: out.sum())
     assert any("/param_grad/" in k for k in atols)
     assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+
+
+def test_save_map_writes_the_mapping_found_and_never_an_existing_file_or_an_input(traces: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    from tensorparity.mapping import Mapping
+
+    out = tmp_path / "found.yaml"
+    result = invoke(traces["ref"], traces["port"], "--save-map", out)
+    assert result.exit_code == 0, result.output
+    assert "found one from the traces' parameters" in result.stdout
+    found = Mapping.from_yaml(out)
+    assert any(len(r.a) == 3 and r.b == ("blocks.{i}.qkv.{p}",) for r in found.rules)
+    before = out.read_bytes()
+    assert_one_line_error(invoke(traces["ref"], traces["port"], "--save-map", out), "the output file exists",
+                          "fix: pass --overwrite")
+    assert out.read_bytes() == before
+    assert invoke(traces["ref"], traces["port"], "--save-map", out, "--overwrite").exit_code == 0
+    manifest = traces["ref"] / "manifest.json"
+    kept = manifest.read_bytes()
+    assert_one_line_error(invoke(traces["ref"], traces["port"], "--save-map", manifest, "--overwrite"),
+                          "refusing to write the mapping over (or into) an input", "fix:")
+    assert manifest.read_bytes() == kept
+    # a mapping given: nothing is found, nothing written, and stderr says so
+    given = tmp_path / "given.yaml"
+    result = invoke(traces["ref"], traces["port"], "--map", MAP, "--save-map", given)
+    assert result.exit_code == 0 and not given.exists() and "no mapping was found to save" in result.stderr
