@@ -61,7 +61,7 @@ def test_streamed_capture_equals_in_memory_and_round_trips(tmp_path: Path, saved
     manifest = json.loads((saved / "manifest.json").read_text())
     assert manifest["schema"] == "tensorparity.trace/1" and manifest["mode"] == "full"
     (shard,) = manifest["shards"]
-    assert shard["file"] == "shard-00000.safetensors" and len(shard["sha256"]) == 64
+    assert shard["file"] == "shard-00000.safetensors" and len(shard["xxh3_128"]) == 32
     assert shard["bytes"] == (saved / shard["file"]).stat().st_size
     assert all(r["shard"] == shard["file"] for r in manifest["records"] if r["stored"])
     with safe_open(str(saved / shard["file"]), "pt") as f:  # plain safetensors: no pickle anywhere
@@ -182,7 +182,7 @@ def test_truncated_and_corrupt_shards_are_named(tmp_path: Path, saved: Path) -> 
     raw[-3] ^= 0xFF
     shard.write_bytes(bytes(raw))
     trace = Trace.open(flipped)  # sizes and headers agree; the checksum is checked on first load
-    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .sha256. does not match"):
+    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .xxh3_128. does not match"):
         trace.load(trace.records[0])
     with pytest.raises(TraceError, match="fix: copy the trace folder again"):
         trace.verify()
@@ -303,8 +303,9 @@ def test_two_ranks_write_their_own_folders(tmp_path: Path) -> None:
         Trace.open(folder, rank=5)
 
 
-def test_traces_written_with_blake2b_checksums_still_open_and_verify(tmp_path: Path) -> None:
-    """Older traces name their shards' blake2b; newer ones sha256. Both are checked."""
+@pytest.mark.parametrize("algorithm", ["sha256", "blake2b"])
+def test_traces_written_with_older_checksums_still_open_and_verify(tmp_path: Path, algorithm: str) -> None:
+    """Older traces name their shards' sha256 or blake2b; newer ones xxh3-128. All are checked."""
     import hashlib
 
     model = nn.Linear(3, 2)
@@ -313,13 +314,14 @@ def test_traces_written_with_blake2b_checksums_still_open_and_verify(tmp_path: P
     manifest = tmp_path / "t" / "manifest.json"
     data = json.loads(manifest.read_text())
     for shard in data["shards"]:
-        del shard["sha256"]
-        shard["blake2b"] = hashlib.blake2b((tmp_path / "t" / shard["file"]).read_bytes(), digest_size=32).hexdigest()
+        del shard["xxh3_128"]
+        raw = (tmp_path / "t" / shard["file"]).read_bytes()
+        shard[algorithm] = (hashlib.sha256(raw) if algorithm == "sha256" else hashlib.blake2b(raw, digest_size=32)).hexdigest()
     manifest.write_text(json.dumps(data))
     trace = Trace.open(tmp_path / "t")
     trace.verify()
     assert torch.equal(trace.load("<model>/0/param_grad/weight"), torch.ones(2, 1) @ torch.ones(1, 3))
-    data["shards"][0]["blake2b"] = "0" * 64
+    data["shards"][0][algorithm] = "0" * 64
     manifest.write_text(json.dumps(data))
-    with pytest.raises(TraceError, match=r"shard checksum \(blake2b\) does not match"):
+    with pytest.raises(TraceError, match=rf"shard checksum \({algorithm}\) does not match"):
         Trace.open(tmp_path / "t").verify()

@@ -1,7 +1,9 @@
 """Compare two tensors: bytes first, then error statistics computed chunk by chunk in float64.
 
 Pure tensor math, no I/O. Memory stays bounded by the chunk size (a few float64 buffers of
-``CHUNK`` elements) on top of the two inputs, whatever the tensors' size.
+``CHUNK`` elements) on top of the two inputs, whatever the tensors' size. Two float32 (or two
+float64) CPU tensors whose elements are all finite go through the optional C kernel
+(``_kernel.c``): one read per element for the same float64 arithmetic, no buffers at all.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import torch
 
 from tensorparity.compare.records import TensorComparison
 from tensorparity.compare.tolerance import ResolvedTolerance, Tolerance
+
+try:  # the optional C kernel (setup.py builds it where a compiler is found)
+    from tensorparity.compare import _kernel
+except ImportError:  # pragma: no cover - exercised only where no compiler was found
+    _kernel = None
 
 __all__ = ["CHUNK", "compare_tensors", "same_bytes"]
 
@@ -34,6 +41,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() == 0:
         return True
+    a, b = a.resolve_conj().resolve_neg(), b.resolve_conj().resolve_neg()  # bytes, not lazy views
     if b.device != a.device:
         b = b.to(a.device)
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
@@ -175,6 +183,41 @@ def _finite_chunk(acc: _Acc, a64: torch.Tensor, b64: torch.Tensor, start: int, t
     acc.norm_b += float(torch.dot(flat_b, flat_b))
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernel_acc(a: torch.Tensor, b: torch.Tensor, tol: ResolvedTolerance) -> _Acc | None:
+    """The statistics of two flat tensors from the C kernel, or ``None`` where it does not apply
+    (no kernel, another dtype or device, exact mode) or either side holds a NaN or an Inf (the
+    torch route counts those)."""
+    if (_kernel is None or tol.exact or a.dtype != b.dtype or a.dtype not in _KERNEL_DTYPES
+            or a.device.type != "cpu" or b.device.type != "cpu"):
+        return None
+    try:
+        left, right = a.detach().contiguous().numpy(), b.detach().contiguous().numpy()
+    except (RuntimeError, TypeError):  # a view numpy cannot share (negated, conjugated)
+        return None
+    out = _kernel.compare(left, right, a.dtype == torch.float64, float(tol.atol), float(tol.rtol))
+    if out is None:
+        return None
+    n_bad, first, max_abs, sum_abs, sum_absb, max_absb, max_rel, req_atol, req_rtol, dot, norm_a, norm_b = out
+    return _Acc(max_abs=max_abs, max_rel=max_rel, sum_abs=sum_abs, sum_absb=sum_absb, max_absb=max_absb,
+                n_finite=a.numel(), dot=dot, norm_a=norm_a, norm_b=norm_b, n_bad=n_bad,
+                first=first if first >= 0 else None, req_atol=max(0.0, req_atol), req_rtol=max(0.0, req_rtol))
+
+
+def _accumulate(flat_a: torch.Tensor, flat_b: torch.Tensor, tol: ResolvedTolerance, chunk: int,
+                integer: bool) -> _Acc:
+    """Every statistic of two flat tensors: from the C kernel where it applies, else chunk by chunk."""
+    acc = _kernel_acc(flat_a, flat_b, tol)
+    if acc is not None:
+        return acc
+    acc = _Acc()
+    for start in range(0, flat_a.numel(), chunk):
+        _chunk(acc, flat_a[start:start + chunk], flat_b[start:start + chunk], start, tol, integer)
+    return acc
+
+
 def _eps(*dtypes: torch.dtype) -> float:
     """The machine epsilon of the coarsest floating dtype among ``dtypes`` (0 for integers)."""
     eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
@@ -199,10 +242,7 @@ def _scaled(tol: ResolvedTolerance, acc: _Acc, flat_a: torch.Tensor, flat_b: tor
         return raised, acc
     if acc.req_atol <= atol and not acc.nonfinite_bad:
         return raised, replace(acc, n_bad=0, first=None)
-    again = _Acc()
-    for start in range(0, flat_a.numel(), chunk):
-        _chunk(again, flat_a[start:start + chunk], flat_b[start:start + chunk], start, raised, integer)
-    return raised, again
+    return raised, _accumulate(flat_a, flat_b, raised, chunk, integer)
 
 
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -254,6 +294,7 @@ def compare_tensors(
     if a.shape != b.shape:
         return TensorComparison(passed=False, status="shape", numel=a.numel(), **common)  # type: ignore[arg-type]
     numel = a.numel()
+    a, b = a.detach(), b.detach()  # values, not a graph
     nan_unequal = not tol.equal_nan and (a.is_floating_point() or a.is_complex()) and bool(torch.isnan(a).any())
     if not nan_unequal and same_bytes(a, b):
         return TensorComparison(passed=True, status="identical", numel=numel, **common)  # type: ignore[arg-type]
@@ -265,9 +306,7 @@ def compare_tensors(
         b = b.to(torch.uint8)
     integer = not (a.is_floating_point() or a.is_complex() or b.is_floating_point() or b.is_complex())
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    acc = _Acc()
-    for start in range(0, numel, chunk):
-        _chunk(acc, flat_a[start:start + chunk], flat_b[start:start + chunk], start, tol, integer)
+    acc = _accumulate(flat_a, flat_b, tol, chunk, integer)
     tol, acc = _scaled(tol, acc, flat_a, flat_b, chunk, integer, a.dtype, b.dtype)
     if tol.statistic == "max":
         within = acc.max_abs <= tol.atol + tol.rtol * acc.max_absb

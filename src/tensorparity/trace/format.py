@@ -6,7 +6,7 @@ Layout::
       shard-00000.safetensors   tensors keyed by record key (module/call/kind[/path]), ~256 MB each
       shard-00001.safetensors
       manifest.json             written LAST and atomically: schema, mode, provenance, shards
-                                (file, size, sha256), records (each stored one names its shard)
+                                (file, size, xxh3-128 checksum), records (each stored one names its shard)
     TRACE/rank-0/ ... rank-1/   under torchrun: one such folder per rank
 
 Tensors stream to disk from a background thread behind a queue bounded in bytes (the producer
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.trace_dir import CAPTURING
@@ -68,19 +70,26 @@ def schema_major(schema: Any) -> int | None:
     return int(m.group(1)) if m else None
 
 
-DIGESTS = ("sha256", "blake2b")  # the first is written; older traces carry blake2b
+DIGESTS = ("xxh3_128", "sha256", "blake2b")  # the first is written; older traces carry the others
+_DIGEST_CHUNK = 64 << 20
 
 
 def file_digest(path: Path, algorithm: str = DIGESTS[0]) -> str:
-    """A file's checksum (sha256 by default, blake2b-256 for older traces), read in 8 MB chunks.
+    """A file's checksum: xxh3-128 by default, sha256 or blake2b-256 for older traces.
 
-    sha256 runs at twice blake2b's speed where the CPU has SHA instructions (most x86 and ARM
-    CPUs of the last years), and the checksum guards against corruption, not an adversary.
+    The checksum guards against corruption (a truncated copy, a flipped bit), not an adversary,
+    so it is the fastest good one: xxh3 hashes at memory speed (~20 GB/s here), where sha256 made
+    checking a trace cost more than comparing it. The file is mapped, not copied into Python, and
+    the hashers release the GIL, so shards are checked while other threads compare.
     """
-    h = hashlib.sha256() if algorithm == "sha256" else hashlib.blake2b(digest_size=32)
+    h: Any = (xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256() if algorithm == "sha256"
+              else hashlib.blake2b(digest_size=32))
     with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
+        if os.fstat(f.fileno()).st_size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            for start in range(0, len(view), _DIGEST_CHUNK):
+                h.update(view[start:start + _DIGEST_CHUNK])
     return h.hexdigest()
 
 

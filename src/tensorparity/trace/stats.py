@@ -55,10 +55,11 @@ class TensorStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorStats:
         # Fields a newer minor schema version adds are ignored; the known ones are required.
-        names = [f.name for f in fields(cls)]
-        return cls(**{k: (float(data[k]) if k in ("min", "max", "mean", "std", "norm") else data[k]) for k in names})
+        return cls(**{k: (float(data[k]) if k in _FLOATS else data[k]) for k in _STATS_FIELDS})
 
 
+_STATS_FIELDS = tuple(f.name for f in fields(TensorStats))  # a manifest holds thousands of these
+_FLOATS = frozenset(("min", "max", "mean", "std", "norm"))
 _BLOCK = 1024  # words per row of the fingerprint's grid
 _SMALL_BYTES = 256 * 1024  # CPU tensors up to this size are measured by NumPy
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -1,0 +1,146 @@
+"""The C comparison kernel (compare/_kernel.c) against the torch route it replaces: the same
+counts, first index and maxima, the largest ratios to an ulp, sums to rounding; NaN and Inf
+handed back to the torch route; bad buffers refused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tensorparity.compare import Tolerance, compare_tensors, metrics
+
+needs_kernel = pytest.mark.skipif(metrics._kernel is None, reason="the C kernel is not built here")
+
+EXACT = ("status", "passed", "n_mismatch", "first_index", "first_a", "first_b", "max_abs",
+         "required_atol", "nan_a", "nan_b", "inf_a", "inf_b", "nan_agree", "inf_agree", "tolerance")
+RATIOS = ("max_rel", "required_rtol")  # found by cross-multiplication: the largest quotient, to an ulp
+SUMS = ("mean_abs", "cosine")
+
+
+def both_routes(monkeypatch: pytest.MonkeyPatch, a: torch.Tensor, b: torch.Tensor, tol: Tolerance | None = None):
+    kernel = compare_tensors("t", a, b, tol)
+    with monkeypatch.context() as m:
+        m.setattr(metrics, "_kernel", None)
+        torch_route = compare_tensors("t", a, b, tol, chunk=4096)
+    return kernel, torch_route
+
+
+def assert_same(kernel, torch_route) -> None:
+    for field in EXACT:
+        assert getattr(kernel, field) == getattr(torch_route, field), field
+    for field in RATIOS:
+        assert getattr(kernel, field) == pytest.approx(getattr(torch_route, field), rel=5e-16, abs=0), field
+    for field in SUMS:
+        assert getattr(kernel, field) == pytest.approx(getattr(torch_route, field), rel=1e-12, abs=1e-300), field
+
+
+@needs_kernel
+def test_the_kernel_is_built_and_used_for_float32_and_float64() -> None:
+    a = torch.randn(1000)
+    b = a + 1e-3
+    for dtype in (torch.float32, torch.float64):
+        assert metrics._kernel_acc(a.to(dtype), b.to(dtype), Tolerance().for_key("t", dtype, dtype)) is not None
+    # other dtypes, mixed dtypes and exact mode stay on the torch route
+    assert metrics._kernel_acc(a.half(), b.half(), Tolerance().for_key("t", torch.float16, torch.float16)) is None
+    assert metrics._kernel_acc(a, b.double(), Tolerance().for_key("t", torch.float32, torch.float64)) is None
+    assert metrics._kernel_acc(a, b, Tolerance(exact=True).for_key("t", torch.float32, torch.float32)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 7, 1023, 1024, 1025, 5000, 70_001])
+def test_kernel_matches_the_torch_route(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, size: int) -> None:
+    g = torch.Generator().manual_seed(size)
+    a = torch.randn(size, generator=g, dtype=dtype)
+    b = a + 1e-4 * torch.randn(size, generator=g, dtype=dtype)
+    b[::97] = 0.0  # a zero |b|: the ratio rules for it
+    a[::193] = 0.0
+    statuses = []
+    for tol in (None, Tolerance(atol=1e-5, rtol=1e-5), Tolerance(atol=0, rtol=0), Tolerance(atol=10.0, rtol=0.0),
+                Tolerance(atol=1e-4, rtol=1e-3, statistic="max")):
+        kernel, torch_route = both_routes(monkeypatch, a, b, tol)
+        assert_same(kernel, torch_route)
+        statuses.append(kernel.status)
+    if size > 1:  # every value moved: no tolerance mismatches nothing, atol 10 passes all
+        assert statuses[2] == "mismatch" and statuses[3] == "close"
+
+
+@needs_kernel
+def test_first_mismatch_in_a_later_block_and_at_the_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = torch.zeros(10_000)
+    b = a.clone()
+    b[5_000] = 1.0  # block 4 of 1024
+    b[9_999] = 2.0  # the last, partial block
+    kernel, torch_route = both_routes(monkeypatch, a, b)
+    assert_same(kernel, torch_route)
+    assert kernel.first_index == (5_000,) and kernel.n_mismatch == 2 and kernel.max_abs == 2.0
+    assert kernel.max_rel == 1.0  # |a - b| / |b| = 1 at both
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_and_inf_go_to_the_torch_route(monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+    a = torch.randn(3000)
+    b = a + 1e-3
+    assert metrics._kernel_acc(a, b, Tolerance().for_key("t", a.dtype, b.dtype)) is not None
+    for x, y in ((a.clone(), b), (a, b.clone())):
+        (x if x is not a else y)[1234] = bad
+        assert metrics._kernel_acc(x, y, Tolerance().for_key("t", a.dtype, b.dtype)) is None
+        kernel, torch_route = both_routes(monkeypatch, x, y)
+        assert_same(kernel, torch_route)
+        assert kernel.nan_a + kernel.nan_b + kernel.inf_a + kernel.inf_b == 1
+
+
+@needs_kernel
+def test_views_numpy_cannot_share_and_non_contiguous_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = torch.randn(64, 48)
+    b = a + 1e-3 * torch.randn(64, 48)
+    kernel, torch_route = both_routes(monkeypatch, a.t(), b.t())  # transposed: copied contiguous first
+    assert_same(kernel, torch_route)
+    negated = torch._neg_view(-b)  # a view with the negative bit set: numpy refuses to share it
+    assert negated.is_neg() and metrics._kernel_acc(a, negated, Tolerance().for_key("t", a.dtype, a.dtype)) is None
+    kernel, torch_route = both_routes(monkeypatch, a, negated)
+    assert_same(kernel, torch_route)
+    assert kernel.max_abs == pytest.approx(float((a - b).abs().max()))
+    grad = a.clone().requires_grad_()
+    kernel, torch_route = both_routes(monkeypatch, grad, b)
+    assert_same(kernel, torch_route)
+
+
+@needs_kernel
+def test_bad_buffers_are_refused_not_read() -> None:
+    from tensorparity.compare import _kernel
+
+    f32 = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="same length"):
+        _kernel.compare(f32, np.zeros(9, np.float32), False, 0.0, 0.0)
+    with pytest.raises(ValueError, match="whole elements"):  # 12 bytes read as float64
+        _kernel.compare(np.zeros(3, np.float32), np.zeros(3, np.float32), True, 0.0, 0.0)
+    assert _kernel.compare(np.zeros(0, np.float32), np.zeros(0, np.float32), False, 0.0, 0.0)[0] == 0
+
+
+finite32 = st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite32, finite32), min_size=1, max_size=300),
+       st.sampled_from([(0.0, 0.0), (1e-5, 1.3e-6), (1e-3, 0.0), (0.0, 1e-2)]))
+def test_kernel_matches_torch_route_on_any_finite_float32(pairs: list[tuple[float, float]],
+                                                          tol: tuple[float, float]) -> None:
+    a = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
+    b = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
+    tolerance = Tolerance(atol=tol[0], rtol=tol[1])
+    kernel = compare_tensors("t", a, b, tolerance)
+    saved = metrics._kernel
+    metrics._kernel = None
+    try:
+        torch_route = compare_tensors("t", a, b, tolerance, chunk=64)
+    finally:
+        metrics._kernel = saved
+    assert_same(kernel, torch_route)
