@@ -398,3 +398,51 @@ def test_an_input_side_layout_without_recorded_inputs_is_said() -> None:
     assert layer.layout and "input features reordered" in layer.layout
     assert any("inputs were not recorded" in n for n in layer.layout_notes)
     assert report.verdict == "close", report.summary()
+
+
+class FeedForward(nn.Module):
+    def __init__(self, act: type[nn.Module] = nn.SiLU) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(D, 4 * D), act(), nn.Linear(4 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.act(self.up(x)))
+
+
+def interleaved_feed_forward(act: type[nn.Module] = nn.SiLU) -> tuple[nn.Module, nn.Module, Mapping]:
+    """A feed-forward and a port storing its hidden features interleaved (rows of ``up``, columns
+    of ``down``), and the mapping that says so."""
+    from tensorparity.mapping import apply_mapping
+
+    two = (("two", 2),)
+    mapping = Mapping([Rule("up.weight", "up.weight", Rearrange("(two h) c -> (h two) c", two)),
+                       Rule("up.bias", "up.bias", Rearrange("(two h) -> (h two)", two)),
+                       Rule("down.weight", "down.weight", Rearrange("o (two h) -> o (h two)", two))])
+    torch.manual_seed(0)
+    a, b = FeedForward(), FeedForward(act)
+    b.load_state_dict({k: e.load() for k, e in apply_mapping(a.state_dict(), mapping).checkpoint.items()})
+    return a, b, mapping
+
+
+@pytest.mark.parametrize("mode", ["full", "stats"])
+def test_an_activation_between_reordered_layers_carries_their_reordering(mode: str) -> None:
+    a, b, mapping = interleaved_feed_forward()
+    report = compare_traces(trace(a, mode), trace(b, mode), mapping=mapping)
+    assert report.verdict in ("identical", "close") and report.exit_code == 0, report.summary()
+    act = next(x for x in report.layers if x.layer_a == "act")
+    assert not act.forward_mismatch and not act.backward_mismatch
+    if mode == "full":  # found by the sibling's gather (no sort), and said so on the layer
+        keys = [t.key for t in act.forward + act.backward]
+        assert keys and all(k.endswith("(features reordered as up's)") for k in keys), keys
+        assert act.layout == "features reordered as up's (its sibling's layout, carried)" and not act.healed_directions
+        assert "act    features reordered as up's" in str(report)
+    else:  # statistics keep their values whatever the order: nothing differs
+        assert not act.healed_directions and act.layout is None, act
+
+
+def test_a_wrong_activation_between_reordered_layers_is_the_first_divergence() -> None:
+    a, b, mapping = interleaved_feed_forward(nn.GELU)
+    report = compare_traces(trace(a), trace(b), mapping=mapping)
+    first = report.first_divergence
+    assert first is not None and first.layer_a == "act" and first.origin == "introduced", report.summary()
+    assert [x.layer_a for x in report.mismatched if x.forward_mismatch][0] == "act"

@@ -36,7 +36,7 @@ from tensorparity.trace._measure import compare_stats, relative_error, stats_err
 from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
 from tensorparity.trace.records import TraceRecord, tensor_stats
 
-__all__ = ["Given", "Job", "RecordTensor", "sorted_comparison", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
+__all__ = ["Given", "Job", "carry_layouts", "RecordTensor", "sorted_comparison", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
            "sorted_values"]
 
 ULPS_PER_ROOT = 2.0  # ulps of the tensor's scale per √(terms summed), see the module docstring
@@ -315,6 +315,43 @@ def run_jobs(jobs: list[Job], tol: Tolerance, workers: int | None) -> None:
             job.error = stats_error(job.result, sa, sb)
 
 
+def carry_layouts(jobs: list[Job], layers: Sequence[Any], tol: Tolerance, workers: int | None = None) -> dict[int, str]:
+    """Failing activations of a layer without a layout, compared again through the reordering the
+    mapping gave one of its siblings (the layers under the same parent), on ``workers`` threads:
+    an activation between two reordered layers (the SiLU between a feed-forward's ``up`` and
+    ``down``, its inputs and gradients) carries their reordering. Where the reordered comparison
+    passes it replaces the failing one (the layer is then compared through that layout, as if the
+    mapping had said it); where it fails too, the failure stands. Returns each such layer's index
+    and what was done to its activations."""
+    known: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for job in jobs:
+        if job.owner is not None and isinstance(job.a, Gathered) and job.a.index is not None:
+            module = layers[job.owner].match.a.module
+            found = known.setdefault(module.rpartition(".")[0], [])
+            if not any(x is job.a.index or torch.equal(x, job.a.index) for _, x in found):
+                found.append((layers[job.owner].match.a.name, job.a.index))
+    tries: list[tuple[Job, str, Pair]] = []
+    for job in jobs:
+        r = job.result
+        if (r is None or r.passed or job.stats or job.owner is None or r.numel <= 1 or r.status == "shape"
+                or job.ra.kind == "param_grad" or job.ra.shape != job.rb.shape or layers[job.owner].match.layout is not None
+                or not _stats_agree(job, tol)):
+            continue
+        axis = feature_axis(layers[job.owner].match.b.module_type)
+        shape = job.ra.shape
+        size = shape[axis] if -len(shape) <= axis < len(shape) else -1
+        for name, index in known.get(layers[job.owner].match.a.module.rpartition(".")[0], []):
+            if len(index) == size:
+                tries.append((job, name, Pair(f"{job.key} (features reordered as {name}'s)",
+                                              Gathered((job.a,), axis, index), job.b, None, job.tolerance)))
+    carried: dict[int, str] = {}
+    for (job, name, _), found in zip(tries, compare_pairs((t[2] for t in tries), tol, workers=workers), strict=True):
+        if found.passed and not job.result.passed:  # type: ignore[union-attr]
+            job.result, job.error = found, relative_error(found, job.rb.stats or job.ra.stats)
+            carried[job.owner] = f"features reordered as {name}'s (its sibling's layout, carried)"  # type: ignore[index]
+    return carried
+
+
 def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> None:
     """Arm each failing comparison of two stored tensors with a check, run only when asked
     (:meth:`Job.is_reordered`, by :mod:`._origin` where a layer's ancestor does not settle it):
@@ -333,11 +370,15 @@ def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> Non
         job.check = functools.partial(_sorted_check, job, tol, 0 if kind == "param_grad" else axis)
 
 
-def _sorted_check(job: Job, tol: Tolerance, axis: int) -> TensorComparison | None:
+def _stats_agree(job: Job, tol: Tolerance) -> bool:
+    """Whether the two records' statistics agree (or one side has none): a reordering keeps them."""
     sa, sb = job.ra.stats, job.rb.stats
-    if sa is not None and sb is not None and not compare_stats(job.key, replace(job.ra, stored=False),
-                                                              replace(job.rb, stored=False),
-                                                              job.tolerance or tol).passed:
+    return sa is None or sb is None or compare_stats(job.key, replace(job.ra, stored=False),
+                                                     replace(job.rb, stored=False), job.tolerance or tol).passed
+
+
+def _sorted_check(job: Job, tol: Tolerance, axis: int) -> TensorComparison | None:
+    if not _stats_agree(job, tol):
         return None
     a, b = job.a.load(), job.b.load()
     if not (a.is_floating_point() and b.is_floating_point()):

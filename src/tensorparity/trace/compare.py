@@ -27,7 +27,7 @@ from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapp
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
-from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records, sorted_values,
+from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, carry_layouts, layout_jobs, make_job, pair_records, sorted_values,
                                      run_jobs, is_default)
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace._layout_align import apply_layouts
@@ -58,6 +58,7 @@ class _Layer:
     match: LayerMatch
     slots: dict[str, list[Job]] = field(default_factory=lambda: {"forward": [], "inputs": [], "backward": []})
     notes: list[str] = field(default_factory=list)
+    carried: str | None = None  # a sibling's layout its activations were compared through
 
 
 def compare_traces(
@@ -204,6 +205,8 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
                          "renamed and fused parameters through its transforms")
     assign_tolerances(jobs, layers, tol)
     run_jobs(jobs, tol, workers)
+    for i, how in carry_layouts(jobs, layers, tol, workers).items():
+        layers[i].carried = how
     sorted_values(jobs, layers, tol)
     warnings, more_notes, inputs_differ = provenance_checks(src_a, src_b, side_a, side_b, alignment)
     notes += more_notes
@@ -399,5 +402,5 @@ def _layer_comparison(layer: _Layer, origin: Any) -> LayerComparison:
                            shape=layer.slots["forward"][0].ra.shape if m.layout and layer.slots["forward"] else m.a.shape,
                            forward=slots["forward"], inputs=slots["inputs"], backward=slots["backward"],
                            basis=basis, by_stats=tuple(j.key for v in layer.slots.values() for j in v if j.stats),
-                           layout=m.layout.describe() if m.layout is not None else None,
+                           layout=m.layout.describe() if m.layout is not None else layer.carried,
                            layout_notes=tuple(layer.notes), **kw)

@@ -60,7 +60,7 @@ class ShardSet:
         self.folder = Path(folder)
         self.infos = {s.file: s for s in shards}
         self.shard_of = shard_of
-        self._lock = threading.Lock()
+        self._locks = {s.file: threading.Lock() for s in shards}  # one per shard: others load while one is checked
         self._verified: set[str] = set(self.infos) if verified else set()
         self._tensors: dict[str, dict[str, LazyTensor]] = {}
         self._handles: list[Any] = []
@@ -94,7 +94,7 @@ class ShardSet:
                                  key=record.key, fix=RECAPTURE)
 
     def _check(self, file: str) -> None:
-        with self._lock:
+        with self._locks[file]:
             if file in self._verified:
                 return
             info = self.infos[file]
