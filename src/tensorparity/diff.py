@@ -4,7 +4,9 @@ Both sides are opened lazily with :func:`tensorparity.open`; with a mapping, A i
 B's key space first. Keys are paired by name, section by section; tensor pairs stream through the
 one comparison engine (:func:`tensorparity.compare.compare_pairs`), so memory stays bounded by a
 few tensors whatever the checkpoints' size. Non-tensor values (hyper-parameters, versions,
-config) are compared by value.
+config) are compared by value. Before pairing, tensorparity's own migration records are left out
+(unless asked for) and an optimizer state keyed by parameter index is paired with one keyed by
+name through the param groups (:mod:`tensorparity._diff_sides`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tensorparity._diff_sides import leave_out_records, pair_optimizer_states
 from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.safe_pickle import Placeholder
@@ -49,6 +52,7 @@ def diff(
     weights_only: bool | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    include_records: bool = False,
 ) -> DiffReport:
     """Compare two checkpoints key by key and return a :class:`DiffReport`.
 
@@ -69,6 +73,12 @@ def diff(
         workers: comparison threads (default: up to 2).
         progress: draw a progress bar (bytes compared) on stderr; ``None``: when stderr is a
             terminal and more than 256 MB are to be compared.
+        include_records: compare tensorparity's own migration records too
+            (``tensorparity_migrations``); by default they are left out, with a note.
+
+    Without a mapping, an optimizer state keyed by parameter index on one side and by name on
+    the other (``optimizer.state_dict()`` against DCP's ``get_state_dict``) is paired through the
+    param groups' order and compared under the name-keyed side's keys; a note says how, or why not.
 
     Raises:
         UsageError: a filter is not a valid regular expression, an option has a wrong type, or
@@ -85,13 +95,19 @@ def diff(
         ('differs', (1,), 1)
     """
     keep = _KeyFilter(_compile("include", include), _compile("exclude", exclude))
-    _check_options(tolerance, weights_only, workers, progress)
+    _check_options(tolerance, weights_only, workers, progress, include_records)
     key_mapping = _load_mapping(mapping)
     tol = tolerance or Tolerance()
     owned: list[Checkpoint] = []
     try:
         ckpt_a, ckpt_b = _open(a, owned), _open(b, owned)
         side_a, side_b, selected_a, selected_b, notes = _select(ckpt_a, ckpt_b, weights_only)
+        if not include_records:
+            side_a, side_b, left_out = leave_out_records(side_a, side_b)
+            notes += left_out
+        if key_mapping is None:
+            side_a, side_b, paired = pair_optimizer_states(side_a, side_b)
+            notes += paired
         info: MappingInfo | None = None
         origins: dict[str, tuple[str, ...]] = {}  # compared key -> A's keys it was made from
         unmapped: dict[str, tuple[Entry, str]] = {}  # A's keys no rule claimed -> (entry, section)
@@ -153,7 +169,7 @@ def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
                              r"for the literal text 'layers.0.'") from None
 
 
-def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: Any) -> None:
+def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: Any, include_records: Any) -> None:
     problems = []
     if tolerance is not None and not isinstance(tolerance, Tolerance):
         problems.append(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}")
@@ -163,6 +179,8 @@ def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: An
         problems.append(f"workers must be a positive integer, not {workers!r}")
     if progress not in (None, True, False):
         problems.append(f"progress must be None, True or False, not {progress!r}")
+    if include_records not in (True, False):
+        problems.append(f"include_records must be True or False, not {include_records!r}")
     if problems:
         raise UsageError("; ".join(problems), fix="e.g. diff(a, b, tolerance=Tolerance(atol=1e-4), workers=2)")
 

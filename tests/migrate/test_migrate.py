@@ -151,8 +151,11 @@ def test_downgrade_through_inverses_restores_the_original(tmp_path: Path) -> Non
     down = migrate(up.output, reg, target="1.0", output=tmp_path / "back.pt")
     assert down.plan.direction == "down" and down.verified
     back = tensorparity.diff(tmp_path / "run.pt", tmp_path / "back.pt", weights_only=False)
-    assert [k.key for k in back.only_in_b] == ["tensorparity_migrations"] and back.tensors and all(
-        t.status == "identical" for t in back.tensors)
+    assert back.verdict == "identical" and back.tensors and not back.only_in_b
+    assert "tensorparity's migration record in B left out (--include-records" in " ".join(back.notes)
+    records = tensorparity.diff(tmp_path / "run.pt", tmp_path / "back.pt", weights_only=False, include_records=True)
+    assert [k.key for k in records.only_in_b] == ["tensorparity_migrations"] and all(
+        t.status == "identical" for t in records.tensors)
     with tensorparity.open(tmp_path / "back.pt") as b:
         assert [(h["from"], h["to"], h["direction"]) for h in read_history(b)] == [("1.0", "2.0", "up"),
                                                                                    ("2.0", "1.0", "down")]
@@ -206,7 +209,7 @@ def test_a_mapping_that_lands_on_an_existing_key_is_a_conflict(tmp_path: Path) -
     assert not (tmp_path / "run_fixed.pt").exists()
 
 
-def test_a_nemo_keeps_plain_weights_its_artifacts_and_records_in_its_config(tmp_path: Path) -> None:
+def test_a_nemo_keeps_plain_weights_its_artifacts_and_records_beside_its_config(tmp_path: Path) -> None:
     import tarfile
 
     import yaml
@@ -223,10 +226,12 @@ def test_a_nemo_keeps_plain_weights_its_artifacts_and_records_in_its_config(tmp_
         names = sorted(m.name for m in tar.getmembers() if m.isfile())
         config = yaml.safe_load(tar.extractfile("./model_config.yaml").read())  # type: ignore[union-attr]
         weights = torch.load(tar.extractfile("./model_weights.ckpt"), weights_only=True)  # type: ignore[arg-type]
-    assert names == sorted(["./model_config.yaml", "./model_weights.ckpt", f"./{artifact_name('tokenizer.model')}"])
+        record = json.loads(tar.extractfile("./tensorparity_migrations.json").read())  # type: ignore[union-attr]
+    assert names == sorted(["./model_config.yaml", "./model_weights.ckpt", "./tensorparity_migrations.json",
+                            f"./{artifact_name('tokenizer.model')}"])
     assert list(weights) == ["head.weight"]  # no record key among the weights
-    assert config["release"] == "2.0" and config["optim"] == {"lr": 0.05} and config["target"] == "demo.Model"
-    assert json.loads(config["tensorparity_migrations"])["history"][0]["to"] == "2.0"
+    assert config == {"target": "demo.Model", "release": "2.0", "optim": {"lr": 0.05}}  # no record in the config
+    assert record["history"][0]["to"] == "2.0"
     assert migrate(report.output, reg).verdict == "up to date"
 
 

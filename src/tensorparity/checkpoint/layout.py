@@ -11,7 +11,13 @@ import torch
 
 from tensorparity.checkpoint.tree import Checkpoint, LazyTensor, PlaceholderInfo, flatten
 
-__all__ = ["build_checkpoint", "detect_sections"]
+__all__ = ["RECORD_KEY", "RECORD_METADATA_KEY", "build_checkpoint", "detect_sections"]
+
+# tensorparity's own record of the migrations it applied: a top-level value of a torch training
+# checkpoint, the member ``tensorparity_migrations.json`` of a ``.nemo`` (read under this key).
+# Not part of the model: diff leaves it out unless asked (``include_records``).
+RECORD_KEY = "tensorparity_migrations"
+RECORD_METADATA_KEY = "tensorparity.migrations"  # the record as a metadata string (safetensors header, ...)
 
 # Lightning's top-level keys, and the section each belongs to.
 _LIGHTNING = {

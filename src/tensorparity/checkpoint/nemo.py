@@ -7,6 +7,11 @@ NeMo's ``SaveRestoreConnector`` writes a folder and tars it with ``arcname="."``
     ./mp_rank_00/model_weights.ckpt           ... or one per model-parallel rank
     ./tp_rank_00_pp_rank_000/model_weights.ckpt
     ./<uuid hex>_tokenizer.model              artifacts the model registered
+    ./tensorparity_migrations.json            tensorparity's migration record (when it migrated the file)
+
+The migration record is a member of its own, not a key of ``model_config.yaml``: NeMo carries
+its config into every later ``save_to``, and the record is tensorparity's, not the model's. It
+opens as the value ``tensorparity_migrations`` in the section ``records``.
 
 NeMo >= 1.7 writes a plain tar; older releases wrote tar.gz. A plain tar is never extracted: the
 weights are torch zips read in place at their member's offset. A gzip tar is streamed once; only
@@ -32,13 +37,14 @@ from typing import IO, Any
 import yaml
 
 from tensorparity.checkpoint import torch_legacy, torch_zip
-from tensorparity.checkpoint.layout import detect_sections
+from tensorparity.checkpoint.layout import RECORD_KEY, detect_sections
 from tensorparity.checkpoint.tree import Checkpoint, Entry, PlaceholderInfo, ValueEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
 
-__all__ = ["read_nemo"]
+__all__ = ["RECORD_MEMBER", "read_nemo"]
 
 CONFIG = "model_config.yaml"
+RECORD_MEMBER = RECORD_KEY + ".json"  # tensorparity's migration record, beside the config
 WEIGHTS = "model_weights.ckpt"
 MAX_CONFIG_BYTES = 16 << 20
 MAX_CONFIG_VALUES = 1_000_000  # a YAML alias bomb expands past this when flattened
@@ -55,6 +61,7 @@ class _Parts:
     """What a .nemo holds, located but not read."""
 
     config: bytes | None = None
+    record: bytes | None = None
     # rank ("" for one) -> (file, offset, length, display): where the torch.save bytes lie
     weights: dict[str, tuple[Path, int, int | None, str]] = field(default_factory=dict)
     artifacts: dict[str, int] = field(default_factory=dict)
@@ -126,9 +133,11 @@ def _normalise(member: tarfile.TarInfo, path: Path) -> str:
 
 
 def _classify(name: str) -> str | None:
-    """``"config"``, the weights' rank (``""`` for a single rank), or None for an artifact."""
+    """``"config"``, ``"record"``, the weights' rank (``"rank:"`` for one), or None for an artifact."""
     if name == CONFIG:
         return "config"
+    if name == RECORD_MEMBER:
+        return "record"
     head, _, tail = name.rpartition("/")
     if tail == WEIGHTS and (head == "" or _RANK_DIR.fullmatch(head)):
         return f"rank:{head}"
@@ -146,7 +155,7 @@ def _note_member(parts: _Parts, member: tarfile.TarInfo, name: str, path: Path, 
                                      "ambiguous", path=path, key=member.name,
                                      fix="re-create the .nemo with model.save_to(), which writes each member once")
     seen.add(name)
-    if kind == "config":
+    if kind in ("config", "record"):
         _cap_config(member.size, path, member.name)
     elif kind is None:
         parts.artifacts[name] = member.size
@@ -185,9 +194,9 @@ def _tar_parts(path: Path) -> _Parts:
                                              f"{member.offset_data}, file has {size})", path=path,
                                              key=member.name, fix=_FIX_CORRUPT)
             kind = _note_member(parts, member, name, path, seen)
-            if kind == "config":
+            if kind in ("config", "record"):
                 f.seek(member.offset_data)
-                parts.config = f.read(member.size)
+                setattr(parts, kind, f.read(member.size))
             elif kind is not None:
                 parts.weights[kind[5:]] = (path, member.offset_data, member.size, f"{path}::{member.name}")
     return parts
@@ -258,9 +267,9 @@ def _gzip_parts(path: Path, closers: list[Callable[[], None]]) -> _Parts:
                     if member.size > limit - counted.count:
                         raise _bomb(path, member.name, f"member of {member.size} bytes would " + _past(limit))
                     kind = _note_member(parts, member, name, path, seen)
-                    if kind == "config":
+                    if kind in ("config", "record"):
                         _copy(tar, member, buffer := io.BytesIO(), path)
-                        parts.config = buffer.getvalue()
+                        setattr(parts, kind, buffer.getvalue())
                     elif kind is not None:
                         dest = tmp / f"{kind[5:] or 'model'}.ckpt"
                         with open(dest, "xb") as out:
@@ -295,7 +304,10 @@ def _read_folder(path: Path) -> Checkpoint:
         kind = _classify(name)
         if kind == "config":
             continue
-        if kind is not None:
+        if kind == "record":
+            _cap_config(file.stat().st_size, path, name)
+            parts.record = file.read_bytes()
+        elif kind is not None:
             parts.weights[kind[5:]] = (file, 0, None, str(file))
         elif not name.startswith("model_weights/"):
             parts.artifacts[name] = file.stat().st_size
@@ -363,6 +375,9 @@ def _assemble(path: Path, parts: _Parts, *, compression: str, closers: list[Call
     extra = flatten(config, prefix="model_config") if config is not None else {}
     for name, size in sorted(parts.artifacts.items()):
         extra[f"artifacts.{name}"] = ValueEntry(f"artifacts.{name}", {"size": size})
+    if parts.record is not None:
+        extra[RECORD_KEY] = ValueEntry(RECORD_KEY, parts.record.decode("utf-8", "replace"))
+        sections[RECORD_KEY] = "records"
     for key, entry in extra.items():
         entries.setdefault(key, entry)  # a weights key never gives way to config or artifacts
 

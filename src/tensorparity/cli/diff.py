@@ -102,6 +102,8 @@ def diff_command(
         "--weights-only/--all-keys",
         help="Compare model weights only, or every key. Default: weights only when one side is a bare state "
              "dict and the other a Lightning/NeMo/training checkpoint.", show_default=False)] = None,
+    include_records: Annotated[bool, typer.Option(
+        "--include-records", help="Compare tensorparity's own migration records too (left out by default).")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema tensorparity.diff/1) "
                                         "and nothing else.")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 10,
@@ -116,5 +118,5 @@ def diff_command(
     tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol, statistic=statistic, nan_unequal=nan_unequal,
                                 overrides=tol)
     report = diff(a, b, mapping=map_, tolerance=tolerance, include=include, exclude=exclude,
-                  weights_only=weights_only)
+                  weights_only=weights_only, include_records=include_records)
     finish(report, json_=json_, top=top)

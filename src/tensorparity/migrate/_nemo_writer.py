@@ -1,4 +1,4 @@
-"""Write a ``.nemo`` archive: ``model_config.yaml``, ``model_weights.ckpt``, artifacts.
+"""Write a ``.nemo`` archive: ``model_config.yaml``, ``model_weights.ckpt``, artifacts, record.
 
 The layout is what NeMo's ``SaveRestoreConnector`` writes (a plain tar, members named ``./...``).
 The weights are a torch zip streamed straight into the tar, one tensor at a time: the member's
@@ -9,6 +9,9 @@ staged on disk.
 The config comes from ``metadata["nemo.model_config"]`` when given, else from the source
 ``.nemo``; a source ``.nemo``'s artifacts (tokenizer files...) are copied member by member.
 Every source member is checked as the reader checks it (no links, no absolute paths, no ``..``).
+tensorparity's migration record (the value ``tensorparity_migrations`` of a ``.nemo``
+checkpoint) is written as the member ``tensorparity_migrations.json`` beside the config, never
+into it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from tensorparity.checkpoint import Checkpoint
-from tensorparity.checkpoint.nemo import CONFIG, MAX_CONFIG_BYTES, WEIGHTS, _classify, _normalise
+from tensorparity.checkpoint import Checkpoint, ValueEntry
+from tensorparity.checkpoint.layout import RECORD_KEY
+from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
+from tensorparity.checkpoint.nemo import CONFIG, MAX_CONFIG_BYTES, RECORD_MEMBER, WEIGHTS, _classify, _normalise
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 from tensorparity.migrate._torch_writer import write_torch_zip
 
@@ -108,10 +113,18 @@ def write_nemo(ckpt: Checkpoint, body: Checkpoint, dest: Path, *, structure: Any
     if ranks:
         raise UsageError(f"the source holds {len(ranks)} model-parallel ranks, which a single {WEIGHTS} cannot",
                          path=dest, fix="convert to torch, safetensors or dcp instead")
+    # The record: the checkpoint's own (a .nemo read or migrated), else the metadata string a
+    # migrated .nemo's record travels as through other formats.
+    entry = ckpt.get(RECORD_KEY) if ckpt.format == "nemo" else None
+    carried = extra.pop(METADATA_KEY, None)
+    text = entry.value if isinstance(entry, ValueEntry) and isinstance(entry.value, str) else carried
+    record = text.encode("utf-8") if text is not None else None
     with open(dest, "wb") as out:
-        out.write(_header(f"./{CONFIG}", len(config)))
-        out.write(config)
-        _pad(out, len(config))
+        for name, data in ((CONFIG, config), (RECORD_MEMBER, record)):
+            if data is not None:
+                out.write(_header(f"./{name}", len(data)))
+                out.write(data)
+                _pad(out, len(data))
         # The weights member: header reserved, zip streamed, header written once the size is known.
         at = out.tell()
         out.write(b"\0" * _BLOCK)

@@ -210,7 +210,7 @@ def verify_written(source: Checkpoint, written: Path) -> DiffReport:
     with open_checkpoint(written) as back:
         both_nemo = source.format == "nemo" and back.format == "nemo"
         return diff(source if both_nemo else payload(source), back if both_nemo else payload(back),
-                    tolerance=Tolerance(exact=True), weights_only=False)
+                    tolerance=Tolerance(exact=True), weights_only=False, include_records=True)
 
 
 def _check_config(expected: str | None, written: Path) -> None:

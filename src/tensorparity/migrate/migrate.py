@@ -9,11 +9,13 @@ the plan (untouched tensors against the source itself), and only then renamed in
 crash, a full disk or a failed check leaves the input, and any existing output, as it was.
 
 What was applied (registry, versions, migration names, time, SHA-256 of the source) is recorded
-*inside* the output: as the top-level value ``tensorparity_migrations`` of a torch training
-checkpoint (Lightning and the like), as that key of a ``.nemo``'s ``model_config.yaml`` (its
-weights stay a plain state dict), as the metadata string ``tensorparity.migrations`` of anything
-else (safetensors header, a torch zip's tensorparity record). The next run reads it and finds
-nothing to do.
+with the output: as the top-level value ``tensorparity_migrations`` of a torch training
+checkpoint (Lightning and the like), as the member ``tensorparity_migrations.json`` of a
+``.nemo``, beside its config (its weights stay a plain state dict, and ``model_config.yaml`` stays
+the source's bytes unless a migration changed the config), as the metadata string
+``tensorparity.migrations`` of anything else (safetensors header, a torch zip's tensorparity
+record). The next run reads it (and the record earlier versions wrote into a ``.nemo``'s
+``model_config.yaml``) and finds nothing to do.
 """
 
 from __future__ import annotations
@@ -106,18 +108,33 @@ def _finish(ckpt: Checkpoint, applied: Applied, plan: MigrationPlan, registry: R
     if fmt == "torch" and (ckpt.sections or RECORD_KEY in entries):
         entries[RECORD_KEY] = ValueEntry(RECORD_KEY, text)  # beside epoch/global_step, where people look
     elif fmt == "nemo" and NEMO_CONFIG_KEY in metadata:
-        # A .nemo's weights must stay a plain state dict: the record goes into model_config.yaml,
-        # which is rewritten with whatever the migrations changed in the config.
-        entries.pop(RECORD_KEY, None)
-        entries[NEMO_RECORD_KEY] = ValueEntry(NEMO_RECORD_KEY, text)
-        metadata[NEMO_CONFIG_KEY] = _nemo_config(metadata[NEMO_CONFIG_KEY], ckpt, entries)
+        # A .nemo's weights stay a plain state dict and its config the model's: the record is a
+        # member of its own. An old-style record inside the config moves out of it; otherwise
+        # model_config.yaml is rewritten only when a migration changed the config.
+        entries.pop(NEMO_RECORD_KEY, None)
+        entries[RECORD_KEY] = ValueEntry(RECORD_KEY, text)
+        if _config_changed(ckpt, entries):
+            metadata[NEMO_CONFIG_KEY] = _nemo_config(metadata[NEMO_CONFIG_KEY], ckpt, entries)
+        else:
+            del metadata[NEMO_CONFIG_KEY]  # the writer copies the source's bytes
     else:
         entries.pop(RECORD_KEY, None)
         metadata[METADATA_KEY] = text
-    out = Checkpoint(source=ckpt.source, format=ckpt.format, entries=entries, sections=ckpt.sections,
+    sections = dict(ckpt.sections)
+    sections.pop(RECORD_KEY, None)  # a .nemo's record member is written apart; in other formats it is a value
+    if fmt == "nemo" and RECORD_KEY in entries:
+        sections[RECORD_KEY] = "records"
+    out = Checkpoint(source=ckpt.source, format=ckpt.format, entries=entries, sections=sections,
                      provenance=ckpt.provenance, notes=ckpt.notes, default_section=ckpt.default_section,
                      structure=ckpt.structure)
     return out, metadata, changes
+
+
+def _config_changed(ckpt: Checkpoint, entries: dict[str, Any]) -> bool:
+    """Whether the planned entries add, change or remove a ``model_config.`` value of ``ckpt``."""
+    prefix = "model_config."
+    return (any(k.startswith(prefix) and k not in entries for k in ckpt)
+            or any(k.startswith(prefix) and ckpt.get(k) is not e for k, e in entries.items()))
 
 
 def _nemo_config(text: str, ckpt: Checkpoint, entries: dict[str, Any]) -> str:

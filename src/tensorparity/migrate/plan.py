@@ -14,14 +14,17 @@ import json
 from typing import Any
 
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry
+from tensorparity.checkpoint.layout import RECORD_KEY
+from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
 from tensorparity.migrate.registry import DowngradeError, MigrationError, Registry, Version, _version_text
 from tensorparity.report.migrate import MigrationPlan, PlanStep
 
 __all__ = ["METADATA_KEY", "NEMO_RECORD_KEY", "RECORD_KEY", "RECORD_SCHEMA", "plan_migrations", "read_history", "read_version"]
 
-RECORD_KEY = "tensorparity_migrations"  # a top-level value of a torch training checkpoint
-METADATA_KEY = "tensorparity.migrations"  # a metadata string everywhere else (safetensors header, torch zip record)
-NEMO_RECORD_KEY = "model_config." + RECORD_KEY  # a .nemo keeps it in model_config.yaml
+# RECORD_KEY: a top-level value of a torch training checkpoint, and what a .nemo's member
+# tensorparity_migrations.json opens as.
+# METADATA_KEY: a metadata string everywhere else (safetensors header, torch zip record).
+NEMO_RECORD_KEY = "model_config." + RECORD_KEY  # where earlier versions put a .nemo's record: still read
 RECORD_SCHEMA = "tensorparity.migration-record/1"
 
 

@@ -27,6 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from tensorparity.checkpoint import Checkpoint, ValueEntry
+from tensorparity.checkpoint.layout import RECORD_KEY
+from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import UsageError
 from tensorparity.migrate import _safetensors_writer
@@ -95,14 +97,15 @@ def family(ckpt: Checkpoint) -> str:
 
 
 def payload(ckpt: Checkpoint) -> Checkpoint:
-    """The entries a writer writes: a ``.nemo``'s config and artifact listing travel apart.
+    """The entries a writer writes: a ``.nemo``'s config, artifact listing and record travel apart.
 
-    A ``.nemo`` checkpoint lists its config as ``model_config.*`` values and its artifacts as
-    ``artifacts.*``; they are not weights, and are carried as the config file and archive members.
+    A ``.nemo`` checkpoint lists its config as ``model_config.*`` values, its artifacts as
+    ``artifacts.*`` and tensorparity's migration record as ``tensorparity_migrations``; they are
+    not weights, and are carried as the config file and archive members.
     """
     if ckpt.format != "nemo":
         return ckpt
-    keep = {k: e for k, e in ckpt.items() if ckpt.section_of(k) not in ("config", "artifacts")}
+    keep = {k: e for k, e in ckpt.items() if ckpt.section_of(k) not in ("config", "artifacts", "records")}
     return Checkpoint(source=ckpt.source, format=ckpt.format, entries=keep, sections=ckpt.sections,
                       provenance=ckpt.provenance, placeholders=ckpt.placeholders, notes=ckpt.notes,
                       default_section=ckpt.default_section, structure=ckpt.structure)
@@ -172,6 +175,9 @@ def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
         config = read_config(path)
         if config is not None:
             out[NEMO_CONFIG_KEY] = config.decode("utf-8", "replace")
+        record = ckpt.get(RECORD_KEY)
+        if isinstance(record, ValueEntry) and isinstance(record.value, str):
+            out[METADATA_KEY] = record.value  # the record member travels as the metadata string
     elif is_dir and ckpt.format == "dcp":
         from tensorparity.migrate._dcp_writer import read_dcp_metadata
 
