@@ -48,7 +48,9 @@ def test_reference_checkpoint_loads_into_both_sides(tmp_path: Path, ref_state: d
     assert report.cross is not None and report.cross_roles == ("reference", "model")
     assert report.cross.classic_summary().endswith("Value mismatches: 0 → identical")
     assert report.cross.common == 31 and report.cross.mapping is not None
-    assert report.checkpoint.parameters == 27_386 and report.checkpoint.tensors == 39
+    # feature_mean is a buffer of no well-known name: the file's counts stay elements.
+    assert report.checkpoint.elements == 27_386 and report.checkpoint.tensors == 39
+    assert report.checkpoint.buffers is None
     assert report.summary() == ("passed: the checkpoint loads strictly into model (PortModel) and reference "
                                 "(ReferenceModel), and the loaded weights agree (identical)")
 

@@ -30,6 +30,7 @@ from torch import nn
 from tensorparity._factory import BuiltModel, PackageNotInstalledError, build_model
 from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint._roles import buffer_keys, entry_counts
 from tensorparity.checkpoint.module import read_live
 from tensorparity.compare import Tolerance
 from tensorparity.diff import diff
@@ -418,8 +419,13 @@ def _checkpoint_side(opened: Checkpoint, weights: Checkpoint) -> Side:
                     else "model weights only")
     trainable = opened.provenance.get("trainable_parameters")
     if not isinstance(trainable, int) or isinstance(trainable, bool):
-        trainable = (sum(e.numel for e in tensors if e.requires_grad) if any(e.is_parameter for e in tensors)
-                     else None)
+        trainable = None
+    # Buffers by name (BatchNorm statistics, classes a .nemo config names), keyed as in the weights.
+    named = buffer_keys(opened)
+    prefixes = [p for p, name in opened.sections.items() if name == "model"]
+    if len(prefixes) == 1:
+        named = {k.removeprefix(prefixes[0] + "."): why for k, why in named.items()}
+    counts = entry_counts(tensors, named, trainable=trainable)
     return Side(source=str(opened.source), format=opened.format, selected=selected, keys=len(weights),
-                tensors=len(tensors), parameters=sum(e.numel for e in tensors),
-                bytes=sum(e.nbytes for e in tensors), trainable=trainable)
+                tensors=len(tensors), parameters=counts.elements, bytes=sum(e.nbytes for e in tensors),
+                trainable=counts.trainable, buffers=counts.buffers)

@@ -79,17 +79,20 @@ def test_sections_bytes_and_provenance_of_a_lightning_checkpoint(lightning_ckpt:
     assert report.format == "lightning"
     assert report.provenance["epoch"] == 3 and report.provenance["global_step"] == 120
     assert report.provenance["framework_version"] == "2.4.0"
-    assert sections["model"].parameters == n_model
+    assert sections["model"].elements == n_model
+    # A state dict of Linear, Embedding and LayerNorm: nothing tells a buffer from a parameter.
+    assert sections["model"].parameters is None and sections["model"].buffers is None
+    assert report.counted_by is None and any("counts are tensor elements" in n for n in report.notes)
     assert sections["model"].tensors == len(model.state_dict())
     assert sections["model"].bytes == 4 * n_model
-    assert sections["optimizer"].parameters == n_optim
+    assert sections["optimizer"].elements == n_optim and sections["optimizer"].parameters is None
     assert sections["callbacks"].tensors == 1
     assert sections["hyper_parameters"].values == 3 and sections["hyper_parameters"].tensors == 0
-    assert report.totals.parameters == n_model + n_optim + 1
-    assert report.totals.bytes == 4 * report.totals.parameters
+    assert report.totals.elements == n_model + n_optim + 1
+    assert report.totals.bytes == 4 * report.totals.elements
     assert report.totals.tensors == sum(s.tensors for s in report.sections)
     assert [d.dtype for d in report.dtypes] == ["float32"]
-    assert report.dtypes[0].elements == report.totals.parameters
+    assert report.dtypes[0].elements == report.totals.elements
 
 
 def test_dtype_counts_and_largest_tensors_in_order(tmp_path: Path) -> None:
@@ -177,7 +180,7 @@ def test_json_has_the_schema_and_is_strict(lightning_ckpt: tuple[Path, Net]) -> 
     data = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     assert data["schema"] == SCHEMA == "tensorparity.inspect/1"
     assert data["format"] == "lightning"
-    assert data["totals"]["parameters"] == report.totals.parameters
+    assert data["totals"]["elements"] == report.totals.elements and "parameters" not in data["totals"]
     assert len(data["largest"]) == 2 and data["largest"][0]["bytes"] >= data["largest"][1]["bytes"]
     assert data["values"]["hyper_parameters.clip"] == "inf"
     keyed = {k["key"]: k for k in data["keys"]}
@@ -224,7 +227,7 @@ def test_inspect_never_loads_tensor_data() -> None:
     with pytest.raises(AssertionError):
         ckpt["blocks.0.w"].load()  # the trap works
     report = inspect(ckpt)
-    assert report.totals.parameters == 4 * 1024 * 1024 and report.totals.bytes == 4 * (2 << 20)
+    assert report.totals.elements == 4 * 1024 * 1024 and report.totals.bytes == 4 * (2 << 20)
     assert "{0..3}.w" in str(report) and "blocks" in report.to_html() and report.to_json()
     assert "<table" in ckpt._repr_html_()
 
@@ -258,4 +261,4 @@ def test_html_of_a_checkpoint(tmp_path: Path) -> None:
 
 def test_readable_repr() -> None:
     report = inspect({"w": torch.zeros(2, 3)})
-    assert repr(report) == "<InspectReport mapping '<in-memory mapping>': 1 tensors, 6 parameters, 24 B>"
+    assert repr(report) == "<InspectReport mapping '<in-memory mapping>': 1 tensors, 6 elements, 24 B>"

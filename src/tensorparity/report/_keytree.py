@@ -137,7 +137,7 @@ def _node(name: str, node: _Trie, fold: bool, more_hint: str, *, count: int = 1)
     if node.leaf is not None:
         kind, detail = node.leaf.kind, node.leaf.label
     elif node.tensors:
-        kind, detail = "branch", f"{node.tensors} tensors, {human_count(node.elements)} params"
+        kind, detail = "branch", f"{node.tensors} tensors, {human_count(node.elements)} elements"
     else:
         kind, detail = "branch", f"{node.keys} values"
     if count > 1:

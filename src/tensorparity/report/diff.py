@@ -3,7 +3,7 @@
 
 A :class:`DiffReport` holds, per section, the keys common to both sides and those only in one,
 every tensor comparison (:class:`~tensorparity.compare.TensorComparison`), every difference of a
-non-tensor value, parameter counts of each side and the tolerance used. Its verdict is
+non-tensor value, element counts of each side and the tolerance used. Its verdict is
 ``identical`` (every key and every byte matches), ``close`` (every key matches, every tensor is
 within tolerance, some are not bitwise equal or not of one dtype) or ``differs``.
 """
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from tensorparity.checkpoint._roles import Counts
 from tensorparity.compare import TensorComparison, Tolerance
 from tensorparity.report._keytree import Node, html_tree, key_tree, rich_tree
 from tensorparity.report._render import (
@@ -59,8 +60,12 @@ class Side:
         format: the reader that opened it.
         selected: what part was compared when not the whole (``"model weights (prefix
             'state_dict.' removed)"``), else ``None``.
-        keys, tensors, parameters, bytes: counts over what was compared.
+        keys, tensors, bytes: counts over what was compared.
+        parameters: tensor *elements* over what was compared, buffers included (the field keeps
+            its old name; :attr:`elements` says what it is, and the JSON calls it ``elements``).
         trainable: trainable parameters, when the source recorded them.
+        buffers: buffer elements among them, where the source tells buffers apart (a load check
+            reads BatchNorm statistics and the like by name); ``None`` when it does not.
     """
 
     source: str
@@ -71,11 +76,26 @@ class Side:
     parameters: int
     bytes: int
     trainable: int | None = None
+    buffers: int | None = None
+
+    @property
+    def elements(self) -> int:
+        """Tensor elements compared (parameters and buffers together)."""
+        return self.parameters
+
+    @property
+    def counts(self) -> Counts:
+        """The counts as words can say them: parameters and buffers where known, else elements."""
+        if self.buffers is None:
+            return Counts(self.parameters, trainable=self.trainable)
+        return Counts(self.parameters, self.parameters - self.buffers, self.buffers, self.trainable, "names")
 
     def to_dict(self) -> dict[str, Any]:
-        d = record_dict(self)
-        d["trainable_parameters"] = d.pop("trainable")
-        return d
+        d: dict[str, Any] = {"source": self.source, "format": self.format, "selected": self.selected,
+                             "keys": self.keys, "tensors": self.tensors, "elements": self.elements}
+        if self.buffers is not None:  # parameters only where buffers are told apart
+            d.update(parameters=self.elements - self.buffers, buffers=self.buffers)
+        return {**d, "bytes": self.bytes, "trainable_parameters": self.trainable}
 
 
 @dataclass(frozen=True)
@@ -118,7 +138,11 @@ class ValueDifference:
 
 @dataclass(frozen=True)
 class SectionDiff:
-    """Counts and key lists for one section (``model``, ``optimizer``, ``hyper_parameters``, ...)."""
+    """Counts and key lists for one section (``model``, ``optimizer``, ``hyper_parameters``, ...).
+
+    ``parameters_a`` and ``parameters_b`` are tensor *elements* of each side's section, buffers
+    and optimizer state included (old field names; the JSON says ``elements_a``, ``elements_b``).
+    """
 
     name: str
     common: int
@@ -137,6 +161,7 @@ class SectionDiff:
         d = record_dict(self)
         d["only_in_a"] = [k.to_dict() for k in d.pop("only_a")]
         d["only_in_b"] = [k.to_dict() for k in d.pop("only_b")]
+        d["elements_a"], d["elements_b"] = d.pop("parameters_a"), d.pop("parameters_b")
         return d
 
 
@@ -355,10 +380,7 @@ class DiffReport:
 
 
 def _side_line(side: Side) -> str:
-    text = (f"{printable(side.source)}  ({side.format}, {plural(side.tensors, 'tensor')}, "
-            f"{plural(side.parameters, 'parameter')}")
-    if side.trainable is not None:
-        text += f", {side.trainable:,} trainable"
+    text = f"{printable(side.source)}  ({side.format}, {plural(side.tensors, 'tensor')}, {side.counts.describe()}"
     return text + ")" + (f"  [{printable(side.selected)}]" if side.selected else "")
 
 
@@ -405,7 +427,8 @@ def _dtype_line(r: DiffReport) -> str:
 
 
 def _sections_rows(r: DiffReport) -> list[list[str]]:
-    # Parameters in short form (27.4K, 7.2B): the header and the JSON have them in full.
+    # Elements (parameters, buffers, optimizer state) in short form (27.4K, 7.2B): the header and
+    # the JSON have them in full.
     return [[s.name, *(f"{n:,}" for n in (s.common, len(s.only_a), len(s.only_b), s.shape_mismatches,
                                           s.dtype_mismatches, s.value_mismatches + s.value_differences,
                                           s.identical, s.close)),
@@ -416,7 +439,7 @@ def _sections_rows(r: DiffReport) -> list[list[str]]:
 _LEFT = ("key", "shape", "dtype", "A", "B")
 # Short two-line headers keep the table inside 80 columns ("same" = identical bytes).
 _SECTION_COLUMNS = ["section", "common", "only\nin A", "only\nin B", "shape\n≠", "dtype\n≠", "value\n≠", "same",
-                    "close", "params\nA", "params\nB"]
+                    "close", "elements\nA", "elements\nB"]
 
 
 def _only_tree(keys: tuple[KeyInfo, ...]) -> list[Node]:

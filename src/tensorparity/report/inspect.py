@@ -13,11 +13,14 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from torch.nn import Module
 
 from tensorparity.checkpoint import Checkpoint, PlaceholderInfo, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint._roles import Counts, buffer_keys, entry_counts, module_counts
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import UsageError
 from tensorparity.report._keytree import Node as _Node  # noqa: F401 - re-exported for older imports
@@ -47,18 +50,30 @@ MAX_PLACEHOLDERS_SHOWN = 30
 
 @dataclass(frozen=True)
 class SectionSummary:
-    """Counts for one section (``model``, ``optimizer``, ...) or for the whole checkpoint."""
+    """Counts for one section (``model``, ``optimizer``, ...) or for the whole checkpoint.
+
+    Attributes:
+        elements: elements of all its tensors, buffers and optimizer state included.
+        parameters, buffers: the model's parameter and buffer elements, as torch counts them for a
+            live module, or as the file tells them apart (see ``InspectReport.counted_by``);
+            ``None`` where it cannot tell.
+        trainable: parameter elements with ``requires_grad``, where known.
+    """
 
     name: str
     tensors: int
-    parameters: int
+    elements: int
     bytes: int
     values: int
     trainable: int | None = None
+    parameters: int | None = None
+    buffers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"name": self.name, "tensors": self.tensors, "parameters": self.parameters,
-             "bytes": self.bytes, "values": self.values}
+        d: dict[str, Any] = {"name": self.name, "tensors": self.tensors, "elements": self.elements,
+                             "bytes": self.bytes, "values": self.values}
+        if self.parameters is not None:
+            d.update(parameters=self.parameters, buffers=self.buffers)
         return d if self.trainable is None else {**d, "trainable_parameters": self.trainable}
 
 
@@ -135,6 +150,10 @@ class InspectReport:
         keys_filter: the regular expression the key list was filtered with, if any.
         placeholders: globals the file's pickle named and that were NOT executed.
         notes: what the reader wants the user to know.
+        counted_by: how parameters were told from buffers: ``"module"`` (torch counted a live
+            module), ``"saved parameters"`` (the file kept ``nn.Parameter``) or ``"names"``
+            (buffer names, and classes a .nemo config names); ``None``: only elements are known.
+        buffer_keys: the keys counted as buffers by name, each with the reason.
     """
 
     source: str
@@ -148,6 +167,8 @@ class InspectReport:
     keys_filter: str | None
     placeholders: tuple[NotExecuted, ...]
     notes: tuple[str, ...]
+    counted_by: str | None = None
+    buffer_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def values(self) -> dict[str, str]:
@@ -164,6 +185,8 @@ class InspectReport:
             "provenance": jsonable(self.provenance),
             "sections": [s.to_dict() for s in self.sections],
             "totals": self.totals.to_dict(),
+            "counted_by": self.counted_by,
+            "buffer_keys": dict(self.buffer_keys),
             "dtypes": [{"dtype": d.dtype, "tensors": d.tensors, "elements": d.elements, "bytes": d.bytes}
                        for d in self.dtypes],
             "largest": [t.to_dict() for t in self.largest],
@@ -206,8 +229,10 @@ class InspectReport:
     def __repr__(self) -> str:
         t = self.totals
         extra = f", {len(self.placeholders)} not executed" if self.placeholders else ""
-        return (f"<InspectReport {self.format} {self.source!r}: {t.tensors} tensors, "
-                f"{t.parameters:,} parameters, {human_bytes(t.bytes)}{extra}>")
+        counts = (f"{t.parameters:,} parameters, {t.buffers:,} buffer elements" if t.parameters is not None
+                  else f"{t.elements:,} elements")
+        return (f"<InspectReport {self.format} {self.source!r}: {t.tensors} tensors, {counts}, "
+                f"{human_bytes(t.bytes)}{extra}>")
 
 
 def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> InspectReport:
@@ -226,9 +251,9 @@ def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> Inspec
 
     Example:
         >>> import torch
-        >>> report = inspect(torch.nn.Linear(4, 2), keys=r"weight")
-        >>> report.totals.parameters, [k.key for k in report.keys]
-        (10, ['weight'])
+        >>> report = inspect(torch.nn.BatchNorm1d(4), keys=r"weight")
+        >>> report.totals.parameters, report.totals.buffers, [k.key for k in report.keys]
+        (8, 9, ['weight'])
         >>> report.to_dict()["schema"]
         'tensorparity.inspect/1'
     """
@@ -239,7 +264,7 @@ def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> Inspec
     owned = not isinstance(source, Checkpoint)
     ckpt = open_checkpoint(source)
     try:
-        return _summarise(ckpt, pattern, top)
+        return _summarise(ckpt, pattern, top, module_counts(source) if isinstance(source, Module) else None)
     finally:
         if owned:
             ckpt.close()
@@ -267,8 +292,9 @@ def _compile(keys: str | None) -> re.Pattern[str] | None:
                              r"for the literal text 'layers.0.'") from None
 
 
-def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int) -> InspectReport:
-    per_section: dict[str, list[int]] = {}  # name -> [tensors, parameters, bytes, values]
+def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int, live: Counts | None) -> InspectReport:
+    per_section: dict[str, list[int]] = {}  # name -> [tensors, elements, bytes, values]
+    model_tensors: list[TensorEntry] = []
     per_dtype: dict[str, list[int]] = {}
     tensors: list[KeyInfo] = []
     listed: list[KeyInfo] = []
@@ -285,6 +311,8 @@ def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int) -> I
             d[0] += 1
             d[1] += entry.numel
             d[2] += entry.nbytes
+            if section == "model":
+                model_tensors.append(entry)
             info = KeyInfo(key, section, "tensor", tuple(entry.shape), dtype, entry.nbytes,
                            note=entry.note)
             tensors.append(info)
@@ -296,10 +324,15 @@ def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int) -> I
     trainable = ckpt.provenance.get("trainable_parameters")
     if isinstance(trainable, bool) or not isinstance(trainable, int):
         trainable = None
-    sections = tuple(SectionSummary(name, c[0], c[1], c[2], c[3], trainable if name == "model" else None)
+    named = {} if live is not None else buffer_keys(ckpt)
+    model = live or entry_counts(model_tensors, named, trainable=trainable)
+    # Parameters and buffers are the model's: other sections (optimizer state) count elements only.
+    sections = tuple(SectionSummary(name, c[0], c[1], c[2], c[3], model.trainable if name == "model" else None,
+                                    *((model.parameters, model.buffers) if name == "model" else (None, None)))
                      for name, c in per_section.items())
-    n_tensors, n_params, n_bytes, n_values = (sum(c[i] for c in per_section.values()) for i in range(4))
-    totals = SectionSummary("total", n_tensors, n_params, n_bytes, n_values, trainable)
+    n_tensors, n_elements, n_bytes, n_values = (sum(c[i] for c in per_section.values()) for i in range(4))
+    totals = SectionSummary("total", n_tensors, n_elements, n_bytes, n_values, model.trainable,
+                            model.parameters, model.buffers)
     dtypes = tuple(sorted((DtypeSummary(k, *v) for k, v in per_dtype.items()),
                           key=lambda d: (-d.bytes, d.dtype)))
     largest = tuple(sorted(tensors, key=lambda t: -t.bytes)[:top])  # stable: ties stay in file order
@@ -307,7 +340,20 @@ def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int) -> I
         source=str(ckpt.source), format=ckpt.format, provenance=dict(ckpt.provenance),
         sections=sections, totals=totals, dtypes=dtypes, largest=largest, keys=tuple(listed),
         keys_filter=pattern.pattern if pattern is not None else None,
-        placeholders=tuple(_not_executed(ckpt, p) for p in ckpt.placeholders), notes=tuple(ckpt.notes))
+        placeholders=tuple(_not_executed(ckpt, p) for p in ckpt.placeholders),
+        notes=tuple(ckpt.notes) + _count_notes(model, named), counted_by=model.basis,
+        buffer_keys={k: named[k] for k in named if ckpt.section_of(k) == "model"})
+
+
+def _count_notes(counts: Counts, named: dict[str, str]) -> tuple[str, ...]:
+    if counts.basis == "names":
+        reasons = sorted(set(named.values()))
+        return (f"parameters and buffers told apart by name ({'; '.join(reasons)}); a buffer of another name "
+                f"is counted as a parameter",)
+    if counts.basis is None and counts.elements:
+        return ("the file does not say which tensors are parameters and which are buffers: counts are tensor "
+                "elements; inspect the live module (tensorparity.inspect(model)) for torch's own counts",)
+    return ()
 
 
 def _not_executed(ckpt: Checkpoint, info: PlaceholderInfo) -> NotExecuted:
@@ -315,6 +361,22 @@ def _not_executed(ckpt: Checkpoint, info: PlaceholderInfo) -> NotExecuted:
     state = entry.value.state if isinstance(entry, ValueEntry) and isinstance(entry.value, Placeholder) else None
     return NotExecuted(info.key, info.name, printable(info.call),
                        short_repr(state, 200) if state is not None else None)
+
+
+def _section_rows(r: InspectReport) -> tuple[list[str], list[list[str]]]:
+    """The Sections table: elements always; parameters, buffers and trainable where known."""
+    split = r.totals.parameters is not None
+    trainable = r.totals.trainable is not None
+    columns = ["section", "tensors", "elements", *(["parameters", "buffers"] if split else []), "bytes", "values",
+               *(["trainable"] if trainable else [])]
+
+    def cell(n: int | None) -> str:
+        return "" if n is None else f"{n:,}"
+
+    rows = [[s.name, f"{s.tensors:,}", f"{s.elements:,}",
+             *([cell(s.parameters), cell(s.buffers)] if split else []), human_bytes(s.bytes), f"{s.values:,}",
+             *([cell(s.trainable)] if trainable else [])] for s in (*r.sections, r.totals)]
+    return columns, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +394,8 @@ def _html(r: InspectReport, *, fold: bool) -> str:
     prov = " &middot; ".join(f"{e(k)}: {e(v)}" for k, v in provenance_items(r.provenance))
     parts = [f"<div class='tp-inspect'>{_STYLE}<b>{e(printable(r.source))}</b> &mdash; {e(r.format)}"
              f"<div class='d'>{prov}</div>"]
-    trainable = any(s.trainable is not None for s in r.sections)
-    parts.append(html_table(
-        "Sections", ["section", "tensors", "parameters", "bytes", "values"] + ["trainable"] * trainable,
-        [[s.name, f"{s.tensors:,}", f"{s.parameters:,}", human_bytes(s.bytes), f"{s.values:,}"]
-         + ([] if not trainable else ["" if s.trainable is None else f"{s.trainable:,}"])
-         for s in (*r.sections, r.totals)]))
+    columns, rows = _section_rows(r)
+    parts.append(html_table("Sections", columns, rows))
     parts.append(html_table("Dtypes", ["dtype", "tensors", "elements", "bytes"],
                              [[d.dtype, f"{d.tensors:,}", f"{d.elements:,}", human_bytes(d.bytes)]
                               for d in r.dtypes]))
@@ -374,14 +432,10 @@ def _render_rich(r: InspectReport, *, fold: bool) -> RenderableType:
         header.add_row(Text(name, style="bold"), Text(text))
     parts: list[RenderableType] = [header, Text()]
 
-    show_trainable = any(s.trainable is not None for s in r.sections)
-    sections = table("Sections", "section", "tensors", "parameters", "bytes", "values",
-                     *(["trainable"] if show_trainable else []))
-    for s in (*r.sections, r.totals):
-        cells = [s.name, f"{s.tensors:,}", f"{s.parameters:,}", human_bytes(s.bytes), f"{s.values:,}"]
-        if show_trainable:
-            cells.append("" if s.trainable is None else f"{s.trainable:,}")
-        if s is r.totals:  # the footer, under a rule
+    columns, rows = _section_rows(r)
+    sections = table("Sections", *columns)
+    for i, cells in enumerate(rows):
+        if i == len(rows) - 1:  # the totals: the footer, under a rule
             sections.show_footer = True
             for column, cell in zip(sections.columns, cells, strict=True):
                 column.footer = Text(cell, style="bold")

@@ -5,7 +5,8 @@ A :class:`LoadCheckReport` holds the checkpoint's counts, one :class:`LoadSide` 
 checkpoint was loaded into (the local model, and the reference when its package is installed),
 and the :class:`~tensorparity.report.diff.DiffReport` of the two loaded state dicts. Each side
 says by which route the checkpoint reached it (as is, or through the mapping), every key problem
-(missing, unexpected, shape, dtype), how ``load_state_dict`` was called, parameter counts, and
+(missing, unexpected, shape, dtype), how ``load_state_dict`` was called, the model's parameter
+and buffer counts (torch's own), and
 the round trip: what the model holds after loading against what it was given.
 """
 
@@ -88,7 +89,9 @@ class LoadSide:
         issues: every key problem, in the model's key order (unexpected keys last).
         cast: keys cast to the model's dtype (only with ``cast=True``).
         ignored: checkpoint keys the mapping's ignore patterns left out.
-        parameters, trainable, buffers: element counts of the model (trainable: ``requires_grad``).
+        parameters, trainable, buffers: the model's counts as torch gives them:
+            ``sum(p.numel() for p in model.parameters())`` (trainable: those with
+            ``requires_grad``) and ``sum(b.numel() for b in model.buffers())``.
         round_trip: ``state_dict()`` after loading against the tensors given, bitwise.
         error: what ``load_state_dict`` raised although the checks passed (a hook, a custom
             ``_load_from_state_dict``), one line.
@@ -344,8 +347,7 @@ def _issue_rows(issues: tuple[KeyIssue, ...], top: int) -> list[list[str]]:
 
 def _header(r: LoadCheckReport) -> list[tuple[str, str]]:
     c = r.checkpoint
-    text = f"{printable(c.source)}  ({c.format}, {plural(c.tensors, 'tensor')}, {plural(c.parameters, 'element')}"
-    text += (f", {c.trainable:,} trainable" if c.trainable is not None else "") + ")"
+    text = f"{printable(c.source)}  ({c.format}, {plural(c.tensors, 'tensor')}, {c.counts.describe()})"
     rows = [("checkpoint", text + (f"  [{printable(c.selected)}]" if c.selected else ""))]
     if r.mapping:
         rows.append(("mapping", f"{printable(r.mapping[0])}  ({printable(r.mapping[1])})"))
