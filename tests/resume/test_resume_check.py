@@ -69,7 +69,7 @@ def test_chained_resumes() -> None:
     ("numpy_rng", "rng.numpy", "numpy global RNG state differs"),
     ("python_rng", "rng.python", "python random state differs"),
     ("strict", "model", "load_state_dict(strict=False) skipped 2 keys that differ from the uninterrupted run "
-                        "(net.decoder.bias and net.decoder.weight)"),
+                        "(net.decoder.bias and net.decoder.weight): they keep their freshly built values"),
     ("ema", "extras.ema", "EMA weights (extras 'ema') were not restored: 23 of 24 tensors differ"),
 ])
 def test_negative_control_is_detected_named_and_confirmed(forget: str, component: str, words: str) -> None:

@@ -164,3 +164,27 @@ def test_confirmation_logic() -> None:
     _, marked = conclude([(("optimizer",), ok), (("scheduler",), failed)], findings)
     assert [f.confirmed for f in marked] == [True, False]
     assert bad.passed
+
+
+def test_non_persistent_buffers_are_captured_and_restored(tmp_path) -> None:
+    def objs(fill: float) -> TrainingObjects:
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        model[0].register_buffer("stats", torch.full((2,), fill), persistent=False)
+        return TrainingObjects(model=model, dataloader=[])
+
+    a, b = objs(3.0), objs(0.0)
+    assert "stats" not in "".join(a.model.state_dict())  # what a state_dict() checkpoint misses
+    state = capture(a)
+    assert list(state["buffers"]) == ["0.stats"]
+    findings, _ = audit(state_diff(state, capture(b), tolerance=Tolerance(exact=True)), at=2)
+    assert [f.component for f in findings] == ["model", "buffers"]
+    assert findings[1].message.startswith("non-persistent buffer 0.stats differs from the uninterrupted run's: "
+                                          "registered with persistent=False")
+    restore(b, state, only=["buffers"])
+    assert torch.equal(b.model[0].stats, a.model[0].stats)
+    # The default checkpoint is everything stateful: it carries them too.
+    c = objs(0.0)
+    save(a, tmp_path / "ckpt.pt")
+    load(c, tmp_path / "ckpt.pt")
+    assert torch.equal(c.model[0].stats, torch.full((2,), 3.0))
+    assert "buffers" not in capture(TrainingObjects(model=torch.nn.Linear(1, 1), dataloader=[]))

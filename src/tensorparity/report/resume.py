@@ -86,8 +86,9 @@ class Finding:
     """A component of the state that differs from the uninterrupted run, in the user's words.
 
     Attributes:
-        component: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``extras.<name>``,
-            ``grads``, ``mode``, ``data``, ``rng.python``, ``rng.numpy``, ``rng.torch``, ``rng.cuda``.
+        component: ``model``, ``buffers`` (non-persistent), ``optimizer``, ``scheduler``, ``scaler``,
+            ``extras.<name>``, ``grads``, ``mode``, ``data``, ``rng.python``, ``rng.numpy``, ``rng.torch``,
+            ``rng.cuda``.
         message: what differs and what it means (``"optimizer state was not restored: exp_avg,
             exp_avg_sq and step of 16 parameters are missing"``).
         at: the step the state was taken at.

@@ -35,6 +35,7 @@ from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import build, describe, guarded, inside_group, recording_loads, train, wrote_something
 from tensorparity.resume.errors import RecipeError
+from tensorparity.resume.fingerprint import state_hashes
 from tensorparity.resume.recipe import LoadedRecipe, RecipeSpec, check, resolve
 
 __all__ = ["main", "run_job", "run_leg", "serve"]
@@ -55,8 +56,15 @@ def run_leg(loaded: LoadedRecipe, leg: dict[str, Any], *, seed: int, work: Path)
     if leg.get("load"):
         path = Path(leg["load"])
         if loaded.own_checkpoint:
+            built = state_hashes(objs.model.state_dict())
             with recording_loads(objs) as calls, guarded(loaded, "load()"):
                 loaded.recipe.load(objs, path)
+            now = state_hashes(objs.model.state_dict())
+            for call in calls:
+                if call["owner"] == "model":
+                    # Skipped keys that load() changed anyway (re-initialised them): they do not
+                    # keep the values build() gave them.
+                    call["rebuilt"] = [k for k in call["missing"] if built.get(k) != now.get(k)]
             out["load_calls"] = calls
         else:
             state.load(objs, path)

@@ -93,7 +93,9 @@ def describe(objs: TrainingObjects) -> dict[str, Any]:
 @contextmanager
 def recording_loads(objs: TrainingObjects) -> Iterator[list[dict[str, Any]]]:
     """Record every non-strict ``load_state_dict`` on the model or a module in extras while the
-    recipe's ``load`` runs: what it skipped is invisible otherwise."""
+    recipe's ``load`` runs: what it skipped is invisible otherwise. Each call: the keys it
+    skipped (``missing``), could not place (``unexpected``) and loaded, which loaded keys are
+    trainable parameters and which skipped ones are frozen parameters."""
     owners: dict[int, tuple[str, str]] = {}  # module -> (object it belongs to, its path inside it)
     roots = [("model", objs.model), *((f"extras.{k}", v) for k, v in objs.extras.items() if isinstance(v, nn.Module))]
     for root, module in roots:
@@ -108,9 +110,18 @@ def recording_loads(objs: TrainingObjects) -> Iterator[list[dict[str, Any]]]:
         if id(self) in owners and not strict:
             root, path = owners[id(self)]
             prefix = f"{path}." if path else ""
+            unexpected = set(result.unexpected_keys)
+            params = dict(self.named_parameters())
+            loaded = [k for k in state_dict if k not in unexpected]
+            # Which side of a trainable/frozen split the checkpoint covers (an adapter-only
+            # checkpoint holds the trainable keys and skips the frozen base).
             calls.append({"owner": root, "module": f"{root}.{path}" if path else root,
                           "missing": [prefix + k for k in result.missing_keys],
-                          "unexpected": [prefix + k for k in result.unexpected_keys]})
+                          "unexpected": [prefix + k for k in result.unexpected_keys],
+                          "loaded": [prefix + k for k in loaded],
+                          "trainable": [prefix + k for k in loaded if k in params and params[k].requires_grad],
+                          "frozen": [prefix + k for k in result.missing_keys
+                                     if k in params and not params[k].requires_grad]})
         return result
 
     nn.Module.load_state_dict = recording  # type: ignore[method-assign]

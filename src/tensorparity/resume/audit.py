@@ -25,7 +25,7 @@ from tensorparity.resume.state import component_of
 
 __all__ = ["audit", "divergence", "state_diff"]
 
-_ORDER = ("model", "mode", "optimizer", "scheduler", "scaler", "extras", "grads", "data", "rng")
+_ORDER = ("model", "buffers", "mode", "optimizer", "scheduler", "scaler", "extras", "grads", "data", "rng")
 _MAX_KEYS = 10
 
 
@@ -41,6 +41,7 @@ class _Delta:
 
     tensors: list[str] = field(default_factory=list)
     scalars: set[str] = field(default_factory=set)  # of ``tensors``: 0-d or 1-element (counters)
+    same: list[str] = field(default_factory=list)  # tensors within tolerance
     values: dict[str, tuple[str, str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
@@ -55,7 +56,9 @@ def _deltas(report: DiffReport) -> dict[str, _Delta]:
     for t in report.tensors:
         d = out.setdefault(component_of(t.key), _Delta())
         d.compared += 1
-        if not t.passed:
+        if t.passed:
+            d.same.append(t.key)
+        else:
             d.tensors.append(t.key)
             if t.numel <= 1:
                 d.scalars.add(t.key)
@@ -80,14 +83,17 @@ def _strip(key: str, component: str) -> str:
 def _optimizer(d: _Delta, restored: bool) -> str:
     missing: dict[str, set[str]] = {}
     differs: dict[str, set[str]] = {}
-    groups = []
+    groups: list[tuple[str, str, str, str]] = []  # (group, hyper-parameter, resumed, uninterrupted)
     for key in (*d.missing, *d.tensors, *d.values):
         parts = key.split(".")
         if len(parts) >= 4 and parts[1] == "state":
             (missing if key in d.missing else differs).setdefault(parts[3], set()).add(parts[2])
         elif len(parts) >= 4 and parts[1] == "param_groups" and key in d.values:
             a, b = _value(d, key)  # type: ignore[misc]
-            groups.append(f"param group {parts[2]} {'.'.join(parts[3:])} is {b}, expected {a}")
+            groups.append((parts[2], ".".join(parts[3:]), b, a))
+    said = [f"param group {g} {name} is {b}, expected {a}" for g, name, b, a in groups]
+    if groups and not missing and not differs and restored:
+        return _optimizer_groups(d, groups, said)
     details = []
     if missing:
         n = len(set().union(*missing.values()))
@@ -95,10 +101,31 @@ def _optimizer(d: _Delta, restored: bool) -> str:
                        f"missing (it starts from scratch)")
     for name in sorted(differs, key=lambda s: -len(differs[s])):
         details.append(f"{name} of {plural(len(differs[name]), 'parameter')} differs")
-    details += groups
+    details += said
     if not details:
         details.append(f"{plural(len(d.keys()), 'key')} differ (first: {_strip(d.keys()[0], 'optimizer')})")
     return ("optimizer state was not restored: " if restored else "optimizer state differs: ") + "; ".join(details)
+
+
+def _optimizer_groups(d: _Delta, groups: Sequence[tuple[str, str, str, str]], said: Sequence[str]) -> str:
+    """Only ``param_groups`` differ, every moment matches: the state was loaded, and its
+    hyper-parameters were set again afterwards (a config applied after ``optimizer.load_state_dict``,
+    which restores moments and hyper-parameters together)."""
+    moments: dict[str, set[str]] = {}
+    for key in d.same:
+        parts = key.split(".")
+        if len(parts) >= 4 and parts[1] == "state":
+            moments.setdefault(parts[3], set()).add(parts[2])
+    names = _names(sorted({name for _, name, _, _ in groups}))
+    fix = (f"fix: load the optimizer state after the config sets {names}, or do not overwrite param_groups after "
+           f"optimizer.load_state_dict")
+    if not moments:  # an optimizer without per-parameter state (plain SGD): nothing else to compare
+        return (f"optimizer param_groups hyper-parameters differ: {'; '.join(said)} (optimizer.load_state_dict "
+                f"restores them, so they were set after the load or never loaded); {fix}")
+    n = len(set().union(*moments.values()))
+    return (f"optimizer moments were restored ({_names(sorted(moments))} of {plural(n, 'parameter')} match the "
+            f"uninterrupted run), but its param_groups hyper-parameters differ: {'; '.join(said)} "
+            f"(optimizer.load_state_dict restores both, so they were set after the load); {fix}")
 
 
 def _number(text: str) -> str:
@@ -135,20 +162,55 @@ def _tensor_count(d: _Delta, label: str, component: str) -> str:
     return f"{n} of {plural(total, label)} differ (first: {first})"
 
 
+def _few(keys: Sequence[str], n: int = 3) -> str:
+    return _names(list(keys)[:n]) + (" ..." if len(keys) > n else "")
+
+
 def _model(d: _Delta, restored: bool, load_calls: Sequence[Mapping[str, Any]]) -> str:
-    skipped = {k for c in load_calls if c.get("owner") == "model" for k in c.get("missing", ())}
-    unexpected = [k for c in load_calls if c.get("owner") == "model" for k in c.get("unexpected", ())]
+    calls = [c for c in load_calls if c.get("owner") == "model"]
+    skipped = {k for c in calls for k in c.get("missing", ())}
+    unexpected = [k for c in calls for k in c.get("unexpected", ())]
     differing = {_strip(k, "model") for k in (*d.tensors, *d.values, *d.missing)}
     lost = sorted(differing & skipped)
-    if restored and lost:
-        text = (f"load_state_dict(strict=False) skipped {plural(len(lost), 'key')} that "
-                f"{'differs' if len(lost) == 1 else 'differ'} from the uninterrupted run ({_names(lost[:3])}"
-                f"{' ...' if len(lost) > 3 else ''}): they keep their freshly built values")
-        if unexpected:
-            text += f"; the checkpoint's {_names(unexpected[:3])} matched no key of the model (unexpected)"
-        return text
-    counted = _tensor_count(d, "tensor", "model")
-    return f"model weights were not restored: {counted}" if restored else f"model weights: {counted}"
+    if not (restored and lost):
+        counted = _tensor_count(d, "tensor", "model")
+        return f"model weights were not restored: {counted}" if restored else f"model weights: {counted}"
+    # Whether load() changed a skipped key is known when the leg hashed the model around the
+    # load (tensorparity's own loop; not a framework's).
+    known = bool(calls) and all("rebuilt" in c for c in calls)
+    rebuilt = {k for c in calls for k in c.get("rebuilt", ())}
+    reset = [k for k in lost if k in rebuilt]
+    kept = [k for k in lost if k not in rebuilt]
+    said = []
+    if reset:
+        frozen = {k for c in calls for k in c.get("frozen", ())}
+        one = len(reset) == 1
+        text = (f"load_state_dict(strict=False) skipped {plural(len(reset), 'key')} the checkpoint does not hold, and "
+                f"load() re-initialised {'it' if one else 'them'} differently ({_few(reset)}): "
+                f"{'it no longer holds the value' if one else 'they no longer hold the values'} build() gave "
+                f"{'it' if one else 'them'}")
+        if frozen.issuperset(reset):
+            text += f", which the uninterrupted run still has ({'it is' if one else 'they are'} frozen: never trained)"
+        else:
+            text += ", nor the uninterrupted run's"
+        loaded = list(dict.fromkeys(k for c in calls for k in c.get("loaded", ())))
+        trainable = {k for c in calls for k in c.get("trainable", ())}
+        if loaded and trainable.issuperset(loaded) and frozen.issuperset(reset):
+            adapter = plural(len(loaded), "trainable (adapter) weight")
+            text += f"; the checkpoint holds only the {adapter} ({_few(loaded)})"
+        elif loaded:
+            text += f"; the checkpoint holds {plural(len(loaded), 'key')} of the model ({_few(loaded)})"
+        said.append(text)
+    if kept:
+        why = "they keep their freshly built values" if known else "the checkpoint does not hold them"
+        said.append(f"load_state_dict(strict=False) skipped {plural(len(kept), 'key')} that "
+                    f"{'differs' if len(kept) == 1 else 'differ'} from the uninterrupted run ({_few(kept)}): {why}")
+    if unexpected:
+        said.append(f"the checkpoint's {_few(unexpected)} matched no key of the model (unexpected)")
+    if reset:
+        said.append("fix: save and load the base weights too, or re-create them in load() from the same seed as "
+                    "build()")
+    return "; ".join(said)
 
 
 def _extras(component: str, d: _Delta, restored: bool, meta: Mapping[str, Any]) -> str:
@@ -161,6 +223,23 @@ def _extras(component: str, d: _Delta, restored: bool, meta: Mapping[str, Any]) 
     subject = f"EMA weights (extras '{name}')" if ema else f"extras '{name}' ({cls})"
     counted = _tensor_count(d, "tensor" if d.tensors else "key", component)
     return f"{subject} {'were' if ema else 'was'} not restored: {counted}" if restored else f"{subject}: {counted}"
+
+
+def _buffers(d: _Delta, restored: bool) -> str:
+    """Buffers registered with ``persistent=False``: ``state_dict()`` leaves them out, so no
+    checkpoint built from it holds them."""
+    names = list(dict.fromkeys(_strip(k, "buffers") for k in (*d.tensors, *d.values, *d.missing, *d.extra)))
+    one = len(names) == 1
+    what = (f"non-persistent buffer{'' if one else 's'} {_few(names, 5)} {'differs' if one else 'differ'} from the "
+            f"uninterrupted run's")
+    if d.missing or d.extra:
+        what += f" ({_names([_strip(k, 'buffers') for k in (*d.missing, *d.extra)][:3])} present in one run only)"
+    if not restored:
+        return what
+    return (f"{what}: registered with persistent=False, {'it is' if one else 'they are'} not saved in state_dict(), "
+            f"so the checkpoint does not hold {'it' if one else 'them'} and the resumed run starts from the freshly "
+            f"built value{'' if one else 's'}; fix: register {'it' if one else 'them'} with persistent=True, or "
+            f"recompute {'it' if one else 'them'} in load()")
 
 
 def _data(d: _Delta, restored: bool, rows: Sequence[StepRow]) -> str:
@@ -228,6 +307,8 @@ def _message(component: str, d: _Delta, *, at: int, restored: bool, meta: Mappin
         return _scheduler(d, restored)
     if component == "model":
         return _model(d, restored, load_calls)
+    if component == "buffers":
+        return _buffers(d, restored)
     if component.startswith("extras."):
         return _extras(component, d, restored, meta)
     if component == "data":
@@ -300,8 +381,7 @@ def audit(report: DiffReport, *, at: int, when: Literal["load", "end"] = "load",
                           - {_strip(k, "model") for k in deltas.get("model", _Delta()).keys()})
         if harmless:
             notes.append(f"load_state_dict(strict=False) skipped {plural(len(harmless), 'key')} the checkpoint does "
-                         f"not hold (e.g. {harmless[0]}); they equal the uninterrupted run's (the model is rebuilt "
-                         f"from the same seed), so nothing was lost")
+                         f"not hold (e.g. {harmless[0]}); they equal the uninterrupted run's, so nothing was lost")
     return tuple(findings), tuple(notes)
 
 

@@ -110,10 +110,18 @@ def judge_segment(reference: RunResult, resumed: RunResult, *, tolerance: Tolera
     end, _ = audit(state_diff(reference.snapshots[stop], resumed.snapshots[stop], tolerance=tolerance), at=stop,
                    when="end", meta=resumed.meta, accumulate=accumulate)
     diverged = divergence(rows, end, stop=stop)
+    if diverged is None and any(f.component == "buffers" for f in findings):
+        # A non-persistent buffer that differs after the load but changes nothing is a cache
+        # recomputed before use (built lazily on the first forward): worth a note, not a finding.
+        cache = next(f for f in findings if f.component == "buffers")
+        findings = tuple(f for f in findings if f.component != "buffers")
+        notes = (*notes, f"{cache.message.partition(':')[0]} right after the load, yet the run matches at every "
+                         f"step and at the end: recomputed before use (a cache)")
     if diverged is not None and audit_load and resumed.after_load is not None and not findings:
-        notes = (*notes, "no component differs right after the load, yet the run diverges: the cause is state "
-                         "tensorparity cannot see (module-level counters or caches, a generator the recipe does not "
-                         "return in extras, RNG drawn while the data loader's iterator was recreated)")
+        notes = (*notes, "no component differs right after the load (the model's non-persistent buffers included), "
+                         "yet the run diverges: the cause is state tensorparity cannot see (module-level counters or "
+                         "caches, a generator the recipe does not return in extras, RNG drawn while the data "
+                         "loader's iterator was recreated)")
     return Segment(start, stop, rows, findings, end, diverged, notes, resumed.wall_s)
 
 

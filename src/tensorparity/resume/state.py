@@ -5,7 +5,9 @@ A state is a nested dict of tensors and plain values (no numpy arrays, no custom
 file of it loads with ``torch.load(weights_only=True)`` and opens with :func:`tensorparity.open`:
 
 ================  ===============================================================
-``model``         ``model.state_dict()`` (parameters and buffers)
+``model``         ``model.state_dict()`` (parameters and persistent buffers)
+``buffers``       the model's buffers registered with ``persistent=False`` (which ``state_dict()``
+                  leaves out), by module path and name; only when the model has any
 ``mode``          ``{"training": model.training}``
 ``optimizer``     ``optimizer.state_dict()`` (when there is one); likewise ``scheduler``, ``scaler``
 ``extras``        each extra's ``state_dict()`` (RNG objects: their state)
@@ -32,8 +34,8 @@ import torch
 from tensorparity.resume.errors import RecipeError
 from tensorparity.resume.recipe import TrainingObjects
 
-__all__ = ["FORMAT", "capture", "component_of", "components", "data_rng", "load", "restore", "rng_state", "save",
-           "set_data_rng", "set_rng_state", "stateful_loader"]
+__all__ = ["FORMAT", "capture", "component_of", "components", "data_rng", "load", "non_persistent_buffers", "restore",
+           "rng_state", "save", "set_data_rng", "set_rng_state", "stateful_loader"]
 
 FORMAT = "tensorparity.resume.state/1"
 _RNG_KINDS = ("python", "numpy", "torch", "cuda")
@@ -170,6 +172,46 @@ def _set_extra_state(name: str, obj: Any, state: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Buffers state_dict() leaves out
+
+
+def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's buffers registered with ``persistent=False``, by ``module.path.name``: state a
+    ``state_dict()`` checkpoint never holds.
+
+    Example:
+        >>> m = torch.nn.Module(); m.register_buffer("cache", torch.zeros(2), persistent=False)
+        >>> list(non_persistent_buffers(torch.nn.Sequential(m)))
+        ['0.cache']
+    """
+    found: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buf = module._buffers.get(name)
+            if buf is not None:
+                found[f"{path}.{name}" if path else name] = buf.detach()
+    return found
+
+
+def _restore_buffers(model: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+    for key, value in saved.items():
+        path, _, name = key.rpartition(".")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is None or name not in module._non_persistent_buffers_set:
+            raise RecipeError(f"the saved state has a non-persistent buffer {key!r} the model does not have",
+                              fix="save with the same recipe that loads")
+        current = module._buffers.get(name)
+        if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+            with torch.no_grad():
+                current.copy_(value)
+        else:
+            module._buffers[name] = value.to(current.device) if current is not None else value.clone()
+
+
+# ---------------------------------------------------------------------------------------------
 # Capture and restore
 
 
@@ -188,8 +230,11 @@ def capture(objs: TrainingObjects, *, inside_group: bool = False) -> dict[str, A
         >>> sorted(state)
         ['data', 'extras', 'format', 'mode', 'model', 'optimizer', 'rng']
     """
-    state: dict[str, Any] = {"format": FORMAT, "model": objs.model.state_dict(),
-                             "mode": {"training": bool(objs.model.training)}}
+    state: dict[str, Any] = {"format": FORMAT, "model": objs.model.state_dict()}
+    buffers = non_persistent_buffers(objs.model)
+    if buffers:
+        state["buffers"] = buffers
+    state["mode"] = {"training": bool(objs.model.training)}
     for name in ("optimizer", "scheduler", "scaler"):
         obj = getattr(objs, name)
         if obj is not None:
@@ -217,7 +262,7 @@ def components(state: Mapping[str, Any]) -> list[str]:
         >>> components({"model": {}, "rng": {"torch": None, "numpy": None}, "extras": {"ema": {}}})
         ['model', 'extras.ema', 'rng.numpy', 'rng.torch']
     """
-    order = ("model", "mode", "optimizer", "scheduler", "scaler", "extras", "grads", "data", "rng")
+    order = ("model", "buffers", "mode", "optimizer", "scheduler", "scaler", "extras", "grads", "data", "rng")
     out: list[str] = []
     for top in order:
         if top not in state:
@@ -249,8 +294,8 @@ def restore(objs: TrainingObjects, state: Mapping[str, Any], *, only: Collection
     Args:
         objs: the training objects.
         state: what :func:`capture` returned (or a file of it, read back).
-        only: restore just these components (``"optimizer"``, ``"rng.torch"``, ``"extras.ema"``);
-            all of them by default.
+        only: restore just these components (``"optimizer"``, ``"rng.torch"``, ``"extras.ema"``,
+            ``"buffers"``); all of them by default.
 
     Raises:
         RecipeError: the state lacks a component the objects have (or ``only`` names).
@@ -262,7 +307,7 @@ def restore(objs: TrainingObjects, state: Mapping[str, Any], *, only: Collection
         True
     """
     wanted = set(components(state)) if only is None else set(only)
-    present = {"model", "mode", "data", *components(state)}
+    present = {"model", "buffers", "mode", "data", *components(state)}
     for name in ("optimizer", "scheduler", "scaler"):
         if getattr(objs, name) is not None and name not in state and (only is None or name in wanted):
             raise RecipeError(f"the saved state has no {name!r} but the recipe builds a {name}",
@@ -273,6 +318,8 @@ def restore(objs: TrainingObjects, state: Mapping[str, Any], *, only: Collection
                           fix="save with the same recipe that loads")
     if "model" in wanted:
         objs.model.load_state_dict(state["model"])
+    if "buffers" in wanted and "buffers" in state:
+        _restore_buffers(objs.model, state["buffers"])
     if "mode" in wanted:
         objs.model.train(bool(state["mode"]["training"]))
     for name in ("optimizer", "scheduler", "scaler"):
