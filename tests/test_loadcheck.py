@@ -138,10 +138,15 @@ def test_bf16_checkpoint_is_a_dtype_problem_unless_cast(tmp_path: Path, ref_stat
     assert torch.equal(model.decoder.weight, ref_state["decoder.weight"].bfloat16().float())
 
 
-def test_reference_package_not_installed_checks_the_local_side(tmp_path: Path,
-                                                               ref_state: dict[str, torch.Tensor]) -> None:
-    report = load_check(save(tmp_path / "r.pt", ref_state), model=PORT, reference="tp_absent_reference_pkg.asr:build",
-                        mapping=MAP)
+def test_reference_package_not_installed_is_an_error_unless_optional(tmp_path: Path,
+                                                                     ref_state: dict[str, torch.Tensor]) -> None:
+    from tensorparity._factory import PackageNotInstalledError
+
+    ckpt = save(tmp_path / "r.pt", ref_state)
+    with pytest.raises(PackageNotInstalledError, match="package 'tp_absent_reference_pkg' is not installed"):
+        load_check(ckpt, model=PORT, reference="tp_absent_reference_pkg.asr:build", mapping=MAP)
+    report = load_check(ckpt, model=PORT, reference="tp_absent_reference_pkg.asr:build", mapping=MAP,
+                        reference_optional=True)
     assert report.passed and [s.role for s in report.sides] == ["model"]
     assert report.cross is None
     assert report.not_installed is not None and report.not_installed.package == "tp_absent_reference_pkg"

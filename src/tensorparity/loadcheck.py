@@ -55,6 +55,7 @@ def load_check(
     tolerance: Tolerance | None = None,
     strict: bool = True,
     cast: bool = False,
+    reference_optional: bool = False,
 ) -> LoadCheckReport:
     """Load a checkpoint into a model (and a reference) and report how it went.
 
@@ -66,8 +67,8 @@ def load_check(
         model: the local model: an ``nn.Module``, a zero-argument callable returning one, or a
             factory string (``pkg.mod:function``, ``pkg.mod:Class``, ``path/to/file.py:function``).
             A string is imported and called: that runs the user's own code, on purpose.
-        reference: the reference model, the same way. When its factory's package is not
-            installed, the report says so and checks the model alone.
+        reference: the reference model, the same way. A factory that cannot be imported is an
+            error (a typo must not pass as "checked"), unless ``reference_optional``.
         mapping: a :class:`tensorparity.mapping.Mapping` or a YAML file between the two key
             spaces. It maps the checkpoint's keys to a model's keys where the checkpoint is in
             its side A, and back where it is in side B (see the module docstring for the rule).
@@ -77,6 +78,8 @@ def load_check(
             ``load_state_dict(strict=False)`` accepts them); shape and dtype problems still fail.
         cast: load tensors whose dtype differs from the model's cast to the model's dtype;
             without it they are not loaded and reported as dtype mismatches.
+        reference_optional: when the reference factory's package is not installed, check the
+            model alone and say so in the report, instead of raising.
 
     Raises:
         FactoryError: a factory is malformed, cannot be imported or called, or returns no module.
@@ -102,6 +105,10 @@ def load_check(
             try:
                 built.append(("reference", build_model(reference, role="reference")))
             except PackageNotInstalledError as exc:
+                if not reference_optional:
+                    raise PackageNotInstalledError(exc.package, exc.factory, fix=f"{exc.fix}; or pass "
+                                                   "--reference-optional (reference_optional=True) to check the "
+                                                   "local side alone") from None
                 not_installed = NotInstalled(exc.package, exc.factory)
         weights = opened.weights()
         # Plan every side before loading any: a mapping problem is reported before a model changes.

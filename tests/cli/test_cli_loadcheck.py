@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 import tensorparity
 from tensorparity.cli import app
 from tensorparity.examples import reference_model
+
+from _cli_helpers import assert_one_line_error
 from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
@@ -101,8 +103,19 @@ def test_bf16_checkpoint_needs_cast(tmp_path: Path, state: dict[str, torch.Tenso
     assert "options     --cast" in cast.stdout
 
 
-def test_reference_not_installed_checks_the_local_side(ckpt: Path) -> None:
-    result = invoke(ckpt, "--model", PORT, "--reference", "tp_absent_nemo_like.collections.asr:build", "--map", MAP)
+def test_a_reference_that_cannot_be_imported_is_an_error(ckpt: Path) -> None:
+    # a typo in the reference (tensorparty) must not pass as "checked"
+    result = invoke(ckpt, "--model", PORT, "--reference", "tensorparty.examples:reference_model", "--map", MAP)
+    assert_one_line_error(result, "package 'tensorparty' is not installed", "fix:", "--reference-optional")
+    as_json = invoke(ckpt, "--model", PORT, "--reference", "tensorparty.examples:reference_model", "--json")
+    assert as_json.exit_code == 2
+    doc = json.loads(as_json.stdout)
+    assert doc["schema"] == "tensorparity.error/1" and doc["exit_code"] == 2 and "tensorparty" in doc["error"]
+
+
+def test_reference_not_installed_checks_the_local_side_when_optional(ckpt: Path) -> None:
+    result = invoke(ckpt, "--model", PORT, "--reference", "tp_absent_nemo_like.collections.asr:build", "--map", MAP,
+                    "--reference-optional")
     assert result.exit_code == 0, result.output
     assert ("reference package 'tp_absent_nemo_like' is not installed; checked the local side only"
             in result.stdout)

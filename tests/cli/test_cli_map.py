@@ -60,7 +60,7 @@ def test_refuses_to_overwrite_without_force(files: dict[str, Path], tmp_path: Pa
     out = tmp_path / "map.yaml"
     out.write_text("keep me\n")
     result = invoke("suggest", files["ref"], files["port"], "-o", out)
-    assert_one_line_error(result, "map.yaml", "the output file exists", "fix: pass --force to replace it")
+    assert_one_line_error(result, "map.yaml", "the output file exists", "fix: pass --overwrite to replace it")
     assert out.read_text() == "keep me\n"
     forced = invoke("suggest", files["ref"], files["port"], "-o", out, "--force")
     assert forced.exit_code == 0 and Mapping.from_yaml(out).name == "suggested"

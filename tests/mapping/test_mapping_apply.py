@@ -194,15 +194,15 @@ def test_convert_never_overwrites_the_source_or_an_existing_file(tmp_path: Path,
     src = tmp_path / "reference.safetensors"
     save_file(reference_state, src)
     before = src.read_bytes()
-    with pytest.raises(UsageError, match="refusing to overwrite the checkpoint being converted"):
+    with pytest.raises(UsageError, match="refusing to write the converted checkpoint over"):
         convert(src, example_mapping, src, overwrite=True)
-    with pytest.raises(UsageError, match="refusing to overwrite"):
+    with pytest.raises(UsageError, match="refusing to write"):
         convert(tensorparity.open(src), example_mapping, tmp_path / "." / "reference.safetensors", overwrite=True)
     out = tmp_path / "port.safetensors"
     out.write_bytes(b"keep me")
     with pytest.raises(UsageError) as err:
         convert(src, example_mapping, out)
-    assert err.value.fix == "choose another path, or pass overwrite=True"
+    assert err.value.fix == "pass overwrite=True to replace it, or choose another path"
     assert src.read_bytes() == before and out.read_bytes() == b"keep me"
     convert(src, example_mapping, out, overwrite=True)
     assert out.read_bytes() != b"keep me"

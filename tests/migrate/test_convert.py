@@ -96,12 +96,12 @@ def test_the_destination_and_the_source_are_protected(tmp_path: Path) -> None:
     src = tmp_path / "w.pt"
     torch.save(_state(), src)
     before = src.read_bytes()
-    with pytest.raises(UsageError, match="refusing to overwrite the checkpoint being converted"):
+    with pytest.raises(UsageError, match="refusing to write the converted checkpoint over"):
         convert(src, src, overwrite=True)
-    with pytest.raises(UsageError, match="refusing to overwrite"):
+    with pytest.raises(UsageError, match="refusing to write"):
         convert(src, tmp_path, format="dcp", overwrite=True)  # the folder holding the source
     convert(src, tmp_path / "dcp", format="dcp")
-    with pytest.raises(UsageError, match="refusing to overwrite"):
+    with pytest.raises(UsageError, match="refusing to write"):
         convert(tmp_path / "dcp", tmp_path / "dcp" / "inside.pt")
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
@@ -159,7 +159,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
                                  "fix: convert the weights only (--weights-only")
     assert line.startswith("error: ")
     assert_one_line_error(invoke("convert", tmp_path / "train.pt", tmp_path / "train.pt", "--overwrite"),
-                          "refusing to overwrite the checkpoint being converted")
+                          "refusing to write the converted checkpoint over (or into) an input")
     assert_one_line_error(invoke("convert", tmp_path / "missing.pt", tmp_path / "x.pt"), "missing.pt",
                           "no such file or folder")
     assert_one_line_error(invoke("convert", tmp_path / "train.pt", tmp_path / "x.pt", "--max-shard-size", "lots"),

@@ -147,10 +147,10 @@ def test_iterable_remap_refused_on_the_command_line(tmp_path: Path) -> None:
 def test_usage_errors(legacy: Path, tmp_path: Path) -> None:
     out = tmp_path / "exists.pt"
     out.write_bytes(b"keep me")
-    assert_one_line_error(invoke("convert", legacy, out), "the output file exists", "--force")
+    assert_one_line_error(invoke("convert", legacy, out), "the output file exists", "--overwrite")
     assert out.read_bytes() == b"keep me"
     assert_one_line_error(invoke("convert", legacy, legacy / "worker_0.json", "--force"),
-                          "refusing to write the converted state over a legacy file")
+                          "refusing to write the converted state over (or into) an input")
     assert_one_line_error(invoke("convert", legacy, tmp_path / "s.pt", "--sampler", "sequential"),
                           "the old run shuffled", "fix: use sampler 'random'")
     assert_one_line_error(invoke("convert", tmp_path / "nowhere", tmp_path / "s.pt"), "no such folder")
@@ -177,5 +177,5 @@ def test_disk_full_leaves_nothing_behind(legacy: Path, tmp_path: Path, monkeypat
 
     monkeypatch.setattr(Path, "write_bytes", full)
     assert_one_line_error(invoke("convert", legacy, out / "s.pt"), "could not write the data-loader state",
-                          "No space left on device", "fix: check free disk space")
+                          "the disk is full (No space left on device)", "fix: free disk space")
     assert list(out.iterdir()) == []

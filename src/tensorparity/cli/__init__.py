@@ -65,6 +65,37 @@ app.add_typer(map_app, name="map")
 app.add_typer(dataloader_state_app, name="dataloader-state")
 
 
-def main() -> None:
-    """Entry point of the ``tensorparity`` console script and of ``python -m tensorparity``."""
-    app(prog_name="tensorparity")
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``tensorparity`` console script and of ``python -m tensorparity``.
+
+    Exit codes: 0 same (or written), 1 differs, 2 error (usage errors included), 130 interrupted
+    (Ctrl-C: one line, ``interrupted``, no traceback). With ``--json`` an error is also one JSON
+    document on stdout (schema ``tensorparity.error/1``), click's usage errors included.
+    """
+    import signal
+    import sys
+
+    from tensorparity._output import note_interrupt
+    from tensorparity.cli._common import EXIT_INTERRUPTED, fail_json
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        note_interrupt()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = app(args=args, prog_name="tensorparity", standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        code = int(getattr(exc, "exit_code", 2))
+        if "--json" in args:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            fail_json(message, "see tensorparity COMMAND --help", code)
+        sys.exit(code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from tensorparity.errors import TensorParityError, UsageError
+from tensorparity._output import check_output, write_text
+from tensorparity.errors import TensorParityError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,10 +32,13 @@ __all__ = [
     "NanUnequalOption",
     "RtolOption",
     "StatisticOption",
+    "check_output",
     "command",
+    "emit_json",
+    "fail_json",
     "finish",
+    "report_stream",
     "stdout_console",
-    "write_atomic",
 ]
 
 # Tolerance options shared by every command that compares (diff, compare).
@@ -56,91 +59,165 @@ EXIT_ERROR = 2  # bad input, bad usage, or a bug; same code click uses for usage
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's 128 + SIGINT
+
+
 def _debug() -> bool:
     return os.environ.get("TENSORPARITY_DEBUG", "") not in ("", "0")
 
 
-def _fail(line: str) -> typer.Exit:
+class _Report:
+    """Where the report goes: the stdout the command started with. While a command runs, code
+    the user handed us (factories, recipes, input functions) writes its stdout to stderr instead
+    (``sys.stdout`` swapped, and file descriptor 1 too where it is the real stdout), so that
+    ``--json`` output is one JSON document whatever a factory prints while it builds."""
+
+    stream: Any = None
+
+
+_REPORT = _Report()
+
+
+def report_stream() -> Any:
+    """The stream the report is written to (``sys.stdout`` outside a command)."""
+    return _REPORT.stream if _REPORT.stream is not None else sys.stdout
+
+
+def emit_json(text: str) -> None:
+    """Write one JSON document (and a newline) to the report stream."""
+    out = report_stream()
+    out.write(text + "\n")
+    out.flush()
+
+
+def _error_json(message: str, fix: str | None, code: int, exc: BaseException | None = None) -> str:
+    import json
+
+    doc: dict[str, Any] = {"schema": "tensorparity.error/1", "error": message, "fix": fix, "exit_code": code}
+    if isinstance(exc, TensorParityError):
+        doc.update(error=exc.message, path=exc.path, key=exc.key)
+    return json.dumps(doc, ensure_ascii=False)
+
+
+def _fail(line: str, *, json_: bool = False, exc: BaseException | None = None, code: int = EXIT_ERROR,
+          fix: str | None = None) -> typer.Exit:
     if _debug():
         traceback.print_exc()
     sys.stderr.write(" ".join(line.split()) + "\n")  # exactly one line, whatever the message held
     sys.stderr.flush()
-    return typer.Exit(EXIT_ERROR)
+    if json_:
+        fix = exc.fix if isinstance(exc, TensorParityError) else fix
+        try:
+            emit_json(_error_json(" ".join(line.split()), fix, code, exc))
+        except (BrokenPipeError, OSError):
+            pass
+    return typer.Exit(code)
+
+
+def fail_json(line: str, fix: str | None, code: int) -> None:
+    """Print an error document on stdout for ``--json`` (outside a command: click's usage errors)."""
+    sys.stdout.write(_error_json(line, fix, code) + "\n")
+    sys.stdout.flush()
+
+
+class _UserStdoutToStderr:
+    """``sys.stdout`` (and fd 1, where it is the real stdout) sent to stderr for the block; the
+    report stream keeps the original."""
+
+    def __enter__(self) -> None:
+        self.saved_stdout, self.saved_fd, self.previous = sys.stdout, None, _REPORT.stream
+        try:
+            sys.stdout.flush()
+            if sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2:
+                self.saved_fd = os.dup(1)
+                _REPORT.stream = os.fdopen(os.dup(self.saved_fd), "w", encoding="utf-8", errors="replace")
+                os.dup2(2, 1)
+        except (AttributeError, OSError, ValueError):  # a captured stdout without a descriptor (tests)
+            self.saved_fd = None
+        if self.saved_fd is None:
+            _REPORT.stream = self.saved_stdout
+        sys.stdout = sys.stderr
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout = self.saved_stdout
+        stream = _REPORT.stream
+        _REPORT.stream = self.previous
+        if self.saved_fd is not None:
+            try:
+                stream.flush()
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                stream.close()
+            except (BrokenPipeError, OSError):
+                pass
+            os.dup2(self.saved_fd, 1)
+            os.close(self.saved_fd)
 
 
 def command(func: F) -> F:
     """Run a command body with tensorparity's error contract.
 
     ``TensorParityError`` -> ``error: <message>`` on stderr, exit 2. Any other exception ->
-    ``internal error: <type>: <message> (please report; ...)``, exit 2. typer's own exits and
-    usage errors pass through unchanged.
+    ``internal error: <type>: <message> (please report; ...)``, exit 2. Ctrl-C -> ``interrupted``,
+    exit 130. With ``--json`` every one of them also prints one error document on stdout
+    (schema ``tensorparity.error/1``). While the body runs, what user code prints to stdout goes
+    to stderr (see :class:`_Report`). typer's own exits and usage errors pass through unchanged.
 
     Example:
         >>> @command
-        ... def hello() -> None:
-        ...     print("hello")
-        >>> hello()
-        hello
+        ... def add(a: int, b: int) -> int:
+        ...     return a + b
+        >>> add(1, 2)
+        3
     """
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
+        json_ = bool(kwargs.get("json_"))
         try:
-            return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.TyperException):
-            raise
-        except TensorParityError as exc:
-            raise _fail(f"error: {exc}") from None
-        except KeyboardInterrupt:
-            raise _fail("error: interrupted") from None
+            with _UserStdoutToStderr():
+                try:
+                    return func(*args, **kwargs)
+                except BrokenPipeError:
+                    raise
+                except KeyboardInterrupt:
+                    raise _fail("interrupted", json_=json_, code=EXIT_INTERRUPTED,
+                                fix="run the command again; nothing was left half-written") from None
+                except (typer.Exit, typer.Abort, typer.TyperException):
+                    raise
+                except TensorParityError as exc:
+                    raise _fail(f"error: {exc}", json_=json_, exc=exc) from None
+                except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a clean exit
+                    raise _fail(f"internal error: {type(exc).__name__}: {exc} "
+                                "(please report; set TENSORPARITY_DEBUG=1 for the traceback)", json_=json_,
+                                fix="please report it; set TENSORPARITY_DEBUG=1 for the traceback") from None
         except BrokenPipeError:
             # The reader went away (`| head`): stop quietly, and keep Python from complaining
             # about the unflushed stdout at exit.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(EXIT_OK) from None
-        except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a clean exit
-            raise _fail(f"internal error: {type(exc).__name__}: {exc} "
-                        "(please report; set TENSORPARITY_DEBUG=1 for the traceback)") from None
 
     return run  # type: ignore[return-value]
 
 
 def stdout_console() -> Console:
-    """The console people read: stdout, no syntax highlighting of numbers inside user data."""
+    """The console people read: the report stream, no syntax highlighting of numbers inside
+    user data."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    stream = report_stream()
+    return Console(highlight=False, file=stream if stream is not sys.stdout else None)
 
 
 def finish(report: Any, *, json_: bool, top: int) -> NoReturn:
     """Print a report (JSON and nothing else, or its rich rendering) and exit with its code."""
     if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
+        emit_json(report.to_json())
     else:
         report.render(stdout_console(), top=top)
     raise typer.Exit(report.exit_code)
-
-
-def check_output(out: Path, inputs: list[str], overwrite: bool, *, flag: str = "--overwrite",
-                 what: str = "the file") -> None:
-    """Refuse before any work is done: an existing file without ``flag``, a file that is (or lies
-    inside) an input, a folder, a missing parent folder."""
-    for source in inputs:
-        try:
-            same = Path(source).exists() and out.exists() and os.path.samefile(source, out)
-        except OSError:
-            same = False
-        if same or (Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve())):
-            raise UsageError(f"refusing to write {what} over (or into) an input", path=out,
-                             fix=f"write {what} to another path")
-    if out.is_dir():
-        raise UsageError("the output is a folder", path=out, fix="give a file name, e.g. map.yaml")
-    if out.exists() and not overwrite:
-        raise UsageError("the output file exists", path=out, fix=f"pass {flag} to replace it, or choose another path")
-    if not out.parent.is_dir():
-        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
 
 
 def save_found_mapping(report: Any, path: Path | None) -> None:
@@ -153,27 +230,4 @@ def save_found_mapping(report: Any, path: Path | None) -> None:
         sys.stderr.write(f"--save-map: no mapping was found to save (none was needed, or a mapping was given); "
                          f"{path} not written\n")
         return
-    write_atomic(path, found.to_yaml(), what="the mapping")
-
-
-def write_atomic(path: Path, text: str, *, what: str = "the file") -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
-    never leaves a half-written file.
-
-    Example:
-        >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "m.yaml"
-        >>> write_atomic(p, "version: 1\\n"); p.read_text()
-        'version: 1\\n'
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UsageError(f"could not write {what} ({exc.strerror or exc})", path=path,
-                         fix="check free disk space and permissions") from None
+    write_text(path, found.to_yaml(), what="the mapping")

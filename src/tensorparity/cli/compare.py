@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,9 +17,10 @@ from tensorparity.cli._common import (
     check_output,
     command,
     save_found_mapping,
+    emit_json,
     stdout_console,
-    write_atomic,
 )
+from tensorparity._output import write_text
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
 from tensorparity.report.trace_html import render_trace_html
@@ -65,12 +65,12 @@ def compare_command(
     save_map: Annotated[Path | None, typer.Option("--save-map", metavar="MAP.yaml",
                                                   help="Without --map: write the mapping compare found from the "
                                                        "traces' parameters (YAML, for review and reuse).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-map replace an existing "
-                                            "file.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-map and --html replace an existing "
+                                            "file (never an input).")] = False,
     html_: Annotated[Path | None, typer.Option("--html", metavar="PATH",
                                                help="Also write the report as one self-contained HTML file (plot "
                                                     "of per-layer error, filterable table; opens offline). "
-                                                    "Written atomically; an existing file is replaced.")] = None,
+                                                    "Written atomically; an existing file only with --overwrite.")] = None,
 ) -> None:
     """Compare two traces layer by layer, forward and backward; name the first diverging layer.
 
@@ -82,11 +82,11 @@ def compare_command(
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
     tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol, statistic=statistic, nan_unequal=nan_unequal,
                                 overrides=tol)
-    if html_ is not None and (html_.is_dir() or not html_.parent.is_dir()):
-        raise UsageError("--html needs a file in an existing folder", path=html_,
-                         fix="give a file name in an existing folder, e.g. --html report.html")
+    inputs = [a, b, map_ if isinstance(map_, str) else None]
+    if html_ is not None:
+        check_output(html_, inputs, overwrite, what="the HTML report")
     if save_map is not None:
-        check_output(save_map, [a, b], overwrite, what="the mapping")
+        check_output(save_map, inputs, overwrite, what="the mapping")
     if noise_floor:
         from tensorparity.trace.noise import recorded_noise_floor
         from tensorparity.trace.trace import Trace
@@ -97,18 +97,18 @@ def compare_command(
         finally:
             reference.close()
     side_b: object = b
-    if not Path(b).exists() and ":" in b:
-        from tensorparity._factory import build_model
+    from tensorparity._factory import build_model, carries_model
+
+    if (not Path(b).exists() and ":" in b) or carries_model(b):  # a factory, a .nemo file or an HF folder
 
         side_b = build_model(b, role="model B").model
     report = compare_traces(a, side_b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
                             margin=margin, rank=rank)
     save_found_mapping(report, save_map)
     if html_ is not None:
-        write_atomic(html_, render_trace_html(report), what="the HTML report")
+        write_text(html_, render_trace_html(report), what="the HTML report")
     if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
+        emit_json(report.to_json())
     else:
         console = stdout_console()
         report.render(console, top=top)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, emit_json, stdout_console
 
 __all__ = ["convert_command"]
 
@@ -45,7 +44,6 @@ def convert_command(
     report = convert(src, dst, format=format_, max_shard_size=max_shard_size, overwrite=overwrite,
                      verify=not no_verify, weights_only=weights_only)
     if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
+        emit_json(report.to_json())
     else:
         report.render(stdout_console())

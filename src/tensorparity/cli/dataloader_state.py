@@ -7,13 +7,12 @@ legacy folder or a saved state. Exit code: 0 done, 2 error (one line on stderr).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, emit_json, stdout_console
 from tensorparity.migrate.dataloader_state import convert_dataloader_state, inspect_dataloader_state
 
 __all__ = ["convert_command", "dataloader_state_app", "inspect_command"]
@@ -48,7 +47,8 @@ def convert_command(
         help="Map-style: the new loader's sampler. random = shuffle=True (default for a shuffled run); "
              "distributed = StatefulDistributedSampler (repeats the old seed+epoch order in later epochs too).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing OUT (never a "
+                                            "legacy file). --force is the old spelling.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip restarting a real StatefulDataLoader "
                                             "from the state before writing it.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the record as JSON (schema "
@@ -61,10 +61,9 @@ def convert_command(
     position (iterable).
     """
     conversion = convert_dataloader_state(legacy_dir, out, num_workers=num_workers, sampler=sampler,
-                                          verify=not no_verify, force=force)
+                                          verify=not no_verify, force=overwrite)
     if json_:
-        sys.stdout.write(conversion.to_json() + "\n")
-        sys.stdout.flush()
+        emit_json(conversion.to_json())
     else:
         conversion.render(stdout_console())
 
@@ -79,8 +78,7 @@ def inspect_command(
     """Describe a data-loader state: epoch, batches and samples read, sampler, each worker's position."""
     summary = inspect_dataloader_state(path)
     if json_:
-        sys.stdout.write(summary.to_json() + "\n")
-        sys.stdout.flush()
+        emit_json(summary.to_json())
     else:
         summary.render(stdout_console())
 

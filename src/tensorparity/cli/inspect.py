@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, stdout_console
+from tensorparity.cli._common import command, emit_json, stdout_console
 from tensorparity.report.inspect import inspect
 
 __all__ = ["inspect_command"]
@@ -31,7 +30,6 @@ def inspect_command(
     """
     report = inspect(path, keys=keys, top=top)
     if json_:
-        sys.stdout.write(report.to_json() + "\n")
-        sys.stdout.flush()
+        emit_json(report.to_json())
     else:
         report.render(stdout_console(), fold=not all_)

@@ -26,8 +26,12 @@ def load_check_command(
                                        help=f"Builds the local model, called with no arguments: {_FACTORY}. "
                                             "It is imported and run: it is your code.")],
     reference: Annotated[str | None, typer.Option("--reference", "-r", metavar="FACTORY",
-                                                  help="Builds the reference model, the same way. If its package "
-                                                       "is not installed, the local side is checked alone.")] = None,
+                                                  help="Builds the reference model, the same way. A reference that "
+                                                       "cannot be imported is an error (see --reference-optional).")
+                          ] = None,
+    reference_optional: Annotated[bool, typer.Option("--reference-optional", help="If the reference's package is not "
+                                                     "installed, check the local side alone (and say so) instead of "
+                                                     "failing.")] = False,
     map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",
                                              help="Mapping between the checkpoint's and the models' key spaces; "
                                                   "each model gets the checkpoint as is, through it or through its "
@@ -56,5 +60,5 @@ def load_check_command(
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
     tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol)
     report = load_check(checkpoint, model=model, reference=reference, mapping=map_, tolerance=tolerance,
-                        strict=strict, cast=cast)
+                        strict=strict, cast=cast, reference_optional=reference_optional)
     finish(report, json_=json_, top=top)

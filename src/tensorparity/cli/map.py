@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import check_output, command, stdout_console, write_atomic
+from tensorparity._output import write_text
+from tensorparity.cli._common import check_output, command, emit_json, report_stream, stdout_console
 from tensorparity.errors import UsageError
 from tensorparity.mapping.suggest import suggest_mapping
 
@@ -41,7 +42,8 @@ def suggest_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", metavar="MAP.yaml",
                                                 help="Write the mapping here (atomically). Without it, the YAML "
                                                      "goes to stdout.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output file "
+                                            "(never an input). --force is the old spelling.")] = False,
     weights_only: Annotated[bool | None, typer.Option(
         "--weights-only/--all-keys",
         help="Match model weights only, or every key. Default: as diff does (weights only when one side is a "
@@ -59,21 +61,21 @@ def suggest_command(
     if top < 0:
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
     if output is not None:
-        check_output(output, [a, b], force, flag="--force", what="the mapping")
+        check_output(output, [a, b], overwrite, what="the mapping")
     suggestion = suggest_mapping(a, b, weights_only=weights_only)
     if output is not None:
-        write_atomic(output, suggestion.to_yaml(), what="the mapping")
+        write_text(output, suggestion.to_yaml(), what="the mapping")
     if json_:
-        sys.stdout.write(suggestion.to_json() + "\n")
+        emit_json(suggestion.to_json())
     elif output is not None:
         console = stdout_console()
         suggestion.render(console, top=top)
         console.print(f"wrote {output}", markup=False, highlight=False)
     else:
-        sys.stdout.write(suggestion.to_yaml())
+        report_stream().write(suggestion.to_yaml())
+        report_stream().flush()
         sys.stderr.write(suggestion.summary() + ("" if suggestion.complete else
                                                  " (listed at the end of the YAML)") + "\n")
-    sys.stdout.flush()
     raise typer.Exit(suggestion.exit_code)
 
 

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import AtolOption, RtolOption, command, finish, write_atomic
+from tensorparity._output import write_text
+from tensorparity.cli._common import AtolOption, RtolOption, check_output, command, finish
 from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.resume import resume_check
@@ -60,8 +61,11 @@ def resume_check_command(
                                               "new folder inside DIR.", show_default=False)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema tensorparity.resume/1) and "
                                         "nothing else.")] = False,
-    html: Annotated[Path | None, typer.Option("--html", metavar="PATH", help="Also write the report as HTML.",
+    html: Annotated[Path | None, typer.Option("--html", metavar="PATH", help="Also write the report as HTML "
+                                              "(atomically; an existing file only with --overwrite).",
                                               show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --html replace an existing file (never the "
+                                            "recipe).")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Step rows shown per leg before folding.")] = 20,
 ) -> None:
     """Prove that save → fresh process → load → continue equals uninterrupted training.
@@ -75,10 +79,12 @@ def resume_check_command(
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 50")
     if threads < 0:
         raise UsageError(f"--threads must be 0 or more, not {threads}", fix="pass e.g. --threads 1")
+    if html is not None:
+        check_output(html, [recipe.split(":")[0] if ".py:" in recipe else None], overwrite, what="the HTML report")
     report = resume_check(recipe, steps=steps, resume_at=resume_at, chain=chain,
                           tolerance=_tolerance(tolerance, atol, rtol), seed=seed,  # type: ignore[arg-type]
                           confirm=confirm, isolation=isolation, threads=threads or None,  # type: ignore[arg-type]
                           timeout=timeout, workdir=keep)
     if html is not None:
-        write_atomic(html, report.to_html(), what="the HTML report")
+        write_text(html, report.to_html(), what="the HTML report")
     finish(report, json_=json_, top=top)

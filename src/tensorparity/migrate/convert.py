@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.compare import Tolerance
+from tensorparity._output import refuse_inputs, write_failure
 from tensorparity.errors import InternalError, UsageError
 from tensorparity.migrate.atomic import atomic_output
 from tensorparity.migrate.writers import (
@@ -139,22 +140,8 @@ class ConvertReport:
         return f"<pre>{html.escape(str(self))}</pre>"
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except (OSError, ValueError):
-        return False
-
-
 def _refuse_source(src: Path, dst: Path) -> None:
-    same = False
-    try:
-        same = dst.exists() and src.exists() and os.path.samefile(src, dst)
-    except OSError:
-        pass
-    if same or _inside(dst, src) or (dst.is_dir() and _inside(src, dst)) or src.resolve() == dst.resolve():
-        raise UsageError("refusing to overwrite the checkpoint being converted (or the folder holding it)", path=dst,
-                         fix="write the converted checkpoint to another path")
+    refuse_inputs(dst, [src], "the converted checkpoint")
 
 
 def _disk_usage(dest: Path) -> tuple[int, tuple[str, ...]]:
@@ -299,15 +286,9 @@ def convert(
                     if report.verdict != "identical":
                         raise InternalError(f"{dest}: the converted checkpoint does not read back identical to the "
                                             f"source ({report.classic_summary()}); nothing was written")
-        except OSError as exc:
-            raise UsageError(f"could not write the converted checkpoint ({exc.strerror or exc})", path=dest,
-                             fix="check free disk space, quotas and permissions; the destination was left as it "
-                                 "was") from None
-        except RuntimeError as exc:
+        except (OSError, RuntimeError, KeyboardInterrupt) as exc:
             # torch's zip writer (inside DCP's items) reports a failed or short write as a RuntimeError
-            raise UsageError(f"could not write the converted checkpoint ({' '.join(str(exc).split())[:200]})",
-                             path=dest, fix="check free disk space, quotas and permissions; the destination was "
-                                            "left as it was") from None
+            raise write_failure(exc, "the converted checkpoint", dest) from None
         size, files = _disk_usage(dest)
         n_tensors = sum(1 for _ in body.tensors())
         return ConvertReport(

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tensorparity._output import check_output, write_failure
 from tensorparity.errors import UsageError
 from tensorparity.migrate._dataloader_build import (
     DatasetStateFn,
@@ -37,16 +38,7 @@ __all__ = ["convert_dataloader_state", "inspect_dataloader_state"]
 
 def _check_output(out: Path, legacy: LegacyLoaderState, *, force: bool) -> None:
     sources = [legacy.path / f"{GLOBAL_NAME}{s}" for s in (".json", ".pt")] + [w.path for w in legacy.workers]
-    for src in sources:
-        if src.exists() and out.exists() and os.path.samefile(src, out):
-            raise UsageError("refusing to write the converted state over a legacy file", path=out,
-                             fix="write it elsewhere, e.g. OUT=dataloader_state.pt")
-    if out.is_dir():
-        raise UsageError("the output is a folder", path=out, fix="give a file name, e.g. dataloader_state.pt")
-    if out.exists() and not force:
-        raise UsageError("the output file exists", path=out, fix="pass --force to replace it, or choose another path")
-    if not out.parent.is_dir():
-        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
+    check_output(out, [legacy.path, *sources], force, what="the converted state")
 
 
 def _notes(legacy: LegacyLoaderState, *, num_workers: int, sampler: str | None) -> tuple[str, ...]:
@@ -153,9 +145,8 @@ def convert_dataloader_state(
                 tmp.write_bytes(data)
                 # What the user will load is the file, so the file is what gets proven.
                 verification = check(load_plain(tmp, what="a data-loader state"))
-        except OSError as exc:
-            raise UsageError(f"could not write the data-loader state ({exc.strerror or exc})", path=target,
-                             fix="check free disk space and permissions; nothing was written") from None
+        except (OSError, RuntimeError) as exc:
+            raise write_failure(exc, "the data-loader state", target, left="nothing was written") from None
     result = summarize_state(state, source=str(target) if target else "<memory>")
     return DataLoaderStateConversion(source=summarize_legacy(state_in), result=result,
                                      sampler=chosen or "none (iterable)",
