@@ -3,6 +3,8 @@ backward, and write every layer's tensors as a trace folder. Exit 0 written, 2 e
 
 from __future__ import annotations
 
+import inspect
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +19,13 @@ from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.trace.capture import capture
 from tensorparity.trace.format import MODES
 from tensorparity.trace.records import flatten_value
-from tensorparity.trace.seed import InputSpec, input_hash, reproducible
+from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
 from tensorparity.trace.trace import Trace
 
 __all__ = ["capture_command", "capture_run"]
 
 _FACTORY = "'pkg.module:function', 'pkg.module:Class' or 'path/to/file.py:function'"
+_SAVED = "a .nemo file (restored by NeMo) or a Hugging Face model folder (config.json) also stands for a factory"
 
 
 def _resolve(text: str, role: str) -> Callable[..., Any]:
@@ -152,12 +155,9 @@ def capture_run(
                 args, kwargs = _to(args, run_device), _to(kwargs, run_device)
             provenance["input_function"] = input_fn
         else:
-            built_inputs: list[Any] = []
-            for spec in specs:
-                value = spec.build(run_device)
-                built_inputs.extend(value if isinstance(value, tuple) else [value])
-            args, kwargs = tuple(built_inputs), {}
+            args, kwargs = build_inputs(specs, run_device)
             provenance["input_spec"] = [str(s) for s in specs]
+        _check_call(model, args, kwargs)
         provenance["loss"] = loss if loss else ("output.float().sum()" if backward else None)
         if noise_floor:
             from tensorparity.trace.noise import FACTOR, noise_atols
@@ -181,7 +181,12 @@ def _run(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
          loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
     step = "forward"
     try:
-        output = model(*args, **kwargs)
+        try:
+            output = model(*args, **kwargs)
+        except TypeError as exc:
+            if _refuses_call(model, exc, args):
+                raise _refused(model, str(exc)) from exc
+            raise
         if loss_fn is not None:
             step = "loss"
             value = loss_fn(output)
@@ -192,6 +197,56 @@ def _run(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     except Exception as exc:  # noqa: BLE001 - the user's model
         raise UsageError(f"the model raised {type(exc).__name__} during {step}: {exc}",
                          fix="run the model on this input in Python to see the traceback") from exc
+
+
+def _forward_params(model: torch.nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _refused(model: torch.nn.Module, why: str) -> UsageError:
+    """A model whose forward refuses the input's arguments: name its parameters and the fix."""
+    signature = _forward_params(model)
+    params = list(signature.parameters.values()) if signature is not None else []
+    shown, star = [], False
+    for p in params:
+        if p.kind is p.KEYWORD_ONLY and not star:
+            shown.append("*")
+        star = star or p.kind in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)
+        shown.append({p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name)
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    example = f"{named[0]}=SHAPE:DTYPE" if named else "NAME=SHAPE:DTYPE"
+    return UsageError(f"the model ({type(model).__name__}) refuses its input as given: {' '.join(why.split())}; its "
+                      f"forward takes ({', '.join(shown)})",
+                      fix=f"pass keyword inputs with --input-spec NAME=SPEC (repeatable, e.g. --input-spec {example}; "
+                          "':lengths' adds NAME_length), or --input module:function returning a dict")
+
+
+def _check_call(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse, before anything runs, an input that forward's signature cannot bind."""
+    signature = _forward_params(model)
+    if signature is None:
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise _refused(model, f"{exc} ({len(args)} positional, {len(kwargs)} keyword)") from None
+
+
+# A TypeError that forward itself raised about how it was called (NeMo's typed methods take
+# keywords only: "All arguments must be passed by kwarg only for typed methods").
+_CALL_ERRORS = re.compile(r"kwarg only|keyword.only|by keyword|positional argument|required (positional )?argument|"
+                          r"unexpected keyword argument|multiple values for argument")
+
+
+def _refuses_call(model: torch.nn.Module, exc: TypeError, args: tuple[Any, ...]) -> bool:
+    text = str(exc)
+    if not _CALL_ERRORS.search(text):
+        return False
+    own = f"{type(model).__qualname__}.forward()"  # Python's own binding message names the method
+    return own in text or (bool(args) and "kwarg" in text)
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -208,13 +263,14 @@ def _to(value: Any, device: torch.device) -> Any:
 def capture_command(
     model: Annotated[str, typer.Argument(metavar="MODEL_FACTORY", show_default=False,
                                          help=f"Builds the model, called with no arguments: {_FACTORY}. "
-                                              "It is imported and run: it is your code.")],
+                                              f"It is imported and run: it is your code. {_SAVED}.")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="TRACE", show_default=False,
                                       help="A new folder for the trace.")],
     input_spec: Annotated[list[str] | None, typer.Option(
         "--input-spec", metavar="SPEC", help="The input, built from its shape, dtype and the seed: "
-        "SHAPE[:DTYPE][:lengths][:high=N][:seed=N], e.g. 2x16x20:float32 or 2x16000:float32:lengths "
-        "(a padded batch plus its lengths). Repeat for more positional arguments.")] = None,
+        "[NAME=]SHAPE[:DTYPE][:lengths[=NAME]][:high=N][:seed=N], e.g. 2x16x20:float32 or 2x16000:float32:lengths "
+        "(a padded batch plus its lengths). Repeat for more arguments; NAME= passes a keyword argument "
+        "(input_signal=2x16000:float32:lengths gives input_signal and input_signal_length).")] = None,
     input_fn: Annotated[str | None, typer.Option(
         "--input", metavar="FUNCTION", help="A function returning the input: a tensor, a tuple (positional "
         "arguments) or a dict (keyword arguments).")] = None,

@@ -21,7 +21,8 @@ def replay_command(
                                              show_default=False)],
     model: Annotated[str, typer.Option("--model", metavar="pkg.module:factory", show_default=False,
                                        help="The implementation to check: module:function, module:Class or "
-                                            "file.py:function returning the nn.Module.")],
+                                            "file.py:function returning the nn.Module, or a .nemo file or a "
+                                            "Hugging Face model folder (config.json).")],
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", metavar="CKPT",
                                                    help="Load these weights into the model (strict).")] = None,
     map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",

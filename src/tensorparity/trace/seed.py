@@ -3,14 +3,17 @@
 Two environments compare layer by layer only if they compute on the same input with the same
 random streams. :func:`seed_everything` seeds Python, numpy and torch (CUDA included) and turns
 on deterministic algorithms; :func:`reproducible` does it for a block and restores everything
-afterwards. :class:`InputSpec` builds an input from a short text (``"2x16000:float32:lengths"``)
-the same way everywhere, independent of the global random state; :func:`input_hash` fingerprints
+afterwards. :class:`InputSpec` builds an input from a short text (``"2x16000:float32:lengths"``,
+or ``"input_signal=2x16000:float32:lengths"`` for keyword arguments) the same way everywhere,
+independent of the global random state; :func:`build_inputs` turns several into a model call's
+``(args, kwargs)``; :func:`input_hash` fingerprints
 a model call's inputs so that a trace can prove which input it was captured on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import keyword
 import os
 import random
 import re
@@ -25,7 +28,7 @@ import torch
 
 from tensorparity.errors import UsageError
 
-__all__ = ["InputSpec", "RandomState", "current_seed", "environment", "input_hash", "reproducible",
+__all__ = ["InputSpec", "RandomState", "build_inputs", "current_seed", "environment", "input_hash", "reproducible",
            "seed_everything"]
 
 _MAX_SEED = 2**32 - 1  # numpy's limit; python and torch accept it too
@@ -165,7 +168,14 @@ def reproducible(seed: int, *, deterministic: bool = True) -> Iterator[int]:
 
 
 _SPEC_FIX = ("write SHAPE[:DTYPE][:OPTION...], e.g. '2x16x20:float32', '2x16000:float32:lengths' or "
-             "'2x12:int64:high=32000' (options: lengths, seed=N, high=N)")
+             "'2x12:int64:high=32000' (options: lengths, lengths=NAME, seed=N, high=N), and NAME=SPEC for a "
+             "keyword argument, e.g. 'input_signal=2x16000:float32:lengths'")
+
+
+def _check_name(text: str, name: str, what: str) -> str:
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"input spec {text!r}: {name!r} is not a Python parameter name ({what})", fix=_SPEC_FIX)
+    return name
 _DTYPES = {name: getattr(torch, name) for name in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
 _DTYPES.update({"double": torch.float64, "float": torch.float32, "half": torch.float16, "long": torch.int64,
@@ -182,12 +192,19 @@ class InputSpec:
     first sample full length, the others between half and full length), with the padding zeroed,
     and :meth:`build` returns ``(tensor, lengths)``.
 
+    A spec with a ``name`` is a keyword argument (``NAME=SPEC``); its lengths, if any, are the
+    keyword ``lengths_name`` (``lengths=NAME`` in the text; ``<name>_length`` by default, NeMo's
+    ``input_signal`` / ``input_signal_length``). A positional spec's lengths are the next
+    positional argument unless ``lengths=NAME`` makes them a keyword.
+
     Attributes:
         shape: e.g. ``(2, 16000)`` for a batch of 2 clips of 16000 audio samples.
         dtype: the tensor's dtype.
         seed: seeds the input's own generator.
         lengths: also build int64 lengths of shape ``(batch,)``.
         high: exclusive upper bound for integer inputs (e.g. the vocabulary size).
+        name: the keyword argument this input is passed as (``None``: positional).
+        lengths_name: the keyword argument the lengths are passed as (``None``: positional).
 
     Example:
         >>> x, lengths = InputSpec.parse("2x16000:float32:lengths").build()
@@ -200,8 +217,18 @@ class InputSpec:
     seed: int = 0
     lengths: bool = False
     high: int | None = None
+    name: str | None = None
+    lengths_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.lengths and self.name is not None and self.lengths_name is None:
+            object.__setattr__(self, "lengths_name", f"{self.name}_length")
+        for label, value in (("name", self.name), ("lengths_name", self.lengths_name)):
+            if value is not None:
+                _check_name(str(self), value, label)
+        if self.lengths_name is not None and not self.lengths:
+            raise UsageError(f"input {self.name or 'spec'}: lengths_name {self.lengths_name!r} without lengths",
+                             fix="set lengths=True too (':lengths=NAME' in a spec)")
         if not self.shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.shape):
             raise UsageError(f"input shape {self.shape!r} must be one or more positive sizes", fix=_SPEC_FIX)
         if self.dtype not in _DTYPES.values():
@@ -217,32 +244,41 @@ class InputSpec:
 
     @classmethod
     def parse(cls, text: str, *, seed: int = 0) -> InputSpec:
-        """Read ``SHAPE[:DTYPE][:OPTION...]``; ``seed`` applies unless the text says ``seed=N``.
+        """Read ``[NAME=]SHAPE[:DTYPE][:OPTION...]``; ``seed`` applies unless the text says ``seed=N``.
 
         Example:
             >>> InputSpec.parse("2x12:int64:high=100:seed=4")
-            InputSpec(shape=(2, 12), dtype=torch.int64, seed=4, lengths=False, high=100)
+            InputSpec(shape=(2, 12), dtype=torch.int64, seed=4, lengths=False, high=100, name=None, lengths_name=None)
+            >>> str(InputSpec.parse("input_signal=2x16000:float32:lengths"))
+            'input_signal=2x16000:float32:lengths=input_signal_length:seed=0'
         """
         parts = [p.strip() for p in str(text).strip().split(":")]
+        name: str | None = None
+        if "=" in parts[0]:
+            name, _, parts[0] = (p.strip() for p in parts[0].partition("="))
+            _check_name(text, name, "the keyword before '='")
         if not re.fullmatch(r"\d+(x\d+)*", parts[0]):
             raise UsageError(f"input spec {text!r}: {parts[0]!r} is not a shape like 2x16x20", fix=_SPEC_FIX)
         shape = tuple(int(s) for s in parts[0].split("x"))
-        dtype, lengths, high = torch.float32, False, None
+        dtype, lengths, high, lengths_name = torch.float32, False, None, None
         for i, part in enumerate(parts[1:]):
-            name, eq, value = part.partition("=")
+            option, eq, value = part.partition("=")
             if i == 0 and not eq and part in _DTYPES:
                 dtype = _DTYPES[part]
             elif part == "lengths":
                 lengths = True
-            elif eq and name in ("seed", "high") and value.isdigit():
-                seed, high = (int(value), high) if name == "seed" else (seed, int(value))
+            elif eq and option == "lengths":
+                lengths, lengths_name = True, _check_name(text, value, "the keyword after 'lengths='")
+            elif eq and option in ("seed", "high") and value.isdigit():
+                seed, high = (int(value), high) if option == "seed" else (seed, int(value))
             else:
                 raise UsageError(f"input spec {text!r}: {part!r} is neither a dtype nor an option", fix=_SPEC_FIX)
-        return cls(shape, dtype, seed, lengths, high)
+        return cls(shape, dtype, seed, lengths, high, name, lengths_name)
 
     def __str__(self) -> str:
-        text = "x".join(map(str, self.shape)) + ":" + str(self.dtype).removeprefix("torch.")
-        text += ":lengths" if self.lengths else ""
+        text = (f"{self.name}=" if self.name else "") + "x".join(map(str, self.shape))
+        text += ":" + str(self.dtype).removeprefix("torch.")
+        text += (f":lengths={self.lengths_name}" if self.lengths_name else ":lengths") if self.lengths else ""
         text += f":high={self.high}" if self.high is not None else ""
         return text + f":seed={self.seed}"
 
@@ -266,6 +302,41 @@ class InputSpec:
         if device is not None:
             return x.to(device), lengths.to(device)
         return x, lengths
+
+
+def build_inputs(specs: list[InputSpec] | tuple[InputSpec, ...],
+                 device: str | torch.device | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Build a model call's ``(args, kwargs)`` from input specs: positional ones in their order
+    (each followed by its lengths unless those are named), named ones as keywords.
+
+    Raises:
+        UsageError: two inputs (or lengths) share a keyword; every clash is named at once.
+
+    Example:
+        >>> specs = [InputSpec.parse(t) for t in ("2x4:float32", "mask=2x4:bool", "input_signal=2x8:lengths")]
+        >>> args, kwargs = build_inputs(specs)
+        >>> len(args), sorted(kwargs)
+        (1, ['input_signal', 'input_signal_length', 'mask'])
+    """
+    names = [n for s in specs for n in (s.name, s.lengths_name) if n is not None]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"input specs pass the keyword argument(s) {', '.join(twice)} more than once",
+                         fix="give each keyword once (lengths=NAME renames a spec's lengths)")
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for spec in specs:
+        value = spec.build(device)
+        x, lengths = value if isinstance(value, tuple) else (value, None)
+        if spec.name is None:
+            args.append(x)
+        else:
+            kwargs[spec.name] = x
+        if lengths is not None and spec.lengths_name is None:
+            args.append(lengths)
+        elif lengths is not None:
+            kwargs[spec.lengths_name] = lengths  # type: ignore[index]
+    return tuple(args), kwargs
 
 
 def _feed(h: Any, obj: Any, depth: int = 0) -> None:
