@@ -103,7 +103,8 @@ def refuse_inputs(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLik
 
 
 def write_failure(exc: BaseException, what: str, path: str | os.PathLike[str], *,
-                  left: str = "the destination was left as it was") -> BaseException:
+                  left: str = "the destination was left as it was",
+                  error: type[TensorParityError] = UsageError) -> BaseException:
     """The error to raise for a write that failed with ``exc``, said from its cause.
 
     ``KeyboardInterrupt`` (also when a writer turned it into its own error) stays an interrupt;
@@ -139,7 +140,7 @@ def write_failure(exc: BaseException, what: str, path: str | os.PathLike[str], *
     else:
         cause, fix = (f"{type(exc).__name__}, no cause given",
                       "check the file system (free space, quotas, permissions), then run the command again")
-    return UsageError(f"could not write {what}: {cause} ({text})", path=path, fix=f"{fix}; {left}")
+    return error(f"could not write {what}: {cause} ({text})", path=path, fix=f"{fix}; {left}")
 
 
 def _size_limit() -> int | None:

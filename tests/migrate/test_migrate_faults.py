@@ -168,7 +168,8 @@ def test_a_full_disk_in_a_forked_child_is_one_line_and_keeps_the_original(tmp_pa
     # The process must end normally: no C++ writer aborting on the way out (SIGABRT is -6).
     assert child.exitcode == 0, child.exitcode
     assert "\n" not in message and "could not write the migrated checkpoint" in message, message
-    assert "fix: free disk space or check permissions; the input is untouched" in message
+    # a file size limit: read off the process's limit, not guessed as a full disk
+    assert "fix: raise the file size limit (ulimit -f); the input is untouched" in message, message
     assert sha(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
 
 
@@ -190,6 +191,6 @@ def test_an_injected_full_disk_is_one_line_on_the_command_line(tmp_path: Path,
 
     monkeypatch.setattr(writers, "write_checkpoint", disk_fills_up)
     result = CliRunner().invoke(app, ["migrate", str(path), "--migrations", str(spec), "--in-place", "--backup"])
-    assert_one_line_error(result, "error: ", "could not write the migrated checkpoint (No space left on device)",
+    assert_one_line_error(result, "error: ", "could not write the migrated checkpoint: the disk is full (No space left on device)",
                           "the input is untouched")
     assert sha(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["faults.py", "run.pt"]

@@ -127,11 +127,40 @@ def test_bad_factory_non_empty_folder_and_failing_model(tmp_path: Path) -> None:
                           "package 'nosuchpkg_xyz' is not installed")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
-    assert_one_line_error(invoke(REF, "-o", tmp_path / "full", "--input-spec", "2x16x20"),
-                          "is not an empty folder", "fix: choose a new folder")
+    for extra in ([], ["--overwrite"]):  # a folder that is not a trace: never, even with --overwrite
+        assert_one_line_error(invoke(REF, "-o", tmp_path / "full", "--input-spec", "2x16x20", *extra),
+                              "exists and is not a trace", "fix: choose a new folder")
+    assert (tmp_path / "full" / "x").read_text() == "keep"
     # The reference model wants 16 input channels: a wrong input fails inside the model.
     line = assert_one_line_error(invoke(REF, "-o", tmp_path / "t", "--input-spec", "2x5x20"),
                                  "the model raised RuntimeError during forward",
                                  "fix: run the model on this input in Python")
     assert line.startswith("error: ")
     assert not (tmp_path / "t").exists()  # no half-written trace is left behind
+
+
+def test_an_existing_trace_is_replaced_only_with_overwrite_and_atomically(tmp_path: Path) -> None:
+    from tensorparity.trace.trace import Trace
+
+    out = tmp_path / "t"
+    assert invoke(REF, "-o", out, "--input-spec", "2x16x20").exit_code == 0
+    first = (out / "manifest.json").read_bytes()
+    assert_one_line_error(invoke(REF, "-o", out, "--input-spec", "2x16x20:seed=5"),
+                          "the output folder exists and holds a trace", "pass --overwrite")
+    assert (out / "manifest.json").read_bytes() == first
+    replaced = invoke(REF, "-o", out, "--input-spec", "2x16x20:seed=5", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert Trace.open(out).provenance["input_spec"] == ["2x16x20:float32:seed=5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # nothing left beside it
+    # a failing run with --overwrite leaves the old trace as it was
+    before = (out / "manifest.json").read_bytes()
+    assert_one_line_error(invoke(REF, "-o", out, "--input-spec", "2x5x20", "--overwrite"), "the model raised")
+    assert (out / "manifest.json").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    # the checkpoint the model loads may not lie in the folder being replaced
+    import torch
+
+    from tensorparity.examples import reference_model
+
+    torch.save(reference_model().state_dict(), out / "weights.pt")
+    assert_one_line_error(invoke(REF, "-o", out, "--input-spec", "2x16x20", "--checkpoint", out / "weights.pt",
+                                 "--overwrite"), "refusing to write the trace over (or into) an input")

@@ -13,11 +13,12 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from tensorparity._output import refuse_inputs
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
 from tensorparity.cli._common import command, stdout_console
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.trace.capture import capture
-from tensorparity.trace.format import MODES
+from tensorparity.trace.format import MANIFEST, MODES, rank_folders
 from tensorparity.trace.records import flatten_value
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
 from tensorparity.trace.trace import Trace
@@ -107,6 +108,7 @@ def capture_run(
     train: bool = False,
     noise_floor: bool = False,
     params: bool = True,
+    overwrite: bool = False,
 ) -> Trace:
     """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
     ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
@@ -127,9 +129,7 @@ def capture_run(
     if bool(input_spec) == bool(input_fn):
         raise UsageError("give the model's input: --input-spec SHAPE:DTYPE (repeatable) or --input pkg.mod:fn",
                          fix="e.g. --input-spec 2x16x20:float32, or --input mymodels:make_input")
-    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        raise UsageError("exists and is not an empty folder; a trace is never written over other files",
-                         path=out, fix="choose a new folder for the trace (-o)")
+    replacing = _check_out(Path(out), checkpoint, overwrite)
     specs = [InputSpec.parse(s, seed=seed) for s in input_spec or []]
     make_input = _resolve(input_fn, "input function") if input_fn else None
     loss_fn = _resolve(loss, "loss function") if loss else _default_loss
@@ -164,17 +164,40 @@ def capture_run(
 
             atols = noise_atols(model, args, kwargs=kwargs, seed=seed, loss=loss_fn if backward else None)
             provenance["noise_floor"] = {"factor": FACTOR, "atols": atols}
+        options = dict(mode=mode, window=window, include=include or None, exclude=exclude or None,
+                       types=types or None, inputs=inputs, params=params, provenance=provenance)
+        if replacing:  # the new trace is written beside the old one and swapped in once complete
+            from tensorparity.migrate.atomic import atomic_output
+
+            with atomic_output(out) as tmp, capture(model, out=tmp, **options):  # type: ignore[arg-type]
+                _run(model, args, kwargs, loss_fn if backward else None)
+            return Trace.open(out)
         created = not Path(out).exists()
         try:
-            with capture(model, out=out, mode=mode, window=window, include=include or None,
-                         exclude=exclude or None, types=types or None, inputs=inputs, params=params,
-                         provenance=provenance) as trace:
+            with capture(model, out=out, **options) as trace:  # type: ignore[arg-type]
                 _run(model, args, kwargs, loss_fn if backward else None)
         except BaseException:
             if created:  # a failed run leaves no half-written trace behind in a folder it made
                 shutil.rmtree(out, ignore_errors=True)
             raise
     return trace
+
+
+def _check_out(out: Path, checkpoint: str | None, overwrite: bool) -> bool:
+    """Whether ``out`` holds a trace to replace; refuses a non-empty folder without ``overwrite``,
+    anything but a trace even with it, and a folder holding the checkpoint."""
+    refuse_inputs(out, [checkpoint if checkpoint and Path(checkpoint).exists() else None], "the trace")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    if not out.is_dir():
+        raise UsageError("the output is a file; a trace is a folder", path=out, fix="choose a new folder (-o)")
+    if not ((out / MANIFEST).is_file() or rank_folders(out)):
+        raise UsageError("exists and is not a trace (no manifest.json); a trace is never written over other files, "
+                         "even with --overwrite", path=out, fix="choose a new folder for the trace (-o)")
+    if not overwrite:
+        raise UsageError("the output folder exists and holds a trace", path=out,
+                         fix="pass --overwrite to replace it, or choose a new folder (-o)")
+    return True
 
 
 def _run(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -300,6 +323,9 @@ def capture_command(
     noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Also run the model in float64 on the same "
                                               "input and store each record's measured float32 noise, for "
                                               "'tensorparity compare --noise-floor'.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the trace already in TRACE (written beside "
+                                            "it and swapped in once complete; never another kind of folder).")
+                         ] = False,
     params: Annotated[bool, typer.Option("--params/--no-params", help="Record every parameter as the forward "
                                          "began (stored in full mode), so that 'tensorparity map suggest' and "
                                          "diff can read the weights from the trace.")] = True,
@@ -317,7 +343,7 @@ def capture_command(
     trace = capture_run(model, out, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
                         window=window, include=include, exclude=exclude, types=types, inputs=inputs, seed=seed,
                         backward=not no_backward, loss=loss, device=device, train=train, noise_floor=noise_floor,
-                        params=params)
+                        params=params, overwrite=overwrite)
     _render(trace, out)
     raise typer.Exit(0)
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity._output import write_failure
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.migrate._apply import Applied, apply_plan
 from tensorparity.migrate.atomic import atomic_output
@@ -312,17 +313,10 @@ def migrate(
                                              f"({verification.classic_summary()}); nothing was written", path=dest,
                                              fix="a function that computes tensors must be deterministic; "
                                                  "otherwise please report this")
-        except OSError as exc:
-            raise MigrationError(f"could not write the migrated checkpoint ({exc.strerror or exc})", path=dest,
-                                 fix="free disk space or check permissions; the input is untouched and nothing was "
-                                     "left behind") from None
-        except RuntimeError as exc:
-            if isinstance(exc, TensorParityError):
-                raise
-            # torch's zip writer reports a failed write (a full disk) as a RuntimeError
-            raise MigrationError(f"could not write the migrated checkpoint ({' '.join(str(exc).split())[:200]})",
-                                 path=dest, fix="free disk space or check permissions; the input is untouched and "
-                                                "nothing was left behind") from None
+        except (OSError, RuntimeError, KeyboardInterrupt) as exc:
+            # torch's zip writer reports a failed write (a full disk, Ctrl-C) as a RuntimeError
+            raise write_failure(exc, "the migrated checkpoint", dest, error=MigrationError,
+                                left="the input is untouched and nothing was left behind") from None
         return MigrateReport(**common, output=str(dest), in_place=in_place,  # type: ignore[arg-type]
                              backup=str(backup_path) if backup_path else None, verification=verification,
                              untouched=len(tensors) - made, made=made, seconds=time.perf_counter() - start)

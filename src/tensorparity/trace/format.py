@@ -164,8 +164,14 @@ class TraceWriter:
             exc = self._error
             if isinstance(exc, CorruptCheckpointError):
                 raise exc
+            if isinstance(exc, OSError):
+                from tensorparity._output import write_failure
+
+                raise write_failure(exc, "the trace", self.folder, error=TraceError,
+                                    left="capture again; the folder holds no complete trace") from exc
             raise TraceError(f"writing the trace failed ({type(exc).__name__}: {exc})", path=self.folder,
-                             fix="check free disk space and permissions, then capture again") from exc
+                             fix="this tensor could not be stored: please report it (with the model's "
+                                 "type) and capture with mode='stats' meanwhile") from exc
 
     def put(self, key: str, tensor: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None) -> None:
         """Queue ``tensor`` to be stored under ``key``; waits while the queue is full."""
