@@ -10,8 +10,9 @@ loading one loads its source entries and applies the transform.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +88,46 @@ def _fold(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+_EINOPS_PREAMBLE = re.compile(r'^Error while processing [\w-]+ pattern "[^"]*"\. Input tensor shape: .*?\. '
+                              r"(?:Additional info: \{[^}]*\}\. )?(?:Shape mismatch, )?")
+
+
+def _einops_reason(text: str) -> str:
+    """einops' error without what the message says already (the pattern, the shape, the sizes).
+
+    Example:
+        >>> _einops_reason('Error while processing rearrange-reduction pattern "(h d) c -> h d c". '
+        ...                "Input tensor shape: torch.Size([12, 4]). Additional info: {'h': 5}. "
+        ...                "Shape mismatch, can't divide axis of length 12 in chunks of 5")
+        "can't divide axis of length 12 in chunks of 5"
+    """
+    text = " ".join(text.split())
+    return _fold(_EINOPS_PREAMBLE.sub("", text) or text)
+
+
+def _others(keys: Sequence[str]) -> str:
+    """The keys after the first, each cut after the first component where it differs from the
+    first: ``layers.1, layers.2, … layers.7 (8 in all)``.
+
+    Example:
+        >>> _others([f"layers.{i}.attn.w" for i in range(8)])
+        'layers.1, layers.2, … layers.7 (8 in all)'
+    """
+    head = keys[0].split(".")
+
+    def short(key: str) -> str:
+        parts = key.split(".")
+        j = next((j for j, (x, y) in enumerate(zip(parts, head)) if x != y), min(len(parts), len(head)))
+        return ".".join(parts[:j + 1])
+
+    def natural(key: str) -> list[tuple[int, int | str]]:  # layers.2 before layers.10
+        return [(0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in key.split(".")]
+
+    rest = [short(k) for k in sorted(keys[1:], key=natural)]
+    shown = ", ".join(rest) if len(rest) <= 3 else f"{rest[0]}, {rest[1]}, … {rest[-1]}"
+    return f"{shown} ({len(keys)} in all)"
+
+
 def _describe(e: Entry) -> str:
     if isinstance(e, TensorEntry):
         return f"{e.key!r} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}"
@@ -107,6 +148,8 @@ class _Planner:
     def __init__(self, ckpt: Checkpoint, mapping: Mapping) -> None:
         self.ckpt, self.m = ckpt, mapping
         self.problems: list[MappingProblem] = []
+        self.repeats: dict[tuple[Any, ...], int] = {}  # what makes problems the same -> the first's index
+        self.keys_of: dict[int, list[str]] = {}
         self.entries: dict[str, Entry] = {}
         self.claims: dict[str, tuple[str, ...]] = {}
         self.rule_of: dict[str, int | None] = {}
@@ -116,10 +159,30 @@ class _Planner:
         self.bound: dict[int, dict[Transform, list[Bindings]]] = {}
         self.group_of: dict[str, Bindings] = {}
 
-    def problem(self, message: str, fix: str, rule: int | None = None) -> None:
+    def problem(self, message: str, fix: str, rule: int | None = None, *, key: str | None = None,
+                same: tuple[Any, ...] | None = None) -> None:
+        """Record a problem. Problems of one rule that are ``same`` but for their ``key`` (one per
+        layer of a templated rule) become one, naming the first key and the others it repeats for."""
+        if same is not None and key is not None:
+            first = self.repeats.setdefault((rule, *same), len(self.problems))
+            self.keys_of.setdefault(first, []).append(key)
+            if first != len(self.problems):
+                return
         r = self.m.rules[rule] if rule is not None else None
         self.problems.append(MappingProblem(message, fix, self.m.source, r.line if r else None, rule,
                                             r.short() if r else None))
+
+    def grouped_problems(self) -> list[MappingProblem]:
+        """The problems, each repeated one once: ``<message> (the same for layers.1, layers.2, …
+        layers.31 (32 in all))``, the rule's template left out (the key says which it is), every
+        key in ``MappingProblem.keys``."""
+        out = list(self.problems)
+        for i, keys in self.keys_of.items():
+            p = out[i]
+            out[i] = (replace(p, keys=tuple(keys)) if len(keys) == 1 else
+                      replace(p, message=f"{p.message} (the same for {_others(keys)})", rule_text=None,
+                              keys=tuple(keys)))
+        return out
 
     def run(self) -> None:
         m = self.m
@@ -137,7 +200,7 @@ class _Planner:
                     self.problem(f"key {key!r} is claimed by {' and '.join(names)}" if len(names) > 1 else
                                  f"key {key!r} fits several a keys of {names[0]}",
                                  "make the templates disjoint, or mark the general rule `fallback: true`",
-                                 found[-1][0])
+                                 found[-1][0], key=key, same=("claimed", tuple(names)))
                 elif found:
                     i, pos, bindings = found[0]
                     if (i, bindings) not in groups:
@@ -162,7 +225,8 @@ class _Planner:
             have = members[min(members)]
             why = "is ignored" if any(s in self.ckpt for s in missing) else "is not in the checkpoint"
             self.problem(f"{have!r} needs its partner(s) {', '.join(map(repr, missing))}, which {why}",
-                         "check the rule's a keys, or ignore the whole group", i)
+                         "check the rule's a keys, or ignore the whole group", i, key=have,
+                         same=("partner", min(members), tuple(p for p in range(len(sources)) if p not in members), why))
             return
         entries = tuple(self.ckpt[s] for s in sources)
         targets = tuple(m.prefix_b + t for t in rule.targets(bindings))
@@ -201,7 +265,8 @@ class _Planner:
         values = [e for e in entries if not isinstance(e, TensorEntry)]
         if values:
             self.problem(f"the transform needs tensors, but {_describe(values[0])} is not one",
-                         "drop the transform from this rule, or ignore the key", i)
+                         "drop the transform from this rule, or ignore the key", i, key=values[0].key,
+                         same=("values", type(values[0].value).__name__))
             return None
         tensors: tuple[TensorEntry, ...] = entries  # type: ignore[assignment]
         metas = [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in tensors]
@@ -210,12 +275,15 @@ class _Planner:
             outs = bound.apply(metas)
         except Exception as exc:  # noqa: BLE001 - einops/torch say precisely what does not fit
             shapes = ", ".join(_describe(e) for e in tensors)
-            self.problem(f"{transform.describe()} does not fit {shapes}: {_fold(str(exc))}",
-                         "correct the transform's dims/axis sizes for these shapes, or narrow the rule's keys", i)
+            why = _einops_reason(str(exc))
+            self.problem(f"{transform.describe()} does not fit {shapes}: {why}",
+                         "correct the transform's dims/axis sizes, or narrow the rule's keys", i,
+                         key=tensors[0].key, same=("fit", tuple((e.shape, e.dtype) for e in tensors), why))
             return None
         if len(outs) != len(targets):
             self.problem(f"{transform.describe()} made {len(outs)} tensor(s) for {len(targets)} b key(s)",
-                         "give the transform as many outputs as b keys", i)
+                         "give the transform as many outputs as b keys", i, key=tensors[0].key,
+                         same=("outputs", len(outs), len(targets)))
             return None
         first = tensors[0]
         where = f"{bound.describe()} of {', '.join(e.key for e in tensors)}"
@@ -309,7 +377,7 @@ def apply_mapping(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | st
     planner = _Planner(opened, used)
     planner.run()
     if planner.problems:
-        raise MappingError(planner.problems, path=used.source)
+        raise MappingError(planner.grouped_problems(), path=used.source)
     rename: dict[str, str] = {}
     for target, sources in planner.claims.items():
         for s in sources:

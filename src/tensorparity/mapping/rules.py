@@ -39,6 +39,7 @@ class MappingProblem:
     line: int | None = None
     rule: int | None = None  # index into Mapping.rules, shown as rules[i]
     rule_text: str | None = None
+    keys: tuple[str, ...] = ()  # every key a repeated problem was found at (one per layer), the first named
 
     def __str__(self) -> str:
         where = ":".join(str(p) for p in (self.source, self.line) if p is not None)

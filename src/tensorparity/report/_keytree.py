@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tensorparity.report._render import human_count, printable
+from tensorparity.report._render import human_count, printable, wrapped
 
 if TYPE_CHECKING:
     from rich.tree import Tree
@@ -22,7 +22,6 @@ __all__ = ["KeyLike", "Node", "html_tree", "key_tree", "natural_order", "rich_tr
 MAX_KEY_DEPTH = 64  # a key with more dots keeps the rest as one name: bounded work, no deep recursion
 MAX_CHILDREN = 24
 CHILDREN_SHOWN = 20
-MAX_NAME = 120
 
 
 class KeyLike(Protocol):
@@ -142,8 +141,7 @@ def _node(name: str, node: _Trie, fold: bool, more_hint: str, *, count: int = 1)
         kind, detail = "branch", f"{node.keys} values"
     if count > 1:
         detail = f"×{count} (each {detail})" if kind == "branch" else f"×{count} {detail}"
-    name = printable(name)
-    name = name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"  # the JSON has it whole
+    name = printable(name)  # whole: the terminal wraps it between components, never cuts it
     return Node(name, detail, kind, _children(node, fold, more_hint), group=count > 1)
 
 
@@ -165,7 +163,7 @@ def rich_tree(title: str, nodes: list[Node]) -> Tree:
         for n in level:
             label = Text(n.name, style="magenta" if n.group else ("italic dim" if n.kind == "more" else ""))
             label.append(f"  {n.detail}", style=_KIND_STYLE[n.kind])
-            grow(branch.add(label), n.children)
+            grow(branch.add(wrapped(label)), n.children)
 
     grow(tree, nodes)
     return tree

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
-    from rich.table import Table
+    from rich.text import Text
 
     from tensorparity.compare import TensorComparison
+    from tensorparity.report._fit import FitTable
 
 __all__ = ["comparison_lines", "distinct", "dtype_cell", "fold_count", "header_rows", "html_comparisons", "html_style",
            "html_table", "human_bytes", "human_count", "jsonable", "key_cell", "needs_cell", "nonfinite_cell", "num",
            "plain_text", "plural", "printable", "provenance_items", "record_dict", "rich_comparisons", "rich_header",
-           "rich_table", "rich_titled_table", "short_repr"]
+           "rich_table", "rich_titled_table", "short_repr", "wrapped"]
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
@@ -156,19 +157,27 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     return short_repr(value)
 
 
-def rich_table(title: str, *columns: str, left: tuple[str, ...] = ("key", "shape", "dtype")) -> Table:
+def rich_table(title: str, *columns: str, left: tuple[str, ...] = ("key", "shape", "dtype")) -> FitTable:
     """The compact table every report uses: bold title on the left, no outer box; the first
-    column and the ``left`` ones are left-aligned, numbers right-aligned."""
-    from rich import box
-    from rich.table import Table
+    column and the ``left`` ones are left-aligned, numbers right-aligned.
 
-    # One space between columns (box.SIMPLE's separator), no extra padding: wide tables fit
-    # 80 columns.
-    t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE,
-              show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
-    for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 or c in left else "right", overflow="fold")
-    return t
+    It fits any width (:class:`~tensorparity.report._fit.FitTable`): number, shape and dtype
+    columns never wrap, names wrap only between their dotted components, and a table too wide
+    for the console is shown one row at a time, as ``column: value`` lines."""
+    from tensorparity.report._fit import FitTable, column_kind
+
+    kinds = [column_kind(i, c, left) for i, c in enumerate(columns)]
+    justify = ["left" if i == 0 or c in left else "right" for i, c in enumerate(columns)]
+    return FitTable(title, columns, kinds, justify)
+
+
+def wrapped(text: str | Text, style: str = "", *, indent: int = 0) -> RenderableType:
+    """Text that wraps only between words, after ``/`` and between a key's dotted components:
+    never inside a number (``0.0007813``) or a component (``self_attn``); ``indent`` spaces
+    before each line."""
+    from tensorparity.report._fit import Wrapped
+
+    return Wrapped(text, style, indent=indent)
 
 
 def plain_text(renderable: RenderableType, *, width: int = 100) -> str:
@@ -186,8 +195,9 @@ def rich_header(rows: Sequence[tuple[str, str]]) -> RenderableType:
     from rich.text import Text
 
     grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
     for name, text in rows:
-        grid.add_row(Text(name, style="bold"), Text(text))
+        grid.add_row(Text(name, style="bold"), wrapped(text))
     return grid
 
 
@@ -325,13 +335,12 @@ def comparison_lines(t: TensorComparison, origin: Sequence[str] = ()) -> list[st
 def rich_comparisons(title: str, records: Sequence[TensorComparison], *, top: int, hint: str,
                      origins: dict[str, tuple[str, ...]] | None = None) -> list[RenderableType]:
     """Comparison records as blocks of :func:`comparison_lines` under a bold title, the first ``top``."""
-    from rich.padding import Padding
     from rich.text import Text
 
     parts: list[RenderableType] = [Text(f"{title} ({len(records):,})", style="bold")]
     for t in records[:top]:
         first, *rest = comparison_lines(t, (origins or {}).get(t.key, ()))
-        parts += [Text(first, style="bold red"), *(Padding(Text(line), (0, 0, 0, 2)) for line in rest)]
+        parts += [wrapped(first, "bold red"), *(wrapped(line, indent=2) for line in rest)]
     if len(records) > top:
         parts.append(Text(fold_count(top, len(records), hint), style="dim italic"))
     return parts
@@ -358,7 +367,7 @@ def rich_titled_table(title: str, columns: Sequence[str], rows: Sequence[Sequenc
 
     table = rich_table("", *columns, left=left)
     for row in rows:
-        table.add_row(*(Text(c) for c in row))
+        table.add_row(*row)
     parts: list[RenderableType] = [Text(title, style="bold"), table]
     if total is not None and total > len(rows):
         parts.append(Text(fold_count(len(rows), total, hint), style="dim italic"))

@@ -14,6 +14,7 @@ from tensorparity.report._render import (
     printable,
     rich_header,
     rich_titled_table,
+    wrapped,
 )
 
 if TYPE_CHECKING:
@@ -81,11 +82,10 @@ def _finding_line(f: Finding) -> str:
 
 def rich_report(r: ResumeReport, top: int) -> RenderableType:
     from rich.console import Group
-    from rich.padding import Padding
     from rich.text import Text
 
     parts: list[RenderableType] = [rich_header(_header(r)),
-                                   Text(r.summary(), style="bold green" if r.passed else "bold red")]
+                                   wrapped(r.summary(), "bold green" if r.passed else "bold red")]
     for leg in r.legs:
         status = "✓ matches" if leg.passed else "✗ differs"
         parts.append(Text(f"\n{leg.label}: {status}", style="bold green" if leg.passed else "bold red"))
@@ -100,18 +100,18 @@ def rich_report(r: ResumeReport, top: int) -> RenderableType:
             else:
                 verb = "differs" if len(seg.findings) == 1 else "differ"
                 parts.append(Text(f"{head}: {plural(len(seg.findings), 'component')} {verb}", style="bold"))
-                parts += [Padding(Text("✗ " + _finding_line(f), style="red"), (0, 0, 0, 2)) for f in seg.findings]
+                parts += [wrapped("✗ " + _finding_line(f), "red", indent=2) for f in seg.findings]
             if seg.end:
                 parts.append(Text(f"State after step {seg.stop}", style="bold"))
-                parts += [Padding(Text("✗ " + _finding_line(f), style="red"), (0, 0, 0, 2)) for f in seg.end]
+                parts += [wrapped("✗ " + _finding_line(f), "red", indent=2) for f in seg.end]
             if seg.divergence:
-                parts.append(Text(f"First divergence: {seg.divergence.message}", style="bold red"))
-            parts += [Text(f"note: {n}", style="dim") for n in seg.notes]
+                parts.append(wrapped(f"First divergence: {seg.divergence.message}", "bold red"))
+            parts += [wrapped(f"note: {n}", "dim") for n in seg.notes]
         if leg.confirmations:
             parts.append(Text("Confirmation (re-run with components taken from the uninterrupted run)", style="bold"))
-            parts += [Padding(Text(("✓ " if c.passed else "✗ ") + c.message, style="green" if c.passed else "yellow"),
-                              (0, 0, 0, 2)) for c in leg.confirmations]
-    parts += [Text(f"note: {n}", style="dim") for n in r.notes]
+            parts += [wrapped(("✓ " if c.passed else "✗ ") + c.message, "green" if c.passed else "yellow", indent=2)
+                      for c in leg.confirmations]
+    parts += [wrapped(f"note: {n}", "dim") for n in r.notes]
     return Group(*parts)
 
 

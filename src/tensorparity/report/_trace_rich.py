@@ -19,6 +19,7 @@ from tensorparity.report._render import (
     printable,
     rich_header,
     rich_titled_table,
+    wrapped,
 )
 
 if TYPE_CHECKING:
@@ -135,21 +136,19 @@ def _worst_lines(x: LayerComparison) -> list[str]:
 
 
 def rich_parts(r: TraceReport, *, top: int) -> tuple[list[RenderableType], RenderableType, list[RenderableType]]:
-    from rich.padding import Padding
     from rich.text import Text
 
     head: list[RenderableType] = [rich_header(_header(r)), Text()]
     for w in r.warnings:
-        head.append(Text(f"WARNING: {printable(w)}", style="bold red"))
+        head.append(wrapped(f"WARNING: {printable(w)}", "bold red"))
     head += [Text()] if r.warnings else []
-    head.append(Text(r.summary()))
+    head.append(wrapped(r.summary()))
     body: list[RenderableType] = [Text()]
     first = r.first_divergence
     if first is not None:
         lines = _first_lines(r)
-        body.append(Text(lines[0], style="bold red"))
-        body += [Padding(Text(line), (0, 0, 0, 2)) for line in lines[1:]]
-        body += [Padding(Text(line), (0, 0, 0, 2)) for line in _worst_lines(first)]
+        body.append(wrapped(lines[0], "bold red"))
+        body += [wrapped(line, indent=2) for line in (*lines[1:], *_worst_lines(first))]
         body.append(Text())
     bad = r.mismatched
     if bad:
@@ -197,9 +196,9 @@ def rich_parts(r: TraceReport, *, top: int) -> tuple[list[RenderableType], Rende
         if names:
             shown = ", ".join(printable(n) for n in names[:top])
             more = f" {fold_count(top, len(names), _HINT)}" if len(names) > top else ""
-            body += [Text(f"Parameter gradients only in {side} ({len(names):,}): {shown}{more}"), Text()]
+            body += [wrapped(f"Parameter gradients only in {side} ({len(names):,}): {shown}{more}"), Text()]
     for note in r.notes:
-        body.append(Text(f"note: {printable(note)}", style="dim"))
+        body.append(wrapped(f"note: {printable(note)}", "dim"))
     return head, Text(r.classic_summary(), style=_STYLE[r.verdict]), body
 
 

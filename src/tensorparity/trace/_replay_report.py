@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tensorparity.compare import TensorComparison, Tolerance
 from tensorparity.mapping import Mapping
-from tensorparity.report._render import jsonable, plain_text, printable
+from tensorparity.report._render import jsonable, plain_text, printable, rich_titled_table, wrapped
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -148,12 +148,9 @@ class ReplayReport:
 
     def renderable(self, *, top: int = 10) -> RenderableType:
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title="Layers replayed on the reference's inputs (execution order)", title_justify="left")
-        for col in ("reference layer", "module", "verdict", "max abs", "tolerance"):
-            table.add_column(col)
+        rows = []
         for x in self.layers:
             verdict = "match" if x.passed else ("OWN ERROR" if x.own_error else "differs (contains "
                                                 + ", ".join(x.contains[:3]) + ")")
@@ -162,22 +159,26 @@ class ReplayReport:
             elif x.layout and x.passed:
                 verdict = "match (through the layout)"
             if x.error is not None:
-                verdict = "raised: " + x.error[:60]
+                verdict = "raised: " + " ".join(x.error.split())
             tol = x.outputs[0].tolerance.describe() if x.outputs else ""
-            table.add_row(printable(x.layer), printable(x.module or "<model>"), verdict, f"{x.max_abs:.3g}", tol)
-        parts: list[Any] = [Text(self.summary())]
+            rows.append([printable(x.layer), printable(x.module or "<model>"), printable(verdict), f"{x.max_abs:.3g}",
+                         tol])
+        parts: list[Any] = [wrapped(self.summary())]
         for x in self.culprits:
-            parts.append(Text("own error: " + x.describe()))
-        parts.append(table)
+            parts.append(wrapped("own error: " + printable(x.describe())))
+        parts += rich_titled_table("Layers replayed on the reference's inputs (execution order)",
+                                   ["reference layer", "module", "verdict", "max abs", "tolerance"], rows,
+                                   left=("reference layer", "module", "verdict", "tolerance"))
         if self.skipped:
             shown = self.skipped[:top]
             rest = f" (and {len(self.skipped) - len(shown)} more)" if len(self.skipped) > len(shown) else ""
-            parts.append(Text("skipped: " + "; ".join(f"{s.layer}: {s.reason}" for s in shown) + rest))
+            parts.append(wrapped("skipped: " + "; ".join(f"{printable(s.layer)}: {printable(s.reason)}"
+                                                         for s in shown) + rest))
         laid = [x for x in self.layers if x.layout]
         if laid:
-            parts.append(Text("compared through a layout derived from the mapping: "
-                              + "; ".join(f"{printable(x.layer)}: {x.layout}" for x in laid[:top])
-                              + (f" (and {len(laid) - top} more)" if len(laid) > top else "")))
+            parts.append(wrapped("compared through a layout derived from the mapping: "
+                                 + "; ".join(f"{printable(x.layer)}: {x.layout}" for x in laid[:top])
+                                 + (f" (and {len(laid) - top} more)" if len(laid) > top else "")))
         parts += [Text("note: " + n) for n in self.notes]
         return Group(*parts)
 
