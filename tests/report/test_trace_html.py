@@ -182,4 +182,7 @@ def test_cli_compare_writes_the_html_report(tmp_path: Path, features: torch.Tens
     assert sorted(p.name for p in tmp_path.iterdir()) == ["port", "ref", "report.html"]  # no temp file left
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "ref"), str(tmp_path / "port"),
                                       "--html", str(tmp_path / "missing" / "r.html")])
-    assert result.exit_code == 2 and "e.g. --html report.html" in result.output
+    assert result.exit_code == 2 and "the output folder does not exist" in result.output
+    # an existing file is never replaced without --overwrite (it was: a user lost a checkpoint so)
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "ref"), str(tmp_path / "port"), "--html", str(out)])
+    assert result.exit_code == 2 and "the output file exists" in result.output and "--overwrite" in result.output

@@ -399,13 +399,6 @@ def apply_mapping(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | st
 
 # --- convert -------------------------------------------------------------------------------------
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Path, out_path: str | Path, *,
             format: Literal["safetensors", "torch"] | None = None, direction: Direction = "a_to_b",
             overwrite: bool = False) -> MappedResult:
@@ -440,12 +433,10 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     fmt = format or ("torch" if out.suffix in _TORCH_SUFFIXES else "safetensors")
     if fmt not in ("safetensors", "torch"):
         raise UsageError(f"unknown output format {fmt!r}", fix="use 'safetensors' or 'torch'")
-    if isinstance(ckpt, (Checkpoint, str, os.PathLike)):
-        _refuse_source(Path(ckpt.source if isinstance(ckpt, Checkpoint) else ckpt), out)
-    if out.exists() and not overwrite:
-        raise UsageError("the output file exists", path=out, fix="choose another path, or pass overwrite=True")
-    if not out.parent.is_dir():
-        raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
+    from tensorparity._output import check_output
+
+    source = ckpt.source if isinstance(ckpt, Checkpoint) else ckpt if isinstance(ckpt, (str, os.PathLike)) else None
+    check_output(out, [source], overwrite, flag="overwrite=True", what="the converted checkpoint")
     result = apply_mapping(ckpt, mapping, direction=direction)  # every mapping problem, before writing
     try:
         _check_writable(result, out, fmt)
@@ -461,17 +452,17 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
             write_checkpoint(result.checkpoint, tmp, format=fmt, metadata=metadata)
     except TensorParityError:
         raise
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"could not write the converted checkpoint ({_fold(str(exc), 200)})", path=out,
-                         fix="check free disk space and permissions") from exc
+    except (OSError, RuntimeError, ValueError, KeyboardInterrupt) as exc:
+        from tensorparity._output import write_failure
+
+        raise write_failure(exc, "the converted checkpoint", out) from exc
     return result
 
 
 def _refuse_source(src_path: Path, out: Path) -> None:
-    if _same_file(out, src_path) or (src_path.is_dir() and out.exists()
-                                     and out.resolve().is_relative_to(src_path.resolve())):
-        raise UsageError("refusing to overwrite the checkpoint being converted", path=out,
-                         fix="write the converted checkpoint to another path")
+    from tensorparity._output import refuse_inputs
+
+    refuse_inputs(out, [src_path], "the converted checkpoint")
 
 
 def _check_writable(result: MappedResult, out: Path, fmt: str) -> None:
