@@ -34,7 +34,8 @@ def test_cli_pass_json_and_html(tmp_path: Path) -> None:
 
 
 def test_cli_resume_bug_exits_1_and_names_the_state() -> None:
-    result = CliRunner().invoke(app, ["resume-check", f"{RECIPES}:Forgetful", "-n", "6", "-k", "3"])
+    wide = CliRunner(env={"COLUMNS": "120"})  # at 80 columns the loss headers fold onto two lines
+    result = wide.invoke(app, ["resume-check", f"{RECIPES}:Forgetful", "-n", "6", "-k", "3"])
     assert result.exit_code == 1, result.output
     out = result.stdout
     assert "resume bug: resume at 3" in out

@@ -38,7 +38,7 @@ __all__ = ["convert_dataloader_state", "inspect_dataloader_state"]
 
 def _check_output(out: Path, legacy: LegacyLoaderState, *, force: bool) -> None:
     sources = [legacy.path / f"{GLOBAL_NAME}{s}" for s in (".json", ".pt")] + [w.path for w in legacy.workers]
-    check_output(out, [legacy.path, *sources], force, what="the converted state")
+    check_output(out, sources, force, what="the converted state")
 
 
 def _notes(legacy: LegacyLoaderState, *, num_workers: int, sampler: str | None) -> tuple[str, ...]:
