@@ -335,7 +335,8 @@ def test_bad_arguments_and_unreadable_traces(reference: Trace, tmp_path: Path) -
 
 
 def test_multi_process_traces_compare_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under torchrun each rank writes ``rank-<r>/``; compare takes one rank at a time."""
+    """Under torchrun each rank writes ``rank-<r>/``; compare takes one rank, or every rank in turn
+    (tests/trace/test_rank_compare.py has the rest)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, bug in ((0, None), (1, "relu")):
         monkeypatch.setenv("RANK", str(rank))
@@ -345,9 +346,11 @@ def test_multi_process_traces_compare_per_rank(tmp_path: Path, monkeypatch: pyte
     assert compare_traces(tmp_path / "a", tmp_path / "b", rank=0).verdict == "identical"
     first = compare_traces(tmp_path / "a", tmp_path / "b", rank=1).first_divergence
     assert first is not None and first.layer_a == "blocks.1.act"
+    every = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert [x.report.verdict for x in every.ranks] == ["identical", "differs"]  # type: ignore[union-attr]
     with pytest.raises(UsageError) as err:
-        compare_traces(tmp_path / "a", tmp_path / "b")
-    assert "rank" in (err.value.fix or "")
+        compare_traces(tmp_path / "a", tmp_path / "a/rank-0")
+    assert "--each-rank" in (err.value.fix or "")
 
 
 def test_nothing_to_pair_is_never_a_match(reference: Trace) -> None:

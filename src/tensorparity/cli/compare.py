@@ -23,7 +23,6 @@ from tensorparity.cli._common import (
 from tensorparity._output import write_text
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
-from tensorparity.report.trace_html import render_trace_html
 from tensorparity.trace.compare import compare_traces
 
 __all__ = ["compare_command"]
@@ -31,10 +30,12 @@ __all__ = ["compare_command"]
 
 @command
 def compare_command(
-    a: Annotated[str, typer.Argument(help="First trace folder (A, usually the reference).", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Second trace folder (B), or a model factory 'pkg.module:function' / "
-                                          "'file.py:function' run live on A's recorded input (its backward "
-                                          "starts from A's recorded output gradient).", show_default=False)],
+    a: Annotated[str, typer.Argument(help="First trace folder (A, usually the reference); TRACE@N picks rank N of "
+                                          "a multi-process trace.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second trace folder (B; TRACE@N picks rank N), or a model factory "
+                                          "'pkg.module:function' / 'file.py:function' run live on A's recorded "
+                                          "input (its backward starts from A's recorded output gradient).",
+                                     show_default=False)],
     map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",
                                              help="Mapping from A's parameter keys to B's: renames A's layers into "
                                                   "B's and transforms parameter gradients.")] = None,
@@ -54,8 +55,17 @@ def compare_command(
     margin: Annotated[float, typer.Option("--margin", metavar="X",
                                           help="A mismatched layer introduced its error when its relative error "
                                                "exceeds its input's X times.")] = 10.0,
-    rank: Annotated[int | None, typer.Option("--rank", metavar="N",
-                                             help="Which rank of multi-process traces to compare.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", metavar="N", min=0,
+                                             help="Which rank of multi-process traces to compare, on both sides "
+                                                  "(without it: every rank of A against the same rank of B).")
+                    ] = None,
+    rank_a: Annotated[int | None, typer.Option("--rank-a", metavar="N", min=0,
+                                               help="Rank N of A only (the same as A@N).")] = None,
+    rank_b: Annotated[int | None, typer.Option("--rank-b", metavar="N", min=0,
+                                               help="Rank N of B only (the same as B@N).")] = None,
+    each_rank: Annotated[bool, typer.Option("--each-rank", help="Compare the side that is one trace (one process, "
+                                            "a chosen rank, or a live model) with every rank of the other, "
+                                            "multi-process trace.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
                                         "tensorparity.trace-compare/1) and nothing else.")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 10,
@@ -75,8 +85,11 @@ def compare_command(
     """Compare two traces layer by layer, forward and backward; name the first diverging layer.
 
     Prints the summary and the classic line, then the first divergence and every mismatched
-    layer (introduced or inherited), then the rest folded. Exit code: 0 the runs are the same
-    (identical, or within tolerance), 1 they differ (or their inputs do), 2 error.
+    layer (introduced or inherited), then the rest folded. Multi-process traces (rank-N
+    folders, written under torchrun) are compared rank by rank unless a rank is picked (A@0
+    B@1, --rank-a/--rank-b, --rank): a per-rank table, then the worst rank's full report.
+    Exit code: 0 the runs are the same (identical, or within tolerance; on every rank), 1 they
+    differ (or their inputs do), 2 error.
     """
     if top < 0:
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
@@ -91,7 +104,10 @@ def compare_command(
         from tensorparity.trace.noise import recorded_noise_floor
         from tensorparity.trace.trace import Trace
 
-        reference = Trace.open(a, rank=rank)
+        from tensorparity.trace._rank_plan import split_rank
+
+        path_a, suffix = split_rank(a)
+        reference = Trace.open(path_a, rank=next((r for r in (suffix, rank_a, rank) if r is not None), None))
         try:
             tolerance = recorded_noise_floor(reference, base=tolerance)
         finally:
@@ -103,10 +119,10 @@ def compare_command(
 
         side_b = build_model(b, role="model B").model
     report = compare_traces(a, side_b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
-                            margin=margin, rank=rank)
+                            margin=margin, rank=rank, rank_a=rank_a, rank_b=rank_b, each_rank=each_rank)
     save_found_mapping(report, save_map)
     if html_ is not None:
-        write_text(html_, render_trace_html(report), what="the HTML report")
+        write_text(html_, report.to_html(), what="the HTML report")
     if json_:
         emit_json(report.to_json())
     else:

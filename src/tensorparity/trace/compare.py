@@ -24,6 +24,7 @@ from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
+from tensorparity.report.ranked import RankComparison, RankedTraceReport
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
@@ -33,6 +34,7 @@ from tensorparity.trace._layout import combine_stats, derive_layouts, param_shap
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
+from tensorparity.trace._rank_plan import RankPlan, plan_ranks
 from tensorparity.trace.align import (
     Alignment,
     LayerMatch,
@@ -72,7 +74,10 @@ def compare_traces(
     rank: int | None = None,
     workers: int | None = None,
     inputs: Any = None,
-) -> TraceReport:
+    rank_a: int | None = None,
+    rank_b: int | None = None,
+    each_rank: bool = False,
+) -> TraceReport | RankedTraceReport:
     """Compare two traces layer by layer, forward and backward.
 
     Args:
@@ -88,12 +93,19 @@ def compare_traces(
         align: ``auto``, ``name``, ``mapping`` or ``order`` (see :mod:`tensorparity.trace.align`).
         margin: a mismatched layer introduced its error when its relative error exceeds its
             input's by this factor.
-        rank: which rank of multi-process trace folders to compare.
+        rank: which rank of multi-process trace folders (``rank-<r>/`` inside, written under
+            ``torchrun``) to compare, on both sides; ``rank_a`` / ``rank_b``: on one side (or
+            ``run@N`` as the path; a path that exists as written is a path). Without one, two
+            multi-process traces are compared rank by rank (each rank of A against the same rank
+            of B); their ranks must be complete and the same on both sides.
         workers: comparison threads (default 2).
         inputs: the input for live models (needed when both are live; else the recorded one).
+        each_rank: compare the side that is one trace (one process, one chosen rank, or a live
+            model) with every rank of the other, multi-process one.
 
     Returns:
-        A :class:`~tensorparity.report.trace.TraceReport`.
+        A :class:`~tensorparity.report.trace.TraceReport`; for traces compared on several ranks a
+        :class:`~tensorparity.report.ranked.RankedTraceReport` (one report per rank, one verdict).
 
     Example:
         >>> import torch
@@ -120,6 +132,13 @@ def compare_traces(
         raise UsageError(f"margin={margin!r} must be a number >= 1", fix="pass e.g. margin=10 (--margin 10)")
     tol = tolerance or Tolerance()
     key_mapping = _load_mapping(mapping)
+    if not isinstance(each_rank, bool):
+        raise UsageError(f"each_rank must be True or False, not {each_rank!r}", fix="pass each_rank=True")
+    plan = plan_ranks(a, b, rank=rank, rank_a=rank_a, rank_b=rank_b, each_rank=each_rank)
+    if plan.pairs:
+        return _compare_ranks(plan, mapping=key_mapping, tolerance=tol, align=align, margin=margin, workers=workers,
+                              inputs=inputs)
+    a, b, rank_a, rank_b = plan.a, plan.b, plan.rank_a, plan.rank_b
     from tensorparity.trace.live import run_like  # here: it imports the capture
 
     if isinstance(a, nn.Module) and isinstance(b, nn.Module):
@@ -128,16 +147,17 @@ def compare_traces(
                                                                             "arguments or a dict of keywords)")
         a = run_like(a, None, inputs=inputs)
     if isinstance(a, nn.Module):
-        src_b, side_b = _open(b, "B", rank)
+        src_b, side_b = _open(b, "B", rank_b)
         try:
-            src_a, side_a = _open(run_like(a, src_b, inputs=inputs), "A", rank)
+            src_a, side_a = _open(run_like(a, src_b, inputs=inputs), "A", None)
         except BaseException:
             _close(b, src_b)
             raise
     else:
-        src_a, side_a = _open(a, "A", rank)
+        src_a, side_a = _open(a, "A", rank_a)
         try:
-            src_b, side_b = _open(run_like(b, src_a, inputs=inputs) if isinstance(b, nn.Module) else b, "B", rank)
+            src_b, side_b = _open(run_like(b, src_a, inputs=inputs) if isinstance(b, nn.Module) else b, "B",
+                                  None if isinstance(b, nn.Module) else rank_b)
         except BaseException:
             _close(a, src_a)
             raise
@@ -146,6 +166,27 @@ def compare_traces(
     finally:  # traces this call opened release their shard files; tensors were compared and dropped
         _close(a, src_a)
         _close(b, src_b)
+
+
+def _compare_ranks(plan: RankPlan, **options: Any) -> RankedTraceReport:
+    """Each pair of the plan compared on its own; one report of them all."""
+    try:
+        done = [RankComparison(r, None if plan.pairing == "each rank of B" else r,
+                               None if plan.pairing == "each rank of A" else r,
+                               compare_traces(ta, tb, **options))  # type: ignore[arg-type]
+                for r, ta, tb in plan.pairs]
+    finally:
+        plan.close()
+    return RankedTraceReport(_label(plan.a), _label(plan.b), plan.pairing,  # type: ignore[arg-type]
+                             plan.world_size, tuple(done))
+
+
+def _label(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, nn.Module):
+        return f"<live {type(source).__name__}>"
+    return str(getattr(source, "path", None) or f"<{type(source).__name__} in memory>")
 
 
 def _close(given: Any, source: Any) -> None:
@@ -244,7 +285,7 @@ def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, Trace
         from tensorparity.trace.trace import Trace  # here: the reader imports the capture's format
 
         src: Any = Trace.open(source, rank=rank)
-        label = str(source)
+        label = str(src.path or source) if rank is not None else str(source)  # a rank: its rank-<r> folder
     elif isinstance(source, RecordSource):
         src = source
         label = str(getattr(source, "path", None) or f"<{type(source).__name__} in memory>")
