@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,19 @@ from tensorparity.resume.recipe import LoadedRecipe, RecipeSpec, check, resolve
 __all__ = ["main", "run_job", "run_leg", "serve"]
 
 
-def _snapshot(loaded: LoadedRecipe, objs: Any, step: int, path: Path) -> str:
-    torch.save(state.capture(objs, inside_group=inside_group(loaded, step)), path)
+def _snapshot(loaded: LoadedRecipe, objs: Any, step: int, path: Path, capture: Callable[..., Any]) -> str:
+    torch.save(capture(objs, inside_group=inside_group(loaded, step)), path)
     return str(path)
 
 
-def run_leg(loaded: LoadedRecipe, leg: dict[str, Any], *, seed: int, work: Path) -> dict[str, Any]:
-    """Run one leg and say what happened (records, snapshot files, load calls, saved path)."""
+def run_leg(loaded: LoadedRecipe, leg: dict[str, Any], *, seed: int, work: Path, suffix: str = "",
+            capture: Callable[..., Any] = state.capture, restore: Callable[..., None] = state.restore,
+            on_batch: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+    """Run one leg and say what happened (records, snapshot files, load calls, saved path).
+
+    A rank of a distributed leg (:mod:`._dist`) names its files with ``suffix``, captures and
+    restores states its own way, and sees every batch through ``on_batch``.
+    """
     started = time.perf_counter()
     name, start, stop = str(leg["name"]), int(leg["start"]), int(leg["stop"])
     objs = build(loaded, seed)
@@ -70,17 +77,19 @@ def run_leg(loaded: LoadedRecipe, leg: dict[str, Any], *, seed: int, work: Path)
             state.load(objs, path)
     override = leg.get("override")
     if override:
-        reference = torch.load(override["state"], map_location="cpu", weights_only=True)
-        state.restore(objs, reference, only=override["components"])
+        path = override.get("state_by_suffix", {}).get(suffix, override["state"])
+        reference = torch.load(path, map_location="cpu", weights_only=True)
+        restore(objs, reference, only=override["components"])
     if leg.get("after_load"):
-        out["after_load"] = _snapshot(loaded, objs, start, work / f"{name}-after-load.pt")
+        out["after_load"] = _snapshot(loaded, objs, start, work / f"{name}-after-load{suffix}.pt", capture)
     wanted = {int(s) for s in leg.get("snapshots", ())}
 
     def after_step(step: int) -> None:
         if step in wanted:
-            out["snapshots"][str(step)] = _snapshot(loaded, objs, step, work / f"{name}-state-{step}.pt")
+            out["snapshots"][str(step)] = _snapshot(loaded, objs, step, work / f"{name}-state-{step}{suffix}.pt",
+                                                    capture)
 
-    records = train(loaded, objs, start=start, stop=stop, after_step=after_step)
+    records = train(loaded, objs, start=start, stop=stop, after_step=after_step, on_batch=on_batch)
     if leg.get("save"):
         path = Path(leg["save"])
         if loaded.own_checkpoint:

@@ -158,8 +158,15 @@ class _Probe:
 
 def grad_norm(model: nn.Module) -> float | None:
     """The L2 norm of every gradient together, in float32; ``None`` when there are none."""
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()).cpu() for p in model.parameters() if p.grad is not None]
+    norms = [_full(torch.linalg.vector_norm(p.grad.detach().float())).cpu() for p in model.parameters()
+             if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded gradient's norm (a DTensor, partial on each rank) reduced over the ranks."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -235,8 +242,10 @@ def _loss(value: Any, loaded: LoadedRecipe, step: int) -> tuple[float | None, st
 
 
 def train(loaded: LoadedRecipe, objs: TrainingObjects, *, start: int, stop: int,
-          after_step: Callable[[int], None] | None = None) -> list[StepRecord]:
-    """Run steps ``start + 1`` .. ``stop`` and return their fingerprints.
+          after_step: Callable[[int], None] | None = None,
+          on_batch: Callable[[int, Any], None] | None = None) -> list[StepRecord]:
+    """Run steps ``start + 1`` .. ``stop`` and return their fingerprints (``on_batch(step, batch)``
+    sees each batch before its step).
 
     Raises:
         RecipeError: the recipe's step/update or the data loader raised, or the loader ran dry.
@@ -256,6 +265,8 @@ def train(loaded: LoadedRecipe, objs: TrainingObjects, *, start: int, stop: int,
                               fix="fix the dataset (iterate the loader in Python to see the traceback)") from exc
         p.step = step
         epoch, index, batch_hash = p.epoch, p.batch_in_epoch - 1, hash_batch(batch)
+        if on_batch is not None:
+            on_batch(step, batch)
         probe.reset()
         with guarded(loaded, "step()", step=step):
             value = loaded.recipe.step(objs, batch)

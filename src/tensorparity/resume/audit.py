@@ -29,9 +29,11 @@ _ORDER = ("model", "buffers", "mode", "optimizer", "scheduler", "scaler", "extra
 _MAX_KEYS = 10
 
 
-def state_diff(reference: Any, resumed: Any, *, tolerance: Tolerance) -> DiffReport:
-    """Compare two captured states (paths or dicts) key by key, every section."""
-    return diff(reference, resumed, tolerance=tolerance, weights_only=False, exclude=r"^format$")
+def state_diff(reference: Any, resumed: Any, *, tolerance: Tolerance, exclude: str | None = None) -> DiffReport:
+    """Compare two captured states (paths or dicts) key by key, every section but the keys
+    ``exclude`` matches (``re.search``)."""
+    return diff(reference, resumed, tolerance=tolerance, weights_only=False,
+                exclude=r"^format$" + (f"|{exclude}" if exclude else ""))
 
 
 @dataclass
@@ -86,8 +88,8 @@ def _optimizer(d: _Delta, restored: bool) -> str:
     groups: list[tuple[str, str, str, str]] = []  # (group, hyper-parameter, resumed, uninterrupted)
     for key in (*d.missing, *d.tensors, *d.values):
         parts = key.split(".")
-        if len(parts) >= 4 and parts[1] == "state":
-            (missing if key in d.missing else differs).setdefault(parts[3], set()).add(parts[2])
+        if len(parts) >= 4 and parts[1] == "state":  # state.<parameter: an index or a dotted name>.<field>
+            (missing if key in d.missing else differs).setdefault(parts[-1], set()).add(".".join(parts[2:-1]))
         elif len(parts) >= 4 and parts[1] == "param_groups" and key in d.values:
             a, b = _value(d, key)  # type: ignore[misc]
             groups.append((parts[2], ".".join(parts[3:]), b, a))
@@ -115,7 +117,7 @@ def _optimizer_groups(d: _Delta, groups: Sequence[tuple[str, str, str, str]], sa
     for key in d.same:
         parts = key.split(".")
         if len(parts) >= 4 and parts[1] == "state":
-            moments.setdefault(parts[3], set()).add(parts[2])
+            moments.setdefault(parts[-1], set()).add(".".join(parts[2:-1]))
     names = _names(sorted({name for _, name, _, _ in groups}))
     fix = (f"fix: load the optimizer state after the config sets {names}, or do not overwrite param_groups after "
            f"optimizer.load_state_dict")

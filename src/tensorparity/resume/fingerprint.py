@@ -39,7 +39,8 @@ def hash_tensor(t: torch.Tensor) -> str:
 
 
 def _feed(h: Any, t: torch.Tensor) -> None:
-    t = t.detach()
+    local = getattr(t, "to_local", None)  # a DTensor: this rank's shard
+    t = (local() if callable(local) else t).detach()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -33,8 +33,12 @@ from typing import Any, Literal
 
 from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
+from tensorparity.report._render import plural
 from tensorparity.report.resume import ResumeLeg, ResumeReport, Segment
 from tensorparity.resume._pool import Handle, Launcher, SpawnLauncher, fork_available, launcher
+from tensorparity.resume._ranks import combine
+from tensorparity.resume._ranks import judge as judge_ranks
+from tensorparity.resume._torchrun import TorchrunLauncher
 from tensorparity.resume.audit import audit, divergence, state_diff
 from tensorparity.resume.confirm import conclude, plan
 from tensorparity.resume.errors import NondeterminismError, RecipeError
@@ -60,6 +64,9 @@ class RunResult:
         meta: what the leg knew about its objects (dropout, loader, extras' classes).
         saved: the checkpoint it saved at ``stop``, if it saved.
         wall_s: seconds the leg took.
+        ranks: a distributed leg's result on each rank (rank order); the fields above then
+            combine them (:mod:`._ranks`).
+        samples: step -> a hash per sample of its batch (distributed legs).
     """
 
     name: str
@@ -72,15 +79,19 @@ class RunResult:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     saved: Path | None = None
     wall_s: float = 0.0
+    ranks: tuple[RunResult, ...] = ()
+    samples: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_child(cls, data: Mapping[str, Any]) -> RunResult:
+    def from_child(cls, data: Mapping[str, Any], *, across: bool = False) -> RunResult:
+        if data.get("ranks"):  # a distributed leg: one result per rank
+            return combine([cls.from_child(r) for r in data["ranks"]], across=across)
         return cls(str(data["name"]), int(data["start"]), int(data["stop"]),
                    tuple(StepRecord.from_dict(r) for r in data["records"]),
                    {int(k): Path(v) for k, v in data["snapshots"].items()},
                    Path(data["after_load"]) if data.get("after_load") else None, tuple(data.get("load_calls", ())),
                    dict(data.get("meta", {})), Path(data["saved"]) if data.get("saved") else None,
-                   float(data.get("wall_s", 0.0)))
+                   float(data.get("wall_s", 0.0)), samples=dict(data.get("samples") or {}))
 
 
 def judge_segment(reference: RunResult, resumed: RunResult, *, tolerance: Tolerance, accumulate: int = 1,
@@ -101,6 +112,8 @@ def judge_segment(reference: RunResult, resumed: RunResult, *, tolerance: Tolera
     if len(resumed.records) != stop - start:
         raise RecipeError(f"the resumed run from step {start} ran {len(resumed.records)} steps, not {stop - start}",
                           fix="make the data loader yield at least as many batches as asked for")
+    if resumed.ranks:
+        return judge_ranks(reference, resumed, tolerance=tolerance, accumulate=accumulate, audit_load=audit_load)
     rows = compare_records(reference.records, resumed.records, tolerance)
     findings, notes = (), ()  # type: ignore[var-annotated]
     if audit_load and resumed.after_load is not None:
@@ -167,21 +180,26 @@ class _Check:
     """One resume check in progress: the pool, the work folder, the legs' results."""
 
     def __init__(self, loaded: LoadedRecipe, pool: Launcher, work: Path, *, steps: int, seed: int,
-                 tolerance: Tolerance, timeout: float, threads: int | None, runner: str | None = None) -> None:
+                 tolerance: Tolerance, timeout: float, threads: int | None, runner: str | None = None,
+                 nproc: int = 1, resume_nproc: int = 1) -> None:
         self.loaded, self.pool, self.work, self.runner = loaded, pool, work, runner
         self.steps, self.seed, self.tol, self.timeout, self.threads = steps, seed, tolerance, timeout, threads
+        self.nproc, self.resume_nproc = nproc, resume_nproc
         self._jobs = 0
 
-    def start(self, legs: list[dict[str, Any]]) -> Handle:
+    def start(self, legs: list[dict[str, Any]], *, resumed: bool = False) -> Handle:
         self._jobs += 1
         job = {"recipe": self.loaded.spec.to_dict(), "seed": self.seed, "threads": self.threads,
                "work": str(self.work), "result": str(self.work / f"result-{self._jobs}.json"), "legs": legs}
         if self.runner:  # a framework's legs (tensorparity.integrations): same jobs, its own runner
             job["runner"] = self.runner
+        if isinstance(self.pool, TorchrunLauncher):  # ranks of a distributed leg (tensorparity.resume._dist)
+            job["nproc"], job["timeout"] = self.resume_nproc if resumed else self.nproc, self.timeout
         return self.pool.start(job)
 
     def results(self, child: Handle) -> dict[str, RunResult]:
-        return {leg["name"]: RunResult.from_child(leg) for leg in child.wait(self.timeout)["legs"]}
+        across = self.nproc != self.resume_nproc
+        return {leg["name"]: RunResult.from_child(leg, across=across) for leg in child.wait(self.timeout)["legs"]}
 
     @staticmethod
     def leg(name: str, start: int, stop: int, **options: Any) -> dict[str, Any]:
@@ -208,10 +226,14 @@ def _check_reference(ref: RunResult, rep: RunResult, saves: Mapping[int, RunResu
             raise NondeterminismError(f"the two uninterrupted runs already differ at step {row.step} "
                                       f"({', '.join(row.differences())}): training is not reproducible, so a "
                                       f"resumed run cannot be judged {judged}", fix=fix)
-    final = state_diff(ref.snapshots[ref.stop], rep.snapshots[rep.stop], tolerance=tol)
-    if not final.passed:
-        raise NondeterminismError(f"the two uninterrupted runs end in different states ({final.summary()}): training "
-                                  f"is not reproducible, so a resumed run cannot be judged {judged}", fix=fix)
+    pairs = list(zip(ref.ranks, rep.ranks, strict=True)) if ref.ranks else [(ref, rep)]
+    for rank, (a, b) in enumerate(pairs):
+        final = state_diff(a.snapshots[a.stop], b.snapshots[b.stop], tolerance=tol)
+        if not final.passed:
+            where = f" on rank {rank}" if ref.ranks else ""
+            raise NondeterminismError(f"the two uninterrupted runs end in different states{where} ({final.summary()}): "
+                                      f"training is not reproducible, so a resumed run cannot be judged {judged}",
+                                      fix=fix)
     for k, run in saves.items():
         bad = next((r for r in compare_records(ref.records, run.records, tol) if not r.match), None)
         if bad is not None:
@@ -227,13 +249,15 @@ def resume_check(
     steps: int,
     resume_at: int | Sequence[int],
     chain: bool = False,
-    tolerance: Profile | Tolerance = "bitwise",
+    tolerance: Profile | Tolerance | None = None,
     seed: int = 0,
     confirm: bool = True,
     timeout: float = 600.0,
     threads: int | None = 1,
     isolation: Literal["fork", "spawn"] | None = None,
     workdir: str | Path | None = None,
+    nproc: int = 1,
+    resume_nproc: int | None = None,
 ) -> ResumeReport:
     """Prove that save → fresh process → load → continue equals uninterrupted training, and name
     what the checkpoint forgot when it does not.
@@ -246,8 +270,10 @@ def resume_check(
         resume_at: the step(s) to save after and resume from, each in ``1 .. steps - 1``.
         chain: resume at every point in turn in one run (K1 → K2 → ... → steps) instead of once
             per point.
-        tolerance: ``"bitwise"`` (default), ``"dtype"`` (``torch.testing`` tolerances per dtype)
-            or a :class:`~tensorparity.compare.Tolerance`. Batches always compare bitwise.
+        tolerance: ``"bitwise"`` (the default, except across world sizes), ``"dtype"``
+            (``torch.testing`` tolerances per dtype; the default when ``resume_nproc`` differs from
+            ``nproc``: gradients are reduced in another order) or a
+            :class:`~tensorparity.compare.Tolerance`. Batches always compare bitwise.
         seed: python, numpy and torch are seeded with it before every ``build()``.
         confirm: re-run a failing leg with each suspected component taken from the uninterrupted
             run, to confirm the diagnosis.
@@ -261,6 +287,12 @@ def resume_check(
             depend on the interpreter's hash seed).
         workdir: keep the checkpoints, states and logs in a new folder inside this one (default:
             a temporary folder, removed afterwards).
+        nproc: ranks of every leg: above 1, each leg runs under ``torchrun`` (gloo on CPU, nccl
+            with a GPU) and the recipe's own ``save``/``load`` (DCP) is called on every rank; each
+            rank's state is audited and a finding names the rank it belongs to.
+        resume_nproc: ranks of the resumed legs (default ``nproc``): save on ``nproc`` ranks,
+            resume on ``resume_nproc`` through DCP's resharding. A rank's own state (its RNG) cannot
+            be resharded; it is left out of the comparison, and a note says so.
 
     Raises:
         RecipeError: the recipe failed to build, step, save or load, saved nothing, or ran short.
@@ -276,7 +308,8 @@ def resume_check(
     """
     began = time.perf_counter()
     options = check_options(steps=steps, resume_at=resume_at, chain=chain, tolerance=tolerance, seed=seed,
-                            confirm=confirm, timeout=timeout, threads=threads, isolation=isolation)
+                            confirm=confirm, timeout=timeout, threads=threads, isolation=isolation, nproc=nproc,
+                            resume_nproc=resume_nproc)
     return run_check(load_recipe(recipe), options, workdir=workdir, began=began)
 
 
@@ -288,6 +321,8 @@ class CheckOptions:
         legs: the resume points of each leg (``[(3,), (6,)]``, or one chain ``[(3, 6)]``).
         tolerance, profile: the tolerance and its name (``bitwise``, ``dtype``, ``custom``).
         steps, seed, confirm, timeout, threads, isolation: as :func:`resume_check` takes them.
+        nproc, resume_nproc: ranks saving and resuming (1: one process, no ``torchrun``).
+        notes: what the report should say about the options (a tolerance chosen for the user).
     """
 
     legs: list[tuple[int, ...]]
@@ -299,10 +334,32 @@ class CheckOptions:
     timeout: float
     threads: int | None
     isolation: str
+    nproc: int = 1
+    resume_nproc: int = 1
+    notes: tuple[str, ...] = ()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the legs run under ``torchrun`` (any side on more than one rank)."""
+        return max(self.nproc, self.resume_nproc) > 1
 
 
-def check_options(*, steps: Any, resume_at: Any, chain: Any = False, tolerance: Any = "bitwise", seed: Any = 0,
-                  confirm: Any = True, timeout: Any = 600.0, threads: Any = 1, isolation: Any = None) -> CheckOptions:
+def _ranks(nproc: Any, resume_nproc: Any) -> tuple[int, int]:
+    problems = []
+    for name, value in (("nproc", nproc), ("resume_nproc", resume_nproc)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be a positive integer, not {value!r}")
+    if nproc is None:
+        problems.append("nproc must be a positive integer, not None")
+    if problems:
+        raise UsageError("; ".join(problems), fix="e.g. resume_check(recipe, steps=6, resume_at=3, nproc=2, "
+                                                  "resume_nproc=1)")
+    return int(nproc), int(nproc if resume_nproc is None else resume_nproc)
+
+
+def check_options(*, steps: Any, resume_at: Any, chain: Any = False, tolerance: Any = None, seed: Any = 0,
+                  confirm: Any = True, timeout: Any = 600.0, threads: Any = 1, isolation: Any = None,
+                  nproc: Any = 1, resume_nproc: Any = None) -> CheckOptions:
     """Check :func:`resume_check`'s options all at once (a framework integration takes the same).
 
     Raises:
@@ -312,7 +369,18 @@ def check_options(*, steps: Any, resume_at: Any, chain: Any = False, tolerance: 
         >>> check_options(steps=8, resume_at=[6, 3]).legs
         [(3,), (6,)]
     """
-    legs, tol, profile = _options(steps, resume_at, chain, tolerance, seed, timeout, threads)
+    nproc, resume_nproc = _ranks(nproc, resume_nproc)
+    notes: tuple[str, ...] = ()
+    if nproc != resume_nproc and tolerance is None:
+        tolerance = "dtype"
+        notes = (f"saved on {plural(nproc, 'rank')} and resumed on {resume_nproc}: the gradients are reduced over "
+                 f"another number of ranks, so the runs cannot agree bitwise; compared with dtype tolerances",)
+    elif nproc != resume_nproc and (tolerance == "bitwise" or getattr(tolerance, "exact", False)):
+        raise UsageError(f"a bitwise comparison cannot hold when saving on {plural(nproc, 'rank')} and resuming on "
+                         f"{resume_nproc}: the gradients are reduced over another number of ranks",
+                         fix="pass tolerance='dtype' (--tolerance dtype) or leave the tolerance out")
+    legs, tol, profile = _options(steps, resume_at, chain, "bitwise" if tolerance is None else tolerance, seed,
+                                  timeout, threads)
     if confirm not in (True, False):
         raise UsageError(f"confirm must be True or False, not {confirm!r}", fix="pass confirm=False to skip re-runs")
     if isolation is None:
@@ -320,7 +388,8 @@ def check_options(*, steps: Any, resume_at: Any, chain: Any = False, tolerance: 
     if isolation not in ("fork", "spawn") or (isolation == "fork" and not fork_available()):
         raise UsageError(f"isolation must be 'fork' (Linux) or 'spawn', not {isolation!r}",
                          fix="pass isolation='spawn', or leave it out")
-    return CheckOptions(legs, tol, profile, steps, seed, confirm, float(timeout), threads, isolation)
+    return CheckOptions(legs, tol, profile, steps, seed, confirm, float(timeout), threads, isolation, nproc,
+                        resume_nproc, notes)
 
 
 def run_check(loaded: LoadedRecipe, options: CheckOptions, *, workdir: str | Path | None = None,
@@ -337,17 +406,35 @@ def run_check(loaded: LoadedRecipe, options: CheckOptions, *, workdir: str | Pat
     if keep:
         Path(workdir).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
     work = Path(tempfile.mkdtemp(prefix="tensorparity-resume-", dir=workdir))
-    pool = launcher(options.isolation, work, ahead=1 if options.confirm else 0, preload=preload)
+    if options.distributed:
+        _distributable(loaded, runner, options)
+    pool: Launcher = (TorchrunLauncher(work, nproc=options.nproc, threads=options.threads) if options.distributed
+                      else launcher(options.isolation, work, ahead=1 if options.confirm else 0, preload=preload))
     try:
         if isinstance(pool, SpawnLauncher):
             pool.warm(min(2 + len(options.legs) + int(options.confirm), 5))
         check = _Check(loaded, pool, work, steps=options.steps, seed=options.seed, tolerance=options.tolerance,
-                       timeout=options.timeout, threads=options.threads, runner=runner)
-        return _run(check, options.legs, profile=options.profile, confirm=options.confirm, began=began)
+                       timeout=options.timeout, threads=options.threads, runner=runner, nproc=options.nproc,
+                       resume_nproc=options.resume_nproc)
+        report = _run(check, options.legs, profile=options.profile, confirm=options.confirm, began=began)
+        return dataclasses.replace(report, notes=(*options.notes, *report.notes)) if options.notes else report
     finally:
         pool.close()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _distributable(loaded: LoadedRecipe, runner: str | None, options: CheckOptions) -> None:
+    """A distributed check needs tensorparity's own loop and the recipe's own (DCP) checkpoint."""
+    if runner is not None:
+        raise UsageError(f"nproc={options.nproc}, resume_nproc={options.resume_nproc}: a framework's own trainer "
+                         f"cannot run the legs under torchrun yet", fix="check it with nproc=1")
+    if not loaded.own_checkpoint:
+        raise RecipeError(f"nproc={max(options.nproc, options.resume_nproc)} needs the recipe's own save()/load() "
+                          f"(called on every rank): tensorparity's default checkpoint is for one process",
+                          key=loaded.spec.text, fix="give the recipe save(objs, path)/load(objs, path) that use "
+                                                    "torch.distributed.checkpoint (see "
+                                                    "tensorparity.examples.distributed_recipes)")
 
 
 def _run(check: _Check, legs: list[tuple[int, ...]], *, profile: str, confirm: bool, began: float) -> ResumeReport:
@@ -359,7 +446,7 @@ def _run(check: _Check, legs: list[tuple[int, ...]], *, profile: str, confirm: b
                     + [check.leg(f"save-{k}", 0, k, save=check.ckpt(str(k))) for k in first_points])
     rep = check.results(b)
     saves = {k: rep[f"save-{k}"] for k in first_points}
-    running = {leg: check.start([check.segment_job(leg, 0, str(saves[leg[0]].saved), after_load=True)])
+    running = {leg: check.start([check.segment_job(leg, 0, str(saves[leg[0]].saved), after_load=True)], resumed=True)
                for leg in legs}
     ref = check.results(a)["uninterrupted"]
     _check_reference(ref, rep["repeat"], saves, check.tol)
@@ -370,7 +457,7 @@ def _run(check: _Check, legs: list[tuple[int, ...]], *, profile: str, confirm: b
         load = str(saves[leg[0]].saved)
         for index in range(len(leg)):
             if index:
-                child = check.start([check.segment_job(leg, index, load, after_load=True)])
+                child = check.start([check.segment_job(leg, index, load, after_load=True)], resumed=True)
             run = next(iter(check.results(child).values()))
             segments.append((judge_segment(ref, run, tolerance=check.tol, accumulate=acc), load))
             load = str(run.saved) if run.saved else load
@@ -387,8 +474,24 @@ def _run(check: _Check, legs: list[tuple[int, ...]], *, profile: str, confirm: b
                     else "tensorparity's default save/load (everything stateful)"),
         accumulate=acc, steps_per_epoch=meta.get("steps_per_epoch"),
         reference=f"2 runs in fresh processes agree at every step and in the final state ({profile})",
-        isolation=check.pool.isolation,
+        isolation=_isolation(check),
         wall_s=time.perf_counter() - began)
+
+
+def _isolation(check: _Check) -> str:
+    if not isinstance(check.pool, TorchrunLauncher):
+        return check.pool.isolation
+    where = "nccl, one GPU per rank" if _cuda() else "gloo on CPU"
+    ranks = f"{check.nproc} rank{'s' if check.nproc > 1 else ''}"
+    if check.resume_nproc != check.nproc:
+        ranks += f", resumed on {check.resume_nproc}"
+    return f"every leg under torchrun ({ranks}; {where})"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 _Started = list[tuple[tuple[str, ...], Handle]]
@@ -404,10 +507,14 @@ def _start_confirmations(check: _Check, ref: RunResult, leg: tuple[int, ...],
     failing, load = segments[index]
     started = []
     for n, components in enumerate(plan(failing.findings)):
-        override = {"components": list(components), "state": str(ref.snapshots[failing.start])}
+        override: dict[str, Any] = {"components": list(components), "state": str(ref.snapshots[failing.start])}
+        if ref.ranks:  # each rank takes its own state (the same rank's; rank 0's across world sizes)
+            same = len(ref.ranks) == check.resume_nproc
+            override["state_by_suffix"] = {f"-rank{r}": str(ref.ranks[r if same else 0].snapshots[failing.start])
+                                           for r in range(check.resume_nproc)}
         job = check.segment_job(leg, index, load, override=override, suffix=f"-confirm-{n}")
         job["save"] = None
-        started.append((components, check.start([job])))
+        started.append((components, check.start([job], resumed=True)))
     return started
 
 
