@@ -60,6 +60,8 @@ def data(seed: int) -> torch.Tensor:
 #   a:    other data on each rank (seed 100 + rank)
 #   b:    as a, but rank 1's LayerNorm has eps=0.1 (a plain attribute: DDP does not broadcast it)
 #   same: the same data on every rank, parameter gradients recorded too
+#   bug:  as same, but rank 1's LayerNorm has eps=0.1 (rank 0's parameter gradients, once all-reduced,
+#         differ too where they are recorded final: two failing ranks, the worst is the forward one)
 # a and b leave parameter gradients out: after the all-reduce they mix both ranks, so rank 0's
 # would differ too wherever they are recorded once final.
 DDP_SCRIPT = '''
@@ -88,6 +90,7 @@ root = sys.argv[1]
 step(f"{root}/a", 100 + rank, False)
 step(f"{root}/b", 100 + rank, False, eps_on=1)
 step(f"{root}/same", 100, True)
+step(f"{root}/bug", 100, True, eps_on=1)
 dist.destroy_process_group()
 '''
 
@@ -128,7 +131,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_torchrun_wrote_one_folder_per_rank(runs: Path) -> None:
-    for name in ("a", "b", "same"):
+    for name in ("a", "b", "same", "bug"):
         assert sorted(p.name for p in (runs / name).iterdir()) == ["rank-0", "rank-1"]
 
 
@@ -186,6 +189,16 @@ def test_every_rank_against_the_same_rank_by_default(runs: Path) -> None:
     same = compare_traces(runs / "a", runs / "a")
     assert isinstance(same, RankedTraceReport)
     assert (same.verdict, same.exit_code, same.summary()) == ("identical", 0, "identical on all 2 ranks")
+
+
+def test_the_worst_rank_is_the_one_that_differs_earliest(runs: Path) -> None:
+    report = compare_traces(runs / "same", runs / "bug")
+    assert isinstance(report, RankedTraceReport) and report.verdict == "differs"
+    assert report.worst.rank == 1
+    first = report.first_divergence
+    assert first is not None and first.direction == "forward" and first.layer_a.endswith("norm")
+    zero = report[0].first_divergence  # all-reduced gradients: rank 0 differs backward only, if at all
+    assert zero is None or zero.direction == "backward"
 
 
 def test_cli_every_rank_prints_the_table_then_the_worst_rank(runs: Path) -> None:

@@ -93,8 +93,14 @@ class RankedTraceReport:
 
     @property
     def worst(self) -> RankComparison:
-        """The rank that decides the verdict (the lowest of equally bad ones)."""
-        return max(self.ranks, key=lambda x: (_SEVERITY[x.report.verdict], -x.rank))
+        """The rank that decides the verdict; of equally bad ones, the one that differs earliest
+        (forward before backward), then the one with the most mismatched layers, then the lowest."""
+        def badness(x: RankComparison) -> tuple[int, bool, int, int]:
+            first = x.report.first_divergence
+            forward = first is not None and first.direction == "forward"
+            return _SEVERITY[x.report.verdict], forward, len(x.report.mismatched), -x.rank
+
+        return max(self.ranks, key=badness)
 
     @property
     def failing(self) -> tuple[RankComparison, ...]:
