@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from tensorparity.checkpoint._wrappers import WrapperNames
 from tensorparity.checkpoint.layout import build_checkpoint
 from tensorparity.checkpoint.tree import Checkpoint
 
@@ -16,7 +17,10 @@ __all__ = ["read_live"]
 def read_live(obj: Any, *, name: str | None = None) -> Checkpoint:
     """Open a live ``nn.Module`` (its ``state_dict``) or a mapping as a :class:`Checkpoint`.
 
-    Tensors are not copied: entries load the very tensors the object holds (detached).
+    Tensors are not copied: entries load the very tensors the object holds (detached). The keys
+    of a wrapped module lose the wrappers' components (``module.`` of DDP, ``_orig_mod.`` of
+    ``torch.compile``, ...; listed in the provenance as ``name_prefixes_removed``), so a wrapped
+    model and the plain one have the same keys.
 
     Example:
         >>> import torch
@@ -24,7 +28,11 @@ def read_live(obj: Any, *, name: str | None = None) -> Checkpoint:
         6
     """
     if isinstance(obj, torch.nn.Module):
-        state = {k: v.detach() for k, v in obj.state_dict(keep_vars=True).items()}
+        names = WrapperNames(obj)
+        raw = obj.state_dict(keep_vars=True)
+        state = {names.clean_key(k): v.detach() for k, v in raw.items()}
+        if len(state) != len(raw):  # two keys would become one: keep them as they are
+            state = {k: v.detach() for k, v in raw.items()}
         trainable = {n for n, p in obj.named_parameters() if p.requires_grad}
         provenance = {
             "framework": "torch",
@@ -32,6 +40,8 @@ def read_live(obj: Any, *, name: str | None = None) -> Checkpoint:
             "model_class": f"{type(obj).__module__}.{type(obj).__qualname__}",
             "trainable_parameters": sum(p.numel() for n, p in obj.named_parameters() if n in trainable),
         }
+        if names.removed and len(state) == len(raw):
+            provenance["name_prefixes_removed"] = names.removed
         source = name or f"<{type(obj).__qualname__} module>"
         return build_checkpoint(state, source=source, base_format="module", provenance=provenance)
     if isinstance(obj, Mapping):

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tensorparity.checkpoint._wrappers import WrapperNames, wrapper_attr
 from tensorparity.mapping._param_signature import param_signature
+from tensorparity.trace._dtensor import as_recorded, is_dtensor, sharded
 from tensorparity.trace.format import STORABLE, TraceWriter
 from tensorparity.trace.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
                                        tensor_stats)
@@ -45,11 +47,13 @@ def in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def alias_paths(model: nn.Module, registered: Mapping[int, str]) -> dict[int, list[str]]:
+def alias_paths(model: nn.Module, registered: Mapping[int, str], names: WrapperNames | None = None
+                ) -> dict[int, list[str]]:
     """Every path of every module, its registered path first: a module held by several parents
     (one activation shared by every block) has one path per parent, as
     ``named_modules(remove_duplicate=False)`` lists them, walked without recursion (a cyclic
-    graph stops at :data:`MAX_PATHS` paths or 64 levels)."""
+    graph stops at :data:`MAX_PATHS` paths or 64 levels). A wrapper's attribute (DDP's
+    ``module``, ``_orig_mod``, ...; see ``names``) adds no component."""
     paths: dict[int, list[str]] = {}
     todo: list[tuple[str, nn.Module, int]] = [("", model, 0)]
     walked = 0
@@ -62,7 +66,8 @@ def alias_paths(model: nn.Module, registered: Mapping[int, str]) -> dict[int, li
             found.append(prefix)
         walked += 1
         if depth < 64:
-            children = [(f"{prefix}.{name}" if prefix else name, child, depth + 1)
+            skip = wrapper_attr(module) if names is not None and names.is_wrapper(module) else None
+            children = [(prefix if name == skip else f"{prefix}.{name}" if prefix else name, child, depth + 1)
                         for name, child in module._modules.items() if child is not None]
             todo.extend(reversed(children))
     for key, found in paths.items():
@@ -108,11 +113,20 @@ class Recorder:
         self.params_done = False
         self.param_rows: dict[str, tuple[Any, ...]] = {}
         self.pending: dict[str, list[tuple[str, str, nn.Parameter, int]]] = {}
+        # Parameter gradients are read once backward has finished (after DDP's all-reduce and
+        # FSDP's reduce-scatter, which finish in the engine's final callbacks): placed here by
+        # the post-accumulate hooks with their index, recorded by the callback queued last.
+        self.final_grads: list[tuple[int, str, int, str, str, torch.Tensor]] = []
+        self.grad_callback = False
+        self.wrappers = WrapperNames(model)
 
     # Hooks
     def attach(self) -> None:
-        modules = list(self.model.named_modules())
-        self.paths = alias_paths(self.model, {id(m): name for name, m in modules})
+        raw_modules = list(self.model.named_modules())
+        # Wrappers (DDP, FSDP1, activation checkpointing, torch.compile) are transparent: not
+        # hooked, and their attribute is no part of any name; the module they wrap takes their name.
+        modules = [(self.wrappers.clean(name), m) for name, m in raw_modules if not self.wrappers.is_wrapper(m)]
+        self.paths = alias_paths(self.model, {id(m): name for name, m in modules}, self.wrappers)
         self.all_paths = {p for found in self.paths.values() for p in found}
         for name, module in modules:
             selected = name == "" or self.o.selected(name, module)
@@ -124,10 +138,10 @@ class Recorder:
             except TypeError:
                 handle = module.register_forward_hook(post, with_kwargs=True)
             self.handles.append(handle)
-        owners = dict(modules)
+        owners = dict(raw_modules)
         for pname, param in self.model.named_parameters():
-            owner, _, local = pname.rpartition(".")
-            module = owners[owner]
+            raw_owner, _, local = pname.rpartition(".")
+            module, owner = owners[raw_owner], self.wrappers.clean(raw_owner)
             if owner and not self.o.selected(owner, module):
                 continue
             if self.o.params:
@@ -141,6 +155,7 @@ class Recorder:
                 self.handles.append(param.register_hook(lambda g, hook=hook, p=param: hook(p, g)))
 
     def detach(self) -> None:
+        self._record_final_grads()  # a backward whose end never came (it raised): what it has
         self.active = False
         handles, self.handles = self.handles, []
         for handle in handles:
@@ -272,7 +287,41 @@ class Recorder:
         with self.lock:
             call = self.param_calls[key]
             self.param_calls[key] += 1
-        self.add(owner, call, mtype, "param_grad", local, grad, full=self._owner_full(owner))
+        full = self._owner_full(owner)
+        index = next(self.indices)  # its place: where it arrived in the backward pass
+        if self.o.local_grads and not is_dtensor(grad):
+            # This rank's own gradient, before DDP's all-reduce (which runs in DDP's hooks after
+            # this one, and finishes as backward ends): a missing or wrong all-reduce shows here.
+            self.add(owner, call, mtype, "param_grad_local", local, grad, full=full)
+        if not self._queue_final(index, owner, call, mtype, local, param):
+            self.add(owner, call, mtype, "param_grad", local, grad, full=full, index=index)
+
+    def _queue_final(self, index: int, owner: str, call: int, mtype: str, local: str, param: torch.Tensor) -> bool:
+        """Read this parameter's gradient once backward ends: a callback queued now runs after
+        the callbacks already queued (FSDP's) and queues one more, which runs after those queued
+        later in this backward (DDP's reducer queues its ``finalize_backward`` when its last
+        bucket is ready); ``False`` where no backward is running to queue into."""
+        with self.lock:
+            self.final_grads.append((index, owner, call, mtype, local, param))
+            if self.grad_callback:
+                return True
+            try:
+                engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+                engine.queue_callback(lambda: engine.queue_callback(self._record_final_grads))
+            except (AttributeError, RuntimeError):  # not inside backward: read it now
+                self.final_grads.pop()
+                return False
+            self.grad_callback = True
+        return True
+
+    def _record_final_grads(self) -> None:
+        with self.lock:
+            pending, self.final_grads, self.grad_callback = self.final_grads, [], False
+        if not self.active:
+            return
+        for index, owner, call, mtype, local, param in pending:
+            if param.grad is not None:
+                self.add(owner, call, mtype, "param_grad", local, param.grad, full=self._owner_full(owner), index=index)
 
     # Parameters
     def _record_params(self) -> None:
@@ -290,9 +339,13 @@ class Recorder:
 
     def _add_param(self, owner: str, mtype: str, local: str, param: torch.Tensor, index: int, full: bool) -> None:
         key = record_key(owner, 0, "param", local)
+        placement = None
+        if is_dtensor(param):
+            param, placement = as_recorded(param, self.o.dtensor)
         self.add(owner, 0, mtype, "param", local, param, full=full, index=index,
-                 finish=functools.partial(self._param_row, key))
-        if not full and param.layout == torch.strided and param.device.type != "meta":
+                 finish=functools.partial(self._param_row, key), placement=placement)
+        if (not full and param.layout == torch.strided and param.device.type != "meta"
+                and not sharded(placement)):  # a shard's signature is not the parameter's
             # Not stored: its content signature is (row and column digests, R + C int64), from
             # which compare finds the mapping to another implementation as from the tensor.
             digests = param_signature(param.detach()).to_tensors()[0]
@@ -320,12 +373,16 @@ class Recorder:
         return name
 
     def add(self, module: str, call: int, mtype: str, kind: str, path: str, leaf: Any, *, full: bool,
-            index: int | None = None, finish: Any = None) -> None:
+            index: int | None = None, finish: Any = None, placement: dict[str, Any] | None = None) -> None:
         finish = finish or self._finish
         head = (next(self.indices) if index is None else index, module, call, mtype, kind, path)
         if not isinstance(leaf, torch.Tensor):
             finish(*head, (), type(leaf).__name__, "", None, False, json_value(leaf), False)
             return
+        if placement is None and is_dtensor(leaf):
+            leaf, placement = as_recorded(leaf, self.o.dtensor)
+        if placement is not None:  # the record's last fields: value, is_tensor, placement
+            finish = functools.partial(_with_placement, finish, placement)
         # Metadata needs no detached view: inside a step every tensor operation costs ~10 µs, and
         # every read of ``.device`` builds a new device object.
         device, dtype = leaf.device, leaf.dtype
@@ -376,6 +433,8 @@ class Recorder:
             "types": [t if isinstance(t, str) else t.__name__ for t in o.types],
             "inputs": o.inputs, "grads": o.grads, "param_grads": o.param_grads, "params": o.params,
             "call_sites": dict(sorted(self.call_sites.items())), "rank": rank, "world_size": world,
+            "dtensor": o.dtensor, "local_grads": o.local_grads, "param_grads_read": "end of backward",
+            "name_prefixes_removed": self.wrappers.removed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         prov.update(dict(extra or {}))
@@ -391,3 +450,7 @@ def _unwind(stack: list[tuple[Any, ...]], module: nn.Module) -> tuple[Any, ...] 
             del stack[i:]
             return entry
     return None
+
+
+def _with_placement(finish: Any, placement: dict[str, Any], *fields: Any) -> None:
+    finish(*fields, None, True, placement)

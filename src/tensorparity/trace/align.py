@@ -282,7 +282,8 @@ def module_renames(mapping: Mapping, *, param_names: frozenset[str] | set[str] =
 @dataclass(frozen=True)
 class LayerMatch:
     """A layer of A and its partner in B; ``how``: ``name``, ``mapping``, ``order``, ``mapping+order``
-    (a parameter-free module paired by order inside its mapped parent) or ``model``."""
+    (a parameter-free module paired by order inside its mapped parent), ``order+name`` (a layer
+    without forward output, paired by its path below its paired ancestor) or ``model``."""
 
     a: TraceLayer
     b: TraceLayer
@@ -422,6 +423,11 @@ def _by_order(a: list[TraceLayer], b: list[TraceLayer]) -> Alignment:
     paired_a = {(m.a.module, m.a.call) for m in matches}
     paired_b = {(m.b.module, m.b.call) for m in matches}
 
+    matches += _by_parent(matches, [x for x in a if (x.module, x.call) not in paired_a and not x.outputs],
+                          [x for x in b if (x.module, x.call) not in paired_b and not x.outputs])
+    paired_a = {(m.a.module, m.a.call) for m in matches}
+    paired_b = {(m.b.module, m.b.call) for m in matches}
+
     def reason(x: TraceLayer, other: str) -> str:
         if not x.outputs:
             return "no forward output recorded to align it by"
@@ -430,3 +436,24 @@ def _by_order(a: list[TraceLayer], b: list[TraceLayer]) -> Alignment:
     only_a = tuple(Unaligned(x, reason(x, "B")) for x in a if (x.module, x.call) not in paired_a)
     only_b = tuple(Unaligned(x, reason(x, "A")) for x in b if (x.module, x.call) not in paired_b)
     return Alignment("order", tuple(matches), only_a, only_b)
+
+
+def _by_parent(matches: list[LayerMatch], left_a: list[TraceLayer], left_b: list[TraceLayer]) -> list[LayerMatch]:
+    """Layers without a forward output (a module never called whose weight its parent uses, as
+    MultiheadAttention uses ``out_proj``'s): paired through their nearest paired ancestor, by the
+    path below it (``enc.attn.out_proj`` under ``enc.attn`` <-> ``body.attn`` + ``.out_proj``)."""
+    anchors = {m.a.module: m.b.module for m in matches if m.a.call == 0 and m.b.call == 0}
+    index_b = {(x.module, x.call): x for x in left_b}
+    found = []
+    for layer in left_a:
+        parts = layer.module.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            head = ".".join(parts[:cut])
+            if head in anchors:
+                tail = ".".join(parts[cut:])
+                target = f"{anchors[head]}.{tail}" if anchors[head] else tail
+                partner = index_b.pop((target, layer.call), None)
+                if partner is not None:
+                    found.append(LayerMatch(layer, partner, "order+name"))
+                break
+    return found

@@ -54,8 +54,9 @@ from typing import Any
 from torch import nn
 
 from tensorparity.errors import UsageError
+from tensorparity.trace._dtensor import DTENSOR_MODES
 from tensorparity.trace._recorder import Recorder, type_name
-from tensorparity.trace.format import MODES, TraceWriter, build_manifest, write_manifest
+from tensorparity.trace.format import MODES, TraceError, TraceWriter, build_manifest, write_manifest
 from tensorparity.trace.trace import ShardSet, Trace, prepare_folder
 
 __all__ = ["capture"]
@@ -77,6 +78,8 @@ class Options:
     grads: bool
     param_grads: bool
     params: bool = True
+    dtensor: str = "local"
+    local_grads: bool = False
 
     def selected(self, name: str, module: nn.Module) -> bool:
         if self.include and not any(p.search(name) for p in self.include):
@@ -111,7 +114,7 @@ def _patterns(value: str | Sequence[str] | None, what: str, problems: list[str])
 
 
 def _options(include: Any, exclude: Any, types: Any, mode: Any, window: Any, inputs: bool, grads: bool,
-             param_grads: bool, params: bool) -> Options:
+             param_grads: bool, params: bool, dtensor: Any = "local", local_grads: bool = False) -> Options:
     problems: list[str] = []  # every problem at once, before any hook is placed
     inc = _patterns(include, "include", problems)
     exc = _patterns(exclude, "exclude", problems)
@@ -133,10 +136,15 @@ def _options(include: Any, exclude: Any, types: Any, mode: Any, window: Any, inp
             problems.append(f"mode 'window' needs window= a regular expression or an index range, not {window!r}")
     elif window is not None:
         problems.append("window= is only used with mode='window'")
+    if dtensor not in DTENSOR_MODES:
+        problems.append(f"dtensor {dtensor!r} is not one of {', '.join(DTENSOR_MODES)}")
+    if local_grads and not param_grads:
+        problems.append("local_grads=True records parameter gradients, which param_grads=False leaves out")
     if problems:
         raise UsageError("; ".join(problems), fix="e.g. capture(model, include=r'layers\\.', mode='window', "
                                                   "window=r'layers\\.1\\.')")
-    return Options(inc, exc, type_list, mode, window_re, window_range, inputs, grads, param_grads, params)
+    return Options(inc, exc, type_list, mode, window_re, window_range, inputs, grads, param_grads, params,
+                   dtensor, local_grads)
 
 
 def _rank_world(rank: int | None) -> tuple[int, int]:
@@ -152,6 +160,28 @@ def _rank_world(rank: int | None) -> tuple[int, int]:
     return (env_rank if rank is None else rank), world
 
 
+def _agree(ok: bool, rank: int, folder: Path | None) -> None:
+    """Under ``torch.distributed``: every rank says whether its capture succeeded; where one
+    failed, every rank fails and none writes its manifest (a trace of some ranks only would look
+    complete). Raises on the ranks that succeeded; a rank that failed raises its own error."""
+    import torch
+    import torch.distributed as dist
+
+    if folder is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    device = "cpu"
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    failed[dist.get_rank()] = 0 if ok else 1
+    dist.all_reduce(failed)
+    bad = [r for r, f in enumerate(failed.tolist()) if f]
+    if ok and bad:
+        raise TraceError(f"the capture failed on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, so "
+                         f"rank {rank} wrote no manifest either", path=folder,
+                         fix="see that rank's error above, fix it and capture again")
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -165,6 +195,8 @@ def capture(
     grads: bool = True,
     param_grads: bool = True,
     params: bool = True,
+    dtensor: str = "local",
+    local_grads: bool = False,
     out: str | os.PathLike[str] | None = None,
     rank: int | None = None,
     provenance: Mapping[str, Any] | None = None,
@@ -191,6 +223,16 @@ def capture(
             parameter once) as the model's first forward is about to use it: kind ``param``,
             ``module`` its owner, ``path`` its name; stored as the other records are (``full``;
             ``window``: where its owner is in the window), statistics otherwise.
+        dtensor: how DTensors (FSDP2 parameters and gradients, tensor-parallel activations) are
+            recorded: ``"local"`` (default) this rank's local shard, with its placement (mesh,
+            ``Shard(dim)``/``Replicate()``, the global shape and the shard's offset) in the
+            record, so that reading the trace assembles the full tensor from every rank's
+            shard; ``"gather"`` the full tensor (``full_tensor()``, a collective: every rank
+            must run the same capture), the placement kept too.
+        local_grads: also record each parameter's gradient as this rank's backward accumulated
+            it, before DDP's all-reduce (kind ``param_grad_local``; ``param_grad`` is always the
+            gradient the optimizer steps on, read once backward has finished). Not for DTensor
+            parameters: FSDP2 has reduce-scattered them before they reach the parameter.
         out: a new (or empty) folder: tensors stream there and the trace is written in the
             trace format; ``None`` keeps them in memory (detached clones, on their device). Under
             ``torchrun`` (``WORLD_SIZE`` > 1) each rank writes ``out/rank-<r>/``.
@@ -216,7 +258,7 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"capture needs an nn.Module, not {type(model).__name__}", fix="pass the model itself")
-    opts = _options(include, exclude, types, mode, window, inputs, grads, param_grads, params)
+    opts = _options(include, exclude, types, mode, window, inputs, grads, param_grads, params, dtensor, local_grads)
     rank, world = _rank_world(rank)
     folder: Path | None = None
     if out is not None:
@@ -235,11 +277,19 @@ def capture(
         recorder.detach()
         if writer is not None:
             writer.abort()
+        _agree(False, rank, folder)  # the other ranks write no manifest either
         raise
-    recorder.detach()
-    shards = writer.close() if writer is not None else []
-    records = recorder.records()
-    prov = recorder.provenance(provenance, rank, world)
+    try:
+        recorder.detach()
+        shards = writer.close() if writer is not None else []
+        records = recorder.records()
+        prov = recorder.provenance(provenance, rank, world)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        _agree(False, rank, folder)
+        raise
+    _agree(True, rank, folder)
     if writer is None or folder is None:
         trace._bind(None, records, prov, None, recorder.tensors)
         return

@@ -29,11 +29,13 @@ SCHEMA = "tensorparity.trace/1"
 # parameter's value as the first forward used it (module = owner, path = name, call 0), once per
 # capture: it belongs to no module call, so layers and alignment leave it out; param_signature: where
 # a parameter is not stored (stats mode), its content signature (row and column digests, int64,
-# see tensorparity.mapping.param_signature), stored, so a mapping can still be found from it.
+# see tensorparity.mapping.param_signature), stored, so a mapping can still be found from it;
+# param_grad_local: with local_grads=True, a parameter's gradient as this rank's backward
+# accumulated it, before DDP's all-reduce (param_grad is the one the optimizer steps on).
 Kind = Literal["input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output", "param",
-               "param_signature"]
+               "param_signature", "param_grad_local"]
 KINDS: tuple[str, ...] = ("input", "output", "grad_output", "grad_input", "param_grad", "model_input", "model_output",
-                          "param", "param_signature")
+                          "param", "param_signature", "param_grad_local")
 
 
 def json_value(value: Any) -> Any:
@@ -113,6 +115,11 @@ class TraceRecord:
         stats: statistics and content hash.
         stored: whether the full tensor is in the shards (under :attr:`key`).
         value: a non-tensor output (a number, string, None), kept as a value; ``shape`` is then ().
+        placement: for a DTensor (FSDP2, tensor parallel): ``mesh`` (its shape), ``placements``
+            (``Shard(0)``, ``Replicate()``, ``Partial(sum)``), ``global_shape``, and either
+            ``offset`` (where this rank's local shard, the recorded tensor, starts in the global
+            tensor: ``dtensor="local"``) or ``gathered: true`` (the recorded tensor is the full
+            one: ``dtensor="gather"``); ``None`` for a plain tensor.
     """
 
     index: int
@@ -128,6 +135,7 @@ class TraceRecord:
     stored: bool
     value: Any = field(default=None)
     is_tensor: bool = True
+    placement: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -144,6 +152,8 @@ class TraceRecord:
         data["shape"] = list(self.shape)
         data["stats"] = self.stats.to_dict() if self.stats else None
         data["key"] = self.key
+        if self.placement is None:
+            del data["placement"]  # plain tensors: the manifest stays as it was
         return data
 
     @classmethod
@@ -153,4 +163,5 @@ class TraceRecord:
                    module_type=str(data["module_type"]), kind=str(data["kind"]), path=str(data["path"]),
                    shape=tuple(int(s) for s in data["shape"]), dtype=str(data["dtype"]),
                    device=str(data["device"]), stats=stats, stored=bool(data["stored"]),
-                   value=data.get("value"), is_tensor=bool(data.get("is_tensor", True)))
+                   value=data.get("value"), is_tensor=bool(data.get("is_tensor", True)),
+                   placement=data["placement"] if isinstance(data.get("placement"), dict) else None)

@@ -30,6 +30,7 @@ from tensorparity.trace.format import (
     read_manifest,
     write_manifest,
 )
+from tensorparity.trace._assemble import RankShards, assemble_ranks, is_sharded_trace
 from tensorparity.trace.records import TensorStats, TraceRecord
 
 __all__ = ["ShardSet", "Trace", "param_name", "prepare_folder"]
@@ -326,12 +327,18 @@ class Trace:
 
         Args:
             path: the trace folder.
-            rank: which rank of a multi-process trace (a folder holding ``rank-<r>/``).
+            rank: which rank of a multi-process trace (a folder holding ``rank-<r>/``). Without
+                one, a trace captured with DTensors as local shards (FSDP2, tensor parallel;
+                ``capture(..., dtensor="local")``) opens as one trace: its sharded records are
+                assembled from every rank's shard (shape, statistics, tensor), the others are
+                rank 0's (``provenance["assembled"]`` says so).
 
         Raises:
             TraceError: missing manifest (a capture that did not finish), unknown schema major
-                version, a shard missing, truncated or not matching the manifest.
-            UsageError: a multi-process trace opened without ``rank``.
+                version, a shard missing, truncated or not matching the manifest; for an
+                assembled trace, ranks missing, ranks of different world sizes, shards that do
+                not tile a tensor (when it is loaded).
+            UsageError: a multi-process trace without DTensor shards opened without ``rank``.
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -345,6 +352,8 @@ class Trace:
             elif rank is not None and ranks:
                 raise UsageError(f"the trace has no rank {rank} (ranks {', '.join(map(str, ranks))})",
                                  path=folder, fix="pass one of the ranks it holds")
+            elif ranks and rank is None and (assembled := cls._assembled(folder, ranks)) is not None:
+                return assembled
             elif len(ranks) == 1:
                 folder = next(iter(ranks.values()))
             elif ranks:
@@ -357,6 +366,17 @@ class Trace:
                              fix="pass the folder that holds all ranks, or rank=" + str(got))
         shards = ShardSet(folder, manifest["shards"], manifest["shard_of"], manifest["records"])
         return cls(manifest["records"], manifest["provenance"], manifest["mode"], path=folder, shards=shards)
+
+    @classmethod
+    def _assembled(cls, folder: Path, ranks: dict[int, Path]) -> Trace | None:
+        """The ranks of a DTensor capture as one trace; ``None`` when rank 0 holds no local shard."""
+        first = read_manifest(ranks[min(ranks)])
+        if not is_sharded_trace(first):
+            return None
+        manifests = {r: (first if r == min(ranks) else read_manifest(p)) for r, p in ranks.items()}
+        records, prov, mode, pieces = assemble_ranks(folder, manifests)
+        sets = {r: ShardSet(ranks[r], m["shards"], m["shard_of"], m["records"]) for r, m in manifests.items()}
+        return cls(records, prov, mode, path=folder, shards=RankShards(folder, sets, pieces, records))  # type: ignore[arg-type]
 
     def verify(self) -> None:
         """Check every shard's checksum now (raises :class:`TraceError` naming the shard)."""
