@@ -109,6 +109,8 @@ def capture_run(
     noise_floor: bool = False,
     params: bool = True,
     overwrite: bool = False,
+    dtensor: str = "local",
+    local_grads: bool = False,
 ) -> Trace:
     """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
     ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
@@ -117,7 +119,9 @@ def capture_run(
     ``noise_floor``, the model is first run in float32 and (a copy) in float64 on the same input,
     and every record's measured atol is stored in the provenance (``noise_floor``), so that
     ``tensorparity compare --noise-floor`` judges each layer by its own numerical noise. With
-    ``params`` (the default) every parameter is recorded too, as the forward began.
+    ``params`` (the default) every parameter is recorded too, as the forward began. ``dtensor``
+    and ``local_grads`` are :func:`~tensorparity.trace.capture.capture`'s (DTensors as local
+    shards or gathered; local pre-all-reduce gradients too).
 
     Example:
         >>> import tempfile
@@ -165,7 +169,8 @@ def capture_run(
             atols = noise_atols(model, args, kwargs=kwargs, seed=seed, loss=loss_fn if backward else None)
             provenance["noise_floor"] = {"factor": FACTOR, "atols": atols}
         options = dict(mode=mode, window=window, include=include or None, exclude=exclude or None,
-                       types=types or None, inputs=inputs, params=params, provenance=provenance)
+                       types=types or None, inputs=inputs, params=params, provenance=provenance,
+                       dtensor=dtensor, local_grads=local_grads)
         if replacing:  # the new trace is written beside the old one and swapped in once complete
             from tensorparity.migrate.atomic import atomic_output
 
@@ -329,6 +334,11 @@ def capture_command(
     params: Annotated[bool, typer.Option("--params/--no-params", help="Record every parameter as the forward "
                                          "began (stored in full mode), so that 'tensorparity map suggest' and "
                                          "diff can read the weights from the trace.")] = True,
+    dtensor: Annotated[str, typer.Option("--dtensor", help="DTensors (FSDP2, tensor parallel): 'local' records "
+                                         "each rank's shard with its placement (assembled when the trace is read), "
+                                         "'gather' the full tensor.")] = "local",
+    local_grads: Annotated[bool, typer.Option("--local-grads", help="Also record each rank's parameter gradients "
+                                              "before DDP's all-reduce (kind param_grad_local).")] = False,
 ) -> None:
     """Capture every layer's forward and backward tensors of a model into a trace folder.
 
@@ -343,7 +353,7 @@ def capture_command(
     trace = capture_run(model, out, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
                         window=window, include=include, exclude=exclude, types=types, inputs=inputs, seed=seed,
                         backward=not no_backward, loss=loss, device=device, train=train, noise_floor=noise_floor,
-                        params=params, overwrite=overwrite)
+                        params=params, overwrite=overwrite, dtensor=dtensor, local_grads=local_grads)
     _render(trace, out)
     raise typer.Exit(0)
 

@@ -141,8 +141,10 @@ def _options(include: Any, exclude: Any, types: Any, mode: Any, window: Any, inp
     if local_grads and not param_grads:
         problems.append("local_grads=True records parameter gradients, which param_grads=False leaves out")
     if problems:
-        raise UsageError("; ".join(problems), fix="e.g. capture(model, include=r'layers\\.', mode='window', "
-                                                  "window=r'layers\\.1\\.')")
+        fix = ("e.g. capture(model, include=r'layers\\.', mode='window', window=r'layers\\.1\\.')"
+               if not all(p.startswith(("dtensor", "local_grads")) for p in problems)
+               else "pass dtensor='local' or 'gather' (--dtensor local|gather); local_grads with param_grads")
+        raise UsageError("; ".join(problems), fix=fix)
     return Options(inc, exc, type_list, mode, window_re, window_range, inputs, grads, param_grads, params,
                    dtensor, local_grads)
 
