@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,16 +119,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            str(root / "ddp.py"), str(root)], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranknet = _ranknet(root)
+    torch.manual_seed(0)
+    net = ranknet.Net()
+    with capture(net, out=root / "one"):
+        net(ranknet.data(100)).sum().backward()
+    return root
+
+
+def _ranknet(root: Path) -> Any:
     sys.path.insert(0, str(root))
     try:
-        from ranknet import Net, data  # type: ignore[import-not-found]
+        import ranknet  # type: ignore[import-not-found]
     finally:
         sys.path.remove(str(root))
-    torch.manual_seed(0)
-    net = Net()
-    with capture(net, out=root / "one"):
-        net(data(100)).sum().backward()
-    return root
+    return ranknet
 
 
 def test_torchrun_wrote_one_folder_per_rank(runs: Path) -> None:
@@ -269,6 +275,23 @@ def test_one_process_against_each_rank(runs: Path) -> None:
     assert result.exit_code == 1 and "rank of B  verdict" in out, out  # type: ignore[attr-defined]
     assert "A against rank 1 of B (the worst) in full:" in out
     assert invoke(runs / "one", runs / "same", "--each-rank").exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_a_live_model_against_each_rank(runs: Path) -> None:
+    """A live model runs on each rank's recorded input: the same model, the same on every rank;
+    one with rank 1's LayerNorm epsilon, the same on rank 1 of ``bug`` only in the forward pass."""
+    ranknet = _ranknet(runs)
+    torch.manual_seed(0)
+    report = compare_traces(ranknet.Net(), runs / "same", each_rank=True)
+    assert isinstance(report, RankedTraceReport) and report.a == "<live Net>" and report.pairing == "each rank of B"
+    assert report.passed and len(report.ranks) == 2
+    torch.manual_seed(0)
+    wrong = ranknet.Net()
+    wrong.norm.eps = 0.1
+    other = compare_traces(wrong, runs / "a", each_rank=True)
+    assert isinstance(other, RankedTraceReport) and [x.report.verdict for x in other.ranks] == ["differs", "differs"]
+    first = other[1].first_divergence
+    assert first is not None and first.direction == "forward" and first.layer_a.endswith("norm")
 
 
 def test_one_trace_against_ranks_needs_each_rank(runs: Path) -> None:

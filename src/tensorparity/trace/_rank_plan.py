@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from tensorparity.errors import TensorParityError, UsageError
+from tensorparity.report.ranked import RankComparison, RankedTraceReport
+from tensorparity.report.trace import TraceReport
 from tensorparity.trace.format import MANIFEST, TraceError, rank_folders
 
-__all__ = ["RankPlan", "plan_ranks", "split_rank"]
+__all__ = ["RankPlan", "compare_ranks", "plan_ranks", "split_rank"]
 
 _SUFFIX = re.compile(r"(.+)@(\d+)")
 _PICK = "pass one rank per side: A@N / B@N (rank_a=N, rank_b=N; --rank-a/--rank-b), or rank=N (--rank N) for both"
@@ -68,6 +72,29 @@ class RankPlan:
     def close(self) -> None:
         for t in self.opened:
             t.close()
+
+
+def compare_ranks(plan: RankPlan, compare: Callable[[Any, Any], Any]) -> RankedTraceReport:
+    """Each pair of the plan compared on its own (``compare(a, b)`` -> a ``TraceReport``); one
+    report of them all. The traces the plan opened are closed."""
+    try:
+        done = []
+        for r, ta, tb in plan.pairs:
+            report: TraceReport = compare(ta, tb)
+            done.append(RankComparison(r, None if plan.pairing == "each rank of B" else r,
+                                       None if plan.pairing == "each rank of A" else r, report))
+    finally:
+        plan.close()
+    return RankedTraceReport(_label(plan.a), _label(plan.b), plan.pairing,  # type: ignore[arg-type]
+                             plan.world_size, tuple(done))
+
+
+def _label(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, nn.Module):
+        return f"<live {type(source).__name__}>"
+    return str(getattr(source, "path", None) or f"<{type(source).__name__} in memory>")
 
 
 def _rank_of(name: str, suffix: int | None, own: int | None, both: int | None) -> int | None:

@@ -24,7 +24,7 @@ from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.compare import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
-from tensorparity.report.ranked import RankComparison, RankedTraceReport
+from tensorparity.report.ranked import RankedTraceReport
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
@@ -34,7 +34,7 @@ from tensorparity.trace._layout import combine_stats, derive_layouts, param_shap
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
-from tensorparity.trace._rank_plan import RankPlan, plan_ranks
+from tensorparity.trace._rank_plan import compare_ranks, plan_ranks
 from tensorparity.trace.align import (
     Alignment,
     LayerMatch,
@@ -135,9 +135,9 @@ def compare_traces(
     if not isinstance(each_rank, bool):
         raise UsageError(f"each_rank must be True or False, not {each_rank!r}", fix="pass each_rank=True")
     plan = plan_ranks(a, b, rank=rank, rank_a=rank_a, rank_b=rank_b, each_rank=each_rank)
-    if plan.pairs:
-        return _compare_ranks(plan, mapping=key_mapping, tolerance=tol, align=align, margin=margin, workers=workers,
-                              inputs=inputs)
+    if plan.pairs:  # several ranks: each pair compared on its own, one report of them all
+        return compare_ranks(plan, lambda x, y: compare_traces(x, y, mapping=key_mapping, tolerance=tol, align=align,
+                                                               margin=margin, workers=workers, inputs=inputs))
     a, b, rank_a, rank_b = plan.a, plan.b, plan.rank_a, plan.rank_b
     from tensorparity.trace.live import run_like  # here: it imports the capture
 
@@ -166,27 +166,6 @@ def compare_traces(
     finally:  # traces this call opened release their shard files; tensors were compared and dropped
         _close(a, src_a)
         _close(b, src_b)
-
-
-def _compare_ranks(plan: RankPlan, **options: Any) -> RankedTraceReport:
-    """Each pair of the plan compared on its own; one report of them all."""
-    try:
-        done = [RankComparison(r, None if plan.pairing == "each rank of B" else r,
-                               None if plan.pairing == "each rank of A" else r,
-                               compare_traces(ta, tb, **options))  # type: ignore[arg-type]
-                for r, ta, tb in plan.pairs]
-    finally:
-        plan.close()
-    return RankedTraceReport(_label(plan.a), _label(plan.b), plan.pairing,  # type: ignore[arg-type]
-                             plan.world_size, tuple(done))
-
-
-def _label(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    if isinstance(source, nn.Module):
-        return f"<live {type(source).__name__}>"
-    return str(getattr(source, "path", None) or f"<{type(source).__name__} in memory>")
 
 
 def _close(given: Any, source: Any) -> None:
