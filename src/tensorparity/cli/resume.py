@@ -18,12 +18,12 @@ from tensorparity.resume import resume_check
 __all__ = ["resume_check_command"]
 
 
-def _tolerance(profile: str | None, atol: float | None, rtol: float | None) -> Tolerance | str:
+def _tolerance(profile: str | None, atol: float | None, rtol: float | None) -> Tolerance | str | None:
     if profile not in (None, "bitwise", "dtype"):
         raise UsageError(f"--tolerance {profile!r} is not bitwise or dtype",
                          fix="pass --tolerance bitwise (default), --tolerance dtype, or --atol/--rtol")
     if atol is None and rtol is None:
-        return profile or "bitwise"
+        return profile  # None: bitwise, or dtype across world sizes (resume_check decides)
     if profile == "bitwise":
         raise UsageError("--tolerance bitwise compares bytes, so --atol/--rtol would be ignored",
                          fix="drop --tolerance bitwise to use --atol/--rtol")
@@ -67,6 +67,12 @@ def resume_check_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --html replace an existing file (never the "
                                             "recipe).")] = False,
     top: Annotated[int, typer.Option("--top", metavar="N", help="Step rows shown per leg before folding.")] = 20,
+    nproc: Annotated[int, typer.Option("--nproc", metavar="N", help="Ranks per leg: above 1, every leg runs under "
+                                       "torchrun (gloo on CPU, nccl with a GPU) and the recipe's save()/load() "
+                                       "(DCP) is called on every rank.")] = 1,
+    resume_nproc: Annotated[int | None, typer.Option("--resume-nproc", metavar="M", help="Ranks of the resumed legs "
+                                                     "(default --nproc): resume on another world size through "
+                                                     "DCP's resharding.", show_default=False)] = None,
 ) -> None:
     """Prove that save → fresh process → load → continue equals uninterrupted training.
 
@@ -84,7 +90,7 @@ def resume_check_command(
     report = resume_check(recipe, steps=steps, resume_at=resume_at, chain=chain,
                           tolerance=_tolerance(tolerance, atol, rtol), seed=seed,  # type: ignore[arg-type]
                           confirm=confirm, isolation=isolation, threads=threads or None,  # type: ignore[arg-type]
-                          timeout=timeout, workdir=keep)
+                          timeout=timeout, workdir=keep, nproc=nproc, resume_nproc=resume_nproc)
     if html is not None:
         write_text(html, report.to_html(), what="the HTML report")
     finish(report, json_=json_, top=top)

@@ -11,9 +11,9 @@ fully qualified names, resharded by DCP when the world size changes), the schedu
 entry per rank (``rank<N>``) with what only that rank has: its RNG states and its data position.
 
 * ``DistributedRecipe()`` is correct: it passes.
-* ``DistributedRecipe(forget_rng_of_rank=1)`` leaves rank 1's torch RNG out of its checkpoint (and
+* ``ForgetsRank1Rng()`` (``DistributedRecipe(forget_rng_of_rank=1)``) leaves rank 1's torch RNG out of its checkpoint (and
   out of its load): rank 1's dropout masks change after a resume, and the check names rank 1.
-* ``DistributedRecipe(dropout=0.0)`` draws nothing from the per-rank RNGs, and its global batch
+* ``ReshardableRecipe()`` (no dropout) draws nothing from the per-rank RNGs, and its global batch
   is the same on any number of ranks: saved on 2 ranks it resumes on 1 (``--resume-nproc 1``).
 * ``wrap="ddp"`` trains the same model under ``DistributedDataParallel`` instead.
 """
@@ -32,17 +32,21 @@ from torch import nn
 from tensorparity.resume.recipe import TrainingObjects
 from tensorparity.resume.state import rng_state, set_rng_state
 
-__all__ = ["GLOBAL_BATCH", "DistributedRecipe"]
+__all__ = ["GLOBAL_BATCH", "DistributedRecipe", "ForgetsRank1Rng", "ReshardableRecipe"]
 
 GLOBAL_BATCH = 8  # samples per step over all ranks together: each rank takes GLOBAL_BATCH // world
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
 
 
 def _warmup(step: int) -> float:
@@ -55,8 +59,8 @@ class DistributedRecipe:
 
     Attributes:
         dropout: dropout probability; its masks come from each rank's own torch RNG.
-        forget_rng_of_rank: a rank whose torch RNG state is neither saved nor restored (a bug to
-            find), or ``None``.
+        forget_rng_of_rank: a rank whose torch RNG states (CPU and CUDA) are neither saved nor
+            restored (a bug to find), or ``None``.
         wrap: ``fsdp2`` or ``ddp``.
 
     Example:
@@ -71,7 +75,7 @@ class DistributedRecipe:
     def build(self) -> dict[str, Any]:
         rank, world = _world()
         model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(16, 3))
-        if world > 1 or self.wrap == "fsdp2":
+        if _distributed():  # under torchrun; one process without a process group trains the plain model
             model = self._wrap(model)
         # The model is built from the seed tensorparity set (the same on every rank); what each
         # rank draws afterwards (dropout) comes from a generator of its own.
@@ -115,7 +119,8 @@ class DistributedRecipe:
         rank, _ = _world()
         rng = rng_state()
         if rank == self.forget_rng_of_rank:
-            del rng["torch"]
+            rng.pop("torch")
+            rng.pop("cuda", None)  # on a GPU, dropout draws from the CUDA generator
         buffer = io.BytesIO()
         torch.save({"rng": rng, "progress": objs.progress.state_dict()}, buffer)
         buffer.seek(0)
@@ -152,3 +157,18 @@ class DistributedRecipe:
         objs.progress.load_state_dict(mine["progress"])
         if local == f"rank{rank}":
             set_rng_state(mine["rng"])
+
+
+@dataclass
+class ReshardableRecipe(DistributedRecipe):
+    """:class:`DistributedRecipe` without dropout: nothing is drawn from a rank's own RNG, so a run
+    saved on N ranks resumes on M (``--resume-nproc``)."""
+
+    dropout: float = 0.0
+
+
+@dataclass
+class ForgetsRank1Rng(DistributedRecipe):
+    """:class:`DistributedRecipe` whose checkpoint leaves out rank 1's torch RNG (a bug to find)."""
+
+    forget_rng_of_rank: int | None = 1

@@ -65,7 +65,8 @@ class _Job:
             try:
                 ranks.append(_result(path, self.log_path, f"{self.name} on rank {rank}", code))
             except RecipeError as exc:
-                failed = failed or exc
+                failed = failed or RecipeError(f"on rank {rank} of {self.nproc}: {exc.message}", path=exc.path,
+                                               key=exc.key, fix=exc.fix)
         if failed is not None:
             raise failed
         if len(ranks) != self.nproc:
