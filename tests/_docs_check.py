@@ -261,6 +261,7 @@ class PageRunner:
 
         test = doctest.DocTestParser().get_doctest(self._code(block), self.namespace, self.path.name,
                                                    str(self.path), block.start + 1)
+        test.globs = self.namespace  # DocTest copies its globs: names a >>> block defines stay for the next blocks
         Runner(optionflags=doctest.ELLIPSIS).run(test, out=lambda _: None, clear_globs=False)
         for example, got in failed:
             first = block.start + 1 + example.lineno + example.source.count("\n")
@@ -281,7 +282,8 @@ class PageRunner:
         words = shlex.split(command, comments=True)
         if words == ["echo", "$?"]:
             return f"{self.last_exit}\n"
-        if words and words[0] == "tensorparity" and not _SHELL_SYNTAX.search(command.partition("#")[0]):
+        unquoted = re.sub(r"'[^']*'", "''", command)  # nothing inside single quotes is shell syntax
+        if words and words[0] == "tensorparity" and not _SHELL_SYNTAX.search(unquoted.partition("#")[0]):
             from typer.testing import CliRunner
 
             from tensorparity.cli import app
