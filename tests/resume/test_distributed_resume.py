@@ -91,13 +91,31 @@ class HangsOnRank1(DistributedRecipe):
         return super().step(objs, batch)
 
 
-def test_a_hung_rank_is_stopped_by_the_timeout() -> None:
+def test_a_hung_rank_is_stopped_by_the_timeout(tmp_path: Path) -> None:
     began = time.monotonic()
     with pytest.raises(RecipeError) as hung:
-        resume_check(f"{HERE}:HangsOnRank1", steps=4, resume_at=2, nproc=2, confirm=False, timeout=20)
+        resume_check(f"{HERE}:HangsOnRank1", steps=4, resume_at=2, nproc=2, confirm=False, timeout=20,
+                     workdir=tmp_path)
     assert time.monotonic() - began < 50
     assert "did not finish within 20 s and were stopped" in str(hung.value)
     assert "(2 ranks)" in str(hung.value)
+    # No rank survives: torchrun puts each in a session of its own, so stopping torchrun's process
+    # group alone would leave them running.
+    assert _alive_ranks(tmp_path) == []
+
+
+def _alive_ranks(work: Path) -> list[int]:
+    """Live rank processes whose job lies in ``work``."""
+    alive = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and b"tensorparity.resume._dist" in cmd and str(work).encode() in cmd:
+            alive.append(int(proc.name))
+    return alive
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@
 starts N ranks (a free rendezvous port each time, so checks run side by side); the job is a JSON
 file in the work folder, each rank writes ``<result>-rank<R>.json``. The launcher runs in a session
 of its own: a leg past its timeout is stopped with its whole process group, ranks included, so a
-hung rank (a collective that never completes) never hangs the check.
+hung rank (a collective that never completes) never hangs the check. torchrun puts every rank in
+a session of its own, so the ranks are found as torchrun's descendants and stopped one by one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ __all__ = ["TorchrunLauncher"]
 _MODULE = "tensorparity.resume._dist"
 
 
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux ``/proc``; none elsewhere), children first found."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 class _Job:
     """One ``torchrun`` of a job: wait for every rank's result, or stop them all."""
 
@@ -41,8 +62,15 @@ class _Job:
             env=env, start_new_session=True)
 
     def _kill(self) -> None:
+        # torchrun starts every rank in a session of its own: find them (and what they started)
+        # before stopping torchrun, whose group holds only itself.
+        for pid in _descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher's own session: torchrun and its ranks
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher's own session
         except ProcessLookupError:
             pass
         self.proc.wait()
