@@ -62,6 +62,13 @@ def test_a_correct_port_summing_in_another_order_passes_by_default() -> None:
     strict = compare_traces(ta, tb, mapping=MAP, tolerance=Tolerance(atol=1e-9, rtol=1e-9))
     assert strict.verdict == "differs"
     assert compare_traces(ta, tb, mapping=MAP, tolerance=Tolerance(exact=True)).verdict == "differs"
+    # a per-key tolerance (as --tol REGEX=... or a measured noise floor gives) is the user's word for
+    # that key: it gets no float32 raise on top, while the other keys keep the default
+    per_key = compare_traces(ta, tb, mapping=MAP, tolerance=Tolerance(overrides=((r"^conv/", Tolerance(
+        atol=1e-12, rtol=1e-12)),)))
+    conv = next(t for t in per_key.params if t.key == "conv/0/param_grad/bias")
+    assert conv.status == "mismatch" and "ulp" not in conv.tolerance.describe()
+    assert all("ulp of max|b|" in t.tolerance.describe() for t in per_key.params if not t.key.startswith("conv/"))
 
 
 def test_a_bug_is_still_a_mismatch() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,7 +37,7 @@ from tensorparity.trace._measure import compare_stats, relative_error, stats_err
 from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
 from tensorparity.trace.records import TraceRecord, tensor_stats
 
-__all__ = ["Given", "Job", "carry_layouts", "RecordTensor", "sorted_comparison", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
+__all__ = ["Given", "Job", "carry_layouts", "overridden", "RecordTensor", "sorted_comparison", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs",
            "sorted_values"]
 
 ULPS_PER_ROOT = 2.0  # ulps of the tensor's scale per √(terms summed), see the module docstring
@@ -172,16 +173,35 @@ def float_tolerance(tol: Tolerance, n: int) -> Tolerance:
     return replace(tol, ulps=ULPS_PER_ROOT * math.sqrt(max(1, n)))
 
 
-def assign_tolerances(jobs: Sequence[Job], layers: Sequence[Any], tol: Tolerance) -> None:
-    """Give each job the float32-aware default tolerance where the user left tolerances alone."""
+def overridden(tol: Tolerance, key: str) -> bool:
+    """Whether one of ``tol``'s per-key overrides sets the tolerance of ``key``.
+
+    Example:
+        >>> t = Tolerance(overrides=((r"\\.norm", Tolerance(atol=1e-3)),))
+        >>> overridden(t, "layers.0.norm/0/output"), overridden(t, "layers.0.fc/0/output")
+        (True, False)
+    """
+    return any(re.search(pattern, key) for pattern, _ in tol.overrides)
+
+
+def assign_tolerances(jobs: Sequence[Job], layers: Sequence[Any], tol: Tolerance) -> int:
+    """Give each job the float32-aware default tolerance where the user left tolerances alone:
+    not where ``tol`` sets atol, rtol, exact or ulps, nor for a key one of its overrides matches
+    (a per-key tolerance, e.g. a measured noise floor, is the user's word for that key). Returns
+    how many jobs got it."""
     if not is_default(tol):
-        return
+        return 0
+    raised = 0
     for job in jobs:
+        if overridden(tol, job.key):
+            _joined_override(job, tol)
+            continue
         if job.owner is not None:
             n = summands(layers[job.owner].match.a, job.ra.kind)
         else:
             n = max(1, math.prod(job.rb.shape) // max(1, _last(job.rb.shape))) if job.rb.shape else 1
         job.tolerance = float_tolerance(tol, n)
+        raised += 1
         scale = summand_scale(layers[job.owner].match.b, job.rb) if job.param and job.owner is not None else 0.0
         if scale:
             # A parameter gradient that sums to (nearly) nothing (a bias before a BatchNorm) is
@@ -191,6 +211,19 @@ def assign_tolerances(jobs: Sequence[Job], layers: Sequence[Any], tol: Tolerance
             atol = ULPS_PER_ROOT * n * _dtype_eps(job.rb.dtype) * scale
             if atol > 1e-5:
                 job.tolerance = replace(job.tolerance, atol=atol)
+    return raised
+
+
+def _joined_override(job: Job, tol: Tolerance) -> None:
+    """A job joining several records (a fused group) whose keys carry their own tolerances (a
+    measured noise floor per record) is judged by the loosest of them, not by its first part's."""
+    parts = [p.record for p in getattr(job.a, "parts", ()) if isinstance(p, RecordTensor)]
+    if len(parts) < 2:
+        return
+    dtype = getattr(torch, job.ra.dtype, torch.float32)
+    chosen = [tol.for_key(p.key, dtype) for p in parts]
+    job.tolerance = Tolerance(atol=max(c.atol for c in chosen), rtol=max(c.rtol for c in chosen),
+                              equal_nan=tol.equal_nan, statistic=tol.statistic)
 
 
 def _dtype_eps(name: str) -> float:

@@ -29,7 +29,7 @@ from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, U
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
 from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, carry_layouts, layout_jobs, make_job, pair_records, sorted_values,
-                                     run_jobs, is_default)
+                                     run_jobs)
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
@@ -223,7 +223,7 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
         if params_only_a and params_only_b:
             notes.append("some parameter gradients have no partner of the same name: a mapping (--map) compares "
                          "renamed and fused parameters through its transforms")
-    assign_tolerances(jobs, layers, tol)
+    raised = assign_tolerances(jobs, layers, tol)
     run_jobs(jobs, tol, workers)
     for i, how in carry_layouts(jobs, layers, tol, workers).items():
         layers[i].carried = how
@@ -242,7 +242,7 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
     if any(j.stats for j in jobs):
         notes.append(f"{sum(j.stats for j in jobs):,} of {len(jobs):,} comparisons used statistics only (a side "
                      "stored no tensor): equal statistics do not prove equal tensors")
-    if is_default(tol):
+    if raised:
         notes.append("default tolerance: torch's per dtype, atol raised to 2·√n ulp of each tensor's largest "
                      "magnitude (n: the terms a value sums), so float32 summation order is not a mismatch")
     return TraceReport(

@@ -26,7 +26,7 @@ from torch import nn
 from tensorparity.compare import Pair, Tolerance, compare_pairs
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
-from tensorparity.trace._jobs import Given, RecordTensor, float_tolerance, is_default, summands
+from tensorparity.trace._jobs import Given, RecordTensor, float_tolerance, is_default, overridden, summands
 from tensorparity.trace._layout import Gathered, Layout, feature_axis
 from tensorparity.trace._replay_report import SCHEMA, ReplayedLayer, ReplayReport, SkippedLayer
 from tensorparity.trace._replay_layout import as_recorded, differing_parts, reorder_first
@@ -240,7 +240,8 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
         layer_tol = noise_tolerance(atols, base=tol)
     pair_tol = float_tolerance(tol, summands(layer, "output")) if not double and is_default(tol) else None
     jobs = [Pair(r.key, RecordTensor(trace, r), Given(as_recorded(got[p].cpu(), r)),
-                 key_b=f"{name}/{p}" if p else name, tolerance=pair_tol) for r, p in pairs]
+                 key_b=f"{name}/{p}" if p else name, tolerance=None if overridden(tol, r.key) else pair_tol)
+            for r, p in pairs]
     results = tuple(compare_pairs(jobs, layer_tol, workers=1))
     return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted,
                          reordered=values_reordered(jobs, results, feature_axis(mtype), layer_tol))
@@ -291,7 +292,8 @@ def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: L
     except RuntimeError as exc:
         return ReplayedLayer(name_a, label, mtype, first.order, layout=layout.describe(),
                              error=f"its outputs do not join on axis {layout.axis_b} ({exc})"[:300])
-    pair_tol = float_tolerance(tol, summands(first, "output")) if is_default(tol) else None
+    pair_tol = (float_tolerance(tol, summands(first, "output"))
+                if is_default(tol) and not overridden(tol, outs[0][0].key) else None)
     pair = Pair(outs[0][0].key, want, Given(mine), key_b=label, tolerance=pair_tol)
     results = tuple(compare_pairs([pair], tol, workers=1))
     reordered = values_reordered([pair], results, layout.axis_b, tol)
