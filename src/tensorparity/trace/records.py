@@ -9,9 +9,10 @@ of these records plus provenance (see :mod:`tensorparity.trace.format`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -148,12 +149,16 @@ class TraceRecord:
         return name if self.call == 0 else f"{name}#{self.call}"
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Field by field, not dataclasses.asdict: its deep copy cost ~30 us a record, 20 ms per
+        # capture of a small model, at the block's exit.
+        data = {f: getattr(self, f) for f in _RECORD_FIELDS}
         data["shape"] = list(self.shape)
         data["stats"] = self.stats.to_dict() if self.stats else None
         data["key"] = self.key
         if self.placement is None:
             del data["placement"]  # plain tensors: the manifest stays as it was
+        else:
+            data["placement"] = copy.deepcopy(self.placement)
         return data
 
     @classmethod
@@ -165,3 +170,6 @@ class TraceRecord:
                    device=str(data["device"]), stats=stats, stored=bool(data["stored"]),
                    value=data.get("value"), is_tensor=bool(data.get("is_tensor", True)),
                    placement=data["placement"] if isinstance(data.get("placement"), dict) else None)
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TraceRecord))  # to_dict reads them by name

@@ -50,7 +50,7 @@ class TensorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v)
-                for k, v in asdict(self).items()}
+                for k, v in ((k, getattr(self, k)) for k in _STATS_FIELDS)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorStats:
