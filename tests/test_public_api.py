@@ -22,3 +22,14 @@ def test_capture_and_the_callable_compare_package() -> None:
     report = tensorparity.compare(trace, model)  # a live model, run on the trace's recorded input
     assert report.verdict == "identical" and report.exit_code == 0
     assert tensorparity.compare.Tolerance is tensorparity.compare.tolerance.Tolerance  # still the package
+
+
+def test_importing_tensorparity_does_not_import_torch_distributed_tensor() -> None:
+    # DTensor support must not cost every command ~0.4 s and ~40 MB of start-up (#12: nothing slower)
+    import subprocess
+    import sys
+
+    code = "import sys, tensorparity, tensorparity.cli; print('torch.distributed.tensor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
