@@ -341,3 +341,20 @@ def test_mapping_built_in_python_with_ignored_keys() -> None:
     assert report.mapping is not None
     assert (report.mapping.ignored_a, report.mapping.ignored_b) == (("enc.tmp",), ("bn.num_batches_tracked",))
     assert report.mapping.source == "<mapping built in Python>" and report.origins == {"encoder.w": ("enc.w",)}
+
+
+def test_diff_takes_atol_and_rtol_directly() -> None:
+    import pytest
+    import torch
+
+    import tensorparity
+    from tensorparity.compare import Tolerance
+    from tensorparity.errors import UsageError
+
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 2.001])}
+    assert tensorparity.diff(a, b).verdict == "differs"
+    loose = tensorparity.diff(a, b, atol=1e-2, rtol=0.0)
+    assert loose.verdict == "close" and loose.mismatches == ()
+    assert tensorparity.diff(a, b, atol=1e-2).verdict == tensorparity.diff(a, b, tolerance=Tolerance(atol=1e-2)).verdict
+    with pytest.raises(UsageError, match="atol/rtol or tolerance, not both"):
+        tensorparity.diff(a, b, atol=1e-2, tolerance=Tolerance())

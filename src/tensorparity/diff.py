@@ -53,6 +53,8 @@ def diff(
     workers: int | None = None,
     progress: bool | None = None,
     include_records: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> DiffReport:
     """Compare two checkpoints key by key and return a :class:`DiffReport`.
 
@@ -62,6 +64,8 @@ def diff(
         mapping: a :class:`tensorparity.mapping.Mapping`, or the path of its YAML file; A is
             translated into B's key space through it before keys are paired.
         tolerance: how close is close enough (default: ``torch.testing`` tolerances per dtype).
+        atol, rtol: shorthand for ``tolerance=Tolerance(atol=..., rtol=...)`` (not with
+            ``tolerance``).
         include, exclude: regular expressions on A's keys (``re.search``); only keys ``include``
             matches and ``exclude`` does not are compared. Without a mapping, B's keys are
             filtered the same way; with one, B keeps the keys A's kept keys map to, plus those
@@ -95,6 +99,11 @@ def diff(
         ('differs', (1,), 1)
     """
     keep = _KeyFilter(_compile("include", include), _compile("exclude", exclude))
+    if atol is not None or rtol is not None:
+        if tolerance is not None:
+            raise UsageError("give atol/rtol or tolerance, not both",
+                             fix="put them in the Tolerance: Tolerance(atol=..., rtol=...)")
+        tolerance = Tolerance(atol=atol, rtol=rtol)
     _check_options(tolerance, weights_only, workers, progress, include_records)
     key_mapping = _load_mapping(mapping)
     tol = tolerance or Tolerance()
