@@ -164,3 +164,10 @@ def test_an_existing_trace_is_replaced_only_with_overwrite_and_atomically(tmp_pa
     torch.save(reference_model().state_dict(), out / "weights.pt")
     assert_one_line_error(invoke(REF, "-o", out, "--input-spec", "2x16x20", "--checkpoint", out / "weights.pt",
                                  "--overwrite"), "refusing to write the trace over (or into) an input")
+
+
+def test_the_output_option_has_the_common_name_and_keeps_the_old_one(tmp_path: Path) -> None:
+    for flag in ("--output", "--out"):
+        result = invoke(REF, flag, tmp_path / flag.strip("-"), "--input-spec", "2x16x20")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / flag.strip("-") / "manifest.json").is_file()

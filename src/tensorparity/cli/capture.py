@@ -292,8 +292,9 @@ def capture_command(
     model: Annotated[str, typer.Argument(metavar="MODEL_FACTORY", show_default=False,
                                          help=f"Builds the model, called with no arguments: {_FACTORY}. "
                                               f"It is imported and run: it is your code. {_SAVED}.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="TRACE", show_default=False,
-                                      help="A new folder for the trace.")],
+    out: Annotated[Path, typer.Option("--output", "-o", "--out", metavar="TRACE", show_default=False,
+                                      help="The trace's folder: a new one, or a trace to replace with "
+                                           "--overwrite. --out is the old spelling.")],
     input_spec: Annotated[list[str] | None, typer.Option(
         "--input-spec", metavar="SPEC", help="The input, built from its shape, dtype and the seed: "
         "[NAME=]SHAPE[:DTYPE][:lengths[=NAME]][:high=N][:seed=N], e.g. 2x16x20:float32 or 2x16000:float32:lengths "
