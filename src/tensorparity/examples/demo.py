@@ -18,15 +18,19 @@ with a subtle bug (LayerNorm eps 1e-3 in one block) is captured in memory and co
 mapping; the report names the first diverging layer, replay confirms it is that layer's own error
 (every module fed the reference's recorded inputs), and the HTML report is written.
 
-Step 6 — resume check: a tiny training recipe is resumed in a fresh process mid-epoch and at an
+Step 6 — distributed: one DDP training step on 2 CPU ranks (gloo) is captured under ``torchrun``
+with the gradient all-reduce and under ``no_sync()``; compared rank by rank, the gradients the
+optimizer steps on differ on every rank, and the forward pass matches.
+
+Step 7 — resume check: a tiny training recipe is resumed in a fresh process mid-epoch and at an
 epoch boundary (bitwise the same as uninterrupted training), then a recipe whose checkpoint
 forgets the optimizer state is caught, the missing state named, and the diagnosis confirmed.
 
-Step 7 — migrate: an "old release" checkpoint of the model (old names, fused qkv, a scheduler
+Step 8 — migrate: an "old release" checkpoint of the model (old names, fused qkv, a scheduler
 never stepped) is migrated with a dry run first, then in place (atomic, with a backup), then
 diffed against the current layout (identical); a second run finds nothing to do.
 
-Step 8 — data-loader state: an old run's loader state files are converted to torchdata's
+Step 9 — data-loader state: an old run's loader state files are converted to torchdata's
 ``StatefulDataLoader`` state, re-mapped from 2 to 3 workers, and a real loader resumes with
 exactly the batches the old run would have yielded; an iterable dataset's re-map is refused.
 """
@@ -48,7 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tensorparity
-from tensorparity.examples import legacy_loader, old_release, reference_model, resume_recipes
+from tensorparity.examples import distributed_demo, legacy_loader, old_release, reference_model, resume_recipes
 from tensorparity.examples.formats import write_formats
 
 OUT = Path(os.environ.get("TENSORPARITY_DEMO_DIR", "demo-output"))
@@ -236,6 +240,7 @@ def main() -> None:
     step_suggest(console)
     step_load_check(console)
     step_parity(console)
+    distributed_demo.step(console, OUT)
     resume_recipes.step(console, OUT)
     old_release.step(console, OUT)
     legacy_loader.step(console, OUT)
