@@ -383,3 +383,30 @@ def test_different_rank_counts_are_refused(runs: Path, tmp_path: Path, monkeypat
     assert result.exit_code == 2  # type: ignore[attr-defined]
     doc = json.loads(result.stdout)  # type: ignore[attr-defined]
     assert doc["schema"] == "tensorparity.error/1" and "B holds 3" in doc["error"]
+
+
+def test_noise_floor_of_a_multi_rank_trace_takes_every_ranks_floor(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorparity.cli.capture import capture_run
+    from tensorparity.trace.noise import recorded_noise_floor_of
+
+    folder = tmp_path / "nf"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        capture_run("tensorparity.examples:reference_model", folder, input_spec=[f"2x16x12:float32:seed={rank}"],
+                    noise_floor=True)
+    # each rank checks its own folder only (rank 1 starts while rank 0's is there), and never
+    # writes over its own previous one
+    with pytest.raises(UsageError, match="rank 1's folder already exists"):
+        capture_run("tensorparity.examples:reference_model", folder, input_spec=["2x16x12:float32"], overwrite=True)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    per_rank = [dict((p, t.atol) for p, t in recorded_noise_floor_of(folder, r).overrides) for r in (0, 1)]
+    merged = dict((p, t.atol) for p, t in recorded_noise_floor_of(folder).overrides)
+    assert merged.keys() == per_rank[0].keys() == per_rank[1].keys()
+    assert all(merged[k] == max(per_rank[0][k], per_rank[1][k]) for k in merged)
+    assert any(per_rank[0][k] != per_rank[1][k] for k in merged)  # the ranks' own data: their own noise
+    result = invoke(folder, folder, "--noise-floor")
+    assert result.exit_code == 0, result.output
+    assert "per-key override" in result.stdout

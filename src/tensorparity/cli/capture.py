@@ -17,7 +17,7 @@ from tensorparity._output import refuse_inputs
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
 from tensorparity.cli._common import command, stdout_console
 from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.trace.capture import capture
+from tensorparity.trace.capture import _rank_world, capture
 from tensorparity.trace.format import MANIFEST, MODES, rank_folders
 from tensorparity.trace.records import flatten_value
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
@@ -192,6 +192,16 @@ def _check_out(out: Path, checkpoint: str | None, overwrite: bool) -> bool:
     """Whether ``out`` holds a trace to replace; refuses a non-empty folder without ``overwrite``,
     anything but a trace even with it, and a folder holding the checkpoint."""
     refuse_inputs(out, [checkpoint if checkpoint and Path(checkpoint).exists() else None], "the trace")
+    rank, world = _rank_world(None)
+    if world > 1:
+        # Under torchrun every rank writes out/rank-<r>/: only this rank's own folder must be new
+        # (the others' appear beside it while it starts).
+        mine = out / f"rank-{rank}"
+        if mine.exists() and (not mine.is_dir() or any(mine.iterdir())):
+            raise UsageError(f"rank {rank}'s folder already exists", path=mine,
+                             fix="choose a new folder for the trace (-o); --overwrite replaces one-process "
+                                 "traces only")
+        return False
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     if not out.is_dir():

@@ -101,22 +101,16 @@ def compare_command(
     if save_map is not None:
         check_output(save_map, inputs, overwrite, what="the mapping")
     if noise_floor:
-        from tensorparity.trace.noise import recorded_noise_floor
-        from tensorparity.trace.trace import Trace
-
         from tensorparity.trace._rank_plan import split_rank
+        from tensorparity.trace.noise import recorded_noise_floor_of
 
         path_a, suffix = split_rank(a)
-        reference = Trace.open(path_a, rank=next((r for r in (suffix, rank_a, rank) if r is not None), None))
-        try:
-            tolerance = recorded_noise_floor(reference, base=tolerance)
-        finally:
-            reference.close()
+        chosen = next((r for r in (suffix, rank_a, rank) if r is not None), None)
+        tolerance = recorded_noise_floor_of(path_a, chosen, base=tolerance)
     side_b: object = b
     from tensorparity._factory import build_model, carries_model
 
     if (not Path(b).exists() and ":" in b) or carries_model(b):  # a factory, a .nemo file or an HF folder
-
         side_b = build_model(b, role="model B").model
     report = compare_traces(a, side_b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]
                             margin=margin, rank=rank, rank_a=rank_a, rank_b=rank_b, each_rank=each_rank)

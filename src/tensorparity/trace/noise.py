@@ -20,6 +20,7 @@ import re
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,6 +264,35 @@ def recorded_noise_floor(trace: Any, *, base: Tolerance | None = None) -> Tolera
                          fix="capture it with tensorparity capture ... --noise-floor (or pass a Tolerance from "
                              "tensorparity.trace.noise_floor(model, inputs))")
     return noise_tolerance({str(k): float(v) for k, v in atols.items()}, base=base)
+
+
+def recorded_noise_floor_of(path: Any, rank: int | None = None, *, base: Tolerance | None = None) -> Tolerance:
+    """:func:`recorded_noise_floor` of the trace at ``path``; for a multi-rank trace without a
+    ``rank``, every rank's floor, each key judged by the loosest rank's (the ranks of one run are
+    compared with one tolerance; a rank's floor is its own float32 noise on its own data)."""
+    from tensorparity.trace.format import rank_folders
+    from tensorparity.trace.trace import Trace
+
+    folders = rank_folders(Path(path)) if rank is None and Path(path).is_dir() else {}
+    if not folders:
+        trace = Trace.open(path, rank=rank)
+        try:
+            return recorded_noise_floor(trace, base=base)
+        finally:
+            trace.close()
+    merged: dict[str, float] = {}
+    for r in sorted(folders):
+        trace = Trace.open(path, rank=r)
+        try:
+            per_rank = recorded_noise_floor(trace)
+        finally:
+            trace.close()
+        for pattern, tol in per_rank.overrides:
+            merged[pattern] = max(merged.get(pattern, 0.0), float(tol.atol or 0.0))
+    base = base or Tolerance()
+    overrides = tuple((pattern, Tolerance(atol=atol, rtol=0.0)) for pattern, atol in merged.items())
+    return Tolerance(atol=base.atol, rtol=base.rtol, exact=base.exact, equal_nan=base.equal_nan,
+                     statistic=base.statistic, overrides=overrides + base.overrides)
 
 
 def _measured(records: Sequence[TraceRecord]) -> list[TraceRecord]:
