@@ -153,3 +153,33 @@ def test_a_trace_written_in_another_process_is_replayed_here(tmp_path: Path) -> 
     result = CliRunner().invoke(app, [str(plain), "--model", "tensorparity.examples:port_model"])
     assert result.exit_code == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "fix: capture the reference again with inputs=True" in result.stderr
+
+
+def test_an_argument_kept_as_text_is_passed_as_none_and_never_makes_a_false_culprit() -> None:
+    # Hugging Face GPT-2 with its default use_cache=True hands every attention a DynamicCache: the
+    # trace keeps it as its repr, which replay cannot pass again. Replayed on the same model, that
+    # must not be an "own error"; a real bug elsewhere is still the only culprit.
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with capture(model, inputs=True) as trace:
+        model(input_ids=ids)
+
+    def fresh(bug: bool = False) -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = GPT2LMHeadModel(cfg).eval()
+        if bug:
+            with torch.no_grad():
+                m.transformer.h[1].attn.c_proj.weight[0] += 0.5
+        return m
+
+    same = replay(trace, fresh())
+    assert same.verdict == "identical" and not same.culprits, same.summary()
+    attn = next(x for x in same.layers if x.layer == "transformer.h.0.attn")
+    assert "(a DynamicCache) recorded as text, passed as None" in (attn.adapted or "")
+    buggy = replay(trace, fresh(bug=True))
+    assert [x.module for x in buggy.culprits] == ["transformer.h.1.attn.c_proj"], buggy.summary()

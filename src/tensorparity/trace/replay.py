@@ -18,6 +18,7 @@ not add its own); a mismatched module without mismatched descendants is a culpri
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,6 +40,11 @@ from tensorparity.trace.records import TraceRecord, flatten_value
 from tensorparity.trace.trace import Trace, rebuild_call
 
 __all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer", "replay"]
+
+# Non-tensor arguments the manifest keeps as themselves (JSON values); anything else (a KV cache,
+# a config object) is kept as its repr and cannot be passed again.
+_REBUILT = frozenset({"NoneType", "bool", "int", "float", "str"})
+
 
 def _rebuild(rows: list[TraceRecord], trace: Trace, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The recorded call's ``(args, kwargs)``, its tensors moved to ``device``."""
@@ -220,11 +226,19 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
         return SkippedLayer(layer.name, f"its inputs or outputs were kept as statistics only (mode {trace.mode})")
     module = modules[name]
     mtype = f"{type(module).__module__}.{type(module).__qualname__}"
-    args, kwargs = _rebuild(rows, trace, device)
+    opaque = [r for r in rows if not r.is_tensor and r.dtype not in _REBUILT]
+    args, kwargs = _rebuild([replace(r, value=None) if r in opaque else r for r in rows], trace, device)
+    passed_none = (", ".join(f"{r.path} (a {r.dtype})" for r in opaque) + " recorded as text, passed as None"
+                   if opaque else None)
     try:
         result, adapted = call_adapted(module, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - the user's module: its failure is this layer's verdict
+        if opaque:  # not the module's fault: what it was called with could not be rebuilt
+            return SkippedLayer(layer.name, f"{passed_none}, and then it raised {type(exc).__name__}: "
+                                            f"{' '.join(str(exc).split())[:120]}")
         return ReplayedLayer(layer.name, name, mtype, layer.order, error=f"{type(exc).__name__}: {exc}"[:300])
+    if opaque:
+        adapted = f"{adapted}; {passed_none}" if adapted else passed_none
     got = {p: t.detach() for p, t in flatten_value(result) if isinstance(t, torch.Tensor)}
     pairs, missing = _pair(outputs, got)
     if missing:
@@ -243,8 +257,13 @@ def _replay_layer(trace: Trace, layer: TraceLayer, modules: dict[str, nn.Module]
                  key_b=f"{name}/{p}" if p else name, tolerance=None if overridden(tol, r.key) else pair_tol)
             for r, p in pairs]
     results = tuple(compare_pairs(jobs, layer_tol, workers=1))
-    return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted,
-                         reordered=values_reordered(jobs, results, feature_axis(mtype), layer_tol))
+    reordered = values_reordered(jobs, results, feature_axis(mtype), layer_tol)
+    if opaque and not reordered and not all(t.passed for t in results):
+        # None stood in for an object the trace could not keep (a cache holding earlier steps'
+        # keys): a difference may be that substitution's, so it is no verdict on the module.
+        return SkippedLayer(layer.name, f"{passed_none}; its outputs then differ, which may be the substitution's "
+                                        "doing: not judged")
+    return ReplayedLayer(layer.name, name, mtype, layer.order, results, adapted=adapted, reordered=reordered)
 
 
 def _replay_layout(trace: Trace, group: tuple[TraceLayer | None, ...], layout: Layout, modules: dict[str, nn.Module],
