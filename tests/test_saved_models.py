@@ -169,3 +169,30 @@ def test_a_nemo_file_is_restored_by_nemo_on_the_cpu(tmp_path: Path, monkeypatch:
     nemo_file.write_bytes(b"")
     built = build_model(str(nemo_file))
     assert calls == [(str(nemo_file), "cpu")] and built.model_class == "torch.nn.modules.linear.Linear"
+
+
+def test_tied_weights_saved_once_load_through_their_partner(tmp_path: Path) -> None:
+    # GPT-2's default ties lm_head.weight to transformer.wte.weight; save_pretrained stores the
+    # tensor once. That checkpoint is right: load-check must pass it and say why, not report
+    # lm_head.weight missing. A checkpoint that really lacks an untied key still fails.
+    folder = tmp_path / "tied-gpt2"
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
+                                     eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # stored once, under the embedding
+    report = load_check(weights, model=str(folder))
+    assert report.passed, report.summary()
+    assert any("lm_head.weight is tied to transformer.wte.weight" in n for n in report.notes), report.notes
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    del state["transformer.h.0.ln_1.weight"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    broken = load_check(tmp_path / "broken.safetensors", model=str(folder))
+    assert not broken.passed
+    assert [i.key for i in broken.side("model").issues if i.kind == "missing"] == ["transformer.h.0.ln_1.weight"]

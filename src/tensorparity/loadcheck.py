@@ -261,16 +261,37 @@ def _cast_entry(entry: TensorEntry, dtype: torch.dtype) -> TensorEntry:
     return replace(entry, dtype=dtype, nbytes=entry.numel * size, _loader=load, _span=None)
 
 
-def _check(plan: _Plan, expected: dict[str, Any], cast: bool) -> tuple[dict[str, Entry], list[KeyIssue],
-                                                                        list[str]]:
-    """Names, shapes and dtypes against the model: the entries to offer, the issues, the cast keys."""
+def _tied(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each state-dict key whose tensor is also held under other keys (tied weights: GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``), and those other keys.
+
+    Example:
+        >>> m = nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 4, bias=False)); m[1].weight = m[0].weight
+        >>> _tied(m)
+        {'0.weight': ('1.weight',), '1.weight': ('0.weight',)}
+    """
+    by_tensor: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor):
+            by_tensor.setdefault(id(value), []).append(key)
+    return {k: tuple(o for o in keys if o != k) for keys in by_tensor.values() if len(keys) > 1 for k in keys}
+
+
+def _check(plan: _Plan, expected: dict[str, Any], cast: bool,
+           tied: dict[str, tuple[str, ...]]) -> tuple[dict[str, Entry], list[KeyIssue], list[str], list[str]]:
+    """Names, shapes and dtypes against the model: the entries to offer, the issues, the cast keys,
+    and the keys absent but tied to a key that is offered (they load through it)."""
     offer: dict[str, Entry] = {}
     issues: list[KeyIssue] = []
     casts: list[str] = []
+    through_tie: list[str] = []
     ckpt = plan.offered
     for key, want in expected.items():
         origin = plan.origins.get(key, ())
         if key not in ckpt:
+            if any(other in ckpt for other in tied.get(key, ())):
+                through_tie.append(key)  # save_pretrained stores a tied tensor once
+                continue
             issues.append(_missing(plan, key, want))
             continue
         entry = ckpt[key]
@@ -291,7 +312,7 @@ def _check(plan: _Plan, expected: dict[str, Any], cast: bool) -> tuple[dict[str,
         if key not in expected:
             # Offered all the same: a load_state_dict pre-hook may rename legacy keys.
             offer[key] = entry
-    return offer, issues, casts
+    return offer, issues, casts, through_tie
 
 
 def _missing(plan: _Plan, key: str, want: Any) -> KeyIssue:
@@ -309,7 +330,12 @@ def _materialise(entry: Entry) -> Any:
 def _load(plan: _Plan, *, strict: bool, cast: bool) -> LoadSide:
     model = plan.built.model
     expected = model.state_dict()
-    offer, issues, casts = _check(plan, expected, cast)
+    tied = _tied(model)
+    offer, issues, casts, through_tie = _check(plan, expected, cast, tied)
+    for key in through_tie:
+        partner = next(o for o in tied[key] if o in plan.offered)
+        plan.notes.append(f"{plan.role}: {key} is tied to {partner} (the same tensor): it is loaded through it, "
+                          "as save_pretrained stores a tied tensor once")
     by_name = [k for k in offer if k not in expected]
     clean = not issues and not by_name and not plan.unmapped
     error: str | None = None
@@ -319,8 +345,9 @@ def _load(plan: _Plan, *, strict: bool, cast: bool) -> LoadSide:
     # load_state_dict copies into the parameters); only mapped or cast tensors are built in memory.
     state = {k: _materialise(e) for k, e in offer.items()}
     try:
-        result = model.load_state_dict(state, strict=clean)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        result = model.load_state_dict(state, strict=clean and not through_tie)
+        missing = [k for k in result.missing_keys if k not in through_tie]
+        unexpected = list(result.unexpected_keys)
     except Exception as exc:  # noqa: BLE001 - the user's module (hooks, custom loading): one line
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
         unexpected = by_name
