@@ -48,6 +48,14 @@ def test_forgetting_rank_1s_rng_is_named_and_confirmed() -> None:
     assert "rank 1's torch CPU RNG state differs" in report.summary()
 
 
+def test_under_ddp_too_the_forgotten_rank_is_named() -> None:
+    report = resume_check(DistributedRecipe(wrap="ddp", forget_rng_of_rank=1), steps=6, resume_at=3, nproc=2,
+                          confirm=False, timeout=180)
+    assert report.verdict == "resume bug" and report.exit_code == 1
+    (finding,) = report.legs[0].segments[0].findings
+    assert finding.message == "rank 1's torch CPU RNG state differs: dropout masks will change"
+
+
 def test_saved_on_two_ranks_resumes_on_one_through_resharding() -> None:
     result = CliRunner().invoke(app, ["resume-check", f"{EXAMPLES}:ReshardableRecipe", "-n", "6", "-k", "3",
                                       "--nproc", "2", "--resume-nproc", "1", "--no-confirm", "--timeout", "180",
