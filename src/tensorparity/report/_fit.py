@@ -134,12 +134,23 @@ class Wrapped:
         pieces: list[Text] = []
         for line in text.split("\n", allow_blank=True):
             cuts, used = [], 0
+            space_at, used_at_space = -1, 0  # the last cut after a space on this line
             for a, b in words(line.plain):
-                need = cell_len(line.plain[a:b].rstrip())
+                piece = line.plain[a:b]
+                need = cell_len(piece.rstrip())
                 if used and used + need > width:
-                    cuts.append(a)
-                    used = 0
-                used += cell_len(line.plain[a:b])
+                    # Between list items ("a.x, b.y") before inside a name ("b." / "y"), unless
+                    # that leaves the line less than half full.
+                    if 0 <= space_at < a and used_at_space * 2 >= width and used - used_at_space + need <= width:
+                        cuts.append(space_at)
+                        used -= used_at_space
+                    else:
+                        cuts.append(a)
+                        used = 0
+                    space_at = -1
+                used += cell_len(piece)
+                if piece.endswith(" "):
+                    space_at, used_at_space = b, used
             for part in line.divide(cuts):
                 part.rstrip()
                 pieces.append(Text.assemble(" " * self.indent, part) if self.indent else part)
