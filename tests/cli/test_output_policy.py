@@ -179,9 +179,11 @@ def _interrupted(cmd: list[str], cwd: Path, *, after: float = 0.0, marker: Path 
 def test_ctrl_c_is_one_line_and_exit_130_at_start_up_and_at_work(tmp_path: Path) -> None:
     ckpt = tmp_path / "reference.pt"
     torch.save(reference_model().state_dict(), ckpt)
-    # while Python imports torch (the first second)
-    code, out, err = _interrupted([*CLI, "inspect", str(ckpt)], tmp_path, after=0.1)
-    assert (code, out, err) == (130, "", "interrupted\n")
+    # while Python imports torch (the first second or two); a signal that lands before the
+    # interpreter installed its handler kills the process outright, which a shell also reports as
+    # 130 and which prints nothing either
+    code, out, err = _interrupted([*CLI, "inspect", str(ckpt)], tmp_path, after=0.4)
+    assert (code, out, err) in ((130, "", "interrupted\n"), (-signal.SIGINT, "", "")), (code, out, err)
     # while the user's factory runs
     (tmp_path / "slow.py").write_text(SLOW_FACTORY)
     code, out, err = _interrupted([*CLI, "load-check", str(ckpt), "--model", "slow.py:make", "--json"], tmp_path,
