@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from tensorparity.compare import Pair, TensorComparison, Tolerance
-from tensorparity.trace._jobs import same_but_unit_dims, sorted_comparison
+from tensorparity.trace._jobs import same_but_unit_dims
+from tensorparity.trace._reordered import sorted_comparison
 from tensorparity.trace._layout import Layout
 from tensorparity.trace.records import TraceRecord
 

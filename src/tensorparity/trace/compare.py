@@ -28,13 +28,14 @@ from tensorparity.report.ranked import RankedTraceReport
 from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
-from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, carry_layouts, layout_jobs, make_job, pair_records, sorted_values,
+from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records,
                                      run_jobs)
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
 from tensorparity.trace._rank_plan import compare_ranks, plan_ranks
+from tensorparity.trace._reordered import carry_layouts, sorted_values
 from tensorparity.trace.align import (
     Alignment,
     LayerMatch,
