@@ -21,7 +21,7 @@ def test_capture_and_the_callable_compare_package() -> None:
         model(torch.ones(2, 3)).sum().backward()
     report = tensorparity.compare(trace, model)  # a live model, run on the trace's recorded input
     assert report.verdict == "identical" and report.exit_code == 0
-    assert tensorparity.compare.Tolerance is tensorparity.compare.tolerance.Tolerance  # still the package
+    assert tensorparity.Tolerance is tensorparity.numerics.tolerance.Tolerance  # still the package
 
 
 def test_importing_tensorparity_does_not_import_torch_distributed_tensor() -> None:

@@ -17,7 +17,7 @@ from tensorparity._factory import FactoryError, PackageNotInstalledError, build_
 from tensorparity.cli import app
 from tensorparity.cli.capture import capture_run
 from tensorparity.trace.seed import InputSpec
-from tensorparity.trace.trace import Trace
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from _cli_helpers import assert_one_line_error
 
 transformers = pytest.importorskip("transformers")

@@ -1,49 +1,69 @@
 """tensorparity: prove that two PyTorch checkpoints, implementations or runs are numerically the
-same, and when they are not, say exactly where and why they part."""
+same, and when they are not, say exactly where and why they part.
+
+The public API is this module's ``__all__``. Names load on first use (PEP 562), so that
+``import tensorparity`` and ``tensorparity --help`` cost no torch import; ``from tensorparity import
+diff`` and ``tensorparity.diff(...)`` work as if everything were imported here.
+"""
 
 from __future__ import annotations
 
-from tensorparity import compare  # the package is callable: compare(a, b) compares two traces or models
-from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry, open
-from tensorparity.diff import diff
-from tensorparity.errors import InternalError, TensorParityError
-from tensorparity.loadcheck import load_check
-from tensorparity.migrate import ConvertReport, MigrateReport, convert, convert_dataloader_state
-from tensorparity.report.diff import DiffReport
-from tensorparity.report.inspect import InspectReport, inspect
-from tensorparity.report.loadcheck import LoadCheckReport
-from tensorparity.report.trace import TraceReport
-from tensorparity.resume import Recipe, ResumeReport, resume_check
-from tensorparity.trace.capture import capture
-from tensorparity.trace.compare import compare_traces
-from tensorparity.trace.replay import replay
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tensorparity._version import __version__
 
-__all__ = [
-    "Checkpoint",
-    "ConvertReport",
-    "DiffReport",
-    "InspectReport",
-    "InternalError",
-    "LoadCheckReport",
-    "MigrateReport",
-    "Recipe",
-    "ResumeReport",
-    "TensorEntry",
-    "TensorParityError",
-    "TraceReport",
-    "ValueEntry",
-    "__version__",
-    "capture",
-    "compare",
-    "compare_traces",
-    "convert",
-    "convert_dataloader_state",
-    "diff",
-    "inspect",
-    "load_check",
-    "open",
-    "replay",
-    "resume_check",
-]
+# public name -> the module that defines it
+_HOMES: dict[str, str] = {
+    "Checkpoint": "tensorparity.checkpoint",
+    "ConvertReport": "tensorparity.migrate",
+    "DiffReport": "tensorparity.checks",
+    "InspectReport": "tensorparity.checkpoint",
+    "InternalError": "tensorparity.errors",
+    "LoadCheckReport": "tensorparity.checks",
+    "MigrateReport": "tensorparity.migrate",
+    "Recipe": "tensorparity.resume",
+    "ResumeReport": "tensorparity.resume",
+    "TensorEntry": "tensorparity.checkpoint",
+    "TensorParityError": "tensorparity.errors",
+    "Tolerance": "tensorparity.numerics",
+    "TraceReport": "tensorparity.trace",
+    "ValueEntry": "tensorparity.checkpoint",
+    "capture": "tensorparity.trace",
+    "compare": "tensorparity.trace",
+    "compare_traces": "tensorparity.trace",
+    "convert": "tensorparity.migrate",
+    "convert_dataloader_state": "tensorparity.dataloader",
+    "diff": "tensorparity.checks",
+    "inspect": "tensorparity.checkpoint",
+    "load_check": "tensorparity.checks",
+    "open": "tensorparity.checkpoint",
+    "replay": "tensorparity.trace",
+    "resume_check": "tensorparity.resume",
+}
+
+__all__ = sorted([*_HOMES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'tensorparity' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from tensorparity.checkpoint import Checkpoint, InspectReport, TensorEntry, ValueEntry, inspect, open
+    from tensorparity.checks import DiffReport, LoadCheckReport, diff, load_check
+    from tensorparity.dataloader import convert_dataloader_state
+    from tensorparity.errors import InternalError, TensorParityError
+    from tensorparity.migrate import ConvertReport, MigrateReport, convert
+    from tensorparity.numerics import Tolerance
+    from tensorparity.resume import Recipe, ResumeReport, resume_check
+    from tensorparity.trace import TraceReport, capture, compare, compare_traces, replay

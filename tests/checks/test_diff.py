@@ -1,4 +1,4 @@
-"""tensorparity.diff: verdicts, metrics and key bookkeeping on real checkpoints written by torch.save,
+"""tensorparity.checks._diff: verdicts, metrics and key bookkeeping on real checkpoints written by torch.save,
 safetensors and Lightning-shaped dicts."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import tensorparity
-from tensorparity.compare import Tolerance
-from tensorparity.diff import diff
+from tensorparity.numerics import Tolerance
+from tensorparity.checks._diff import diff
 from tensorparity.errors import UsageError
 
 
@@ -245,7 +245,7 @@ def test_include_exclude_filter_on_a_keys(tmp_path: Path) -> None:
 def test_bad_options_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="workers must be a positive integer.*fix: e.g."):
         diff({}, {}, workers=0)
-    with pytest.raises(UsageError, match="tolerance must be a tensorparity.compare.Tolerance"):
+    with pytest.raises(UsageError, match="tolerance must be a tensorparity.Tolerance"):
         diff({}, {}, tolerance=1e-3)  # type: ignore[arg-type]
 
 
@@ -348,7 +348,7 @@ def test_diff_takes_atol_and_rtol_directly() -> None:
     import torch
 
     import tensorparity
-    from tensorparity.compare import Tolerance
+    from tensorparity.numerics import Tolerance
     from tensorparity.errors import UsageError
 
     a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 2.001])}

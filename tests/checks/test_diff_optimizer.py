@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 
 
 def trained(out: int = 3) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

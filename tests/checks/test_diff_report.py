@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from tensorparity.compare import Tolerance
-from tensorparity.diff import diff
-from tensorparity.report.diff import SCHEMA, DiffReport
+from tensorparity.numerics import Tolerance
+from tensorparity.checks._diff import diff
+from tensorparity.checks._diff_report import SCHEMA, DiffReport
 
 
 def _no_constants(name: str) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 import tensorparity
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry
 from tensorparity.errors import UsageError
-from tensorparity.report.inspect import SCHEMA, _key_tree, inspect
+from tensorparity.checkpoint._inspect import SCHEMA, _key_tree, inspect
 
 
 @dataclasses.dataclass

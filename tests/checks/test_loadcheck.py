@@ -1,4 +1,4 @@
-"""tensorparity.loadcheck.load_check: checkpoints written by torch.save and safetensors, loaded into
+"""tensorparity.checks._loadcheck.load_check: checkpoints written by torch.save and safetensors, loaded into
 the bundled reference model and its port, as is and through the bundled mapping, both ways."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import tensorparity
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import SourceNotFoundError, UsageError
 from tensorparity.examples import port_model, reference_model
-from tensorparity.loadcheck import load_check
+from tensorparity.checks._loadcheck import load_check
 from tensorparity.mapping import MappingError
 
 MAP = Path(tensorparity.__file__).parent / "examples" / "reference_to_port.yaml"
@@ -225,7 +225,7 @@ def test_bad_inputs_raise_tensorparity_errors(tmp_path: Path) -> None:
         load_check(tmp_path / "absent.pt", model=REF)
     with pytest.raises(UsageError) as info:
         load_check({"w": torch.ones(1)}, model=REF, tolerance=1e-3)  # type: ignore[arg-type]
-    assert "tolerance must be a tensorparity.compare.Tolerance" in str(info.value) and info.value.fix
+    assert "tolerance must be a tensorparity.Tolerance" in str(info.value) and info.value.fix
     bad_map = tmp_path / "bad.yaml"
     bad_map.write_text("rules:\n  - {a: 'x.{i}', b: 'y', colour: red}\n")
     with pytest.raises(MappingError):

@@ -21,7 +21,7 @@ from tensorparity._output import check_output, note_interrupt, write_failure, wr
 from tensorparity.cli import app
 from tensorparity.errors import UsageError
 from tensorparity.examples import reference_model
-from tensorparity.trace.capture import capture
+from tensorparity.trace._capture import capture
 
 from _cli_helpers import assert_one_line_error
 

@@ -26,7 +26,7 @@ from tensorparity.examples.legacy_loader import (  # noqa: E402
     SquaresDataset,
     run_legacy_training,
 )
-from tensorparity.migrate.dataloader_state import convert_dataloader_state, inspect_dataloader_state  # noqa: E402
+from tensorparity.dataloader._state import convert_dataloader_state, inspect_dataloader_state  # noqa: E402
 
 SIZE, BS, SEED = 22, 4, 1234  # 6 batches per epoch, the last one short
 
@@ -231,8 +231,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tensorparity.errors import TensorParityError  # noqa: E402
-from tensorparity.migrate._dataloader_build import summarize_state  # noqa: E402
-from tensorparity.migrate._legacy_loader import LegacyLoaderState, LegacyWorker, expected_worker_samples  # noqa: E402
+from tensorparity.dataloader._build import summarize_state  # noqa: E402
+from tensorparity.dataloader._legacy import LegacyLoaderState, LegacyWorker, expected_worker_samples  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import tensorparity
 from tensorparity.checkpoint import Checkpoint, TensorEntry
 from tensorparity.cli import app
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import InternalError, UsageError
 from tensorparity.migrate import FORMATS, ConvertReport, convert
 from _cli_helpers import assert_one_line_error

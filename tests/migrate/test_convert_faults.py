@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.migrate import convert
 
 FORK = multiprocessing.get_context("fork")

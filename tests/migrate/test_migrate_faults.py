@@ -175,7 +175,7 @@ def test_a_full_disk_in_a_forked_child_is_one_line_and_keeps_the_original(tmp_pa
 
 def test_an_injected_full_disk_is_one_line_on_the_command_line(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import tensorparity.migrate.writers as writers
+    import tensorparity.checkpoint.write as writers
 
     path = write_ckpt(tmp_path / "run.pt")
     before = sha(path)

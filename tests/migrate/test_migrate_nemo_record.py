@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.examples.formats import write_nemo
 from tensorparity.mapping import Mapping, Rule
 from tensorparity.migrate import Migration, Registry, convert, migrate, read_history

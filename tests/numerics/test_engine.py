@@ -3,7 +3,7 @@ import threading
 import torch
 
 import tensorparity as tp
-from tensorparity.compare import Pair, Tolerance, compare_pairs
+from tensorparity.numerics import Pair, Tolerance, compare_pairs
 
 
 class CountingLoad:

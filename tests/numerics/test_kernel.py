@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorparity.compare import Tolerance, compare_tensors, metrics
+from tensorparity.numerics import Tolerance, compare_tensors, metrics
 
 needs_kernel = pytest.mark.skipif(metrics._kernel is None, reason="the C kernel is not built here")
 
@@ -114,7 +114,7 @@ def test_views_numpy_cannot_share_and_non_contiguous_tensors(monkeypatch: pytest
 
 @needs_kernel
 def test_bad_buffers_are_refused_not_read() -> None:
-    from tensorparity.compare import _kernel
+    from tensorparity.numerics import _kernel
 
     f32 = np.zeros(8, np.float32)
     with pytest.raises(ValueError, match="same length"):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tensorparity.compare import Tolerance, compare_tensors, same_bytes
+from tensorparity.numerics import Tolerance, compare_tensors, same_bytes
 
 
 def test_identical_bytes_short_circuit() -> None:

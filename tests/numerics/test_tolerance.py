@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tensorparity.compare import Tolerance, default_tolerance
+from tensorparity.numerics import Tolerance, default_tolerance
 from tensorparity.errors import UsageError
 
 

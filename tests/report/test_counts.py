@@ -17,8 +17,8 @@ from tensorparity.examples.formats import write_nemo
 from torch import nn
 
 import tensorparity
-from tensorparity.loadcheck import load_check
-from tensorparity.report.inspect import inspect
+from tensorparity.checks._loadcheck import load_check
+from tensorparity.checkpoint._inspect import inspect
 
 
 class ConvBN(nn.Module):

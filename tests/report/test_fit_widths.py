@@ -24,15 +24,15 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from tensorparity.cli import app
-from tensorparity.compare import Tolerance
-from tensorparity.diff import diff
+from tensorparity.numerics import Tolerance
+from tensorparity.checks._diff import diff
 from tensorparity.examples import port_model, reference_model
 from tensorparity.report._render import rich_titled_table
-from tensorparity.report.inspect import inspect
-from tensorparity.report.resume import Divergence, Finding, ResumeLeg, ResumeReport, Segment, StepRow
+from tensorparity.checkpoint._inspect import inspect
+from tensorparity.resume._report import Divergence, Finding, ResumeLeg, ResumeReport, Segment, StepRow
 from tensorparity.trace import capture
-from tensorparity.trace.compare import compare_traces
-from tensorparity.trace.replay import replay
+from tensorparity.trace._compare import compare_traces
+from tensorparity.trace._replay import replay
 
 WIDTHS = (40, 60, 80, 100, 200)
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")

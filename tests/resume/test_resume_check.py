@@ -11,7 +11,7 @@ import json
 import pytest
 from resume_test_recipes import spec
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.examples.resume_recipes import (
     AccumulatingRecipe,
     Forgetful,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from resume_test_recipes import HERE, ManualRecipe, spec
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.examples.resume_recipes import Forgetful, TinyRecipe
-from tensorparity.report.resume import Finding, Segment, StepRow
+from tensorparity.resume._report import Finding, Segment, StepRow
 from tensorparity.resume import TrainingObjects, rng_state, set_rng_state
 from tensorparity.resume.audit import audit, state_diff
 from tensorparity.resume.confirm import conclude, plan
@@ -153,7 +153,7 @@ def test_confirmation_logic() -> None:
     ok, bad = Segment(3, 8, (), (), (), None), Segment(3, 8, (_row(4),), (), (), None)
     findings = [Finding("optimizer", "a", 3), Finding("scheduler", "b", 3)]
     assert plan(findings) == [("optimizer",), ("scheduler",), ("optimizer", "scheduler")]
-    from tensorparity.report.resume import Divergence
+    from tensorparity.resume._report import Divergence
 
     failed = Segment(3, 8, (), (), (), Divergence(5, ("loss",), None, "step 5 differs first: loss"))
     confirmations, marked = conclude([(("optimizer",), failed), (("scheduler",), failed),

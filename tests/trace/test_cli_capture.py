@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.trace.seed import InputSpec, input_hash
-from tensorparity.trace.trace import Trace
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
@@ -140,7 +140,7 @@ def test_bad_factory_non_empty_folder_and_failing_model(tmp_path: Path) -> None:
 
 
 def test_an_existing_trace_is_replaced_only_with_overwrite_and_atomically(tmp_path: Path) -> None:
-    from tensorparity.trace.trace import Trace
+    from tensorparity.checkpoint.tracefolder.reader import Trace
 
     out = tmp_path / "t"
     assert invoke(REF, "-o", out, "--input-spec", "2x16x20").exit_code == 0

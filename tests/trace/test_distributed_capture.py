@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from tensorparity.errors import TensorParityError
-from tensorparity.trace._dtensor import assemble_tensor
+from tensorparity.checkpoint.tracefolder._dtensor import assemble_tensor
 from tensorparity.trace.align import align_layers
-from tensorparity.trace.capture import capture
-from tensorparity.trace.format import TraceError
-from tensorparity.trace.trace import Trace
+from tensorparity.trace._capture import capture
+from tensorparity.checkpoint.tracefolder.format import TraceError
+from tensorparity.checkpoint.tracefolder.reader import Trace
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import Tiny, batch
 import tensorparity.trace as tt
-from tensorparity.trace.capture import capture
+from tensorparity.trace._capture import capture
 
 out = sys.argv[1]
 dist.init_process_group("gloo")
@@ -166,7 +166,7 @@ def test_fsdp2_trace_assembles_and_compares_with_one_process(dist_run):
         assert got.shape == want.shape, key
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=key)
     assert whole.get("head/0/param_grad/weight").shape == (3, 8)
-    from tensorparity.trace.compare import compare_traces
+    from tensorparity.trace._compare import compare_traces
 
     report = compare_traces(ref, out / "fsdp-full")
     assert report.alignment == "name"
@@ -208,7 +208,7 @@ def test_ddp_records_the_all_reduced_gradient_and_the_local_one(dist_run):
 
 def test_ddp_without_sync_compares_different_and_names_the_gradients(dist_run):
     out, _ = dist_run
-    from tensorparity.trace.compare import compare_traces
+    from tensorparity.trace._compare import compare_traces
 
     report = compare_traces(out / "ddp-sync" / "rank-0", out / "ddp-nosync" / "rank-0")
     assert not report.passed

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.mapping import Mapping, Rearrange, Rule, apply_mapping
 from tensorparity.trace import capture, compare_traces
 from tensorparity.trace._jobs import float_tolerance
@@ -83,7 +83,7 @@ def test_the_allowance_grows_with_the_square_root_of_the_terms_summed(n: int, ul
 
 
 def test_an_element_near_zero_in_a_large_tensor_carries_the_noise_of_the_large_ones() -> None:
-    from tensorparity.compare import compare_tensors
+    from tensorparity.numerics import compare_tensors
 
     g = torch.tensor([300.0, -250.0, 1e-3])
     noisy = g + torch.tensor([0.0, 0.0, 3e-5])  # one ulp of 300 is 3e-5

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tensorparity.cli import app
 from tensorparity.errors import UsageError
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash
-from tensorparity.trace.trace import Trace
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})

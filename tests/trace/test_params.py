@@ -19,9 +19,9 @@ from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.mapping import suggest_mapping
-from tensorparity.trace.capture import capture
-from tensorparity.trace.records import KINDS, tensor_stats
-from tensorparity.trace.trace import Trace
+from tensorparity.trace._capture import capture
+from tensorparity.checkpoint.tracefolder.records import KINDS, tensor_stats
+from tensorparity.checkpoint.tracefolder.reader import Trace
 
 X = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
 

@@ -26,11 +26,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.report.ranked import SCHEMA, RankedTraceReport
-from tensorparity.report.trace import TraceReport
-from tensorparity.trace.capture import capture
-from tensorparity.trace.compare import compare_traces
-from tensorparity.trace.format import TraceError
+from tensorparity.trace._ranked_report import SCHEMA, RankedTraceReport
+from tensorparity.trace._report import TraceReport
+from tensorparity.trace._capture import capture
+from tensorparity.trace._compare import compare_traces
+from tensorparity.checkpoint.tracefolder.format import TraceError
 
 from _cli_helpers import assert_one_line_error
 
@@ -70,7 +70,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tensorparity.trace.capture import capture
+from tensorparity.trace._capture import capture
 from ranknet import Net, data
 
 

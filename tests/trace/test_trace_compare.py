@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.examples import port_model, reference_model
-from tensorparity.report.trace import SCHEMA, TraceReport
-from tensorparity.trace.capture import capture
-from tensorparity.trace.compare import compare_stats, compare_traces, relative_error
-from tensorparity.trace.records import TraceRecord, tensor_stats
-from tensorparity.trace.trace import Trace
+from tensorparity.trace._report import SCHEMA, TraceReport
+from tensorparity.trace._capture import capture
+from tensorparity.trace._compare import compare_stats, compare_traces, relative_error
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
+from tensorparity.checkpoint.tracefolder.reader import Trace
 
 MAP = files("tensorparity.examples") / "reference_to_port.yaml"
 
@@ -331,7 +331,7 @@ def test_bad_arguments_and_unreadable_traces(reference: Trace, tmp_path: Path) -
     with pytest.raises(TensorParityError) as err:
         compare_traces(reference, tmp_path / "crashed")
     assert "crashed" in str(err.value) and "no manifest.json" in str(err.value)
-    assert "tensorparity.trace.capture" in (err.value.fix or "")
+    assert "tensorparity.trace._capture" in (err.value.fix or "")
 
 
 def test_multi_process_traces_compare_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from tensorparity.errors import UsageError
 from tensorparity.examples import port_model, reference_model
-from tensorparity.report.trace import TraceReport
-from tensorparity.report.trace_html import render_trace_html
+from tensorparity.trace._report import TraceReport
+from tensorparity.trace._report_html import render_trace_html
 from tensorparity.trace import Trace, capture, compare_traces
 
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")

@@ -13,9 +13,9 @@ from tensorparity.checkpoint import detect_format
 from tensorparity.checkpoint.tree import TensorEntry, ValueEntry
 from tensorparity.errors import UnknownFormatError
 from tensorparity.examples import reference_model
-from tensorparity.trace.capture import capture
-from tensorparity.trace.format import TraceError
-from tensorparity.trace.trace import Trace
+from tensorparity.trace._capture import capture
+from tensorparity.checkpoint.tracefolder.format import TraceError
+from tensorparity.checkpoint.tracefolder.reader import Trace
 
 
 def capture_to(folder: Path, **kwargs: object) -> Trace:

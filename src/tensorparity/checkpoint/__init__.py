@@ -20,7 +20,17 @@ from tensorparity.errors import (
     UnknownFormatError,
 )
 
-__all__ = ["Checkpoint", "Entry", "PlaceholderInfo", "TensorEntry", "ValueEntry", "detect_format", "open"]
+__all__ = [
+    "Checkpoint",
+    "Entry",
+    "InspectReport",
+    "PlaceholderInfo",
+    "TensorEntry",
+    "ValueEntry",
+    "detect_format",
+    "inspect",
+    "open",
+]
 
 # Files a plain folder may hold, in the order they are preferred when a folder holds one.
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".nemo", ".npz", ".tar")
@@ -57,7 +67,7 @@ def detect_format(path: Path) -> str:
             return "hf-sharded"
         if "model_config.yaml" in names:
             return "nemo-folder"
-        from tensorparity.checkpoint.trace_dir import is_trace_dir
+        from tensorparity.checkpoint.tracefolder.as_checkpoint import is_trace_dir
 
         if is_trace_dir(path):
             return "trace"
@@ -120,7 +130,7 @@ def _open_path(path: Path) -> Checkpoint:
 
         return read_sharded(path)
     if kind == "trace":
-        from tensorparity.checkpoint.trace_dir import read_trace_dir
+        from tensorparity.checkpoint.tracefolder.as_checkpoint import read_trace_dir
 
         return read_trace_dir(path)
     return _open_folder(path)
@@ -172,3 +182,7 @@ def open(source: str | os.PathLike[str] | Any, /) -> Checkpoint:  # noqa: A001 -
     if isinstance(source, Mapping) or hasattr(source, "state_dict"):
         return read_live(source)
     raise TypeError(f"cannot open a {type(source).__name__}; pass a path, an nn.Module or a state dict")
+
+
+# A checkpoint's own summary (what it prints in a notebook); it opens sources with open() above.
+from tensorparity.checkpoint._inspect import InspectReport, inspect  # noqa: E402

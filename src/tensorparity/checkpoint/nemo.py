@@ -107,7 +107,7 @@ def read_nemo(path: Path) -> Checkpoint:
         raise
 
 
-def _normalise(member: tarfile.TarInfo, path: Path) -> str:
+def checked_member_name(member: tarfile.TarInfo, path: Path) -> str:
     """The member's name without ``./``; refuses anything that could reach outside the archive."""
     name = member.name
     reason = None
@@ -132,7 +132,7 @@ def _normalise(member: tarfile.TarInfo, path: Path) -> str:
     return "/".join(p for p in name.split("/") if p not in ("", "."))
 
 
-def _classify(name: str) -> str | None:
+def classify_member(name: str) -> str | None:
     """``"config"``, ``"record"``, the weights' rank (``"rank:"`` for one), or None for an artifact."""
     if name == CONFIG:
         return "config"
@@ -145,11 +145,11 @@ def _classify(name: str) -> str | None:
 
 
 def _note_member(parts: _Parts, member: tarfile.TarInfo, name: str, path: Path, seen: set[str]) -> str | None:
-    """Record a checked member; return what :func:`_classify` says, None for artifacts and folders."""
+    """Record a checked member; return what :func:`classify_member` says, None for artifacts and folders."""
     if member.isdir():
         parts.sharded_weights |= name.rpartition("/")[2] == "model_weights"
         return None
-    kind = _classify(name)
+    kind = classify_member(name)
     if kind is not None and name in seen:
         raise CorruptCheckpointError("member appears twice in the archive, so which copy NeMo uses is "
                                      "ambiguous", path=path, key=member.name,
@@ -183,7 +183,7 @@ def _tar_parts(path: Path) -> _Parts:
         where = f"in or after member {members[-1].name!r}" if members else "in its first header"
         raise CorruptCheckpointError(f"tar archive breaks off {where} ({exc})", path=path,
                                      key=members[-1].name if members else None, fix=_FIX_CORRUPT) from exc
-    names = [_normalise(m, path) for m in members]  # every member checked before any is used
+    names = [checked_member_name(m, path) for m in members]  # every member checked before any is used
     _check_not_old_torch(set(names), path)
     parts = _Parts()
     seen: set[str] = set()
@@ -262,7 +262,7 @@ def _gzip_parts(path: Path, closers: list[Callable[[], None]]) -> _Parts:
             with tarfile.open(fileobj=counted, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     counted.next_member(member)
-                    name = _normalise(member, path)
+                    name = checked_member_name(member, path)
                     names.add(name)
                     if member.size > limit - counted.count:
                         raise _bomb(path, member.name, f"member of {member.size} bytes would " + _past(limit))
@@ -301,7 +301,7 @@ def _read_folder(path: Path) -> Checkpoint:
     sharded: Checkpoint | None = None
     for file in sorted(_walk(path)):
         name = file.relative_to(path).as_posix()
-        kind = _classify(name)
+        kind = classify_member(name)
         if kind == "config":
             continue
         if kind == "record":

@@ -2,11 +2,11 @@
 
 Both sides are opened lazily with :func:`tensorparity.open`; with a mapping, A is translated into
 B's key space first. Keys are paired by name, section by section; tensor pairs stream through the
-one comparison engine (:func:`tensorparity.compare.compare_pairs`), so memory stays bounded by a
+one comparison engine (:func:`tensorparity.numerics.compare_pairs`), so memory stays bounded by a
 few tensors whatever the checkpoints' size. Non-tensor values (hyper-parameters, versions,
 config) are compared by value. Before pairing, tensorparity's own migration records are left out
 (unless asked for) and an optimizer state keyed by parameter index is paired with one keyed by
-name through the param groups (:mod:`tensorparity._diff_sides`).
+name through the param groups (:mod:`tensorparity.checks._diff_sides`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tensorparity._diff_sides import leave_out_records, pair_optimizer_states
+from tensorparity.checks._diff_sides import leave_out_records, pair_optimizer_states
 from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.checkpoint.tree import LazyTensor
-from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
 from tensorparity.errors import UsageError
 from tensorparity.report._render import short_repr
-from tensorparity.report.diff import DiffReport, MappingInfo, SectionDiff, Side, ValueDifference
-from tensorparity.report.inspect import KeyInfo
+from tensorparity.checks._diff_report import DiffReport, MappingInfo, SectionDiff, Side, ValueDifference
+from tensorparity.checkpoint._inspect import KeyInfo
 
 if TYPE_CHECKING:
     from tensorparity.mapping import Mapping as KeyMapping
@@ -181,7 +181,7 @@ def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
 def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: Any, include_records: Any) -> None:
     problems = []
     if tolerance is not None and not isinstance(tolerance, Tolerance):
-        problems.append(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}")
+        problems.append(f"tolerance must be a tensorparity.Tolerance, not {type(tolerance).__name__}")
     if weights_only not in (None, True, False):
         problems.append(f"weights_only must be None, True or False, not {weights_only!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):

@@ -1,8 +1,8 @@
-"""The record :func:`tensorparity.diff` returns, and its renderings: rich (terminal), HTML
+"""The record :func:`tensorparity.checks._diff` returns, and its renderings: rich (terminal), HTML
 (notebook), JSON (schema ``tensorparity.diff/1``).
 
 A :class:`DiffReport` holds, per section, the keys common to both sides and those only in one,
-every tensor comparison (:class:`~tensorparity.compare.TensorComparison`), every difference of a
+every tensor comparison (:class:`~tensorparity.numerics.TensorComparison`), every difference of a
 non-tensor value, element counts of each side and the tolerance used. Its verdict is
 ``identical`` (every key and every byte matches), ``close`` (every key matches, every tensor is
 within tolerance, some are not bitwise equal or not of one dtype) or ``differs``.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.checkpoint._roles import Counts
-from tensorparity.compare import TensorComparison, Tolerance
+from tensorparity.numerics import TensorComparison, Tolerance
 from tensorparity.report._keytree import Node, html_tree, key_tree, rich_tree
 from tensorparity.report._render import (
     dtype_cell,
@@ -41,7 +41,7 @@ from tensorparity.report._render import (
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
 
-    from tensorparity.report.inspect import KeyInfo
+    from tensorparity.checkpoint._inspect import KeyInfo
 
 __all__ = ["SCHEMA", "DiffReport", "MappingInfo", "SectionDiff", "Side", "ValueDifference", "Verdict"]
 
@@ -167,7 +167,7 @@ class SectionDiff:
 
 @dataclass(frozen=True)
 class DiffReport:
-    """Two checkpoints compared: the record :func:`tensorparity.diff` returns.
+    """Two checkpoints compared: the record :func:`tensorparity.checks._diff` returns.
 
     Attributes:
         a, b: the two sides as compared.

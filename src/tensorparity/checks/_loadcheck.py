@@ -7,7 +7,7 @@ into the reference implementation, with the same values? For each model the chec
 traceback), then loaded with ``load_state_dict`` (``strict=True`` when clean, else
 ``strict=False`` with the loadable subset), then read back: ``state_dict()`` after loading must
 equal, bit for bit, what was given. Finally the two loaded state dicts are compared with
-:func:`tensorparity.diff`, through the mapping between their key spaces.
+:func:`tensorparity.checks._diff`, through the mapping between their key spaces.
 
 Which way the mapping is applied (the route) is decided per model by the keys: each model gets
 the checkpoint as is, through the mapping (A → B) or through its inverse (B → A), whichever names
@@ -32,13 +32,13 @@ from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint._roles import buffer_keys, entry_counts
 from tensorparity.checkpoint.module import read_live
-from tensorparity.compare import Tolerance
-from tensorparity.diff import diff
+from tensorparity.numerics import Tolerance
+from tensorparity.checks._diff import diff
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
 from tensorparity.report._render import plural
-from tensorparity.report.diff import DiffReport, Side
-from tensorparity.report.loadcheck import KeyIssue, LoadCheckReport, LoadSide, NotInstalled, Route
+from tensorparity.checks._diff_report import DiffReport, Side
+from tensorparity.checks._loadcheck_report import KeyIssue, LoadCheckReport, LoadSide, NotInstalled, Route
 
 __all__ = ["load_check"]
 
@@ -131,7 +131,7 @@ def load_check(
 def _check_options(tolerance: Any, strict: Any, cast: Any, mapping: Any) -> None:
     problems = []
     if tolerance is not None and not isinstance(tolerance, Tolerance):
-        problems.append(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}")
+        problems.append(f"tolerance must be a tensorparity.Tolerance, not {type(tolerance).__name__}")
     for name, value in (("strict", strict), ("cast", cast)):
         if not isinstance(value, bool):
             problems.append(f"{name} must be True or False, not {value!r}")

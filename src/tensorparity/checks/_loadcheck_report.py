@@ -1,9 +1,9 @@
-"""The record :func:`tensorparity.loadcheck.load_check` returns, and its renderings: rich
+"""The record :func:`tensorparity.checks._loadcheck.load_check` returns, and its renderings: rich
 (terminal) and JSON (schema ``tensorparity.load-check/1``).
 
 A :class:`LoadCheckReport` holds the checkpoint's counts, one :class:`LoadSide` per model the
 checkpoint was loaded into (the local model, and the reference when its package is installed),
-and the :class:`~tensorparity.report.diff.DiffReport` of the two loaded state dicts. Each side
+and the :class:`~tensorparity.checks._diff_report.DiffReport` of the two loaded state dicts. Each side
 says by which route the checkpoint reached it (as is, or through the mapping), every key problem
 (missing, unexpected, shape, dtype), how ``load_state_dict`` was called, the model's parameter
 and buffer counts (torch's own), and
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.report._render import (
     fold_count,
     jsonable,
@@ -29,7 +29,7 @@ from tensorparity.report._render import (
     rich_header,
     rich_titled_table,
 )
-from tensorparity.report.diff import DiffReport, Side
+from tensorparity.checks._diff_report import DiffReport, Side
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -193,7 +193,7 @@ class LoadCheckReport:
         notes: what the reader should know.
 
     Example:
-        >>> from tensorparity.loadcheck import load_check
+        >>> from tensorparity.checks._loadcheck import load_check
         >>> from tensorparity.examples import reference_model
         >>> report = load_check(reference_model().state_dict(), model=reference_model)
         >>> report.verdict, report.exit_code
@@ -234,7 +234,7 @@ class LoadCheckReport:
         """One line for humans.
 
         Example:
-            >>> from tensorparity.loadcheck import load_check
+            >>> from tensorparity.checks._loadcheck import load_check
             >>> import torch
             >>> load_check({"weight": torch.ones(2, 2)}, model=torch.nn.Linear(2, 2)).summary()
             'failed: model (Linear): 1 missing key'

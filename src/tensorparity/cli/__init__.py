@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tensorparity import __version__
+from tensorparity._version import __version__
 from tensorparity.cli.capture import capture_command
 from tensorparity.cli.compare import compare_command
 from tensorparity.cli.convert import convert_command

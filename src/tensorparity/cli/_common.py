@@ -19,6 +19,8 @@ import typer
 
 from tensorparity._output import check_output, write_text
 from tensorparity.errors import TensorParityError
+from tensorparity.report._stream import REPORT as _REPORT
+from tensorparity.report._stream import emit_json, report_stream, stdout_console
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -64,30 +66,6 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's 128 + SIGINT
 
 def _debug() -> bool:
     return os.environ.get("TENSORPARITY_DEBUG", "") not in ("", "0")
-
-
-class _Report:
-    """Where the report goes: the stdout the command started with. While a command runs, code
-    the user handed us (factories, recipes, input functions) writes its stdout to stderr instead
-    (``sys.stdout`` swapped, and file descriptor 1 too where it is the real stdout), so that
-    ``--json`` output is one JSON document whatever a factory prints while it builds."""
-
-    stream: Any = None
-
-
-_REPORT = _Report()
-
-
-def report_stream() -> Any:
-    """The stream the report is written to (``sys.stdout`` outside a command)."""
-    return _REPORT.stream if _REPORT.stream is not None else sys.stdout
-
-
-def emit_json(text: str) -> None:
-    """Write one JSON document (and a newline) to the report stream."""
-    out = report_stream()
-    out.write(text + "\n")
-    out.flush()
 
 
 def _error_json(message: str, fix: str | None, code: int, exc: BaseException | None = None) -> str:
@@ -200,15 +178,6 @@ def command(func: F) -> F:
             raise typer.Exit(EXIT_OK) from None
 
     return run  # type: ignore[return-value]
-
-
-def stdout_console() -> Console:
-    """The console people read: the report stream, no syntax highlighting of numbers inside
-    user data."""
-    from rich.console import Console
-
-    stream = report_stream()
-    return Console(highlight=False, file=stream if stream is not sys.stdout else None)
 
 
 def finish(report: Any, *, json_: bool, top: int) -> NoReturn:

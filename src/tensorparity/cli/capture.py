@@ -17,11 +17,11 @@ from tensorparity._output import refuse_inputs
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
 from tensorparity.cli._common import command, stdout_console
 from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.trace.capture import _rank_world, capture
-from tensorparity.trace.format import MANIFEST, MODES, rank_folders
-from tensorparity.trace.records import flatten_value
+from tensorparity.trace._capture import _rank_world, capture
+from tensorparity.checkpoint.tracefolder.format import MANIFEST, MODES, rank_folders
+from tensorparity.checkpoint.tracefolder.records import flatten_value
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
-from tensorparity.trace.trace import Trace
+from tensorparity.checkpoint.tracefolder.reader import Trace
 
 __all__ = ["capture_command", "capture_run"]
 
@@ -115,12 +115,12 @@ def capture_run(
     """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
     ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
     and (unless ``backward=False``) backward on ``loss`` (default ``output.float().sum()``)
-    inside :func:`~tensorparity.trace.capture.capture`, and write the trace to ``out``. With
+    inside :func:`~tensorparity.trace._capture.capture`, and write the trace to ``out``. With
     ``noise_floor``, the model is first run in float32 and (a copy) in float64 on the same input,
     and every record's measured atol is stored in the provenance (``noise_floor``), so that
     ``tensorparity compare --noise-floor`` judges each layer by its own numerical noise. With
     ``params`` (the default) every parameter is recorded too, as the forward began. ``dtensor``
-    and ``local_grads`` are :func:`~tensorparity.trace.capture.capture`'s (DTensors as local
+    and ``local_grads`` are :func:`~tensorparity.trace._capture.capture`'s (DTensors as local
     shards or gathered; local pre-all-reduce gradients too).
 
     Example:

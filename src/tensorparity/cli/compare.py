@@ -23,7 +23,7 @@ from tensorparity.cli._common import (
 from tensorparity._output import write_text
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
-from tensorparity.trace.compare import compare_traces
+from tensorparity.trace._compare import compare_traces
 
 __all__ = ["compare_command"]
 

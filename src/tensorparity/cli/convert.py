@@ -39,7 +39,7 @@ def convert_command(
     temporary name beside it, read back and compared bitwise with SRC, then renamed into place.
     A crash or a full disk leaves DST as it was. Exit code: 0 written and verified, 2 error.
     """
-    from tensorparity.migrate.convert import convert
+    from tensorparity.migrate._convert import convert
 
     report = convert(src, dst, format=format_, max_shard_size=max_shard_size, overwrite=overwrite,
                      verify=not no_verify, weights_only=weights_only)

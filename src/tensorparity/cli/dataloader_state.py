@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from tensorparity.cli._common import command, emit_json, stdout_console
-from tensorparity.migrate.dataloader_state import convert_dataloader_state, inspect_dataloader_state
+from tensorparity.dataloader._state import convert_dataloader_state, inspect_dataloader_state
 
 __all__ = ["convert_command", "dataloader_state_app", "inspect_command"]
 

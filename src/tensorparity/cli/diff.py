@@ -16,8 +16,8 @@ from tensorparity.cli._common import (
     command,
     finish,
 )
-from tensorparity.compare import Tolerance
-from tensorparity.diff import diff
+from tensorparity.numerics import Tolerance
+from tensorparity.checks._diff import diff
 from tensorparity.errors import UsageError
 
 __all__ = ["diff_command", "parse_tolerance"]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tensorparity.cli._common import command, emit_json, stdout_console
-from tensorparity.report.inspect import inspect
+from tensorparity.checkpoint._inspect import inspect
 
 __all__ = ["inspect_command"]
 

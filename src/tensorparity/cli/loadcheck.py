@@ -11,7 +11,7 @@ import typer
 from tensorparity.cli._common import command, finish
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
-from tensorparity.loadcheck import load_check
+from tensorparity.checks._loadcheck import load_check
 
 __all__ = ["load_check_command"]
 

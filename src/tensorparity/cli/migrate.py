@@ -47,7 +47,7 @@ def migrate_command(
     result under a temporary name, re-opens it and checks every untouched tensor bitwise against
     the source, and only then renames it into place. A second run finds nothing to do.
     """
-    from tensorparity.migrate.migrate import migrate
+    from tensorparity.migrate._migrate import migrate
 
     if top < 0:
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")

@@ -58,7 +58,7 @@ def replay_command(
     """
     from tensorparity._factory import build_model
     from tensorparity.cli.capture import _load_checkpoint
-    from tensorparity.trace.replay import replay
+    from tensorparity.trace._replay import replay
 
     if top < 0:
         raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")

@@ -11,7 +11,7 @@ import typer
 
 from tensorparity._output import write_text
 from tensorparity.cli._common import AtolOption, RtolOption, check_output, command, finish
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.resume import resume_check
 

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tensorparity.errors import CorruptCheckpointError, UsageError
-from tensorparity.migrate._dataloader_report import DataLoaderStateSummary, WorkerSummary
-from tensorparity.migrate._legacy_loader import LegacyLoaderState, LegacyWorker
+from tensorparity.dataloader._report import DataLoaderStateSummary, WorkerSummary
+from tensorparity.dataloader._legacy import LegacyLoaderState, LegacyWorker
 
 __all__ = ["SAMPLERS", "build_state", "generator_state", "legacy_order", "resolve_sampler", "summarize_legacy",
            "summarize_state"]

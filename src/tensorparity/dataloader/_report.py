@@ -153,7 +153,7 @@ class DataLoaderStateSummary:
 
 @dataclass(frozen=True)
 class DataLoaderStateConversion:
-    """What :func:`~tensorparity.migrate.convert_dataloader_state` did.
+    """What :func:`~tensorparity.dataloader.convert_dataloader_state` did.
 
     Attributes:
         source: the legacy state, summarised.

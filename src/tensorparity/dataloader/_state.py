@@ -1,7 +1,7 @@
 """Convert a legacy data-loader state into torchdata's ``StatefulDataLoader`` state.
 
 Older training releases saved where the data loader stood as one global record plus one file per
-worker (the layout is described in :mod:`tensorparity.migrate._legacy_loader` and
+worker (the layout is described in :mod:`tensorparity.dataloader._legacy` and
 ``docs/dataloader-state.md``). :func:`convert_dataloader_state` turns that folder into the dict
 ``StatefulDataLoader.load_state_dict`` takes, written atomically with ``torch.save``, so that a
 resumed run yields exactly the batches the interrupted one would have yielded next; it restarts
@@ -18,15 +18,15 @@ from typing import Any
 
 from tensorparity._output import check_output, write_failure
 from tensorparity.errors import UsageError
-from tensorparity.migrate._dataloader_build import (
+from tensorparity.dataloader._build import (
     DatasetStateFn,
     build_state,
     resolve_sampler,
     summarize_legacy,
     summarize_state,
 )
-from tensorparity.migrate._dataloader_report import DataLoaderStateConversion, DataLoaderStateSummary
-from tensorparity.migrate._legacy_loader import (
+from tensorparity.dataloader._report import DataLoaderStateConversion, DataLoaderStateSummary
+from tensorparity.dataloader._legacy import (
     GLOBAL_NAME,
     LegacyLoaderState,
     load_plain,
@@ -111,7 +111,7 @@ def convert_dataloader_state(
         >>> conv.state["_num_yielded"], conv.sampler, conv.verification is not None
         (2, 'random', True)
     """
-    from tensorparity.migrate._dataloader_verify import torchdata_version, verify_state
+    from tensorparity.dataloader._verify import torchdata_version, verify_state
 
     state_in = legacy if isinstance(legacy, LegacyLoaderState) else read_legacy_loader_state(legacy)
     workers = state_in.num_workers if num_workers is None else num_workers

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from tensorparity.errors import InternalError
-from tensorparity.migrate._dataloader_build import legacy_order
-from tensorparity.migrate._legacy_loader import LegacyLoaderState
+from tensorparity.dataloader._build import legacy_order
+from tensorparity.dataloader._legacy import LegacyLoaderState
 
 __all__ = ["torchdata_version", "verify_state"]
 
@@ -151,8 +151,8 @@ def verify_state(legacy: LegacyLoaderState, state: dict[str, Any], *, num_worker
 
     Example:
         >>> from pathlib import Path
-        >>> from tensorparity.migrate._dataloader_build import build_state
-        >>> from tensorparity.migrate._legacy_loader import LegacyLoaderState, LegacyWorker
+        >>> from tensorparity.dataloader._build import build_state
+        >>> from tensorparity.dataloader._legacy import LegacyLoaderState, LegacyWorker
         >>> s = LegacyLoaderState(path=Path("."), version=1, global_step=1, epoch=0, step_in_epoch=1,
         ...     batch_size=2, drop_last=False, shuffle=True, shuffle_seed=3, num_workers=0,
         ...     dataset_kind="map", dataset_size=6, worker_seed=None,

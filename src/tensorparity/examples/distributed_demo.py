@@ -56,7 +56,7 @@ def main() -> None:
 
 def step(console: Any, out: Path) -> None:
     """The demo step: two 2-rank runs, compared every rank against the same rank."""
-    from tensorparity.trace.compare import compare_traces
+    from tensorparity.trace._compare import compare_traces
 
     console.rule("[bold]6. distributed: a DDP step on 2 ranks, with and without the gradient all-reduce")
     folder = out / "distributed"

@@ -247,7 +247,7 @@ def step(console: Console, out: Path) -> None:
     workers, and a real ``StatefulDataLoader`` resumes exactly where the old run stood; an
     iterable dataset's re-map is refused."""
     from tensorparity.errors import TensorParityError
-    from tensorparity.migrate.dataloader_state import convert_dataloader_state
+    from tensorparity.dataloader._state import convert_dataloader_state
 
     console.rule("[bold]data-loader state: legacy release -> torchdata StatefulDataLoader")
     try:

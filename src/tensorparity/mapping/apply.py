@@ -444,7 +444,7 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
         result.checkpoint.close()
         raise
     from tensorparity.migrate.atomic import atomic_output
-    from tensorparity.migrate.writers import write_checkpoint
+    from tensorparity.checkpoint.write import write_checkpoint
 
     metadata = {"tensorparity.mapping": result.mapping.name, "tensorparity.source": str(result.checkpoint.source)}
     try:

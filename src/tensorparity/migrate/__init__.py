@@ -1,24 +1,19 @@
-"""Migrate and convert checkpoints, and data-loader state, without ever losing the original.
+"""Migrate and convert checkpoints without ever losing the original.
 
 Everything written here goes through :func:`atomic_output` (a temporary name beside the
 destination, fsync, rename, fsync of the folder) and the streaming :func:`write_checkpoint`
 (one tensor in memory at a time). :func:`convert` rewrites a checkpoint in another format and
 verifies the result bitwise against the source; :func:`migrate` applies the versioned migrations
 of a :class:`Registry` (mappings and small functions over a :class:`Tree`) newer than the
-checkpoint's version, records them inside the output and verifies every untouched tensor;
-:func:`convert_dataloader_state` turns a legacy loader state into torchdata's
-``StatefulDataLoader`` state.
+checkpoint's version, records them inside the output and verifies every untouched tensor. (Data-loader state has its own package, :mod:`tensorparity.dataloader`.)
 """
 
 from __future__ import annotations
 
-from tensorparity.migrate._dataloader_report import DataLoaderStateConversion, DataLoaderStateSummary
-from tensorparity.migrate._legacy_loader import LegacyLoaderState, read_legacy_loader_state
 from tensorparity.migrate.atomic import atomic_output, clean_stale
-from tensorparity.migrate.convert import ConvertReport, convert
-from tensorparity.migrate.dataloader_state import convert_dataloader_state, inspect_dataloader_state
+from tensorparity.migrate._convert import ConvertReport, convert
 from tensorparity.migrate.functions import delete_keys, move_keys, recompute_last_epoch, set_values, tie_weights
-from tensorparity.migrate.migrate import migrate
+from tensorparity.migrate._migrate import migrate
 from tensorparity.migrate.plan import plan_migrations, read_history
 from tensorparity.migrate.registry import (
     ConflictError,
@@ -31,18 +26,15 @@ from tensorparity.migrate.registry import (
     migration,
 )
 from tensorparity.migrate.tree import Tree
-from tensorparity.migrate.writers import FORMATS, parse_size, write_checkpoint
-from tensorparity.report.migrate import Change, MigrateReport, MigrationPlan
+from tensorparity.checkpoint.write import FORMATS, parse_size, write_checkpoint
+from tensorparity.migrate._report import Change, MigrateReport, MigrationPlan
 
 __all__ = [
     "Change",
     "ConflictError",
     "ConvertReport",
-    "DataLoaderStateConversion",
-    "DataLoaderStateSummary",
     "DowngradeError",
     "FORMATS",
-    "LegacyLoaderState",
     "MigrateReport",
     "Migration",
     "MigrationError",
@@ -53,9 +45,7 @@ __all__ = [
     "atomic_output",
     "clean_stale",
     "convert",
-    "convert_dataloader_state",
     "delete_keys",
-    "inspect_dataloader_state",
     "load_migrations",
     "migrate",
     "migration",
@@ -63,7 +53,6 @@ __all__ = [
     "parse_size",
     "plan_migrations",
     "read_history",
-    "read_legacy_loader_state",
     "recompute_last_epoch",
     "set_values",
     "tie_weights",

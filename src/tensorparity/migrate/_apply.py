@@ -21,7 +21,7 @@ from tensorparity.errors import TensorParityError
 from tensorparity.migrate.registry import ConflictError, Migration, MigrationError, Version
 from tensorparity.migrate.tree import Tree
 from tensorparity.report._render import short_repr
-from tensorparity.report.migrate import Change, MigrationPlan, PlanStep
+from tensorparity.migrate._report import Change, MigrationPlan, PlanStep
 
 __all__ = ["Applied", "apply_plan"]
 

@@ -3,7 +3,7 @@
 :func:`convert` opens the source lazily, refuses before writing anything what the target format
 cannot hold, streams every tensor into a temporary name beside the destination
 (:func:`tensorparity.migrate.atomic_output`), re-opens what it wrote, compares every tensor and
-value with the source through :func:`tensorparity.diff` in exact mode, and only then renames it
+value with the source through :func:`tensorparity.checks._diff` in exact mode, and only then renames it
 into place. A crash, a full disk or a failed verification leaves the destination as it was.
 """
 
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity._output import refuse_inputs, write_failure
 from tensorparity.errors import InternalError, UsageError
 from tensorparity.migrate.atomic import atomic_output
-from tensorparity.migrate.writers import (
+from tensorparity.checkpoint.write import (
     FORMATS,
     NEMO_CONFIG_KEY,
     check_writable,
@@ -38,7 +38,7 @@ from tensorparity.report._render import human_bytes, plain_text, printable, rich
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
 
-    from tensorparity.report.diff import DiffReport
+    from tensorparity.checks._diff_report import DiffReport
 
 __all__ = ["SCHEMA", "ConvertReport", "convert", "verify_written"]
 
@@ -124,7 +124,7 @@ class ConvertReport:
         return Group(*parts)
 
     def render(self, console: Console | None = None) -> None:
-        from tensorparity.cli._common import stdout_console
+        from tensorparity.report._stream import stdout_console
 
         (console or stdout_console()).print(self.renderable())
 
@@ -183,7 +183,7 @@ def verify_written(source: Checkpoint, written: Path) -> DiffReport:
     """Re-open ``written`` and compare it with ``source``: every key, every tensor bitwise.
 
     Two ``.nemo`` are compared whole (weights, config values, artifact sizes); otherwise the
-    weights a writer writes (:func:`~tensorparity.migrate.writers.payload`) of both sides.
+    weights a writer writes (:func:`~tensorparity.checkpoint.write.payload`) of both sides.
 
     Example:
         >>> import tempfile, torch
@@ -192,7 +192,7 @@ def verify_written(source: Checkpoint, written: Path) -> DiffReport:
         >>> verify_written(tp_open({"w": torch.ones(1)}), Path(p)).verdict
         'identical'
     """
-    from tensorparity.diff import diff
+    from tensorparity.checks._diff import diff
 
     with open_checkpoint(written) as back:
         both_nemo = source.format == "nemo" and back.format == "nemo"
@@ -201,7 +201,7 @@ def verify_written(source: Checkpoint, written: Path) -> DiffReport:
 
 
 def _check_config(expected: str | None, written: Path) -> None:
-    from tensorparity.migrate._nemo_writer import read_config
+    from tensorparity.checkpoint._nemo_write import read_config
 
     if expected is not None and read_config(written) != expected.encode("utf-8"):
         raise InternalError(f"{written}: the model_config.yaml written is not the one given; nothing was written")
@@ -220,7 +220,7 @@ def convert(
     """Rewrite a checkpoint in another format, streaming one tensor at a time, atomically.
 
     The destination is written under a temporary name beside it, re-opened and compared with the
-    source bitwise (every tensor, every value; :func:`tensorparity.diff` in exact mode), and only
+    source bitwise (every tensor, every value; :func:`tensorparity.checks._diff` in exact mode), and only
     then renamed into place. The source is never overwritten.
 
     Args:

@@ -37,7 +37,7 @@ from tensorparity.migrate._apply import Applied, apply_plan
 from tensorparity.migrate.atomic import atomic_output
 from tensorparity.migrate.plan import METADATA_KEY, NEMO_RECORD_KEY, RECORD_KEY, RECORD_SCHEMA, plan_migrations
 from tensorparity.migrate.registry import Migration, MigrationError, Registry, load_migrations
-from tensorparity.report.migrate import Change, MigrateReport, MigrationPlan
+from tensorparity.migrate._report import Change, MigrateReport, MigrationPlan
 
 __all__ = ["default_output", "migrate"]
 
@@ -73,7 +73,7 @@ def _sha256(path: Path) -> str | None:
 
 
 def _record(plan: MigrationPlan, ckpt: Checkpoint, *, sha256: str | None) -> dict[str, Any]:
-    from tensorparity import __version__
+    from tensorparity._version import __version__
 
     return {"registry": plan.registry, "from": plan.version, "to": plan.target, "direction": plan.direction,
             "migrations": [{"name": s.name, "version": s.version, "direction": s.direction} for s in plan.steps],
@@ -85,7 +85,7 @@ def _record(plan: MigrationPlan, ckpt: Checkpoint, *, sha256: str | None) -> dic
 def _finish(ckpt: Checkpoint, applied: Applied, plan: MigrationPlan, registry: Registry, fmt: str,
             record: dict[str, Any]) -> tuple[Checkpoint, dict[str, str], list[Change]]:
     """The checkpoint to write: applied entries, the new version in its field, and the record."""
-    from tensorparity.migrate.writers import NEMO_CONFIG_KEY, source_metadata
+    from tensorparity.checkpoint.write import NEMO_CONFIG_KEY, source_metadata
 
     entries = dict(applied.entries)
     metadata = source_metadata(ckpt)
@@ -242,7 +242,7 @@ def migrate(
         verify: re-open the output and compare it bitwise with the plan before installing it.
 
     Returns:
-        A :class:`~tensorparity.report.migrate.MigrateReport` (verdict ``migrated``, ``dry run``
+        A :class:`~tensorparity.migrate._report.MigrateReport` (verdict ``migrated``, ``dry run``
         or ``up to date``).
 
     Raises:
@@ -264,8 +264,8 @@ def migrate(
         >>> migrate(path[:-3] + "_fixed.pt", reg).verdict
         'up to date'
     """
-    from tensorparity.migrate.convert import verify_written
-    from tensorparity.migrate.writers import (
+    from tensorparity.migrate._convert import verify_written
+    from tensorparity.checkpoint.write import (
         FORMATS,
         check_writable,
         family,

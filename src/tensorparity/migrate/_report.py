@@ -16,7 +16,7 @@ from tensorparity.report._render import jsonable, plain_text, plural, printable,
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
 
-    from tensorparity.report.diff import DiffReport
+    from tensorparity.checks._diff_report import DiffReport
 
 __all__ = ["PLAN_SCHEMA", "SCHEMA", "Change", "ChangeKind", "MigrateReport", "MigrationPlan", "PlanStep"]
 
@@ -160,7 +160,7 @@ class Change:
 
 @dataclass(frozen=True)
 class MigrateReport:
-    """What :func:`tensorparity.migrate.migrate` did (or, in a dry run, would do).
+    """What :func:`tensorparity.migrate._migrate` did (or, in a dry run, would do).
 
     Attributes:
         plan: the plan it followed.
@@ -285,7 +285,7 @@ class MigrateReport:
 
     def render(self, console: Console | None = None, *, top: int = 10) -> None:
         """Print the report to ``console`` (a stdout console by default)."""
-        from tensorparity.cli._common import stdout_console
+        from tensorparity.report._stream import stdout_console
 
         (console or stdout_console()).print(self.renderable(top=top))
 

@@ -1,27 +1,22 @@
-"""Pure tensor comparison: tolerances, metrics, result records, and the streaming engine.
+"""Tensor comparison: tolerances, metrics, result records, and the streaming engine.
 
-No I/O here: inputs are tensors or lazy entries with ``load()``; every feature (diff, trace
-compare, load checks, resume checks, migration round trips) compares through this package.
-
-The package is also callable: ``tensorparity.compare(a, b, mapping=..., tolerance=...)`` is
-:func:`tensorparity.trace.compare.compare_traces` (two traces, trace folders or live models,
-layer by layer), so that the verb reads as the issue tracker and the CLI spell it.
+No file I/O here: inputs are tensors or lazy entries with ``load()``; every feature (diff, trace
+compare, load checks, resume checks, migration round trips) compares through this package, and
+nowhere else holds a comparison loop. (``tensorparity.compare`` is the layer-by-layer comparison
+of two traces or models, :func:`tensorparity.trace.compare_traces`; this package is the tensor
+arithmetic under it.)
 
 Example:
-    >>> import torch, tensorparity
-    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
-    >>> tensorparity.compare(m, m, inputs=torch.ones(1, 2)).verdict
-    'identical'
+    >>> import torch
+    >>> from tensorparity.numerics import Tolerance, compare_tensors
+    >>> compare_tensors(torch.ones(3), torch.ones(3) + 1e-9, Tolerance(atol=1e-6)).status.value
+    'close'
 """
 
-import sys
-import types
-from typing import Any
-
-from tensorparity.compare.engine import Pair, compare_pairs
-from tensorparity.compare.metrics import compare_tensors, same_bytes
-from tensorparity.compare.records import Status, TensorComparison
-from tensorparity.compare.tolerance import ResolvedTolerance, Tolerance, default_tolerance
+from tensorparity.numerics.engine import Pair, compare_pairs
+from tensorparity.numerics.metrics import compare_tensors, same_bytes
+from tensorparity.numerics.records import Status, TensorComparison
+from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance, default_tolerance
 
 __all__ = [
     "Pair",
@@ -34,15 +29,3 @@ __all__ = [
     "default_tolerance",
     "same_bytes",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``tensorparity.compare(a, b, ...)`` -> ``compare_traces(a, b, ...)``; the package stays a package."""
-
-    def __call__(self, a: Any, b: Any, /, **options: Any) -> Any:
-        from tensorparity.trace.compare import compare_traces  # the trace package builds on this one
-
-        return compare_traces(a, b, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule

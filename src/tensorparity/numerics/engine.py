@@ -21,9 +21,9 @@ import torch
 
 from tensorparity.checkpoint._mapped import spans_equal
 from tensorparity.checkpoint.tree import TensorEntry
-from tensorparity.compare.metrics import compare_tensors
-from tensorparity.compare.records import TensorComparison
-from tensorparity.compare.tolerance import Tolerance
+from tensorparity.numerics.metrics import compare_tensors
+from tensorparity.numerics.records import TensorComparison
+from tensorparity.numerics.tolerance import Tolerance
 
 __all__ = ["Loadable", "Pair", "compare_pairs"]
 

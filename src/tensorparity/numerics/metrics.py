@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tensorparity.compare.records import TensorComparison
-from tensorparity.compare.tolerance import ResolvedTolerance, Tolerance
+from tensorparity.numerics.records import TensorComparison
+from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance
 
 try:  # the optional C kernel (setup.py builds it where a compiler is found)
-    from tensorparity.compare import _kernel
+    from tensorparity.numerics import _kernel
 except ImportError:  # pragma: no cover - exercised only where no compiler was found
     _kernel = None
 

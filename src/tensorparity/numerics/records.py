@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from tensorparity.compare.tolerance import ResolvedTolerance
+from tensorparity.numerics.tolerance import ResolvedTolerance
 
 __all__ = ["Status", "TensorComparison"]
 
@@ -67,7 +67,7 @@ class TensorComparison:
         """One line for humans.
 
         Example:
-            >>> from tensorparity.compare import compare_tensors
+            >>> from tensorparity.numerics import compare_tensors
             >>> import torch
             >>> compare_tensors("w", torch.ones(3), torch.ones(3)).summary()
             'w: identical'

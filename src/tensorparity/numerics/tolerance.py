@@ -81,7 +81,7 @@ class Tolerance:
     the tensor's own scale (``ulps · eps · max|b|``): summation-order noise is relative to the
     largest magnitude a sum builds, not to each element (an element near zero in a large
     gradient carries the noise of the large ones). Layer parity sets it by default (see
-    :func:`tensorparity.trace.compare.float_tolerance`); ``None`` or 0 leaves atol as it is.
+    :func:`tensorparity.trace._compare.float_tolerance`); ``None`` or 0 leaves atol as it is.
 
     Example:
         >>> tol = Tolerance(atol=1e-4, overrides=((r"\\.norm", Tolerance(atol=1e-2)),))

@@ -66,7 +66,7 @@ def key_tree(keys: Sequence[KeyLike], *, fold: bool, more_hint: str = "--all sho
     keys by :func:`natural_order` first (else they keep their order).
 
     Example:
-        >>> from tensorparity.report.inspect import inspect
+        >>> from tensorparity.checkpoint._inspect import inspect
         >>> import torch
         >>> state = {f"layers.{i}.w": torch.zeros(2) for i in range(4)}
         >>> [n.name for n in key_tree(inspect(state).keys, fold=True)[0].children]

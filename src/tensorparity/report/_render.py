@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
 
-    from tensorparity.compare import TensorComparison
+    from tensorparity.numerics import TensorComparison
     from tensorparity.report._fit import FitTable
 
 __all__ = ["comparison_lines", "distinct", "dtype_cell", "fold_count", "header_rows", "html_comparisons", "html_style",
@@ -316,7 +316,7 @@ def comparison_lines(t: TensorComparison, origin: Sequence[str] = ()) -> list[st
 
     Example:
         >>> import torch
-        >>> from tensorparity.compare import compare_tensors
+        >>> from tensorparity.numerics import compare_tensors
         >>> comparison_lines(compare_tensors("w", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])))[-1]
         'first at [1]: A 2 vs B 2.5 · passes with atol ≥ 0.5 (at rtol=1.3e-06) or rtol ≥ 0.2 (at atol=1e-05)'
     """

@@ -13,7 +13,7 @@ Example:
     'pass'
 """
 
-from tensorparity.report.resume import (
+from tensorparity.resume._report import (
     Confirmation,
     Divergence,
     Finding,

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import tensorparity
 from tensorparity.errors import InternalError
 from tensorparity.resume.errors import RecipeError
 
@@ -44,7 +43,7 @@ _MODULE = "tensorparity.resume._child"
 def child_env() -> dict[str, str]:
     """The parent's environment without anything tensorparity-specific."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TENSORPARITY")}
-    package_root = str(Path(tensorparity.__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([package_root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     return env
 

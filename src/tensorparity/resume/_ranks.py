@@ -24,9 +24,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.report._render import plural
-from tensorparity.report.resume import Finding, Segment
+from tensorparity.resume._report import Finding, Segment
 from tensorparity.resume.audit import audit, divergence, state_diff
 from tensorparity.resume.fingerprint import StepRecord, compare_records
 

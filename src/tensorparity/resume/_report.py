@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.report._render import jsonable, plain_text, plural, record_dict
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ class ResumeReport:
         wall_s: seconds the whole check took.
 
     Example:
-        >>> from tensorparity.compare import Tolerance
+        >>> from tensorparity.numerics import Tolerance
         >>> r = ResumeReport(recipe="r.py:R", steps=4, legs=(), tolerance=Tolerance(exact=True))
         >>> r.verdict, r.exit_code
         ('pass', 0)
@@ -296,7 +296,7 @@ class ResumeReport:
         """One line: the verdict and its reason.
 
         Example:
-            >>> from tensorparity.compare import Tolerance
+            >>> from tensorparity.numerics import Tolerance
             >>> ResumeReport(recipe="r", steps=8, legs=(), tolerance=Tolerance(exact=True)).summary()
             'pass: 0 resume points over 8 steps, bitwise'
         """
@@ -325,7 +325,7 @@ class ResumeReport:
 
     def renderable(self, *, top: int = 20) -> RenderableType:
         """A rich renderable: header, verdict, then each leg's step table, audit and confirmations."""
-        from tensorparity.report._resume_render import rich_report
+        from tensorparity.resume._report_render import rich_report
 
         return rich_report(self, top)
 
@@ -340,7 +340,7 @@ class ResumeReport:
 
     def to_html(self, *, top: int = 50) -> str:
         """A self-contained HTML fragment (what a notebook shows)."""
-        from tensorparity.report._resume_render import html_report
+        from tensorparity.resume._report_render import html_report
 
         return html_report(self, top)
 

@@ -4,7 +4,7 @@ A :class:`StepRecord` is what one step leaves behind: where its batch came from 
 the epoch) and a hash of its bytes, the loss, the gradient norm and learning rate of the
 optimizer step, and a hash of every tensor of the model's state after the step. Two runs agree
 at a step when the batch hashes are equal, the losses and gradient norms pass the tolerance, and
-(bitwise) every tensor hash is equal. Floats go through :func:`tensorparity.compare.compare_tensors`
+(bitwise) every tensor hash is equal. Floats go through :func:`tensorparity.numerics.compare_tensors`
 like every other comparison in tensorparity.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorparity.compare import Tolerance, compare_tensors
-from tensorparity.report.resume import StepRow
+from tensorparity.numerics import Tolerance, compare_tensors
+from tensorparity.resume._report import StepRow
 
 __all__ = ["StepRecord", "compare_records", "hash_batch", "hash_tensor", "state_hashes"]
 

@@ -31,10 +31,10 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.report._render import plural
-from tensorparity.report.resume import ResumeLeg, ResumeReport, Segment
+from tensorparity.resume._report import ResumeLeg, ResumeReport, Segment
 from tensorparity.resume._pool import Handle, Launcher, SpawnLauncher, fork_available, launcher
 from tensorparity.resume._ranks import combine
 from tensorparity.resume._ranks import judge as judge_ranks
@@ -273,7 +273,7 @@ def resume_check(
         tolerance: ``"bitwise"`` (the default, except across world sizes), ``"dtype"``
             (``torch.testing`` tolerances per dtype; the default when ``resume_nproc`` differs from
             ``nproc``: gradients are reduced in another order) or a
-            :class:`~tensorparity.compare.Tolerance`. Batches always compare bitwise.
+            :class:`~tensorparity.Tolerance`. Batches always compare bitwise.
         seed: python, numpy and torch are seeded with it before every ``build()``.
         confirm: re-run a failing leg with each suspected component taken from the uninterrupted
             run, to confirm the diagnosis.

@@ -1,16 +1,22 @@
 """Layer parity: capture every layer's forward and backward tensors, store them as a trace,
-and compare two runs layer by layer (issue #4, in progress)."""
+and compare two runs layer by layer.
 
-from tensorparity.report.trace import LayerComparison, TraceReport
+:func:`compare` (also exported as ``tensorparity.compare``) is :func:`compare_traces`: two traces,
+trace folders or live models, layer by layer, down to the first layer that diverges.
+"""
+
+from tensorparity.trace._report import LayerComparison, TraceReport
 from tensorparity.trace.align import RecordSource, align_layers, module_renames
-from tensorparity.trace.capture import capture
-from tensorparity.trace.compare import compare_traces
-from tensorparity.trace.format import TraceError
+from tensorparity.trace._capture import capture
+from tensorparity.trace._compare import compare_traces
+from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.trace.noise import noise_floor, noise_tolerance, recorded_noise_floor
-from tensorparity.trace.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
-from tensorparity.trace.replay import ReplayedLayer, ReplayReport, SkippedLayer, replay
+from tensorparity.checkpoint.tracefolder.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
+from tensorparity.trace._replay import ReplayedLayer, ReplayReport, SkippedLayer, replay
 from tensorparity.trace.seed import InputSpec, input_hash, reproducible, seed_everything
-from tensorparity.trace.trace import Trace
+from tensorparity.checkpoint.tracefolder.reader import Trace
+
+compare = compare_traces  # the verb as the CLI spells it: tensorparity compare A B
 
 __all__ = [
     "InputSpec",
@@ -27,6 +33,7 @@ __all__ = [
     "TraceReport",
     "align_layers",
     "capture",
+    "compare",
     "compare_traces",
     "input_hash",
     "module_renames",

@@ -54,10 +54,10 @@ from typing import Any
 from torch import nn
 
 from tensorparity.errors import UsageError
-from tensorparity.trace._dtensor import DTENSOR_MODES
+from tensorparity.checkpoint.tracefolder._dtensor import DTENSOR_MODES
 from tensorparity.trace._recorder import Recorder, type_name
-from tensorparity.trace.format import MODES, TraceError, TraceWriter, build_manifest, write_manifest
-from tensorparity.trace.trace import ShardSet, Trace, prepare_folder
+from tensorparity.checkpoint.tracefolder.format import MODES, TraceError, TraceWriter, build_manifest, write_manifest
+from tensorparity.checkpoint.tracefolder.reader import ShardSet, Trace, prepare_folder
 
 __all__ = ["capture"]
 

@@ -1,5 +1,5 @@
 """Compare two traces layer by layer: align them (:mod:`.align`), compare every aligned layer's
-forward outputs, recorded inputs and gradients through the :mod:`tensorparity.compare` engine (by
+forward outputs, recorded inputs and gradients through the :mod:`tensorparity.numerics` engine (by
 their statistics where a side stored no tensor, :mod:`._measure`), name the first diverging layer,
 and say for every mismatched layer whether it introduced its error or inherited it (:mod:`._origin`).
 
@@ -21,11 +21,11 @@ from torch import nn
 
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.tree import LazyTensor
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
-from tensorparity.report.ranked import RankedTraceReport
-from tensorparity.report.trace import LayerComparison, TraceReport, TraceSide, UnalignedLayer
+from tensorparity.trace._ranked_report import RankedTraceReport
+from tensorparity.trace._report import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
 from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records,
@@ -45,7 +45,7 @@ from tensorparity.trace.align import (
     align_layers,
     group_layers,
 )
-from tensorparity.trace.records import TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 
 __all__ = ["compare_stats", "compare_traces", "relative_error"]
 
@@ -105,12 +105,12 @@ def compare_traces(
             model) with every rank of the other, multi-process one.
 
     Returns:
-        A :class:`~tensorparity.report.trace.TraceReport`; for traces compared on several ranks a
-        :class:`~tensorparity.report.ranked.RankedTraceReport` (one report per rank, one verdict).
+        A :class:`~tensorparity.trace._report.TraceReport`; for traces compared on several ranks a
+        :class:`~tensorparity.trace._ranked_report.RankedTraceReport` (one report per rank, one verdict).
 
     Example:
         >>> import torch
-        >>> from tensorparity.trace.records import TraceRecord, tensor_stats
+        >>> from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
         >>> class Run:  # any RecordSource: records, provenance, load(record)
         ...     def __init__(self, out):
         ...         self.tensors = {"fc/0/output": out}
@@ -127,7 +127,7 @@ def compare_traces(
         ('differs', 'fc', 'introduced')
     """
     if tolerance is not None and not isinstance(tolerance, Tolerance):
-        raise UsageError(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}",
+        raise UsageError(f"tolerance must be a tensorparity.Tolerance, not {type(tolerance).__name__}",
                          fix="pass tolerance=Tolerance(atol=..., rtol=...)")
     if not (isinstance(margin, (int, float)) and margin >= 1):
         raise UsageError(f"margin={margin!r} must be a number >= 1", fix="pass e.g. margin=10 (--margin 10)")
@@ -262,7 +262,7 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
 
 def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, TraceSide]:
     if isinstance(source, (str, os.PathLike)):
-        from tensorparity.trace.trace import Trace  # here: the reader imports the capture's format
+        from tensorparity.checkpoint.tracefolder.reader import Trace  # here: the reader imports the capture's format
 
         src: Any = Trace.open(source, rank=rank)
         label = str(src.path or source) if rank is not None else str(source)  # a rank: its rank-<r> folder
@@ -272,7 +272,7 @@ def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, Trace
     else:
         raise UsageError(f"trace {name} must be a Trace, a trace folder's path, or an object with records, "
                          f"provenance and load(record); got {type(source).__name__}",
-                         fix="capture one with tensorparity.trace.capture, or pass a trace folder")
+                         fix="capture one with tensorparity.trace._capture, or pass a trace folder")
     records = list(src.records)
     prov = dict(src.provenance or {})
     mode = getattr(src, "mode", None) or prov.get("mode") or _mode(records)

@@ -27,7 +27,7 @@ from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import TensorParityError
 from tensorparity.mapping import Mapping, Suggestion, suggest_mapping
-from tensorparity.trace.records import TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 
 __all__ = ["Found", "extend_by_names", "find_mapping", "stored_parameters"]
 

@@ -1,5 +1,5 @@
 """The comparisons two aligned traces make: one job per pair of records, run through the
-:mod:`tensorparity.compare` engine (by value) or :func:`~._measure.compare_stats` (by statistics).
+:mod:`tensorparity.numerics` engine (by value) or :func:`~._measure.compare_stats` (by statistics).
 
 **Layouts.** A pair of layers whose mapping rule transforms their weights (see :mod:`._layout`)
 compares A's activations transformed into B's layout: outputs and gradients w.r.t. outputs
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from tensorparity.checkpoint.tree import LazyTensor, TensorEntry
-from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
 from tensorparity.trace._layout import Gathered, Layout, combine_stats
 from tensorparity.trace._measure import compare_stats, relative_error, stats_error
 from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
-from tensorparity.trace.records import TraceRecord, tensor_stats
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
 
 __all__ = ["Given", "Job", "overridden", "RecordTensor", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs"]
 

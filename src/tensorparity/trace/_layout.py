@@ -52,7 +52,7 @@ from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.mapping import Chain, Mapping, MappingError, apply_mapping
 from tensorparity.mapping.transforms import Cast, TransformSpecError
-from tensorparity.trace.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 
 __all__ = ["Gathered", "Layout", "combine_stats", "derive_layouts", "feature_axis", "gather", "param_shapes"]
 
@@ -384,7 +384,7 @@ def combine_stats(parts: Sequence[TensorStats | None]) -> TensorStats | None:
     std, norm and the NaN/Inf counts; no content hash. ``None`` when a part has none.
 
     Example:
-        >>> from tensorparity.trace.records import tensor_stats
+        >>> from tensorparity.checkpoint.tracefolder.records import tensor_stats
         >>> s = combine_stats([tensor_stats(torch.tensor([1.0, 2.0])), tensor_stats(torch.tensor([3.0]))])
         >>> s.mean, s.max, s.hash
         (2.0, 3.0, '')

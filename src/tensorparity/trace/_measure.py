@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import torch
 
-from tensorparity.compare import TensorComparison, Tolerance, compare_tensors
+from tensorparity.numerics import TensorComparison, Tolerance, compare_tensors
 from tensorparity.errors import TensorParityError
-from tensorparity.trace.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 
 __all__ = ["compare_stats", "relative_error", "stats_error"]
 
@@ -31,7 +31,7 @@ def relative_error(t: TensorComparison, stats_b: TensorStats | None) -> float:
     """``max|a - b| / max|b|`` of a comparison (``inf`` for shape or NaN/Inf-place differences).
 
     Example:
-        >>> from tensorparity.trace.records import tensor_stats
+        >>> from tensorparity.checkpoint.tracefolder.records import tensor_stats
         >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])
         >>> relative_error(compare_tensors("x", a, b), tensor_stats(b))
         0.5
@@ -78,7 +78,7 @@ def compare_stats(key: str, ra: TraceRecord, rb: TraceRecord, tolerance: Toleran
     equal statistics give ``close``, never ``identical``.
 
     Example:
-        >>> from tensorparity.trace.records import TraceRecord, tensor_stats
+        >>> from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
         >>> x = torch.arange(4.0)
         >>> def rec(t):
         ...     return TraceRecord(0, "fc", 0, "Linear", "output", "", (4,), "float32", "cpu", tensor_stats(t), False)

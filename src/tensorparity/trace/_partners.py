@@ -26,7 +26,7 @@ from tensorparity.mapping import Mapping
 from tensorparity.trace._layout import Layout, derive_layouts, param_shapes
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace.align import align_layers, group_layers
-from tensorparity.trace.trace import Trace, rebuild_call
+from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
 
 __all__ = ["call_adapted", "model_layouts", "model_mapping", "partners", "probe"]
 
@@ -35,7 +35,7 @@ def probe(trace: Trace, model: nn.Module, device: torch.device) -> Trace | None:
     """The model run once on the reference's own model input, recorded as statistics only (what
     pairs its modules with the reference's); ``None`` when the reference holds no model input to
     probe with, or the probe raises (replay then pairs by names alone)."""
-    from tensorparity.trace.capture import capture
+    from tensorparity.trace._capture import capture
 
     rows = [r for r in trace.records if r.kind == "model_input" and r.call == 0]
     if not rows or any(r.is_tensor and not r.stored for r in rows):

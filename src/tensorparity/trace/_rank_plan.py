@@ -26,9 +26,9 @@ from typing import Any
 from torch import nn
 
 from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.report.ranked import RankComparison, RankedTraceReport
-from tensorparity.report.trace import TraceReport
-from tensorparity.trace.format import MANIFEST, TraceError, rank_folders
+from tensorparity.trace._ranked_report import RankComparison, RankedTraceReport
+from tensorparity.trace._report import TraceReport
+from tensorparity.checkpoint.tracefolder.format import MANIFEST, TraceError, rank_folders
 
 __all__ = ["RankPlan", "compare_ranks", "plan_ranks", "split_rank"]
 
@@ -121,7 +121,7 @@ def _ranks_of(source: Any) -> dict[int, Path]:
     folders = rank_folders(folder)
     if len(folders) < 2:
         return folders
-    from tensorparity.trace.trace import Trace  # here: the reader imports the capture's format
+    from tensorparity.checkpoint.tracefolder.reader import Trace  # here: the reader imports the capture's format
 
     try:  # ranks Trace.open assembles into one trace (DTensor shards) are one trace here too
         Trace.open(folder).close()
@@ -172,7 +172,7 @@ def plan_ranks(a: Any, b: Any, *, rank: int | None, rank_a: int | None, rank_b: 
 
 def _open_ranks(plan: RankPlan, a: Any, b: Any, folders_a: dict[int, Path], folders_b: dict[int, Path],
                 ra: int | None, rb: int | None) -> None:
-    from tensorparity.trace.trace import Trace
+    from tensorparity.checkpoint.tracefolder.reader import Trace
 
     problems: list[TensorParityError] = []
     sides: dict[str, dict[int, Any]] = {}
@@ -214,7 +214,7 @@ def _single(source: Any, rank: int | None, plan: RankPlan) -> Any:
     """The one-trace side of ``each_rank``, opened once (a path) or as given (a trace, a model)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    from tensorparity.trace.trace import Trace
+    from tensorparity.checkpoint.tracefolder.reader import Trace
 
     trace = Trace.open(source, rank=rank)
     plan.opened.append(trace)

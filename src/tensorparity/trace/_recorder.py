@@ -1,5 +1,5 @@
 """The hooks of one capture and what they have recorded so far (private: see
-:mod:`tensorparity.trace.capture` for what is recorded, the call-site rule and the parameters)."""
+:mod:`tensorparity.trace._capture` for what is recorded, the call-site rule and the parameters)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from torch import nn
 
 from tensorparity.checkpoint._wrappers import WrapperNames, wrapper_attr
 from tensorparity.mapping._param_signature import param_signature
-from tensorparity.trace._dtensor import as_recorded, is_dtensor, sharded
-from tensorparity.trace.format import STORABLE, TraceWriter
-from tensorparity.trace.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
+from tensorparity.checkpoint.tracefolder._dtensor import as_recorded, is_dtensor, sharded
+from tensorparity.checkpoint.tracefolder.format import STORABLE, TraceWriter
+from tensorparity.checkpoint.tracefolder.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
                                        tensor_stats)
 from tensorparity.trace.seed import environment, input_hash
 
 if TYPE_CHECKING:
-    from tensorparity.trace.capture import Options
+    from tensorparity.trace._capture import Options
 
 __all__ = ["Recorder", "type_name"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tensorparity.compare import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
 from tensorparity.trace._jobs import Given, Job
 from tensorparity.trace._layout import Gathered, feature_axis
 from tensorparity.trace._measure import compare_stats, relative_error

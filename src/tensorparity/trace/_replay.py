@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity.compare import Pair, Tolerance, compare_pairs
+from tensorparity.numerics import Pair, Tolerance, compare_pairs
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
 from tensorparity.trace._jobs import Given, RecordTensor, float_tolerance, is_default, overridden, summands
@@ -34,10 +34,10 @@ from tensorparity.trace._replay_layout import as_recorded, differing_parts, reor
 from tensorparity.trace._replay_layout import reordered as values_reordered
 from tensorparity.trace._partners import call_adapted, model_layouts, model_mapping, partners, probe
 from tensorparity.trace.align import TraceLayer, group_layers, module_renames
-from tensorparity.trace.format import TraceError
+from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_double
-from tensorparity.trace.records import TraceRecord, flatten_value
-from tensorparity.trace.trace import Trace, rebuild_call
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, flatten_value
+from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
 
 __all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer", "replay"]
 
@@ -116,7 +116,7 @@ def replay(
         raise UsageError(f"replay needs the model as an nn.Module, not {type(model).__name__}",
                          fix="pass the model itself (or build it with --model pkg:factory)")
     if tolerance is not None and not isinstance(tolerance, Tolerance):
-        raise UsageError(f"tolerance must be a tensorparity.compare.Tolerance, not {type(tolerance).__name__}",
+        raise UsageError(f"tolerance must be a tensorparity.Tolerance, not {type(tolerance).__name__}",
                          fix="pass tolerance=Tolerance(atol=...) or noise_floor(reference_model, inputs)")
     trace = _open(reference)
     if not any(r.kind == "input" for r in trace.records):

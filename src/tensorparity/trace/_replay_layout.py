@@ -1,6 +1,6 @@
 """Replay's comparisons in another layout: a returned output in the recorded shape, outputs that
 hold the reference's values reordered (a layout, not an own error), and which modules of a group
-hold the features that differ (see :mod:`tensorparity.trace.replay`)."""
+hold the features that differ (see :mod:`tensorparity.trace._replay`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from tensorparity.compare import Pair, TensorComparison, Tolerance
+from tensorparity.numerics import Pair, TensorComparison, Tolerance
 from tensorparity.trace._jobs import same_but_unit_dims
 from tensorparity.trace._reordered import sorted_comparison
 from tensorparity.trace._layout import Layout
-from tensorparity.trace.records import TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 
 __all__ = ["as_recorded", "differing_parts", "reorder_first", "reordered"]
 

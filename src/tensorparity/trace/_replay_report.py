@@ -1,4 +1,4 @@
-"""The record :func:`tensorparity.trace.replay.replay` returns: every replayed layer, the skipped
+"""The record :func:`tensorparity.trace._replay.replay` returns: every replayed layer, the skipped
 ones, the culprits, and its renderings (rich, JSON schema ``tensorparity.trace-replay/1``)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tensorparity.compare import TensorComparison, Tolerance
+from tensorparity.numerics import TensorComparison, Tolerance
 from tensorparity.mapping import Mapping
 from tensorparity.report._render import jsonable, plain_text, printable, rich_titled_table, wrapped
 

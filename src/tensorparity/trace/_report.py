@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity.compare import TensorComparison, Tolerance
+from tensorparity.numerics import TensorComparison, Tolerance
 from tensorparity.report._render import (
     jsonable,
     plain_text,
@@ -83,7 +83,7 @@ class LayerComparison:
         basis: ``tensors`` or ``stats`` (statistics only: a side stored no tensors), or ``mixed``;
             ``by_stats``: the keys of the comparisons made by statistics.
         error, input_error: relative error (max abs error over the tensor's largest magnitude)
-            of its outputs, and of what it received (see :mod:`tensorparity.trace.compare`).
+            of its outputs, and of what it received (see :mod:`tensorparity.trace._compare`).
         backward_error, backward_input_error: the same for its gradients (w.r.t. input and
             parameters; w.r.t. output).
         origin: for a mismatched layer, ``introduced`` or ``inherited``; ``inherited_from`` names
@@ -386,8 +386,8 @@ class TraceReport:
 
     # People
     def to_html(self) -> str:
-        """The report as one self-contained HTML page (see :mod:`tensorparity.report.trace_html`)."""
-        from tensorparity.report.trace_html import render_trace_html
+        """The report as one self-contained HTML page (see :mod:`tensorparity.trace._report_html`)."""
+        from tensorparity.trace._report_html import render_trace_html
 
         return render_trace_html(self)
 
@@ -399,7 +399,7 @@ class TraceReport:
         folded to ``top`` rows."""
         from rich.console import Group
 
-        from tensorparity.report._trace_rich import rich_parts
+        from tensorparity.trace._report_rich import rich_parts
 
         head, classic, body = rich_parts(self, top=top)
         return Group(*head, classic, *body)
@@ -408,7 +408,7 @@ class TraceReport:
         """Print the report to ``console`` (a stdout console by default)."""
         from rich.console import Console, Group
 
-        from tensorparity.report._trace_rich import rich_parts
+        from tensorparity.trace._report_rich import rich_parts
 
         console = console or Console()
         head, classic, body = rich_parts(self, top=top)

@@ -88,7 +88,7 @@ def sequence_align(a: Sequence[TraceLayer], b: Sequence[TraceLayer]) -> list[tup
 
     Example:
         >>> from tensorparity.trace.align import TraceLayer
-        >>> from tensorparity.trace.records import TraceRecord
+        >>> from tensorparity.checkpoint.tracefolder.records import TraceRecord
         >>> def layer(i, m, shape):
         ...     r = TraceRecord(i, m, 0, "Linear", "output", "", shape, "float32", "cpu", None, False)
         ...     return TraceLayer(m, 0, "Linear", (r,), i)
@@ -149,7 +149,7 @@ def align_within_parents(pairs: Sequence[tuple[TraceLayer, TraceLayer]], left_a:
 
     Example:
         >>> from tensorparity.trace.align import group_layers
-        >>> from tensorparity.trace.records import TraceRecord
+        >>> from tensorparity.checkpoint.tracefolder.records import TraceRecord
         >>> def rec(i, m, t):
         ...     return TraceRecord(i, m, 0, t, "output", "", (2, 4), "float32", "cpu", None, False)
         >>> a = group_layers([rec(0, "mlp.fc", "Linear"), rec(1, "mlp.act_fn", "SiLU"), rec(2, "mlp", "MLP")])

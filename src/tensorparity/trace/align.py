@@ -34,7 +34,7 @@ from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping
 from tensorparity.mapping.templates import Template
 from tensorparity.trace._sequence import align_within_parents, sequence_align
-from tensorparity.trace.records import TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 
 __all__ = ["Alignment", "LayerMatch", "Method", "ModuleRenames", "RecordSource", "TraceLayer", "Unaligned",
            "align_layers", "group_layers", "module_renames"]
@@ -116,7 +116,7 @@ def group_layers(records: Sequence[TraceRecord]) -> list[TraceLayer]:
     """Group records by ``(module, call)``, in forward execution order.
 
     Example:
-        >>> from tensorparity.trace.records import TraceRecord
+        >>> from tensorparity.checkpoint.tracefolder.records import TraceRecord
         >>> recs = [TraceRecord(i, m, 0, "torch.nn.Linear", "output", "", (2,), "float32", "cpu", None, False)
         ...         for i, m in enumerate(["b", "a"])]
         >>> [layer.name for layer in group_layers(recs)]
@@ -335,7 +335,7 @@ def align_layers(a: Sequence[TraceRecord], b: Sequence[TraceRecord], *, mapping:
     """Pair the layers of two traces' records (see the module docstring for the methods).
 
     Example:
-        >>> from tensorparity.trace.records import TraceRecord
+        >>> from tensorparity.checkpoint.tracefolder.records import TraceRecord
         >>> def rec(i, m, t):
         ...     return TraceRecord(i, m, 0, t, "output", "", (2, 4), "float32", "cpu", None, False)
         >>> a = [rec(0, "enc.norm", "LayerNorm"), rec(1, "enc.fc", "Linear")]

@@ -18,8 +18,8 @@ from torch import nn
 
 from tensorparity.errors import UsageError
 from tensorparity.trace.align import RecordSource
-from tensorparity.trace.records import flatten_value
-from tensorparity.trace.trace import Trace, rebuild_call
+from tensorparity.checkpoint.tracefolder.records import flatten_value
+from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
 
 __all__ = ["run_like"]
 
@@ -55,7 +55,7 @@ def run_like(model: nn.Module, reference: RecordSource | None, *, inputs: Any = 
 
     Example:
         >>> import torch
-        >>> from tensorparity.trace.capture import capture
+        >>> from tensorparity.trace._capture import capture
         >>> ref = torch.nn.Linear(3, 2)
         >>> with capture(ref) as trace:
         ...     ref(torch.ones(1, 3)).pow(2).sum().backward()
@@ -68,7 +68,7 @@ def run_like(model: nn.Module, reference: RecordSource | None, *, inputs: Any = 
     if not isinstance(model, nn.Module):
         raise UsageError(f"a live side must be an nn.Module, not {type(model).__name__}",
                          fix="pass the model, a trace, or a trace folder's path")
-    from tensorparity.trace.capture import capture
+    from tensorparity.trace._capture import capture
 
     records = list(reference.records) if reference is not None else []
     device = _device(model)

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity.compare import Tolerance
+from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
-from tensorparity.trace.records import TraceRecord
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 
 __all__ = ["FACTOR", "ULPS", "double_copy", "noise_atol", "noise_atols", "noise_floor", "noise_tolerance",
            "recorded_noise_floor", "to_double"]
@@ -153,7 +153,7 @@ def noise_tolerance(atols: dict[str, float], *, base: Tolerance | None = None) -
 
 def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int,
          loss: Callable[[Any], torch.Tensor] | None) -> Any:
-    from tensorparity.trace.capture import capture
+    from tensorparity.trace._capture import capture
     from tensorparity.trace.seed import seed_everything
 
     state = seed_everything(seed, deterministic=False)
@@ -193,7 +193,7 @@ def noise_floor(
     ``atol = max(factor · max|x32 - x64|, ulps · eps32 · max|x64|)`` and rtol 0 (see the module
     docstring for why ``factor`` = 3). Use it with the reference as side A:
     ``compare_traces(ref_trace, other_trace, tolerance=noise_floor(ref, x))`` or with
-    :func:`~tensorparity.trace.replay.replay`; every comparison's ``tolerance.source`` names the
+    :func:`~tensorparity.trace._replay.replay`; every comparison's ``tolerance.source`` names the
     override that judged it, so reports state each layer's tolerance.
 
     Args:
@@ -270,8 +270,8 @@ def recorded_noise_floor_of(path: Any, rank: int | None = None, *, base: Toleran
     """:func:`recorded_noise_floor` of the trace at ``path``; for a multi-rank trace without a
     ``rank``, every rank's floor, each key judged by the loosest rank's (the ranks of one run are
     compared with one tolerance; a rank's floor is its own float32 noise on its own data)."""
-    from tensorparity.trace.format import rank_folders
-    from tensorparity.trace.trace import Trace
+    from tensorparity.checkpoint.tracefolder.format import rank_folders
+    from tensorparity.checkpoint.tracefolder.reader import Trace
 
     folders = rank_folders(Path(path)) if rank is None and Path(path).is_dir() else {}
     if not folders:

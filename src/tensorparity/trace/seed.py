@@ -135,7 +135,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
 
     import safetensors
 
-    from tensorparity import __version__
+    from tensorparity._version import __version__
 
     env: dict[str, Any] = {
         "tensorparity": __version__, "torch": torch.__version__, "python": platform.python_version(),

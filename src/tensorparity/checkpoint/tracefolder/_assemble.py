@@ -20,9 +20,9 @@ import torch
 
 from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.tree import LazyTensor
-from tensorparity.trace._dtensor import assemble_tensor, sharded
-from tensorparity.trace.format import TraceError
-from tensorparity.trace.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tracefolder._dtensor import assemble_tensor, sharded
+from tensorparity.checkpoint.tracefolder.format import TraceError
+from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 
 __all__ = ["RankShards", "assemble_ranks", "is_sharded_trace"]
 

@@ -19,7 +19,7 @@ import torch
 
 from tensorparity.checkpoint import Checkpoint, TensorEntry
 from tensorparity.errors import UsageError
-from tensorparity.migrate._torch_writer import load_checked
+from tensorparity.checkpoint._torch_zip_write import load_checked
 
 __all__ = ["INDEX_NAME", "layout", "write_file", "write_sharded"]
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 try:  # the optional C accelerator (setup.py); without it the torch route computes the same
-    from tensorparity.trace import _fused
+    from tensorparity.checkpoint.tracefolder import _fused
 except ImportError:  # built without a C compiler
     _fused = None
 

@@ -25,8 +25,8 @@ import torch
 
 from tensorparity.checkpoint import Checkpoint, TensorEntry
 from tensorparity.errors import UsageError
-from tensorparity.migrate._layout import rebuild
-from tensorparity.migrate._torch_writer import load_checked
+from tensorparity.checkpoint._rebuild import rebuild
+from tensorparity.checkpoint._torch_zip_write import load_checked
 
 __all__ = ["METADATA_FILE", "read_dcp_metadata", "write_dcp"]
 

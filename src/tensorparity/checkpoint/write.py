@@ -9,7 +9,7 @@ Formats (:data:`FORMATS`):
 ``nemo``                 a ``.nemo`` tar: ``model_config.yaml`` + ``model_weights.ckpt`` + artifacts
 
 :func:`write_checkpoint` is not atomic by itself; wrap it in
-:func:`tensorparity.migrate.atomic_output`, as :func:`tensorparity.migrate.convert` does.
+:func:`tensorparity.migrate.atomic_output`, as :func:`tensorparity.migrate._convert` does.
 
 Everything is validated before the first byte is written (values that a format cannot hold,
 objects a pickle named but that were never executed, meta tensors without data), and every
@@ -31,8 +31,8 @@ from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import UsageError
-from tensorparity.migrate import _safetensors_writer
-from tensorparity.migrate._torch_writer import METADATA_RECORD, write_torch_zip
+from tensorparity.checkpoint import _safetensors_write
+from tensorparity.checkpoint._torch_zip_write import METADATA_RECORD, write_torch_zip
 
 __all__ = ["FORMATS", "NEMO_CONFIG_KEY", "check_writable", "family", "format_for_path", "parse_size", "payload",
            "source_metadata", "structure_of", "write_checkpoint"]
@@ -170,7 +170,7 @@ def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
     except (OSError, ValueError):  # "<in-memory mapping>" and the like
         return out
     if ckpt.format == "nemo":
-        from tensorparity.migrate._nemo_writer import read_config
+        from tensorparity.checkpoint._nemo_write import read_config
 
         config = read_config(path)
         if config is not None:
@@ -179,7 +179,7 @@ def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
         if isinstance(record, ValueEntry) and isinstance(record.value, str):
             out[METADATA_KEY] = record.value  # the record member travels as the metadata string
     elif is_dir and ckpt.format == "dcp":
-        from tensorparity.migrate._dcp_writer import read_dcp_metadata
+        from tensorparity.checkpoint._dcp_write import read_dcp_metadata
 
         out.update(read_dcp_metadata(path))
     elif is_file and "torch_zip_version" in ckpt.provenance:
@@ -280,15 +280,15 @@ def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: 
         with open(dest, "wb") as f:
             write_torch_zip(body, f, structure=structure_of(body), metadata=meta)
     elif fmt == "safetensors":
-        _safetensors_writer.write_file(body, dest, metadata={"format": "pt", **meta})
+        _safetensors_write.write_file(body, dest, metadata={"format": "pt", **meta})
     elif fmt == "safetensors-sharded":
         limit = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_SHARD_SIZE
-        _safetensors_writer.write_sharded(body, dest, max_shard_size=limit, metadata=meta)
+        _safetensors_write.write_sharded(body, dest, max_shard_size=limit, metadata=meta)
     elif fmt == "dcp":
-        from tensorparity.migrate._dcp_writer import write_dcp
+        from tensorparity.checkpoint._dcp_write import write_dcp
 
         write_dcp(body, dest, structure=structure_of(body), metadata=meta)
     else:
-        from tensorparity.migrate._nemo_writer import write_nemo
+        from tensorparity.checkpoint._nemo_write import write_nemo
 
         write_nemo(ckpt, body, dest, structure=structure_of(body), metadata=meta)

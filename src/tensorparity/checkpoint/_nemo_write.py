@@ -25,9 +25,9 @@ from typing import IO, Any
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
-from tensorparity.checkpoint.nemo import CONFIG, MAX_CONFIG_BYTES, RECORD_MEMBER, WEIGHTS, _classify, _normalise
+from tensorparity.checkpoint.nemo import CONFIG, MAX_CONFIG_BYTES, RECORD_MEMBER, WEIGHTS, classify_member, checked_member_name
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
-from tensorparity.migrate._torch_writer import write_torch_zip
+from tensorparity.checkpoint._torch_zip_write import write_torch_zip
 
 __all__ = ["read_config", "write_nemo"]
 
@@ -46,7 +46,7 @@ def _members(path: Path) -> Iterator[tuple[str, int, IO[bytes]]]:
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                name = _normalise(member, path)
+                name = checked_member_name(member, path)
                 if not member.isfile():
                     continue
                 reader = tar.extractfile(member)
@@ -139,6 +139,6 @@ def write_nemo(ckpt: Checkpoint, body: Checkpoint, dest: Path, *, structure: Any
         out.seek(end)
         if from_nemo:
             for name, size, reader in _members(source):
-                if name != CONFIG and _classify(name) is None and not name.startswith("model_weights/"):
+                if name != CONFIG and classify_member(name) is None and not name.startswith("model_weights/"):
                     _copy(out, name, size, reader, source)
         out.write(b"\0" * (2 * _BLOCK))  # end of archive

@@ -76,7 +76,7 @@ def param_prefix(modules: set[str]) -> str:
 
 
 def _entries(trace: object, prefix: str) -> tuple[dict[str, Entry], int, str]:
-    from tensorparity.trace.trace import Trace, param_name
+    from tensorparity.checkpoint.tracefolder.reader import Trace, param_name
 
     assert isinstance(trace, Trace)
     params = prefix + param_prefix({r.module for r in trace.records if r.kind != "param"})
@@ -115,8 +115,8 @@ def read_trace_dir(path: Path) -> Checkpoint:
         >>> list(ckpt.weights())
         ['weight', 'bias']
     """
-    from tensorparity.trace.format import rank_folders
-    from tensorparity.trace.trace import Trace
+    from tensorparity.checkpoint.tracefolder.format import rank_folders
+    from tensorparity.checkpoint.tracefolder.reader import Trace
 
     path = Path(path)
     ranks = rank_folders(path) if not (path / "manifest.json").exists() else {}

@@ -31,7 +31,7 @@ import torch
 
 from tensorparity.checkpoint.tree import Checkpoint, TensorEntry
 from tensorparity.errors import CorruptCheckpointError, UsageError
-from tensorparity.migrate._layout import rebuild
+from tensorparity.checkpoint._rebuild import rebuild
 
 __all__ = ["METADATA_RECORD", "iter_loaded", "load_checked", "write_torch_zip"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tensorparity.trace.format import TraceError
+from tensorparity.checkpoint.tracefolder.format import TraceError
 
 __all__ = ["DTENSOR_MODES", "as_recorded", "assemble_tensor", "is_dtensor", "placement_of", "sharded"]
 

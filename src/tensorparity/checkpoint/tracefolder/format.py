@@ -37,9 +37,9 @@ import torch
 import xxhash
 
 from tensorparity.checkpoint.safetensors import DTYPES
-from tensorparity.checkpoint.trace_dir import CAPTURING
+from tensorparity.checkpoint.tracefolder.as_checkpoint import CAPTURING
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
-from tensorparity.trace.records import SCHEMA, TraceRecord
+from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 
 __all__ = ["DIGESTS", "MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo", "TraceError", "TraceWriter",
            "build_manifest", "file_digest", "rank_folders", "read_manifest", "schema_major", "write_manifest"]
@@ -347,7 +347,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                              path=folder, fix=RECAPTURE + "; a trace is complete only once capture has "
                                                            "exited and written its manifest")
         raise TraceError(f"not a trace: no {MANIFEST}", path=folder,
-                         fix="pass a folder written by tensorparity.trace.capture or `tensorparity capture`")
+                         fix="pass a folder written by tensorparity.trace._capture or `tensorparity capture`")
     if path.is_symlink():
         raise UnsafeCheckpointError(f"{MANIFEST} is a symbolic link", path=folder, fix="copy the trace folder itself")
     if path.stat().st_size > MAX_MANIFEST:

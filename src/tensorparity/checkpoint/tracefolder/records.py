@@ -1,10 +1,10 @@
-"""What a trace holds: one record per captured tensor (its statistics: :mod:`tensorparity.trace.stats`).
+"""What a trace holds: one record per captured tensor (its statistics: :mod:`tensorparity.checkpoint.tracefolder.stats`).
 
 A record names *where* a tensor came from (execution index, module path, call number, module
 type, what it is, its place inside nested outputs) and *what* it was (shape, dtype, statistics,
 a content hash). In ``full`` mode its data is stored in the trace's safetensors shards under
 :attr:`TraceRecord.key`; in ``stats`` mode only the statistics are kept. The manifest is a list
-of these records plus provenance (see :mod:`tensorparity.trace.format`).
+of these records plus provenance (see :mod:`tensorparity.checkpoint.tracefolder.format`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from tensorparity.trace.stats import TensorStats, fingerprint, same_content, tensor_stats
+from tensorparity.checkpoint.tracefolder.stats import TensorStats, fingerprint, same_content, tensor_stats
 
 __all__ = ["KINDS", "Kind", "SCHEMA", "TensorStats", "TraceRecord", "fingerprint", "flatten_value", "json_value", "record_key",
            "same_content", "tensor_stats"]

@@ -1,6 +1,6 @@
 """The :class:`Trace`: the records of one captured run, in memory or in a trace folder.
 
-A trace is what :func:`tensorparity.trace.capture` produces and what ``Trace.open`` reads back:
+A trace is what :func:`tensorparity.trace._capture` produces and what ``Trace.open`` reads back:
 records in execution order, provenance, and the stored tensors (loaded lazily from the shards).
 """
 
@@ -17,7 +17,7 @@ import torch
 from tensorparity.checkpoint.safetensors import safetensors_tensors
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
-from tensorparity.trace.format import (
+from tensorparity.checkpoint.tracefolder.format import (
     MANIFEST,
     MODES,
     RECAPTURE,
@@ -30,8 +30,8 @@ from tensorparity.trace.format import (
     read_manifest,
     write_manifest,
 )
-from tensorparity.trace._assemble import RankShards, assemble_ranks, is_sharded_trace
-from tensorparity.trace.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tracefolder._assemble import RankShards, assemble_ranks, is_sharded_trace
+from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 
 __all__ = ["ShardSet", "Trace", "param_name", "prepare_folder"]
 
@@ -257,7 +257,7 @@ class Trace:
     def module_path(self, name: str) -> str:
         """The registered module path (``model.get_submodule(...)``) of a recorded module name.
 
-        A call is recorded under its call site (see :mod:`tensorparity.trace.capture`): one
+        A call is recorded under its call site (see :mod:`tensorparity.trace._capture`): one
         module shared by several parents is recorded once per parent; the provenance's
         ``call_sites`` maps those names back. Layer names (``module#call``, ``<model>``) are
         accepted; a name the table does not list is returned as it is.
