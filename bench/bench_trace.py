@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import OUT  # noqa: E402
 from conformer import conformer, features  # noqa: E402
 
-from tensorparity.trace._capture import capture  # noqa: E402
 from tensorparity.mapping import Mapping, Rearrange, Rule, apply_mapping  # noqa: E402
+from tensorparity.trace._capture import capture  # noqa: E402
 from tensorparity.trace._compare import compare_traces  # noqa: E402
 
 

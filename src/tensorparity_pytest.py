@@ -39,7 +39,7 @@ import pytest
 
 if TYPE_CHECKING:
     from tensorparity.checks._diff_report import DiffReport
-    from tensorparity.resume._report import ResumeReport
+    from tensorparity.resume._resume_report import ResumeReport
 
 __all__ = ["ResumeChecker", "assert_lightning_resumes", "assert_resumes", "assert_same_checkpoint"]
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from tensorparity import load_check
 from tensorparity._factory import FactoryError, PackageNotInstalledError, build_model, carries_model
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.cli import app
 from tensorparity.cli.capture import capture_run
 from tensorparity.trace.seed import InputSpec
-from tensorparity.checkpoint.tracefolder.reader import Trace
-from _cli_helpers import assert_one_line_error
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner(env={"COLUMNS": "160"})

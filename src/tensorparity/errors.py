@@ -10,14 +10,14 @@ hides them::
     │   ├── SourceNotFoundError       the path does not exist
     │   ├── UnknownFormatError        no reader recognises the file or folder
     │   ├── CorruptCheckpointError    truncated, malformed or self-contradictory bytes
-    │   │   └── TraceError            a trace folder is unfinished, corrupt or of another schema (trace.format)
+    │   │   └── TraceError            a trace folder is unfinished, corrupt or of another schema (checkpoint.tracefolder)
     │   └── UnsafeCheckpointError     refused for safety: path traversal, links, bombs, TorchScript
     ├── MissingDependencyError        an optional extra is not installed
-    ├── NondeterminismError           two uninterrupted training runs differ (resume.errors)
+    ├── NondeterminismError           two uninterrupted training runs differ (resume._recipe_errors)
     └── UsageError                    an argument or option is wrong
         ├── MappingError              a mapping file or rule is wrong (mapping.rules)
         ├── FactoryError              a model factory cannot be resolved or built (_factory)
-        ├── RecipeError               a training recipe fails to build, step, save or load (resume.errors)
+        ├── RecipeError               a training recipe fails to build, step, save or load (resume._recipe_errors)
         └── MigrationError            a migration is wrong (migrate.registry)
             ├── ConflictError         two migrations write one key
             └── DowngradeError        the checkpoint is newer than the code and no inverse is defined

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import tensorparity
-from tensorparity.numerics import Tolerance
 from tensorparity.checks._diff import diff
 from tensorparity.errors import UsageError
+from tensorparity.numerics import Tolerance
 
 
 @dataclasses.dataclass
@@ -348,8 +348,8 @@ def test_diff_takes_atol_and_rtol_directly() -> None:
     import torch
 
     import tensorparity
-    from tensorparity.numerics import Tolerance
     from tensorparity.errors import UsageError
+    from tensorparity.numerics import Tolerance
 
     a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 2.001])}
     assert tensorparity.diff(a, b).verdict == "differs"

@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from tensorparity.numerics import Tolerance
 from tensorparity.checks._diff import diff
 from tensorparity.checks._diff_report import SCHEMA, DiffReport
+from tensorparity.numerics import Tolerance
 
 
 def _no_constants(name: str) -> None:

@@ -14,8 +14,8 @@ from torch import nn
 
 import tensorparity
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry
-from tensorparity.errors import UsageError
 from tensorparity.checkpoint._inspect import SCHEMA, _key_tree, inspect
+from tensorparity.errors import UsageError
 
 
 @dataclasses.dataclass

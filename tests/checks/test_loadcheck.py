@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import tensorparity
-from tensorparity.numerics import Tolerance
+from tensorparity.checks._loadcheck import load_check
 from tensorparity.errors import SourceNotFoundError, UsageError
 from tensorparity.examples import port_model, reference_model
-from tensorparity.checks._loadcheck import load_check
 from tensorparity.mapping import MappingError
+from tensorparity.numerics import Tolerance
 
 MAP = Path(tensorparity.__file__).parent / "examples" / "reference_to_port.yaml"
 REF = "tensorparity.examples:reference_model"

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from tensorparity.examples import port_model, reference_model
 from tensorparity.trace._capture import capture
 from tensorparity.trace._compare import compare_traces
-
-from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 MAP = Path(str(files("tensorparity.examples") / "reference_to_port.yaml"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from tensorparity._output import check_output, note_interrupt, write_failure, write_text
@@ -22,8 +23,6 @@ from tensorparity.cli import app
 from tensorparity.errors import UsageError
 from tensorparity.examples import reference_model
 from tensorparity.trace._capture import capture
-
-from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 CLI = [sys.executable, "-c", "from tensorparity_cli import main; main()"]

@@ -20,13 +20,13 @@ pytest.importorskip("torchdata.stateful_dataloader")
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler  # noqa: E402
 
+from tensorparity.dataloader._state import convert_dataloader_state, inspect_dataloader_state  # noqa: E402
 from tensorparity.errors import UsageError  # noqa: E402
 from tensorparity.examples.legacy_loader import (  # noqa: E402
     ShardedStream,
     SquaresDataset,
     run_legacy_training,
 )
-from tensorparity.dataloader._state import convert_dataloader_state, inspect_dataloader_state  # noqa: E402
 
 SIZE, BS, SEED = 22, 4, 1234  # 6 batches per epoch, the last one short
 
@@ -230,9 +230,9 @@ def test_demo_step_resumes_identically_and_refuses_the_iterable_remap(tmp_path: 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tensorparity.errors import TensorParityError  # noqa: E402
 from tensorparity.dataloader._build import summarize_state  # noqa: E402
 from tensorparity.dataloader._legacy import LegacyLoaderState, LegacyWorker, expected_worker_samples  # noqa: E402
+from tensorparity.errors import TensorParityError  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from _cli_helpers import assert_one_line_error
 from tensorparity.cli import app
 from tensorparity.examples.legacy_loader import run_legacy_training
 

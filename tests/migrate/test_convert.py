@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.checkpoint import Checkpoint, TensorEntry
 from tensorparity.cli import app
-from tensorparity.numerics import Tolerance
 from tensorparity.errors import InternalError, UsageError
 from tensorparity.migrate import FORMATS, ConvertReport, convert
-from _cli_helpers import assert_one_line_error
+from tensorparity.numerics import Tolerance
 
 runner = CliRunner(env={"COLUMNS": "160"})
 EXACT = Tolerance(exact=True)

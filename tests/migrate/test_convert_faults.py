@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
-from tensorparity.numerics import Tolerance
 from tensorparity.migrate import convert
+from tensorparity.numerics import Tolerance
 
 FORK = multiprocessing.get_context("fork")
 EXACT = Tolerance(exact=True)

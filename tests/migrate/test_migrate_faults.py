@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 import torch
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
 from tensorparity.mapping import Mapping, Rule
 from tensorparity.migrate import Migration, MigrationError, Registry, migrate, read_history
-from _cli_helpers import assert_one_line_error
 
 FORK = multiprocessing.get_context("fork")
 

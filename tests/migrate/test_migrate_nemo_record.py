@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 import tensorparity
 from tensorparity.cli import app
-from tensorparity.numerics import Tolerance
 from tensorparity.examples.formats import write_nemo
 from tensorparity.mapping import Mapping, Rule
 from tensorparity.migrate import Migration, Registry, convert, migrate, read_history
+from tensorparity.numerics import Tolerance
 
 CONFIG = {"target": "demo.Model", "hidden": 4, "optim": {"lr": 0.1}}
 

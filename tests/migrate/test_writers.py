@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 
 import tensorparity
 from tensorparity.checkpoint import Checkpoint, TensorEntry
-from tensorparity.numerics import Tolerance
+from tensorparity.checkpoint.write import format_for_path, source_metadata
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping as KeyMapping
 from tensorparity.mapping import Rule, apply_mapping
 from tensorparity.migrate import parse_size, write_checkpoint
-from tensorparity.checkpoint.write import format_for_path, source_metadata
+from tensorparity.numerics import Tolerance
 
 
 def _same(a: Any, b: Any, where: str = "") -> None:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tensorparity.numerics import Tolerance, default_tolerance
 from tensorparity.errors import UsageError
+from tensorparity.numerics import Tolerance, default_tolerance
 
 
 def test_defaults_follow_torch_testing() -> None:

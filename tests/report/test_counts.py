@@ -13,12 +13,12 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
-from tensorparity.examples.formats import write_nemo
 from torch import nn
 
 import tensorparity
-from tensorparity.checks._loadcheck import load_check
 from tensorparity.checkpoint._inspect import inspect
+from tensorparity.checks._loadcheck import load_check
+from tensorparity.examples.formats import write_nemo
 
 
 class ConvBN(nn.Module):

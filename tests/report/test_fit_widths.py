@@ -23,13 +23,13 @@ from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from tensorparity.cli import app
-from tensorparity.numerics import Tolerance
-from tensorparity.checks._diff import diff
-from tensorparity.examples import port_model, reference_model
-from tensorparity.report._render import rich_titled_table
 from tensorparity.checkpoint._inspect import inspect
-from tensorparity.resume._report import Divergence, Finding, ResumeLeg, ResumeReport, Segment, StepRow
+from tensorparity.checks._diff import diff
+from tensorparity.cli import app
+from tensorparity.examples import port_model, reference_model
+from tensorparity.numerics import Tolerance
+from tensorparity.report._render import rich_titled_table
+from tensorparity.resume._resume_report import Divergence, Finding, ResumeLeg, ResumeReport, Segment, StepRow
 from tensorparity.trace import capture
 from tensorparity.trace._compare import compare_traces
 from tensorparity.trace._replay import replay

@@ -10,7 +10,7 @@ import pytest
 from resume_test_recipes import HERE
 
 from tensorparity.resume._pool import fork_available, launcher
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 
 
 @pytest.mark.skipif(not fork_available(), reason="fork isolation is Linux-only")

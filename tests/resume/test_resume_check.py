@@ -11,7 +11,6 @@ import json
 import pytest
 from resume_test_recipes import spec
 
-from tensorparity.numerics import Tolerance
 from tensorparity.examples.resume_recipes import (
     AccumulatingRecipe,
     Forgetful,
@@ -19,6 +18,7 @@ from tensorparity.examples.resume_recipes import (
     TinyDefaultRecipe,
     TinyRecipe,
 )
+from tensorparity.numerics import Tolerance
 from tensorparity.resume import ResumeReport, resume_check
 
 STEPS = 8  # 6 batches per epoch: step 3 is mid-epoch, step 6 the epoch boundary

@@ -10,13 +10,13 @@ import pytest
 import torch
 from resume_test_recipes import HERE, ManualRecipe, spec
 
-from tensorparity.numerics import Tolerance
 from tensorparity.examples.resume_recipes import Forgetful, TinyRecipe
-from tensorparity.resume._report import Finding, Segment, StepRow
+from tensorparity.numerics import Tolerance
 from tensorparity.resume import TrainingObjects, rng_state, set_rng_state
+from tensorparity.resume._recipe_errors import RecipeError
+from tensorparity.resume._resume_report import Finding, Segment, StepRow
 from tensorparity.resume.audit import audit, state_diff
 from tensorparity.resume.confirm import conclude, plan
-from tensorparity.resume.errors import RecipeError
 from tensorparity.resume.fingerprint import StepRecord, compare_records, hash_batch
 from tensorparity.resume.recipe import RecipeSpec, as_objects, load_recipe, resolve, spec_of
 from tensorparity.resume.state import capture, load, restore, save
@@ -153,7 +153,7 @@ def test_confirmation_logic() -> None:
     ok, bad = Segment(3, 8, (), (), (), None), Segment(3, 8, (_row(4),), (), (), None)
     findings = [Finding("optimizer", "a", 3), Finding("scheduler", "b", 3)]
     assert plan(findings) == [("optimizer",), ("scheduler",), ("optimizer", "scheduler")]
-    from tensorparity.resume._report import Divergence
+    from tensorparity.resume._resume_report import Divergence
 
     failed = Segment(3, 8, (), (), (), Divergence(5, ("loss",), None, "step 5 differs first: loss"))
     confirmations, marked = conclude([(("optimizer",), failed), (("scheduler",), failed),

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
 from tensorparity.errors import UsageError
 from tensorparity.examples import port_model, reference_model
 from tensorparity.mapping import Mapping, Rule
-from tensorparity.trace.align import TraceLayer, align_layers, group_layers, module_renames
 from tensorparity.trace._capture import capture
-from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
 from tensorparity.trace._sequence import sequence_align
+from tensorparity.trace.align import TraceLayer, align_layers, group_layers, module_renames
 
 MAP = files("tensorparity.examples") / "reference_to_port.yaml"
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.trace.seed import InputSpec, input_hash
-from tensorparity.checkpoint.tracefolder.reader import Trace
-from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 REF = "tensorparity.examples:reference_model"

@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from tensorparity.errors import TensorParityError
 from tensorparity.checkpoint.tracefolder._dtensor import assemble_tensor
-from tensorparity.trace.align import align_layers
-from tensorparity.trace._capture import capture
 from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.errors import TensorParityError
+from tensorparity.trace._capture import capture
+from tensorparity.trace.align import align_layers
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from tensorparity.numerics import Tolerance
 from tensorparity.mapping import Mapping, Rearrange, Rule, apply_mapping
+from tensorparity.numerics import Tolerance
 from tensorparity.trace import capture, compare_traces
 from tensorparity.trace._jobs import float_tolerance
 

@@ -18,11 +18,11 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from torch import nn
 
+from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 from tensorparity.examples import reference_model
 from tensorparity.trace._capture import capture
-from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter
-from tensorparity.checkpoint.tracefolder.reader import Trace
 
 X = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.cli import app
 from tensorparity.errors import UsageError
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash
-from tensorparity.checkpoint.tracefolder.reader import Trace
-from _cli_helpers import assert_one_line_error
 
 runner = CliRunner(env={"COLUMNS": "160"})
 

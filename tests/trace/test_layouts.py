@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from tensorparity.checkpoint.tracefolder.records import tensor_stats
 from tensorparity.mapping import Concat, Mapping, Rearrange, Rule, Split, Transpose
 from tensorparity.trace import capture, compare_traces, replay
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace.align import group_layers
-from tensorparity.checkpoint.tracefolder.records import tensor_stats
 
 D, H = 16, 2
 HD = D // H

@@ -7,12 +7,12 @@ from importlib.resources import files
 import pytest
 import torch
 
-from tensorparity.numerics import Tolerance
-from tensorparity.examples import port_model, reference_model
-from tensorparity.trace import capture, compare_traces
-from tensorparity.trace.noise import FACTOR, noise_atol, noise_floor
-from tensorparity.trace._replay import replay
 from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.examples import port_model, reference_model
+from tensorparity.numerics import Tolerance
+from tensorparity.trace import capture, compare_traces
+from tensorparity.trace._replay import replay
+from tensorparity.trace.noise import FACTOR, noise_atol, noise_floor
 
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")
 KEY = "layers.1.ffn.2/0/output"  # the reference's partner of the port's blocks.1.fc2

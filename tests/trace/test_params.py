@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 import tensorparity
 import tensorparity.trace as tt
+from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import KINDS, tensor_stats
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.mapping import suggest_mapping
 from tensorparity.trace._capture import capture
-from tensorparity.checkpoint.tracefolder.records import KINDS, tensor_stats
-from tensorparity.checkpoint.tracefolder.reader import Trace
 
 X = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
 

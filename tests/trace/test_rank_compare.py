@@ -22,17 +22,16 @@ from typing import Any
 import pytest
 import torch
 import typer
+from _cli_helpers import assert_one_line_error
 from torch import nn
 from typer.testing import CliRunner
 
+from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.trace._ranked_report import SCHEMA, RankedTraceReport
-from tensorparity.trace._report import TraceReport
 from tensorparity.trace._capture import capture
 from tensorparity.trace._compare import compare_traces
-from tensorparity.checkpoint.tracefolder.format import TraceError
-
-from _cli_helpers import assert_one_line_error
+from tensorparity.trace._ranked_report import SCHEMA, RankedTraceReport
+from tensorparity.trace._trace_report import TraceReport
 
 runner = CliRunner(env={"COLUMNS": "120"})
 

@@ -42,9 +42,9 @@ if str(HERE) not in sys.path:
 
 import ports  # noqa: E402
 
-from tensorparity.trace._report import TraceReport  # noqa: E402
 from tensorparity.trace import Trace, capture, compare_traces, replay  # noqa: E402
 from tensorparity.trace._replay import ReplayReport  # noqa: E402
+from tensorparity.trace._trace_report import TraceReport  # noqa: E402
 
 PAIRS = list(ports.PAIRS)
 BUGS = [pytest.param(pair, bug.name, id=f"{pair}-{bug.name}") for pair, bugs in ports.BUGS.items() for bug in bugs]

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from tensorparity.numerics import Tolerance
+from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.examples import port_model, reference_model
-from tensorparity.trace._report import SCHEMA, TraceReport
+from tensorparity.numerics import Tolerance
 from tensorparity.trace._capture import capture
 from tensorparity.trace._compare import compare_stats, compare_traces, relative_error
-from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
-from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.trace._trace_report import SCHEMA, TraceReport
 
 MAP = files("tensorparity.examples") / "reference_to_port.yaml"
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from tensorparity.errors import UsageError
 from tensorparity.examples import port_model, reference_model
-from tensorparity.trace._report import TraceReport
-from tensorparity.trace._report_html import render_trace_html
 from tensorparity.trace import Trace, capture, compare_traces
+from tensorparity.trace._trace_report import TraceReport
+from tensorparity.trace._trace_report_html import render_trace_html
 
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")
 VOID = {"meta", "input", "br", "hr", "img", "link", "col", "area", "base", "source", "wbr", "track", "embed"}

@@ -10,12 +10,12 @@ from torch import nn
 
 import tensorparity
 from tensorparity.checkpoint import detect_format
+from tensorparity.checkpoint.tracefolder.format import TraceError
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.checkpoint.tree import TensorEntry, ValueEntry
 from tensorparity.errors import UnknownFormatError
 from tensorparity.examples import reference_model
 from tensorparity.trace._capture import capture
-from tensorparity.checkpoint.tracefolder.format import TraceError
-from tensorparity.checkpoint.tracefolder.reader import Trace
 
 
 def capture_to(folder: Path, **kwargs: object) -> Trace:

@@ -23,11 +23,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from tensorparity.checkpoint import Checkpoint, ValueEntry
+from tensorparity.checkpoint._torch_zip_write import write_torch_zip
 from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
-from tensorparity.checkpoint.nemo import CONFIG, MAX_CONFIG_BYTES, RECORD_MEMBER, WEIGHTS, classify_member, checked_member_name
+from tensorparity.checkpoint.nemo import (
+    CONFIG,
+    MAX_CONFIG_BYTES,
+    RECORD_MEMBER,
+    WEIGHTS,
+    checked_member_name,
+    classify_member,
+)
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
-from tensorparity.checkpoint._torch_zip_write import write_torch_zip
 
 __all__ = ["read_config", "write_nemo"]
 

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from tensorparity.checkpoint.safe_pickle import Placeholder
-from tensorparity.checkpoint.tree import MAX_DEPTH, Checkpoint, Entry, LazyTensor, TensorEntry, _is_plain_list, _key_part
+from tensorparity.checkpoint.tree import (
+    MAX_DEPTH,
+    Checkpoint,
+    Entry,
+    LazyTensor,
+    TensorEntry,
+    _is_plain_list,
+    _key_part,
+)
 from tensorparity.errors import CorruptCheckpointError
 
 __all__ = ["rebuild"]

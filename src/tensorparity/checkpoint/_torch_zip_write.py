@@ -29,9 +29,9 @@ from typing import IO, Any
 
 import torch
 
+from tensorparity.checkpoint._rebuild import rebuild
 from tensorparity.checkpoint.tree import Checkpoint, TensorEntry
 from tensorparity.errors import CorruptCheckpointError, UsageError
-from tensorparity.checkpoint._rebuild import rebuild
 
 __all__ = ["METADATA_RECORD", "iter_loaded", "load_checked", "write_torch_zip"]
 

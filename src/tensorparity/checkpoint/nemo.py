@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import yaml
 
-from tensorparity.checkpoint import torch_legacy, torch_zip
+from tensorparity.checkpoint import _open_path, torch_legacy, torch_zip
 from tensorparity.checkpoint.layout import RECORD_KEY, detect_sections
 from tensorparity.checkpoint.tree import Checkpoint, Entry, PlaceholderInfo, ValueEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
@@ -313,8 +313,6 @@ def _read_folder(path: Path) -> Checkpoint:
             parts.artifacts[name] = file.stat().st_size
     if not parts.weights and (path / "model_weights").is_dir():
         # Sharded (distributed) weights: the folder is read by the reader of its own format.
-        from tensorparity.checkpoint import _open_path
-
         sharded = _open_path(path / "model_weights")
     try:
         return _assemble(path, parts, compression="none", closers=[sharded.close] if sharded else [],

@@ -367,6 +367,6 @@ class Checkpoint(Mapping[str, Entry]):
                 f"{self.num_parameters():,} elements, {self.nbytes():,} bytes{extra}>")
 
     def _repr_html_(self) -> str:
-        from tensorparity.checkpoint._inspect import render_html
+        from tensorparity.checkpoint._inspect import render_html  # lazy: the inspect view is built on Checkpoint itself
 
         return render_html(self)

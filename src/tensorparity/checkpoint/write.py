@@ -26,13 +26,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from tensorparity.checkpoint import Checkpoint, ValueEntry
+
+from tensorparity.checkpoint import Checkpoint, ValueEntry, _safetensors_write
+from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint._dcp_write import read_dcp_metadata, write_dcp
+from tensorparity.checkpoint._nemo_write import read_config, write_nemo
+from tensorparity.checkpoint._torch_zip_write import METADATA_RECORD, write_torch_zip
 from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
 from tensorparity.checkpoint.safe_pickle import Placeholder
-from tensorparity.errors import UsageError
-from tensorparity.checkpoint import _safetensors_write
-from tensorparity.checkpoint._torch_zip_write import METADATA_RECORD, write_torch_zip
+from tensorparity.errors import TensorParityError, UsageError
 
 __all__ = ["FORMATS", "NEMO_CONFIG_KEY", "check_writable", "family", "format_for_path", "parse_size", "payload",
            "source_metadata", "structure_of", "write_checkpoint"]
@@ -170,8 +173,6 @@ def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
     except (OSError, ValueError):  # "<in-memory mapping>" and the like
         return out
     if ckpt.format == "nemo":
-        from tensorparity.checkpoint._nemo_write import read_config
-
         config = read_config(path)
         if config is not None:
             out[NEMO_CONFIG_KEY] = config.decode("utf-8", "replace")
@@ -179,8 +180,6 @@ def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
         if isinstance(record, ValueEntry) and isinstance(record.value, str):
             out[METADATA_KEY] = record.value  # the record member travels as the metadata string
     elif is_dir and ckpt.format == "dcp":
-        from tensorparity.checkpoint._dcp_write import read_dcp_metadata
-
         out.update(read_dcp_metadata(path))
     elif is_file and "torch_zip_version" in ckpt.provenance:
         out.update(_zip_metadata(path))
@@ -222,9 +221,6 @@ def structure_of(ckpt: Checkpoint) -> Any:
         return None
     if not readable:
         return None
-    from tensorparity.checkpoint import open as open_checkpoint
-    from tensorparity.errors import TensorParityError
-
     try:
         with open_checkpoint(path) as again:
             return again.structure
@@ -285,10 +281,6 @@ def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: 
         limit = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_SHARD_SIZE
         _safetensors_write.write_sharded(body, dest, max_shard_size=limit, metadata=meta)
     elif fmt == "dcp":
-        from tensorparity.checkpoint._dcp_write import write_dcp
-
         write_dcp(body, dest, structure=structure_of(body), metadata=meta)
     else:
-        from tensorparity.checkpoint._nemo_write import write_nemo
-
         write_nemo(ckpt, body, dest, structure=structure_of(body), metadata=meta)

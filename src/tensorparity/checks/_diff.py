@@ -20,16 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tensorparity.checks._diff_sides import leave_out_records, pair_optimizer_states
 from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint._inspect import KeyInfo
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.checkpoint.tree import LazyTensor
-from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
-from tensorparity.errors import UsageError
-from tensorparity.report._render import short_repr
 from tensorparity.checks._diff_report import DiffReport, MappingInfo, SectionDiff, Side, ValueDifference
-from tensorparity.checkpoint._inspect import KeyInfo
+from tensorparity.checks._diff_sides import leave_out_records, pair_optimizer_states
+from tensorparity.errors import UsageError
+from tensorparity.mapping import Mapping as KeyMapping
+from tensorparity.mapping import apply_mapping, load_mapping
+from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.report._render import short_repr
 
 if TYPE_CHECKING:
     from tensorparity.mapping import Mapping as KeyMapping
@@ -197,9 +199,6 @@ def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: An
 def _load_mapping(mapping: Any) -> KeyMapping | None:
     if mapping is None:
         return None
-    from tensorparity.mapping import Mapping as KeyMapping
-    from tensorparity.mapping import load_mapping
-
     if not isinstance(mapping, (str, os.PathLike, KeyMapping, dict)):
         raise UsageError(f"mapping must be a tensorparity.mapping.Mapping or the path of a YAML file, "
                          f"not {type(mapping).__name__}", fix="pass mapping='map.yaml' or Mapping.from_yaml(...)")
@@ -251,8 +250,6 @@ def _through_mapping(a: Checkpoint, b: Checkpoint, key_mapping: KeyMapping, keep
         Checkpoint, list[str], list[str], dict[str, tuple[str, ...]], dict[str, tuple[Entry, str]], MappingInfo]:
     """Translate A into B's key space and filter both sides: the mapped A, the keys of each side
     to compare, each mapped key's origins in A, A's unmapped keys, and what the mapping did."""
-    from tensorparity.mapping import apply_mapping
-
     result = apply_mapping(a, key_mapping, direction="a_to_b")
     mapped, origins = result.checkpoint, dict(result.claims)
     unmapped = {k: (a[k], a.section_of(k)) for k in result.unmapped if keep((k,))}

@@ -32,13 +32,13 @@ from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint._roles import buffer_keys, entry_counts
 from tensorparity.checkpoint.module import read_live
-from tensorparity.numerics import Tolerance
 from tensorparity.checks._diff import diff
-from tensorparity.errors import UsageError
-from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
-from tensorparity.report._render import plural
 from tensorparity.checks._diff_report import DiffReport, Side
 from tensorparity.checks._loadcheck_report import KeyIssue, LoadCheckReport, LoadSide, NotInstalled, Route
+from tensorparity.errors import UsageError
+from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
+from tensorparity.numerics import Tolerance
+from tensorparity.report._render import plural
 
 __all__ = ["load_check"]
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from tensorparity.checks._diff_report import DiffReport, Side
 from tensorparity.numerics import Tolerance
 from tensorparity.report._render import (
     fold_count,
@@ -29,7 +30,6 @@ from tensorparity.report._render import (
     rich_header,
     rich_titled_table,
 )
-from tensorparity.checks._diff_report import DiffReport, Side
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType

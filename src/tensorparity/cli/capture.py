@@ -13,15 +13,15 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from tensorparity._output import refuse_inputs
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
+from tensorparity._output import refuse_inputs
+from tensorparity.checkpoint.tracefolder.format import MANIFEST, MODES, rank_folders
+from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import flatten_value
 from tensorparity.cli._common import command, stdout_console
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.trace._capture import _rank_world, capture
-from tensorparity.checkpoint.tracefolder.format import MANIFEST, MODES, rank_folders
-from tensorparity.checkpoint.tracefolder.records import flatten_value
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
-from tensorparity.checkpoint.tracefolder.reader import Trace
 
 __all__ = ["capture_command", "capture_run"]
 

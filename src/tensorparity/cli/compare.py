@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from tensorparity._output import write_text
 from tensorparity.cli._common import (
     AtolOption,
     ExactOption,
@@ -16,11 +17,10 @@ from tensorparity.cli._common import (
     StatisticOption,
     check_output,
     command,
-    save_found_mapping,
     emit_json,
+    save_found_mapping,
     stdout_console,
 )
-from tensorparity._output import write_text
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
 from tensorparity.trace._compare import compare_traces

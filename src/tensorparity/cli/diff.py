@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from tensorparity.checks._diff import diff
 from tensorparity.cli._common import (
     AtolOption,
     ExactOption,
@@ -16,9 +17,8 @@ from tensorparity.cli._common import (
     command,
     finish,
 )
-from tensorparity.numerics import Tolerance
-from tensorparity.checks._diff import diff
 from tensorparity.errors import UsageError
+from tensorparity.numerics import Tolerance
 
 __all__ = ["diff_command", "parse_tolerance"]
 

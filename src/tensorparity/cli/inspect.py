@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, emit_json, stdout_console
 from tensorparity.checkpoint._inspect import inspect
+from tensorparity.cli._common import command, emit_json, stdout_console
 
 __all__ = ["inspect_command"]
 

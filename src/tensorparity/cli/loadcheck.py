@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
+from tensorparity.checks._loadcheck import load_check
 from tensorparity.cli._common import command, finish
 from tensorparity.cli.diff import parse_tolerance
 from tensorparity.errors import UsageError
-from tensorparity.checks._loadcheck import load_check
 
 __all__ = ["load_check_command"]
 

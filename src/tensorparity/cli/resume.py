@@ -11,8 +11,8 @@ import typer
 
 from tensorparity._output import write_text
 from tensorparity.cli._common import AtolOption, RtolOption, check_output, command, finish
-from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
+from tensorparity.numerics import Tolerance
 from tensorparity.resume import resume_check
 
 __all__ = ["resume_check_command"]

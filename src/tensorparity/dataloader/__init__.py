@@ -8,8 +8,8 @@ file; :func:`read_legacy_loader_state` reads the legacy layout without executing
 
 from __future__ import annotations
 
+from tensorparity.dataloader._dataloader_report import DataLoaderStateConversion, DataLoaderStateSummary
 from tensorparity.dataloader._legacy import LegacyLoaderState, read_legacy_loader_state
-from tensorparity.dataloader._report import DataLoaderStateConversion, DataLoaderStateSummary
 from tensorparity.dataloader._state import convert_dataloader_state, inspect_dataloader_state
 
 __all__ = [

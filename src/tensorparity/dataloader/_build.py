@@ -26,9 +26,9 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from tensorparity.errors import CorruptCheckpointError, UsageError
-from tensorparity.dataloader._report import DataLoaderStateSummary, WorkerSummary
+from tensorparity.dataloader._dataloader_report import DataLoaderStateSummary, WorkerSummary
 from tensorparity.dataloader._legacy import LegacyLoaderState, LegacyWorker
+from tensorparity.errors import CorruptCheckpointError, UsageError
 
 __all__ = ["SAMPLERS", "build_state", "generator_state", "legacy_order", "resolve_sampler", "summarize_legacy",
            "summarize_state"]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from tensorparity._output import check_output, write_failure
-from tensorparity.errors import UsageError
 from tensorparity.dataloader._build import (
     DatasetStateFn,
     build_state,
@@ -25,13 +24,16 @@ from tensorparity.dataloader._build import (
     summarize_legacy,
     summarize_state,
 )
-from tensorparity.dataloader._report import DataLoaderStateConversion, DataLoaderStateSummary
+from tensorparity.dataloader._dataloader_report import DataLoaderStateConversion, DataLoaderStateSummary
 from tensorparity.dataloader._legacy import (
     GLOBAL_NAME,
     LegacyLoaderState,
     load_plain,
     read_legacy_loader_state,
 )
+from tensorparity.dataloader._verify import torchdata_version, verify_state
+from tensorparity.errors import SourceNotFoundError, UsageError
+from tensorparity.migrate.atomic import atomic_output
 
 __all__ = ["convert_dataloader_state", "inspect_dataloader_state"]
 
@@ -111,8 +113,6 @@ def convert_dataloader_state(
         >>> conv.state["_num_yielded"], conv.sampler, conv.verification is not None
         (2, 'random', True)
     """
-    from tensorparity.dataloader._verify import torchdata_version, verify_state
-
     state_in = legacy if isinstance(legacy, LegacyLoaderState) else read_legacy_loader_state(legacy)
     workers = state_in.num_workers if num_workers is None else num_workers
     if isinstance(workers, bool) or not isinstance(workers, int):
@@ -137,8 +137,6 @@ def convert_dataloader_state(
     if target is None:
         verification = check(state)
     else:
-        from tensorparity.migrate.atomic import atomic_output
-
         data = _serialize(state)
         try:
             with atomic_output(target) as tmp:
@@ -173,8 +171,6 @@ def inspect_dataloader_state(path: str | os.PathLike[str]) -> DataLoaderStateSum
     if p.is_dir() or p.name in (f"{GLOBAL_NAME}.json", f"{GLOBAL_NAME}.pt"):
         return summarize_legacy(read_legacy_loader_state(p))
     if not p.exists():
-        from tensorparity.errors import SourceNotFoundError
-
         raise SourceNotFoundError("no such file or folder", path=p,
                                   fix="give a legacy loader-state folder or a saved StatefulDataLoader state")
     return summarize_state(load_plain(p, what="a data-loader state"), source=str(p))

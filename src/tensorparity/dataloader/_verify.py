@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from tensorparity.errors import InternalError
 from tensorparity.dataloader._build import legacy_order
 from tensorparity.dataloader._legacy import LegacyLoaderState
+from tensorparity.errors import InternalError
 
 __all__ = ["torchdata_version", "verify_state"]
 

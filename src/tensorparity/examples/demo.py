@@ -176,9 +176,9 @@ def step_parity(console: Console) -> None:
 
     from tensorparity.examples import port_model
     from tensorparity.examples.port import BUGS
-    from tensorparity.trace._report_html import render_trace_html
     from tensorparity.trace import capture, compare_traces, reproducible
     from tensorparity.trace._replay import replay
+    from tensorparity.trace._trace_report_html import render_trace_html
 
     folder = OUT / "parity"
     folder.mkdir(parents=True, exist_ok=True)

@@ -246,8 +246,8 @@ def step(console: Console, out: Path) -> None:
     """The demo's data-loader step: an old run's loader state is converted, re-mapped from 2 to 3
     workers, and a real ``StatefulDataLoader`` resumes exactly where the old run stood; an
     iterable dataset's re-map is refused."""
-    from tensorparity.errors import TensorParityError
     from tensorparity.dataloader._state import convert_dataloader_state
+    from tensorparity.errors import TensorParityError
 
     console.rule("[bold]data-loader state: legacy release -> torchdata StatefulDataLoader")
     try:

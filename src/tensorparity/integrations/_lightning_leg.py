@@ -47,7 +47,7 @@ from tensorparity._factory import FactoryError, _attribute, _import, parse_facto
 from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import describe, grad_norm, recording_loads, seed_everything, wrote_something
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 from tensorparity.resume.fingerprint import StepRecord, hash_batch, state_hashes
 from tensorparity.resume.recipe import RecipeSpec, TrainingObjects, resolve
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
-from tensorparity.numerics import Tolerance
 from tensorparity.errors import MissingDependencyError, UsageError
-from tensorparity.resume._report import ResumeReport
+from tensorparity.numerics import Tolerance
+from tensorparity.resume._resume_report import ResumeReport
 from tensorparity.resume.recipe import LoadedRecipe, RecipeSpec, _module_location, defining_module, spec_of
 from tensorparity.resume.runner import check_options, run_check
 

@@ -110,7 +110,7 @@ class Rule:
 
     def __post_init__(self) -> None:
         if isinstance(self.transform, (dict, list)):  # a spec, as a YAML file would give it
-            from tensorparity.mapping.loader import transform_from_dict
+            from tensorparity.mapping.loader import transform_from_dict  # lazy: sugar over a module built on Mapping
 
             try:
                 object.__setattr__(self, "transform", transform_from_dict(self.transform))
@@ -323,7 +323,7 @@ class Mapping:
             >>> Mapping.from_yaml(files("tensorparity.examples") / "reference_to_port.yaml").name
             'reference-to-port'
         """
-        from tensorparity.mapping.loader import mapping_from_yaml
+        from tensorparity.mapping.loader import mapping_from_yaml  # lazy: sugar over a module built on Mapping
 
         return mapping_from_yaml(path)
 
@@ -335,7 +335,7 @@ class Mapping:
             >>> Mapping.from_dict({"rules": [{"a": "w", "b": "weight"}]}).map_key("w")
             ['weight']
         """
-        from tensorparity.mapping.loader import mapping_from_dict
+        from tensorparity.mapping.loader import mapping_from_dict  # lazy: sugar over a module built on Mapping
 
         return mapping_from_dict(data, source=source)
 
@@ -356,7 +356,7 @@ class Mapping:
             >>> Mapping.from_dict(__import__("yaml").safe_load(m.to_yaml())) == m
             True
         """
-        from tensorparity.mapping.loader import mapping_to_yaml
+        from tensorparity.mapping.loader import mapping_to_yaml  # lazy: sugar over a module built on Mapping
 
         return mapping_to_yaml(self)
 
@@ -439,7 +439,7 @@ class Mapping:
             >>> m.bind(tensorparity.open({"q": torch.zeros(4, 2), "k": torch.zeros(2, 2)})).rules[0].transform
             Concat(dim=0, sizes=(4, 2))
         """
-        from tensorparity.mapping.apply import apply_mapping
+        from tensorparity.mapping.apply import apply_mapping  # lazy: sugar over a module built on Mapping
 
         return apply_mapping(ckpt, self).mapping
 

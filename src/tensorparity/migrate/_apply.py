@@ -2,7 +2,7 @@
 migration function reads on purpose), nothing is written.
 
 Mapping steps go through :func:`tensorparity.mapping.apply_mapping` (keys it does not claim stay
-as they are); function steps edit a :class:`~tensorparity.migrate.tree.Tree`. Each key keeps
+as they are); function steps edit a :class:`~tensorparity.migrate.nested.Tree`. Each key keeps
 its *origin*: the source key whose bytes it still holds untouched (renamed or moved or copied
 tensors keep theirs; a transformed or set one has none). Migrations of one version are first
 run apart, on the same input, and any key two of them write is a conflict, reported before
@@ -18,10 +18,11 @@ from typing import Any
 
 from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry, ValueEntry
 from tensorparity.errors import TensorParityError
+from tensorparity.mapping import apply_mapping
+from tensorparity.migrate._migrate_report import Change, MigrationPlan, PlanStep
+from tensorparity.migrate.nested import Tree
 from tensorparity.migrate.registry import ConflictError, Migration, MigrationError, Version
-from tensorparity.migrate.tree import Tree
 from tensorparity.report._render import short_repr
-from tensorparity.migrate._report import Change, MigrationPlan, PlanStep
 
 __all__ = ["Applied", "apply_plan"]
 
@@ -55,8 +56,6 @@ def _describe(entry: Entry) -> str:
 
 
 def _mapping_step(state: _State, ckpt: Checkpoint, m: Migration, notes: list[str]) -> tuple[_State, list[Change]]:
-    from tensorparity.mapping import apply_mapping
-
     assert m.mapping is not None
     view = Checkpoint(source=ckpt.source, format=ckpt.format, entries=state.entries, sections=ckpt.sections,
                       default_section=ckpt.default_section)

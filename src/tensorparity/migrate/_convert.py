@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tensorparity._output import refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.numerics import Tolerance
-from tensorparity._output import refuse_inputs, write_failure
-from tensorparity.errors import InternalError, UsageError
-from tensorparity.migrate.atomic import atomic_output
+from tensorparity.checkpoint._nemo_write import read_config
 from tensorparity.checkpoint.write import (
     FORMATS,
     NEMO_CONFIG_KEY,
@@ -33,7 +31,12 @@ from tensorparity.checkpoint.write import (
     source_metadata,
     write_checkpoint,
 )
+from tensorparity.checks._diff import diff
+from tensorparity.errors import InternalError, UsageError
+from tensorparity.migrate.atomic import atomic_output
+from tensorparity.numerics import Tolerance
 from tensorparity.report._render import human_bytes, plain_text, printable, rich_header
+from tensorparity.report._stream import stdout_console
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -124,8 +127,6 @@ class ConvertReport:
         return Group(*parts)
 
     def render(self, console: Console | None = None) -> None:
-        from tensorparity.report._stream import stdout_console
-
         (console or stdout_console()).print(self.renderable())
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
@@ -192,8 +193,6 @@ def verify_written(source: Checkpoint, written: Path) -> DiffReport:
         >>> verify_written(tp_open({"w": torch.ones(1)}), Path(p)).verdict
         'identical'
     """
-    from tensorparity.checks._diff import diff
-
     with open_checkpoint(written) as back:
         both_nemo = source.format == "nemo" and back.format == "nemo"
         return diff(source if both_nemo else payload(source), back if both_nemo else payload(back),
@@ -201,8 +200,6 @@ def verify_written(source: Checkpoint, written: Path) -> DiffReport:
 
 
 def _check_config(expected: str | None, written: Path) -> None:
-    from tensorparity.checkpoint._nemo_write import read_config
-
     if expected is not None and read_config(written) != expected.encode("utf-8"):
         raise InternalError(f"{written}: the model_config.yaml written is not the one given; nothing was written")
 

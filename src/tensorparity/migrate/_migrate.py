@@ -29,15 +29,27 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tensorparity._output import write_failure
+from tensorparity._version import __version__
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity._output import write_failure
+from tensorparity.checkpoint.write import (
+    FORMATS,
+    NEMO_CONFIG_KEY,
+    check_writable,
+    family,
+    format_for_path,
+    payload,
+    source_metadata,
+    write_checkpoint,
+)
 from tensorparity.errors import UsageError
 from tensorparity.migrate._apply import Applied, apply_plan
+from tensorparity.migrate._convert import verify_written
+from tensorparity.migrate._migrate_report import Change, MigrateReport, MigrationPlan
 from tensorparity.migrate.atomic import atomic_output
 from tensorparity.migrate.plan import METADATA_KEY, NEMO_RECORD_KEY, RECORD_KEY, RECORD_SCHEMA, plan_migrations
 from tensorparity.migrate.registry import Migration, MigrationError, Registry, load_migrations
-from tensorparity.migrate._report import Change, MigrateReport, MigrationPlan
 
 __all__ = ["default_output", "migrate"]
 
@@ -73,8 +85,6 @@ def _sha256(path: Path) -> str | None:
 
 
 def _record(plan: MigrationPlan, ckpt: Checkpoint, *, sha256: str | None) -> dict[str, Any]:
-    from tensorparity._version import __version__
-
     return {"registry": plan.registry, "from": plan.version, "to": plan.target, "direction": plan.direction,
             "migrations": [{"name": s.name, "version": s.version, "direction": s.direction} for s in plan.steps],
             "applied_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -85,8 +95,6 @@ def _record(plan: MigrationPlan, ckpt: Checkpoint, *, sha256: str | None) -> dic
 def _finish(ckpt: Checkpoint, applied: Applied, plan: MigrationPlan, registry: Registry, fmt: str,
             record: dict[str, Any]) -> tuple[Checkpoint, dict[str, str], list[Change]]:
     """The checkpoint to write: applied entries, the new version in its field, and the record."""
-    from tensorparity.checkpoint.write import NEMO_CONFIG_KEY, source_metadata
-
     entries = dict(applied.entries)
     metadata = source_metadata(ckpt)
     if fmt.startswith("safetensors"):
@@ -242,7 +250,7 @@ def migrate(
         verify: re-open the output and compare it bitwise with the plan before installing it.
 
     Returns:
-        A :class:`~tensorparity.migrate._report.MigrateReport` (verdict ``migrated``, ``dry run``
+        A :class:`~tensorparity.migrate._migrate_report.MigrateReport` (verdict ``migrated``, ``dry run``
         or ``up to date``).
 
     Raises:
@@ -264,16 +272,6 @@ def migrate(
         >>> migrate(path[:-3] + "_fixed.pt", reg).verdict
         'up to date'
     """
-    from tensorparity.migrate._convert import verify_written
-    from tensorparity.checkpoint.write import (
-        FORMATS,
-        check_writable,
-        family,
-        format_for_path,
-        payload,
-        write_checkpoint,
-    )
-
     start = time.perf_counter()
     if backup and not in_place:
         raise UsageError("a backup is kept only when migrating in place", fix="add --in-place, or drop --backup")

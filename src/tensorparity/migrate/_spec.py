@@ -31,10 +31,13 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
 from tensorparity.errors import TensorParityError
+from tensorparity.mapping import MappingError
+from tensorparity.mapping.loader import _parse, mapping_from_dict, mapping_from_yaml
 from tensorparity.migrate.functions import STEPS, TreeFunction
+from tensorparity.migrate.nested import Tree
 from tensorparity.migrate.registry import Migration, MigrationError, Registry, _version_text
-from tensorparity.migrate.tree import Tree
 
 __all__ = ["registry_from_yaml"]
 
@@ -67,8 +70,6 @@ def _unknown(key: Any, allowed: tuple[str, ...]) -> str:
 
 
 def _call(spec: str, args: dict[str, Any], folder: Path) -> TreeFunction:
-    from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
-
     parsed = parse_factory(spec)
     if parsed.path is not None and not parsed.path.is_absolute():
         parsed = type(parsed)(parsed.text, None, folder / parsed.path, parsed.attribute)
@@ -132,9 +133,6 @@ def _steps(raw: Any, path: tuple[Any, ...], problems: _Problems, folder: Path) -
 
 
 def _mapping(raw: Any, path: tuple[Any, ...], problems: _Problems, folder: Path, name: str) -> Any:
-    from tensorparity.mapping import MappingError
-    from tensorparity.mapping.loader import mapping_from_dict, mapping_from_yaml
-
     if raw is None:
         return None
     try:
@@ -199,9 +197,6 @@ def registry_from_yaml(path: Path) -> Registry:
         >>> reg.name, reg.versions
         ('reference-model', ('1.5', '2.0'))
     """
-    from tensorparity.mapping import MappingError
-    from tensorparity.mapping.loader import _parse
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

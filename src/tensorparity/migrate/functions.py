@@ -2,7 +2,7 @@
 migration (Python: ``function=tie_weights({...})``; YAML: ``steps: [{tie: {...}}]``).
 
 Each factory checks its arguments now and returns ``function(tree)``, which edits a
-:class:`~tensorparity.migrate.tree.Tree` and raises :class:`MigrationError` (naming the key and
+:class:`~tensorparity.migrate.nested.Tree` and raises :class:`MigrationError` (naming the key and
 the fix) when the checkpoint does not hold what it needs.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tensorparity.migrate.nested import Tree
 from tensorparity.migrate.registry import MigrationError
-from tensorparity.migrate.tree import Tree
 
 __all__ = ["STEPS", "delete_keys", "move_keys", "recompute_last_epoch", "set_values", "tie_weights"]
 

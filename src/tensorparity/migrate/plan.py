@@ -16,8 +16,9 @@ from typing import Any
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry
 from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
+from tensorparity.checkpoint.write import source_metadata
+from tensorparity.migrate._migrate_report import MigrationPlan, PlanStep
 from tensorparity.migrate.registry import DowngradeError, MigrationError, Registry, Version, _version_text
-from tensorparity.migrate._report import MigrationPlan, PlanStep
 
 __all__ = ["METADATA_KEY", "NEMO_RECORD_KEY", "RECORD_KEY", "RECORD_SCHEMA", "plan_migrations", "read_history", "read_version"]
 
@@ -29,8 +30,6 @@ RECORD_SCHEMA = "tensorparity.migration-record/1"
 
 
 def _metadata(ckpt: Checkpoint) -> dict[str, str]:
-    from tensorparity.checkpoint.write import source_metadata
-
     return source_metadata(ckpt)
 
 

@@ -20,11 +20,13 @@ from functools import total_ordering
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tensorparity._factory import FactoryError, FactorySpec, _attribute, _import, _on_path
 from tensorparity.errors import TensorParityError, UsageError
+from tensorparity.mapping import MappingError, load_mapping
 
 if TYPE_CHECKING:
     from tensorparity.mapping import Mapping
-    from tensorparity.migrate.tree import Tree  # noqa: F401 - named in a string annotation
+    from tensorparity.migrate.nested import Tree  # noqa: F401 - named in a string annotation
 
 __all__ = ["ConflictError", "DowngradeError", "Migration", "MigrationError", "Registry", "Version", "load_migrations",
            "migration"]
@@ -111,7 +113,7 @@ class Migration:
         version: the version a checkpoint is at after this migration.
         name: a short unique name, recorded in the output.
         mapping: renames, transforms, splits, merges, drops (:class:`tensorparity.mapping.Mapping`).
-        function: ``function(tree)`` edits a :class:`~tensorparity.migrate.tree.Tree` in place.
+        function: ``function(tree)`` edits a :class:`~tensorparity.migrate.nested.Tree` in place.
         inverse: what undoes it, for downgrades: ``"auto"`` (the mapping inverted; a migration
             with a function needs an explicit inverse), or a :class:`Migration`.
         description: one line for humans.
@@ -137,8 +139,6 @@ class Migration:
         if not isinstance(self.name, str) or not self.name.strip():
             raise MigrationError(f"migration {self.version} has no name", fix="give every migration a short name")
         if self.mapping is not None:
-            from tensorparity.mapping import load_mapping
-
             object.__setattr__(self, "mapping", load_mapping(self.mapping))
         if self.function is not None and not callable(self.function):
             raise MigrationError(f"migration {self.name!r}: function is a {type(self.function).__name__}, not callable",
@@ -172,8 +172,6 @@ class Migration:
             raise DowngradeError(f"migration {self.name!r} ({self.version}) has no inverse, so it cannot be undone",
                                  fix="define its inverse (inverse: auto for a mapping), or keep the newer version")
         if self.inverse == "auto":
-            from tensorparity.mapping import MappingError
-
             assert self.mapping is not None
             try:
                 mapping = self.mapping.inverted()
@@ -325,8 +323,6 @@ def _from_object(obj: Any, *, label: str, name: str) -> Registry:
 
 def _import_python(text: str) -> Registry:
     """``pkg.mod[:NAME]`` or ``file.py[:NAME]``, through the model-factory import machinery."""
-    from tensorparity._factory import FactoryError, FactorySpec, _attribute, _import, _on_path
-
     where, colon, attribute = text.rpartition(":")
     if not colon or "/" in attribute or attribute.endswith(".py"):
         where, attribute = text, DEFAULT_ATTRIBUTE
@@ -371,7 +367,7 @@ def load_migrations(source: Registry | Iterable[Migration] | str | Path) -> Regi
     if isinstance(source, (str, Path)):
         text = str(source)
         if text.endswith((".yaml", ".yml")):
-            from tensorparity.migrate._spec import registry_from_yaml
+            from tensorparity.migrate._spec import registry_from_yaml  # lazy: the YAML loader builds Registry
 
             return registry_from_yaml(Path(text))
         return _import_python(text)

@@ -15,7 +15,7 @@ Example:
 
 from tensorparity.numerics.engine import Pair, compare_pairs
 from tensorparity.numerics.metrics import compare_tensors, same_bytes
-from tensorparity.numerics.records import Status, TensorComparison
+from tensorparity.numerics.results import Status, TensorComparison
 from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance, default_tolerance
 
 __all__ = [

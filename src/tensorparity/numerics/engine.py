@@ -22,7 +22,7 @@ import torch
 from tensorparity.checkpoint._mapped import spans_equal
 from tensorparity.checkpoint.tree import TensorEntry
 from tensorparity.numerics.metrics import compare_tensors
-from tensorparity.numerics.records import TensorComparison
+from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import Tolerance
 
 __all__ = ["Loadable", "Pair", "compare_pairs"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tensorparity.numerics.records import TensorComparison
+from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance
 
 try:  # the optional C kernel (setup.py builds it where a compiler is found)

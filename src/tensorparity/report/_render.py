@@ -15,6 +15,8 @@ import reprlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from tensorparity.report._fit import FitTable, Wrapped, column_kind
+
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
@@ -164,8 +166,6 @@ def rich_table(title: str, *columns: str, left: tuple[str, ...] = ("key", "shape
     It fits any width (:class:`~tensorparity.report._fit.FitTable`): number, shape and dtype
     columns never wrap, names wrap only between their dotted components, and a table too wide
     for the console is shown one row at a time, as ``column: value`` lines."""
-    from tensorparity.report._fit import FitTable, column_kind
-
     kinds = [column_kind(i, c, left) for i, c in enumerate(columns)]
     justify = ["left" if i == 0 or c in left else "right" for i, c in enumerate(columns)]
     return FitTable(title, columns, kinds, justify)
@@ -175,8 +175,6 @@ def wrapped(text: str | Text, style: str = "", *, indent: int = 0) -> Renderable
     """Text that wraps only between words, after ``/`` and between a key's dotted components:
     never inside a number (``0.0007813``) or a component (``self_attn``); ``indent`` spaces
     before each line."""
-    from tensorparity.report._fit import Wrapped
-
     return Wrapped(text, style, indent=indent)
 
 

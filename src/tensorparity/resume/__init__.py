@@ -13,7 +13,8 @@ Example:
     'pass'
 """
 
-from tensorparity.resume._report import (
+from tensorparity.resume._recipe_errors import NondeterminismError, RecipeError
+from tensorparity.resume._resume_report import (
     Confirmation,
     Divergence,
     Finding,
@@ -22,7 +23,6 @@ from tensorparity.resume._report import (
     Segment,
     StepRow,
 )
-from tensorparity.resume.errors import NondeterminismError, RecipeError
 from tensorparity.resume.fingerprint import StepRecord
 from tensorparity.resume.recipe import Progress, Recipe, TrainingObjects
 from tensorparity.resume.runner import RunResult, judge_segment, resume_check

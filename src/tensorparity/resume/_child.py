@@ -35,7 +35,7 @@ import torch.utils.data
 from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import build, describe, guarded, inside_group, recording_loads, train, wrote_something
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 from tensorparity.resume.fingerprint import state_hashes
 from tensorparity.resume.recipe import LoadedRecipe, RecipeSpec, check, resolve
 

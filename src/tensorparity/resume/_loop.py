@@ -25,7 +25,7 @@ import torch
 import torch.utils.data
 from torch import nn
 
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 from tensorparity.resume.fingerprint import StepRecord, hash_batch, state_hashes
 from tensorparity.resume.recipe import LoadedRecipe, TrainingObjects, as_objects
 from tensorparity.resume.state import data_rng, rng_state, set_data_rng, set_rng_state, stateful_loader

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from tensorparity.errors import InternalError
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 
 __all__ = ["Handle", "Launcher", "child_env", "fork_available", "launcher"]
 

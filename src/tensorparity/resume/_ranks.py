@@ -26,7 +26,7 @@ from typing import Any
 
 from tensorparity.numerics import Tolerance
 from tensorparity.report._render import plural
-from tensorparity.resume._report import Finding, Segment
+from tensorparity.resume._resume_report import Finding, Segment
 from tensorparity.resume.audit import audit, divergence, state_diff
 from tensorparity.resume.fingerprint import StepRecord, compare_records
 

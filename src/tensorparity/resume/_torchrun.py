@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tensorparity.resume._pool import _result, _timed_out, child_env
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 
 __all__ = ["TorchrunLauncher"]
 

@@ -4,7 +4,7 @@ named in the user's words.
 Both states (:func:`tensorparity.resume.state.capture`) are compared with
 :func:`tensorparity.checks._diff` — the one comparison loop — and every differing key is assigned to its
 component (``optimizer``, ``rng.torch``, ``extras.ema``, ...). Each component that differs
-becomes one :class:`~tensorparity.resume._report.Finding` whose message says what was lost and what
+becomes one :class:`~tensorparity.resume._resume_report.Finding` whose message says what was lost and what
 it will change: "optimizer state was not restored: exp_avg, exp_avg_sq and step of 16 parameters
 are missing", "torch CPU RNG state differs: dropout masks will change", "scheduler last_epoch is
 0, expected 4", "load_state_dict(strict=False) skipped 2 keys ...".
@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tensorparity.numerics import Tolerance
 from tensorparity.checks._diff import diff
-from tensorparity.report._render import distinct, plural
 from tensorparity.checks._diff_report import DiffReport
-from tensorparity.resume._report import Divergence, Finding, StepRow
+from tensorparity.numerics import Tolerance
+from tensorparity.report._render import distinct, plural
+from tensorparity.resume._resume_report import Divergence, Finding, StepRow
 from tensorparity.resume.state import component_of
 
 __all__ = ["audit", "divergence", "state_diff"]

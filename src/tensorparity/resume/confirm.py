@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from tensorparity.resume._report import Confirmation, Finding, Segment
+from tensorparity.resume._resume_report import Confirmation, Finding, Segment
 
 __all__ = ["MAX_SUSPECTS", "conclude", "plan"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tensorparity.numerics import Tolerance, compare_tensors
-from tensorparity.resume._report import StepRow
+from tensorparity.resume._resume_report import StepRow
 
 __all__ = ["StepRecord", "compare_records", "hash_batch", "hash_tensor", "state_hashes"]
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
 from tensorparity.errors import TensorParityError
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 
 __all__ = ["LoadedRecipe", "Progress", "Recipe", "RecipeSpec", "TrainingObjects", "as_objects", "load_recipe",
            "spec_of"]

@@ -31,17 +31,17 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal
 
-from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
+from tensorparity.numerics import Tolerance
 from tensorparity.report._render import plural
-from tensorparity.resume._report import ResumeLeg, ResumeReport, Segment
 from tensorparity.resume._pool import Handle, Launcher, SpawnLauncher, fork_available, launcher
 from tensorparity.resume._ranks import combine
 from tensorparity.resume._ranks import judge as judge_ranks
+from tensorparity.resume._recipe_errors import NondeterminismError, RecipeError
+from tensorparity.resume._resume_report import ResumeLeg, ResumeReport, Segment
 from tensorparity.resume._torchrun import TorchrunLauncher
 from tensorparity.resume.audit import audit, divergence, state_diff
 from tensorparity.resume.confirm import conclude, plan
-from tensorparity.resume.errors import NondeterminismError, RecipeError
 from tensorparity.resume.fingerprint import StepRecord, compare_records
 from tensorparity.resume.recipe import LoadedRecipe, load_recipe
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorparity.resume.errors import RecipeError
+from tensorparity.resume._recipe_errors import RecipeError
 from tensorparity.resume.recipe import TrainingObjects
 
 __all__ = ["FORMAT", "capture", "component_of", "components", "data_rng", "load", "non_persistent_buffers", "restore",

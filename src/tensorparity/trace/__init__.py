@@ -5,16 +5,16 @@ and compare two runs layer by layer.
 trace folders or live models, layer by layer, down to the first layer that diverges.
 """
 
-from tensorparity.trace._report import LayerComparison, TraceReport
-from tensorparity.trace.align import RecordSource, align_layers, module_renames
+from tensorparity.checkpoint.tracefolder.format import TraceError
+from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
 from tensorparity.trace._capture import capture
 from tensorparity.trace._compare import compare_traces
-from tensorparity.checkpoint.tracefolder.format import TraceError
-from tensorparity.trace.noise import noise_floor, noise_tolerance, recorded_noise_floor
-from tensorparity.checkpoint.tracefolder.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
 from tensorparity.trace._replay import ReplayedLayer, ReplayReport, SkippedLayer, replay
+from tensorparity.trace._trace_report import LayerComparison, TraceReport
+from tensorparity.trace.align import RecordSource, align_layers, module_renames
+from tensorparity.trace.noise import noise_floor, noise_tolerance, recorded_noise_floor
 from tensorparity.trace.seed import InputSpec, input_hash, reproducible, seed_everything
-from tensorparity.checkpoint.tracefolder.reader import Trace
 
 compare = compare_traces  # the verb as the CLI spells it: tensorparity compare A B
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensorparity.trace._report import TraceSide
-from tensorparity.trace.align import Alignment, RecordSource
 from tensorparity.checkpoint.tracefolder.records import same_content
+from tensorparity.trace._trace_report import TraceSide
+from tensorparity.trace.align import Alignment, RecordSource
 
 __all__ = ["provenance_checks"]
 

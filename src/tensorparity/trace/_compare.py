@@ -20,22 +20,32 @@ import torch
 from torch import nn
 
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
-from tensorparity.numerics import Tolerance
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, MappingError, apply_mapping, load_mapping
-from tensorparity.trace._ranked_report import RankedTraceReport
-from tensorparity.trace._report import LayerComparison, TraceReport, TraceSide, UnalignedLayer
+from tensorparity.numerics import Tolerance
 from tensorparity.trace._checks import provenance_checks
 from tensorparity.trace._found import find_mapping
-from tensorparity.trace._jobs import (Job, RecordTensor, loadable, assign_tolerances, layout_jobs, make_job, pair_records,
-                                     run_jobs)
+from tensorparity.trace._jobs import (
+    Job,
+    RecordTensor,
+    assign_tolerances,
+    layout_jobs,
+    loadable,
+    make_job,
+    pair_records,
+    run_jobs,
+)
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
 from tensorparity.trace._rank_plan import compare_ranks, plan_ranks
+from tensorparity.trace._ranked_report import RankedTraceReport
 from tensorparity.trace._reordered import carry_layouts, sorted_values
+from tensorparity.trace._trace_report import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace.align import (
     Alignment,
     LayerMatch,
@@ -45,7 +55,7 @@ from tensorparity.trace.align import (
     align_layers,
     group_layers,
 )
-from tensorparity.checkpoint.tracefolder.records import TraceRecord
+from tensorparity.trace.live import run_like
 
 __all__ = ["compare_stats", "compare_traces", "relative_error"]
 
@@ -105,7 +115,7 @@ def compare_traces(
             model) with every rank of the other, multi-process one.
 
     Returns:
-        A :class:`~tensorparity.trace._report.TraceReport`; for traces compared on several ranks a
+        A :class:`~tensorparity.trace._trace_report.TraceReport`; for traces compared on several ranks a
         :class:`~tensorparity.trace._ranked_report.RankedTraceReport` (one report per rank, one verdict).
 
     Example:
@@ -140,8 +150,6 @@ def compare_traces(
         return compare_ranks(plan, lambda x, y: compare_traces(x, y, mapping=key_mapping, tolerance=tol, align=align,
                                                                margin=margin, workers=workers, inputs=inputs))
     a, b, rank_a, rank_b = plan.a, plan.b, plan.rank_a, plan.rank_b
-    from tensorparity.trace.live import run_like  # here: it imports the capture
-
     if isinstance(a, nn.Module) and isinstance(b, nn.Module):
         if inputs is None:
             raise UsageError("two live models need an input to run on", fix="pass inputs=... (a tensor, a tuple of "
@@ -262,8 +270,6 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
 
 def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, TraceSide]:
     if isinstance(source, (str, os.PathLike)):
-        from tensorparity.checkpoint.tracefolder.reader import Trace  # here: the reader imports the capture's format
-
         src: Any = Trace.open(source, rank=rank)
         label = str(src.path or source) if rank is not None else str(source)  # a rank: its rank-<r> folder
     elif isinstance(source, RecordSource):

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import TensorParityError
-from tensorparity.mapping import Mapping, Suggestion, suggest_mapping
-from tensorparity.checkpoint.tracefolder.records import TraceRecord
+from tensorparity.mapping import Mapping, Rule, Suggestion, apply_mapping, suggest_from_signatures, suggest_mapping
+from tensorparity.mapping._param_signature import SCHEMA, ParamSignature
 
 __all__ = ["Found", "extend_by_names", "find_mapping", "stored_parameters"]
 
@@ -72,8 +73,6 @@ def _entries(source: Any, records: dict[str, TraceRecord]) -> Any:
 def signatures(source: Any) -> dict[str, Any]:
     """A trace's parameter signatures (``param_signature`` records, stats mode) by ``owner.name``,
     with the statistics of their ``param`` record; empty where it has none."""
-    from tensorparity.mapping._param_signature import SCHEMA, ParamSignature
-
     params = {_key(r): r for r in source.records if r.kind == "param" and r.is_tensor}
     out = {}
     for r in source.records:
@@ -91,8 +90,6 @@ def signatures(source: Any) -> dict[str, Any]:
 
 def _from_signatures(src_a: Any, src_b: Any) -> Found | None:
     """The search on the parameters' signatures, where neither trace stored the tensors."""
-    from tensorparity.mapping import suggest_from_signatures
-
     sig_a, sig_b = signatures(src_a), signatures(src_b)
     if not sig_a or not sig_b:
         return None
@@ -169,8 +166,6 @@ def extend_by_names(suggestion: Suggestion, shapes_a: dict[str, tuple[tuple[int,
     content match there; the names say which keys correspond, and the comparison then shows the
     values differ, instead of leaving the layer unpaired."""
     from dataclasses import replace as _replace
-
-    from tensorparity.mapping import Rule, apply_mapping
 
     mapping = suggestion.mapping
     left_a, left_b = set(suggestion.unmatched_a), set(suggestion.unmatched_b)

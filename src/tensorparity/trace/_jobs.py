@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
 from tensorparity.checkpoint.tree import LazyTensor, TensorEntry
 from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
 from tensorparity.trace._layout import Gathered, Layout, combine_stats
 from tensorparity.trace._measure import compare_stats, relative_error, stats_error
 from tensorparity.trace.align import LayerMatch, RecordSource, TraceLayer
-from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stats
 
 __all__ = ["Given", "Job", "overridden", "RecordTensor", "Reshaped", "same_but_unit_dims", "float_tolerance", "layout_jobs", "make_job", "pair_records", "run_jobs"]
 

@@ -49,10 +49,10 @@ import numpy as np
 import torch
 
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.mapping import Chain, Mapping, MappingError, apply_mapping
 from tensorparity.mapping.transforms import Cast, TransformSpecError
-from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 
 __all__ = ["Gathered", "Layout", "combine_stats", "derive_layouts", "feature_axis", "gather", "param_shapes"]
 

@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import torch
 
-from tensorparity.numerics import TensorComparison, Tolerance, compare_tensors
-from tensorparity.errors import TensorParityError
 from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
+from tensorparity.errors import TensorParityError
+from tensorparity.numerics import TensorComparison, Tolerance, compare_tensors
 
 __all__ = ["compare_stats", "relative_error", "stats_error"]
 

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity.mapping import Mapping
+from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
+from tensorparity.mapping import Mapping, suggest_mapping
+from tensorparity.trace._capture import capture
+from tensorparity.trace._found import extend_by_names, stored_parameters
 from tensorparity.trace._layout import Layout, derive_layouts, param_shapes
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace.align import align_layers, group_layers
-from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
 
 __all__ = ["call_adapted", "model_layouts", "model_mapping", "partners", "probe"]
 
@@ -35,8 +37,6 @@ def probe(trace: Trace, model: nn.Module, device: torch.device) -> Trace | None:
     """The model run once on the reference's own model input, recorded as statistics only (what
     pairs its modules with the reference's); ``None`` when the reference holds no model input to
     probe with, or the probe raises (replay then pairs by names alone)."""
-    from tensorparity.trace._capture import capture
-
     rows = [r for r in trace.records if r.kind == "model_input" and r.call == 0]
     if not rows or any(r.is_tensor and not r.stored for r in rows):
         return None
@@ -79,9 +79,6 @@ def model_mapping(trace: Trace, model: nn.Module) -> tuple[Mapping | None, str]:
     """The mapping from the reference's recorded parameters to the model's, found by content when
     the names or the layouts differ (see :mod:`._found`); ``(None, why)`` where none is needed or
     the trace recorded no parameters."""
-    from tensorparity.mapping import suggest_mapping
-    from tensorparity.trace._found import extend_by_names, stored_parameters
-
     recorded, kind = stored_parameters(trace.records)
     params = {k: p.detach() for k, p in model.named_parameters()}
     if kind != "param" or not params:

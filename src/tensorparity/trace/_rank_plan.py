@@ -25,10 +25,11 @@ from typing import Any
 
 from torch import nn
 
+from tensorparity.checkpoint.tracefolder.format import MANIFEST, TraceError, rank_folders
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.trace._ranked_report import RankComparison, RankedTraceReport
-from tensorparity.trace._report import TraceReport
-from tensorparity.checkpoint.tracefolder.format import MANIFEST, TraceError, rank_folders
+from tensorparity.trace._trace_report import TraceReport
 
 __all__ = ["RankPlan", "compare_ranks", "plan_ranks", "split_rank"]
 
@@ -121,8 +122,6 @@ def _ranks_of(source: Any) -> dict[int, Path]:
     folders = rank_folders(folder)
     if len(folders) < 2:
         return folders
-    from tensorparity.checkpoint.tracefolder.reader import Trace  # here: the reader imports the capture's format
-
     try:  # ranks Trace.open assembles into one trace (DTensor shards) are one trace here too
         Trace.open(folder).close()
     except UsageError:  # "the trace holds N ranks": one trace per rank
@@ -172,8 +171,6 @@ def plan_ranks(a: Any, b: Any, *, rank: int | None, rank_a: int | None, rank_b: 
 
 def _open_ranks(plan: RankPlan, a: Any, b: Any, folders_a: dict[int, Path], folders_b: dict[int, Path],
                 ra: int | None, rb: int | None) -> None:
-    from tensorparity.checkpoint.tracefolder.reader import Trace
-
     problems: list[TensorParityError] = []
     sides: dict[str, dict[int, Any]] = {}
     for name, source, folders in (("A", a, folders_a), ("B", b, folders_b)):
@@ -214,8 +211,6 @@ def _single(source: Any, rank: int | None, plan: RankPlan) -> Any:
     """The one-trace side of ``each_rank``, opened once (a path) or as given (a trace, a model)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    from tensorparity.checkpoint.tracefolder.reader import Trace
-
     trace = Trace.open(source, rank=rank)
     plan.opened.append(trace)
     return trace

@@ -1,5 +1,5 @@
 """What :func:`tensorparity.trace.compare_traces` returns for multi-process traces compared on all
-their ranks: one :class:`~tensorparity.trace._report.TraceReport` per rank, one verdict (the worst),
+their ranks: one :class:`~tensorparity.trace._trace_report.TraceReport` per rank, one verdict (the worst),
 one exit code. Rendered as a per-rank table (rank, verdict, mismatched layers, first divergence)
 followed by the worst rank's full report; JSON schema ``tensorparity.trace-compare-ranks/1`` holds
 every rank's report (each ``tensorparity.trace-compare/1``).
@@ -12,9 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity.report._render import html_table, jsonable, plain_text, plural, printable, rich_header, \
-    rich_titled_table, wrapped
-from tensorparity.trace._report import TraceReport, Verdict
+from tensorparity.report._render import (
+    html_table,
+    jsonable,
+    plain_text,
+    plural,
+    printable,
+    rich_header,
+    rich_titled_table,
+    wrapped,
+)
+from tensorparity.trace._trace_report import TraceReport, Verdict
+from tensorparity.trace._trace_report_html import render_trace_html
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -229,8 +238,6 @@ class RankedTraceReport:
     def to_html(self) -> str:
         """One self-contained HTML page: the per-rank table above the worst rank's full report."""
         import html
-
-        from tensorparity.trace._report_html import render_trace_html
 
         w = self.worst
         page = render_trace_html(w.report, title=f"tensorparity compare {self.a} vs {self.b} ({self.pairing})")

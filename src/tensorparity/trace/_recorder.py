@@ -17,11 +17,18 @@ import torch
 from torch import nn
 
 from tensorparity.checkpoint._wrappers import WrapperNames, wrapper_attr
-from tensorparity.mapping._param_signature import param_signature
 from tensorparity.checkpoint.tracefolder._dtensor import as_recorded, is_dtensor, sharded
 from tensorparity.checkpoint.tracefolder.format import STORABLE, TraceWriter
-from tensorparity.checkpoint.tracefolder.records import (SCHEMA, TensorStats, TraceRecord, flatten_value, json_value, record_key,
-                                       tensor_stats)
+from tensorparity.checkpoint.tracefolder.records import (
+    SCHEMA,
+    TensorStats,
+    TraceRecord,
+    flatten_value,
+    json_value,
+    record_key,
+    tensor_stats,
+)
+from tensorparity.mapping._param_signature import param_signature
 from tensorparity.trace.seed import environment, input_hash
 
 if TYPE_CHECKING:

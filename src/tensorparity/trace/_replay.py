@@ -24,20 +24,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity.numerics import Pair, Tolerance, compare_pairs
+from tensorparity.checkpoint.tracefolder.format import TraceError
+from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
+from tensorparity.checkpoint.tracefolder.records import TraceRecord, flatten_value
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping, load_mapping
+from tensorparity.numerics import Pair, Tolerance, compare_pairs
 from tensorparity.trace._jobs import Given, RecordTensor, float_tolerance, is_default, overridden, summands
 from tensorparity.trace._layout import Gathered, Layout, feature_axis
-from tensorparity.trace._replay_report import SCHEMA, ReplayedLayer, ReplayReport, SkippedLayer
+from tensorparity.trace._partners import call_adapted, model_layouts, model_mapping, partners, probe
 from tensorparity.trace._replay_layout import as_recorded, differing_parts, reorder_first
 from tensorparity.trace._replay_layout import reordered as values_reordered
-from tensorparity.trace._partners import call_adapted, model_layouts, model_mapping, partners, probe
+from tensorparity.trace._replay_report import SCHEMA, ReplayedLayer, ReplayReport, SkippedLayer
 from tensorparity.trace.align import TraceLayer, group_layers, module_renames
-from tensorparity.checkpoint.tracefolder.format import TraceError
-from tensorparity.trace.noise import FACTOR, noise_atol, noise_tolerance, to_double
-from tensorparity.checkpoint.tracefolder.records import TraceRecord, flatten_value
-from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
+from tensorparity.trace.noise import FACTOR, double_copy, noise_atol, noise_tolerance, to_double
 
 __all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer", "replay"]
 
@@ -192,8 +192,6 @@ def replay(
 
 
 def _double(model: nn.Module) -> nn.Module:
-    from tensorparity.trace.noise import double_copy
-
     return double_copy(model)
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 from tensorparity.numerics import Pair, TensorComparison, Tolerance
 from tensorparity.trace._jobs import same_but_unit_dims
-from tensorparity.trace._reordered import sorted_comparison
 from tensorparity.trace._layout import Layout
-from tensorparity.checkpoint.tracefolder.records import TraceRecord
+from tensorparity.trace._reordered import sorted_comparison
 
 __all__ = ["as_recorded", "differing_parts", "reorder_first", "reordered"]
 

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tensorparity.numerics import TensorComparison, Tolerance
 from tensorparity.mapping import Mapping
+from tensorparity.numerics import TensorComparison, Tolerance
 from tensorparity.report._render import jsonable, plain_text, printable, rich_titled_table, wrapped
 
 if TYPE_CHECKING:

@@ -30,11 +30,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from tensorparity.checkpoint.tracefolder.records import TraceRecord
 from tensorparity.errors import UsageError
 from tensorparity.mapping import Mapping
 from tensorparity.mapping.templates import Template
 from tensorparity.trace._sequence import align_within_parents, sequence_align
-from tensorparity.checkpoint.tracefolder.records import TraceRecord
 
 __all__ = ["Alignment", "LayerMatch", "Method", "ModuleRenames", "RecordSource", "TraceLayer", "Unaligned",
            "align_layers", "group_layers", "module_renames"]

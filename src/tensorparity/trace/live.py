@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity.errors import UsageError
-from tensorparity.trace.align import RecordSource
-from tensorparity.checkpoint.tracefolder.records import flatten_value
 from tensorparity.checkpoint.tracefolder.reader import Trace, rebuild_call
+from tensorparity.checkpoint.tracefolder.records import flatten_value
+from tensorparity.errors import UsageError
+from tensorparity.trace._capture import capture
+from tensorparity.trace.align import RecordSource
 
 __all__ = ["run_like"]
 
@@ -68,8 +69,6 @@ def run_like(model: nn.Module, reference: RecordSource | None, *, inputs: Any = 
     if not isinstance(model, nn.Module):
         raise UsageError(f"a live side must be an nn.Module, not {type(model).__name__}",
                          fix="pass the model, a trace, or a trace folder's path")
-    from tensorparity.trace._capture import capture
-
     records = list(reference.records) if reference is not None else []
     device = _device(model)
 

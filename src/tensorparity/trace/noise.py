@@ -26,9 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity.numerics import Tolerance
-from tensorparity.errors import UsageError
+from tensorparity.checkpoint.tracefolder.format import rank_folders
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.checkpoint.tracefolder.records import TraceRecord
+from tensorparity.errors import UsageError
+from tensorparity.numerics import Tolerance
+from tensorparity.trace._capture import capture
+from tensorparity.trace.seed import seed_everything
 
 __all__ = ["FACTOR", "ULPS", "double_copy", "noise_atol", "noise_atols", "noise_floor", "noise_tolerance",
            "recorded_noise_floor", "to_double"]
@@ -153,9 +157,6 @@ def noise_tolerance(atols: dict[str, float], *, base: Tolerance | None = None) -
 
 def _run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int,
          loss: Callable[[Any], torch.Tensor] | None) -> Any:
-    from tensorparity.trace._capture import capture
-    from tensorparity.trace.seed import seed_everything
-
     state = seed_everything(seed, deterministic=False)
     held = {p: p.grad for p in model.parameters()}  # the model's own gradients are neither read nor left changed
     for p in held:
@@ -270,9 +271,6 @@ def recorded_noise_floor_of(path: Any, rank: int | None = None, *, base: Toleran
     """:func:`recorded_noise_floor` of the trace at ``path``; for a multi-rank trace without a
     ``rank``, every rank's floor, each key judged by the loosest rank's (the ranks of one run are
     compared with one tolerance; a rank's floor is its own float32 noise on its own data)."""
-    from tensorparity.checkpoint.tracefolder.format import rank_folders
-    from tensorparity.checkpoint.tracefolder.reader import Trace
-
     folders = rank_folders(Path(path)) if rank is None and Path(path).is_dir() else {}
     if not folders:
         trace = Trace.open(path, rank=rank)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tensorparity._version import __version__
 from tensorparity.errors import UsageError
 
 __all__ = ["InputSpec", "RandomState", "build_inputs", "current_seed", "environment", "input_hash", "reproducible",
@@ -134,8 +135,6 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     import platform
 
     import safetensors
-
-    from tensorparity._version import __version__
 
     env: dict[str, Any] = {
         "tensorparity": __version__, "torch": torch.__version__, "python": platform.python_version(),

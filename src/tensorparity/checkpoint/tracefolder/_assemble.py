@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from tensorparity.checkpoint.safetensors import DTYPES
-from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.checkpoint.tracefolder._dtensor import assemble_tensor, sharded
 from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tree import LazyTensor
 
 __all__ = ["RankShards", "assemble_ranks", "is_sharded_trace"]
 

@@ -19,13 +19,14 @@ import os
 import re
 from pathlib import Path
 
+from tensorparity.checkpoint.tracefolder.format import CAPTURING, rank_folders
+from tensorparity.checkpoint.tracefolder.reader import Trace, param_name
 from tensorparity.checkpoint.tree import Checkpoint, Entry, ValueEntry, flatten
 
 __all__ = ["is_trace_dir", "param_prefix", "read_trace_dir"]
 
 _SHARD = re.compile(r"shard-\d{5,}\.safetensors")
 _RANK = re.compile(r"rank-\d+")
-CAPTURING = ".capturing"  # written when a capture starts, removed once its manifest is written
 
 
 def _has_trace_schema(manifest: Path) -> bool:
@@ -76,8 +77,6 @@ def param_prefix(modules: set[str]) -> str:
 
 
 def _entries(trace: object, prefix: str) -> tuple[dict[str, Entry], int, str]:
-    from tensorparity.checkpoint.tracefolder.reader import Trace, param_name
-
     assert isinstance(trace, Trace)
     params = prefix + param_prefix({r.module for r in trace.records if r.kind != "param"})
     lazies = {}
@@ -115,9 +114,6 @@ def read_trace_dir(path: Path) -> Checkpoint:
         >>> list(ckpt.weights())
         ['weight', 'bias']
     """
-    from tensorparity.checkpoint.tracefolder.format import rank_folders
-    from tensorparity.checkpoint.tracefolder.reader import Trace
-
     path = Path(path)
     ranks = rank_folders(path) if not (path / "manifest.json").exists() else {}
     traces = {f"rank-{r}/": Trace.open(folder) for r, folder in ranks.items()} if ranks else {"": Trace.open(path)}

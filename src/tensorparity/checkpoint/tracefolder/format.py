@@ -36,13 +36,15 @@ from typing import Any
 import torch
 import xxhash
 
+from tensorparity._output import write_failure
 from tensorparity.checkpoint.safetensors import DTYPES
-from tensorparity.checkpoint.tracefolder.as_checkpoint import CAPTURING
-from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
+from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = ["DIGESTS", "MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo", "TraceError", "TraceWriter",
            "build_manifest", "file_digest", "rank_folders", "read_manifest", "schema_major", "write_manifest"]
+
+CAPTURING = ".capturing"  # written when a capture starts, removed once its manifest is written
 
 MANIFEST = "manifest.json"
 MODES = ("full", "stats", "window")
@@ -165,8 +167,6 @@ class TraceWriter:
             if isinstance(exc, CorruptCheckpointError):
                 raise exc
             if isinstance(exc, OSError):
-                from tensorparity._output import write_failure
-
                 raise write_failure(exc, "the trace", self.folder, error=TraceError,
                                     left="capture again; the folder holds no complete trace") from exc
             raise TraceError(f"writing the trace failed ({type(exc).__name__}: {exc})", path=self.folder,

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from tensorparity.checkpoint.safetensors import safetensors_tensors
-from tensorparity.checkpoint.tree import LazyTensor
-from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
+from tensorparity.checkpoint.tracefolder._assemble import RankShards, assemble_ranks, is_sharded_trace
 from tensorparity.checkpoint.tracefolder.format import (
     MANIFEST,
     MODES,
@@ -30,8 +29,9 @@ from tensorparity.checkpoint.tracefolder.format import (
     read_manifest,
     write_manifest,
 )
-from tensorparity.checkpoint.tracefolder._assemble import RankShards, assemble_ranks, is_sharded_trace
 from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tree import LazyTensor
+from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
 __all__ = ["ShardSet", "Trace", "param_name", "prepare_folder"]
 

@@ -1,4 +1,4 @@
-"""The terminal rendering of a :class:`~tensorparity.trace._report.TraceReport`: header and
+"""The terminal rendering of a :class:`~tensorparity.trace._trace_report.TraceReport`: header and
 warnings, the verdict, the classic line, the first divergence, then the mismatched layers, the
 matched ones, parameter gradients and the layers of only one side, each folded to ``top`` rows."""
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from tensorparity.numerics import TensorComparison
-    from tensorparity.trace._report import LayerComparison, TraceReport, TraceSide
+    from tensorparity.trace._trace_report import LayerComparison, TraceReport, TraceSide
 
 __all__ = ["rich_parts"]
 

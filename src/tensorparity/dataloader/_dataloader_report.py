@@ -120,7 +120,6 @@ class DataLoaderStateSummary:
 
     def renderable(self) -> RenderableType:
         from rich.console import Group
-
         from rich.text import Text
 
         title = Text(f"data-loader state ({self.layout}): {self.source}", style="bold")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.report._render import jsonable, plain_text, plural, printable, rich_header, rich_titled_table
+from tensorparity.report._stream import stdout_console
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -285,8 +286,6 @@ class MigrateReport:
 
     def render(self, console: Console | None = None, *, top: int = 10) -> None:
         """Print the report to ``console`` (a stdout console by default)."""
-        from tensorparity.report._stream import stdout_console
-
         (console or stdout_console()).print(self.renderable(top=top))
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.numerics import Tolerance
 from tensorparity.report._render import jsonable, plain_text, plural, record_dict
+from tensorparity.resume._resume_report_render import html_report, rich_report
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -325,8 +326,6 @@ class ResumeReport:
 
     def renderable(self, *, top: int = 20) -> RenderableType:
         """A rich renderable: header, verdict, then each leg's step table, audit and confirmations."""
-        from tensorparity.resume._report_render import rich_report
-
         return rich_report(self, top)
 
     def render(self, console: Console | None = None, *, top: int = 20) -> None:
@@ -340,8 +339,6 @@ class ResumeReport:
 
     def to_html(self, *, top: int = 50) -> str:
         """A self-contained HTML fragment (what a notebook shows)."""
-        from tensorparity.resume._report_render import html_report
-
         return html_report(self, top)
 
     def _repr_html_(self) -> str:

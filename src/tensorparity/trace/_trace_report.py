@@ -23,6 +23,8 @@ from tensorparity.report._render import (
     printable,
     record_dict,
 )
+from tensorparity.trace._trace_report_html import render_trace_html
+from tensorparity.trace._trace_report_rich import rich_parts
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType
@@ -386,9 +388,7 @@ class TraceReport:
 
     # People
     def to_html(self) -> str:
-        """The report as one self-contained HTML page (see :mod:`tensorparity.trace._report_html`)."""
-        from tensorparity.trace._report_html import render_trace_html
-
+        """The report as one self-contained HTML page (see :mod:`tensorparity.trace._trace_report_html`)."""
         return render_trace_html(self)
 
     def _repr_html_(self) -> str:
@@ -399,16 +399,12 @@ class TraceReport:
         folded to ``top`` rows."""
         from rich.console import Group
 
-        from tensorparity.trace._report_rich import rich_parts
-
         head, classic, body = rich_parts(self, top=top)
         return Group(*head, classic, *body)
 
     def render(self, console: Console | None = None, *, top: int = 10) -> None:
         """Print the report to ``console`` (a stdout console by default)."""
         from rich.console import Console, Group
-
-        from tensorparity.trace._report_rich import rich_parts
 
         console = console or Console()
         head, classic, body = rich_parts(self, top=top)

@@ -1,4 +1,4 @@
-"""The HTML rendering of a :class:`~tensorparity.trace._report.TraceReport`: one self-contained
+"""The HTML rendering of a :class:`~tensorparity.trace._trace_report.TraceReport`: one self-contained
 file that opens offline (no CDN, no external fonts or scripts).
 
 It holds the verdict and the summary, an inline SVG plot of every layer's relative error along
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tensorparity.report._render import num, printable
-from tensorparity.trace._report_rich import _first_lines, _mark, _origin_cell, _rel
+from tensorparity.trace._trace_report_rich import _first_lines, _mark, _origin_cell, _rel
 
 if TYPE_CHECKING:
     from tensorparity.numerics import TensorComparison
-    from tensorparity.trace._report import LayerComparison, TraceReport
+    from tensorparity.trace._trace_report import LayerComparison, TraceReport
 
 __all__ = ["render_trace_html"]
 
@@ -220,7 +220,7 @@ def render_trace_html(report: TraceReport, *, title: str | None = None) -> str:
         The HTML text; write it to a ``.html`` file or show it in a notebook.
 
     Example:
-        >>> from tensorparity.trace._report_html import render_trace_html
+        >>> from tensorparity.trace._trace_report_html import render_trace_html
         >>> page = render_trace_html(report)  # doctest: +SKIP
         >>> Path("report.html").write_text(page, encoding="utf-8")  # doctest: +SKIP
     """

@@ -1,4 +1,4 @@
-"""Renderings of a :class:`~tensorparity.resume._report.ResumeReport`: rich (terminal) and HTML."""
+"""Renderings of a :class:`~tensorparity.resume._resume_report.ResumeReport`: rich (terminal) and HTML."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tensorparity.report._render import (
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from tensorparity.resume._report import Finding, ResumeLeg, ResumeReport, StepRow
+    from tensorparity.resume._resume_report import Finding, ResumeLeg, ResumeReport, StepRow
 
 __all__ = ["html_report", "rich_report"]
 
