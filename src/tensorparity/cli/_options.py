@@ -201,7 +201,7 @@ def check_top(top: int) -> None:
     if top < 0:
         from tensorparity.errors import UsageError
 
-        raise UsageError(f"--top must be 0 or more, not {top}", fix=f"pass e.g. --top {TOP}")
+        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
 
 
 def joined_pattern(patterns: list[str] | None) -> str | None:
