@@ -56,10 +56,11 @@ def load_check_command(
 
     Names, shapes and dtypes are checked before loading (no size-mismatch traceback); the model is
     loaded strictly when clean, else the loadable keys are; the state dict read back must equal
-    what was loaded; the two loaded models are diffed (--exact/--atol/--rtol judge them). --map
-    is tried on each model as is, through it or through its inverse, whichever fits its keys.
-    --json prints schema tensorparity.load-check/1. Exit code: 0 both load strictly and agree,
-    1 missing/unexpected keys, shape or dtype mismatches, or differing values, 2 error.
+    what was loaded; the two loaded models are diffed (--exact/--atol/--rtol judge them). With
+    --map, each model gets the checkpoint as is, through the mapping or through its inverse,
+    whichever fits its keys. --json prints schema tensorparity.load-check/1. Exit code: 0 both
+    load strictly and agree, 1 missing/unexpected keys, shape or dtype mismatches, or differing
+    values, 2 error.
     """
     factory = one_model(model, model_option)
     from tensorparity import load_check
