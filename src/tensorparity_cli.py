@@ -1,6 +1,8 @@
-"""The ``tensorparity`` console script's entry point, outside the package on purpose: importing
-``tensorparity`` loads torch (about 1.5 s), and Ctrl-C during that import must still end in one
-line (``interrupted``, exit 130), not a traceback from Python's import machinery."""
+"""The ``tensorparity`` console script's entry point, outside the package on purpose: Ctrl-C
+while the CLI is imported must still end in one line (``interrupted``, exit 130), not a traceback
+from Python's import machinery. The CLI's own modules import neither the library nor torch (a
+command imports what it needs when it runs, inside the same Ctrl-C handling); whatever the
+package's ``__init__`` imports is loaded here."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from tensorparity import load_check
 from tensorparity._factory import FactoryError, PackageNotInstalledError, build_model, carries_model
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.cli import app
-from tensorparity.cli.capture import capture_run
+from tensorparity.trace import capture_run
 from tensorparity.trace.seed import InputSpec
 
 transformers = pytest.importorskip("transformers")
@@ -111,13 +111,13 @@ def test_capture_replay_compare_and_load_check_through_the_cli(gpt2: tuple[Path,
         expected = saved(input_ids=ids).logits
     assert torch.equal(trace.load("<model>/0/model_output/logits"), expected)
 
-    replayed = runner.invoke(app, ["replay", str(out), "--model", str(folder)])
+    replayed = runner.invoke(app, ["replay", str(out), str(folder)])
     assert replayed.exit_code == 0, replayed.output
     assert "identical; 31 layers replayed, 0 differ, 0 skipped" in " ".join(replayed.stdout.split())
     compared = runner.invoke(app, ["compare", str(out), str(folder)])
     assert compared.exit_code == 0, compared.output
     assert "\nidentical: 31 layers match forward and backward" in compared.stdout
-    checked = runner.invoke(app, ["load-check", str(folder / "model.safetensors"), "--model", str(folder),
+    checked = runner.invoke(app, ["load-check", str(folder / "model.safetensors"), str(folder),
                                   "--reference", str(folder)])
     assert checked.exit_code == 0, checked.output
     assert checked.stdout.startswith("passed: the checkpoint loads strictly into model (GPT2LMHeadModel)")

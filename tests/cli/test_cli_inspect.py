@@ -118,7 +118,7 @@ def test_internal_error_is_one_line_unless_debugging(ckpt: Path, monkeypatch: py
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr("tensorparity.cli.inspect.inspect", broken)
+    monkeypatch.setattr("tensorparity.inspect", broken)  # the command calls the public function
     line = assert_one_line_error(invoke("inspect", ckpt))
     assert line == ("internal error: RuntimeError: boom second line "
                     "(please report; set TENSORPARITY_DEBUG=1 for the traceback)")

@@ -61,7 +61,7 @@ def test_resume_check_html_refuses_an_existing_file_before_running(tmp_path: Pat
     html = tmp_path / "report.html"
     html.write_text("keep me")
     started = time.perf_counter()
-    result = invoke("resume-check", "tensorparity.examples.resume_recipes:TinyRecipe", "-n", "4", "-k", "2",
+    result = invoke("resume-check", "tensorparity.examples.resume_recipes:TinyRecipe", "-n", "4", "--resume-at", "2",
                     "--html", html)
     assert_one_line_error(result, "report.html", "the output file exists", "--overwrite")
     assert html.read_text() == "keep me"
@@ -145,7 +145,7 @@ def test_json_stays_json_when_the_users_factory_prints(tmp_path: Path) -> None:
     ckpt = tmp_path / "reference.pt"
     torch.save(reference_model().state_dict(), ckpt)
     mapping = Path(__file__).resolve().parents[2] / "src" / "tensorparity" / "examples" / "reference_to_port.yaml"
-    result = subprocess.run([*CLI, "load-check", str(ckpt), "--model", "noisy.py:make", "--map", str(mapping),
+    result = subprocess.run([*CLI, "load-check", str(ckpt), "noisy.py:make", "--map", str(mapping),
                              "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["schema"] == "tensorparity.load-check/1"  # nothing else on stdout
@@ -195,7 +195,7 @@ def test_ctrl_c_is_one_line_and_exit_130_at_start_up_and_at_work(tmp_path: Path)
     assert (code, out, err) == (130, "", "interrupted\n")
     # while the user's factory runs
     (tmp_path / "slow.py").write_text(SLOW_FACTORY)
-    code, out, err = _interrupted([*CLI, "load-check", str(ckpt), "--model", "slow.py:make", "--json"], tmp_path,
+    code, out, err = _interrupted([*CLI, "load-check", str(ckpt), "slow.py:make", "--json"], tmp_path,
                                   marker=tmp_path / "started")
     assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
     doc = json.loads(out)  # --json: the interruption is a document too

@@ -45,13 +45,13 @@ def test_dry_run_prints_plan_and_changes_and_writes_nothing(old: Path) -> None:
 
 
 def test_in_place_with_backup_then_a_second_run_does_nothing(old: Path) -> None:
-    result = invoke("migrate", old, "-m", SPEC, "--in-place", "--backup")
+    result = invoke("migrate", old, "--migrations", SPEC, "--in-place", "--backup")
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())  # long paths wrap
     assert out.startswith(f"migrated 1.0 -> 2.0 through 3 migrations: 2 renamed, 12 transformed, 3 changed; "
                           f"written in place (original kept as {old}.bak); verified bitwise")
     assert "141 untouched tensors bitwise equal to the source" in out
-    again = invoke("migrate", old, "-m", SPEC, "--json")
+    again = invoke("migrate", old, "--migrations", SPEC, "--json")
     assert again.exit_code == 0
     data = json.loads(again.stdout)
     assert data["schema"] == "tensorparity.migrate/1" and data["verdict"] == "up to date"
@@ -59,7 +59,8 @@ def test_in_place_with_backup_then_a_second_run_does_nothing(old: Path) -> None:
 
 
 def test_json_of_a_migration_to_another_file(old: Path, tmp_path: Path) -> None:
-    result = invoke("migrate", old, "-m", "tensorparity.examples.old_release", "-o", tmp_path / "new.pt", "--json")
+    result = invoke("migrate", old, "--migrations", "tensorparity.examples.old_release", "-o", tmp_path / "new.pt",
+                    "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["verdict"] == "migrated" and data["verified"] is True and data["output"] == str(tmp_path / "new.pt")
@@ -70,19 +71,19 @@ def test_json_of_a_migration_to_another_file(old: Path, tmp_path: Path) -> None:
 
 
 def test_errors_are_one_line(old: Path, tmp_path: Path) -> None:
-    assert_one_line_error(invoke("migrate", old, "-m", tmp_path / "absent.yaml"),
+    assert_one_line_error(invoke("migrate", old, "--migrations", tmp_path / "absent.yaml"),
                           "absent.yaml: no such migrations spec", "fix: check the path")
-    assert_one_line_error(invoke("migrate", old, "-m", SPEC, "--dry-run", "--in-place"),
+    assert_one_line_error(invoke("migrate", old, "--migrations", SPEC, "--dry-run", "--in-place"),
                           "--dry-run writes nothing", "fix: drop one of them")
-    assert_one_line_error(invoke("migrate", old, "-m", SPEC, "--backup"),
+    assert_one_line_error(invoke("migrate", old, "--migrations", SPEC, "--backup"),
                           "a backup is kept only when migrating in place")
-    assert_one_line_error(invoke("migrate", old, "-m", SPEC, "--to", "one"), "'one' is not a version number")
-    assert_one_line_error(invoke("migrate", tmp_path / "nope.pt", "-m", SPEC), "no such file or folder")
-    assert invoke("migrate", old, "-m", SPEC, "--in-place").exit_code == 0
-    assert_one_line_error(invoke("migrate", old, "-m", SPEC, "--to", "1.0"),
+    assert_one_line_error(invoke("migrate", old, "--migrations", SPEC, "--to", "one"), "'one' is not a version number")
+    assert_one_line_error(invoke("migrate", tmp_path / "nope.pt", "--migrations", SPEC), "no such file or folder")
+    assert invoke("migrate", old, "--migrations", SPEC, "--in-place").exit_code == 0
+    assert_one_line_error(invoke("migrate", old, "--migrations", SPEC, "--to", "1.0"),
                           "newer than the target 1.0; going down needs the inverse of 'scheduler-epoch' (2.0)",
                           "fix: define `inverse` for those migrations")
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: x\nmigrations:\n  - {version: '3.0', name: a, stpes: []}\n  - {version: 3.10, name: b}\n")
-    assert_one_line_error(invoke("migrate", old, "-m", spec), "2 problems in the migrations spec",
+    assert_one_line_error(invoke("migrate", old, "--migrations", spec), "2 problems in the migrations spec",
                           "line 3: migrations[0].stpes: unknown field 'stpes'", "line 4:")

@@ -23,7 +23,7 @@ def forgot_scheduler() -> ResumeReport:
 
 def test_cli_pass_json_and_html(tmp_path: Path) -> None:
     html = tmp_path / "report.html"
-    result = CliRunner().invoke(app, ["resume-check", f"{RECIPES}:TinyRecipe", "-n", "5", "-k", "2", "-k", "3",
+    result = CliRunner().invoke(app, ["resume-check", f"{RECIPES}:TinyRecipe", "-n", "5", "--resume-at", "2", "--resume-at", "3",
                                       "--json", "--no-confirm", "--html", str(html)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -35,7 +35,7 @@ def test_cli_pass_json_and_html(tmp_path: Path) -> None:
 
 def test_cli_resume_bug_exits_1_and_names_the_state() -> None:
     wide = CliRunner(env={"COLUMNS": "120"})  # at 80 columns the loss headers fold onto two lines
-    result = wide.invoke(app, ["resume-check", f"{RECIPES}:Forgetful", "-n", "6", "-k", "3"])
+    result = wide.invoke(app, ["resume-check", f"{RECIPES}:Forgetful", "-n", "6", "--resume-at", "3"])
     assert result.exit_code == 1, result.output
     out = result.stdout
     assert "resume bug: resume at 3" in out
@@ -44,7 +44,7 @@ def test_cli_resume_bug_exits_1_and_names_the_state() -> None:
 
 
 def test_cli_chain_and_dtype_tolerance() -> None:
-    result = CliRunner().invoke(app, ["resume-check", f"{RECIPES}:TinyDefaultRecipe", "-n", "6", "-k", "2", "-k", "4",
+    result = CliRunner().invoke(app, ["resume-check", f"{RECIPES}:TinyDefaultRecipe", "-n", "6", "--resume-at", "2", "--resume-at", "4",
                                       "--chain", "--tolerance", "dtype", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -57,7 +57,7 @@ def test_under_ddp_too_the_forgotten_rank_is_named() -> None:
 
 
 def test_saved_on_two_ranks_resumes_on_one_through_resharding() -> None:
-    result = CliRunner().invoke(app, ["resume-check", f"{EXAMPLES}:ReshardableRecipe", "-n", "6", "-k", "3",
+    result = CliRunner().invoke(app, ["resume-check", f"{EXAMPLES}:ReshardableRecipe", "-n", "6", "--resume-at", "3",
                                       "--nproc", "2", "--resume-nproc", "1", "--no-confirm", "--timeout", "180",
                                       "--json"])
     assert result.exit_code == 0, result.output

@@ -82,7 +82,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path: Path) -> None:
     torch.save(port_model().state_dict(), tmp_path / "port.pt")
     result = invoke(REF, "-o", tmp_path / "t", "--input-spec", "2x16x20", "--checkpoint", tmp_path / "port.pt")
     assert_one_line_error(result, "the checkpoint does not load into the model: ", "missing keys (e.g. ",
-                          "fix: run `tensorparity load-check CKPT --model FACTORY`")
+                          "fix: run `tensorparity load-check CKPT MODEL`")
     assert not (tmp_path / "t").exists()
 
 

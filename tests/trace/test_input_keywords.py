@@ -182,7 +182,7 @@ def test_keyword_inputs_are_recorded_and_replayed(models: str, factory: str, tmp
     assert trace.provenance["input_spec"] == [spec]
     args, kwargs = trace.inputs()
     assert args == () and torch.equal(kwargs["input_signal"], x) and torch.equal(kwargs["input_signal_length"], n)
-    replayed = runner.invoke(app, ["replay", str(out), "--model", f"{models}:{factory}"])
+    replayed = runner.invoke(app, ["replay", str(out), f"{models}:{factory}"])
     assert replayed.exit_code == 0, replayed.output
     assert "identical; 2 layers replayed, 0 differ, 0 skipped" in " ".join(replayed.stdout.split())
     compared = runner.invoke(app, ["compare", str(out), f"{models}:{factory}"])

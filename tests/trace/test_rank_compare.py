@@ -386,7 +386,7 @@ def test_different_rank_counts_are_refused(runs: Path, tmp_path: Path, monkeypat
 
 def test_noise_floor_of_a_multi_rank_trace_takes_every_ranks_floor(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from tensorparity.cli.capture import capture_run
+    from tensorparity.trace import capture_run
     from tensorparity.trace.noise import recorded_noise_floor_of
 
     folder = tmp_path / "nf"

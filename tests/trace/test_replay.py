@@ -133,13 +133,13 @@ def test_a_trace_written_in_another_process_is_replayed_here(tmp_path: Path) -> 
 
     app = typer.Typer()
     app.command()(replay_command)
-    result = CliRunner().invoke(app, [str(out), "--model", "tensorparity.examples:port_model", "--map", MAP, "--json"])
+    result = CliRunner().invoke(app, [str(out), "tensorparity.examples:port_model", "--map", MAP, "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["schema"] == "tensorparity.trace-replay/1" and data["culprits"] == []
     assert data["verdict"] in ("identical", "close") and len(data["layers"]) == 18  # 16 + the two qkv groups
 
-    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, [str(out), "--model", "tensorparity.examples:port_model"])
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, [str(out), "tensorparity.examples:port_model"])
     # Without the mapping, it is found from the reference's recorded parameters and the model's.
     assert result.exit_code == 0, result.output
     assert "18 layers replayed, 0 differ, 6 skipped" in result.stdout
@@ -150,7 +150,7 @@ def test_a_trace_written_in_another_process_is_replayed_here(tmp_path: Path) -> 
                            "-o", str(plain), "--input-spec", "2x16x12:float32"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    result = CliRunner().invoke(app, [str(plain), "--model", "tensorparity.examples:port_model"])
+    result = CliRunner().invoke(app, [str(plain), "tensorparity.examples:port_model"])
     assert result.exit_code == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "fix: capture the reference again with inputs=True" in result.stderr
 

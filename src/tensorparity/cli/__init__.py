@@ -2,6 +2,10 @@
 
 Exit codes: 0 ok, 1 the things compared differ (diff and parity commands), 2 error.
 
+Importing it imports no library module and no torch: the commands import what they need when
+they run, so that ``tensorparity --help`` (and a usage error) answers at once. The words every
+command shares are declared once, in :mod:`tensorparity.cli._options`.
+
 Example:
     $ tensorparity inspect model.ckpt --keys 'layers\\.0\\.' --top 5
     $ tensorparity diff reference.pt port.safetensors --map reference_to_port.yaml
@@ -13,7 +17,6 @@ from typing import Annotated
 
 import typer
 
-from tensorparity._version import __version__
 from tensorparity.cli.capture import capture_command
 from tensorparity.cli.compare import compare_command
 from tensorparity.cli.convert import convert_command
@@ -40,6 +43,8 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
+        from tensorparity import __version__
+
         typer.echo(f"tensorparity {__version__}")
         raise typer.Exit()
 
@@ -75,11 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     import signal
     import sys
 
-    from tensorparity._output import note_interrupt
     from tensorparity.cli._common import EXIT_INTERRUPTED, fail_json
 
     def on_interrupt(signum: int, frame: object) -> None:
-        note_interrupt()
+        # Only a command that has started writing can have a writer to tell (and it has imported
+        # _output by then); importing it here would load the library for every --help.
+        output = sys.modules.get("tensorparity._output")
+        if output is not None:
+            output.note_interrupt()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_interrupt)

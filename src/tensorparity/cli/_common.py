@@ -3,6 +3,9 @@
 A command parses its options, calls one public function, renders the result and exits. Errors
 the user can fix are one line on stderr, ``error: <what failed>; fix: <what to do>``, never a
 traceback; bugs in tensorparity are one ``internal error:`` line unless ``TENSORPARITY_DEBUG=1``.
+
+Light on purpose (typer and the standard library only): the library, and torch with it, is
+imported when a command runs, not when the CLI starts, so that ``tensorparity --help`` is instant.
 """
 
 from __future__ import annotations
@@ -11,14 +14,12 @@ import functools
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
-from tensorparity._output import check_output, write_text
-from tensorparity.errors import TensorParityError
 from tensorparity.report._stream import REPORT as _REPORT
 from tensorparity.report._stream import emit_json, report_stream, stdout_console
 
@@ -26,33 +27,19 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = [
-    "AtolOption",
     "EXIT_DIFFERS",
     "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
-    "ExactOption",
-    "NanUnequalOption",
-    "RtolOption",
-    "StatisticOption",
     "check_output",
     "command",
     "emit_json",
     "fail_json",
     "finish",
     "report_stream",
+    "save_found_mapping",
     "stdout_console",
 ]
-
-# Tolerance options shared by every command that compares (diff, compare).
-ExactOption = Annotated[bool, typer.Option("--exact", help="Bitwise: every byte must match.")]
-AtolOption = Annotated[float | None, typer.Option("--atol", metavar="X",
-                                                  help="Absolute tolerance (default: torch.testing's per dtype).")]
-RtolOption = Annotated[float | None, typer.Option("--rtol", metavar="Y",
-                                                  help="Relative tolerance (default: torch.testing's per dtype).")]
-StatisticOption = Annotated[str, typer.Option("--statistic", metavar="elementwise|max|mean",
-                                              help="Judge every element, the largest error, or the mean error.")]
-NanUnequalOption = Annotated[bool, typer.Option("--nan-unequal", help="NaN never equals NaN (default: NaNs in the "
-                                                "same places are equal).")]
 
 EXIT_OK = 0
 EXIT_DIFFERS = 1  # reserved: "the two things differ" (diff, parity checks)
@@ -68,12 +55,22 @@ def _debug() -> bool:
     return os.environ.get("TENSORPARITY_DEBUG", "") not in ("", "0")
 
 
+def _library_error(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is one of tensorparity's own errors (the library is imported only when
+    there is an exception to look at)."""
+    if exc is None:
+        return False
+    from tensorparity.errors import TensorParityError
+
+    return isinstance(exc, TensorParityError)
+
+
 def _error_json(message: str, fix: str | None, code: int, exc: BaseException | None = None) -> str:
     import json
 
     doc: dict[str, Any] = {"schema": "tensorparity.error/1", "error": message, "fix": fix, "exit_code": code}
-    if isinstance(exc, TensorParityError):
-        doc.update(error=exc.message, path=exc.path, key=exc.key)
+    if _library_error(exc):
+        doc.update(error=exc.message, path=exc.path, key=exc.key)  # type: ignore[union-attr]
     return json.dumps(doc, ensure_ascii=False)
 
 
@@ -84,7 +81,7 @@ def _fail(line: str, *, json_: bool = False, exc: BaseException | None = None, c
     sys.stderr.write(" ".join(line.split()) + "\n")  # exactly one line, whatever the message held
     sys.stderr.flush()
     if json_:
-        fix = exc.fix if isinstance(exc, TensorParityError) else fix
+        fix = exc.fix if _library_error(exc) else fix  # type: ignore[union-attr]
         try:
             emit_json(_error_json(" ".join(line.split()), fix, code, exc))
         except (BrokenPipeError, OSError):
@@ -156,6 +153,9 @@ def command(func: F) -> F:
         try:
             with _UserStdoutToStderr():
                 try:
+                    # First, so that a Ctrl-C from here on is noted for any writer (main()'s handler
+                    # tells _output only once it is loaded, to keep --help free of the library).
+                    import tensorparity._output  # noqa: F401
                     return func(*args, **kwargs)
                 except BrokenPipeError:
                     raise
@@ -164,9 +164,9 @@ def command(func: F) -> F:
                                 fix="run the command again; nothing was left half-written") from None
                 except (typer.Exit, typer.Abort, typer.TyperException):
                     raise
-                except TensorParityError as exc:
-                    raise _fail(f"error: {exc}", json_=json_, exc=exc) from None
                 except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a clean exit
+                    if _library_error(exc):
+                        raise _fail(f"error: {exc}", json_=json_, exc=exc) from None
                     raise _fail(f"internal error: {type(exc).__name__}: {exc} "
                                 "(please report; set TENSORPARITY_DEBUG=1 for the traceback)", json_=json_,
                                 fix="please report it; set TENSORPARITY_DEBUG=1 for the traceback") from None
@@ -178,6 +178,15 @@ def command(func: F) -> F:
             raise typer.Exit(EXIT_OK) from None
 
     return run  # type: ignore[return-value]
+
+
+def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], overwrite: bool,
+                 **options: Any) -> None:
+    """:func:`tensorparity._output.check_output` (refuse an existing path without ``--overwrite``
+    and an input even with it), imported when a command runs."""
+    from tensorparity._output import check_output as check
+
+    check(out, inputs, overwrite, **options)
 
 
 def finish(report: Any, *, json_: bool, top: int) -> NoReturn:
@@ -194,6 +203,8 @@ def save_found_mapping(report: Any, path: Path | None) -> None:
     stderr why there is none."""
     if path is None:
         return
+    from tensorparity._output import write_text
+
     found = getattr(report, "found_mapping", None)
     if found is None:
         sys.stderr.write(f"--save-map: no mapping was found to save (none was needed, or a mapping was given); "

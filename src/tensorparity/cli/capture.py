@@ -1,310 +1,39 @@
-"""``tensorparity capture FACTORY -o TRACE``: run a model on a reproducible input, forward and
-backward, and write every layer's tensors as a trace folder. Exit 0 written, 2 error."""
+"""``tensorparity capture MODEL -o TRACE``: run a model on a reproducible input, forward and
+backward, and write every layer's tensors as a trace folder. Exit 0 written, 2 error.
+
+The work itself is :func:`tensorparity.trace._capture_run.capture_run`, imported when the command
+runs (it needs torch), so that the CLI starts without it.
+"""
 
 from __future__ import annotations
 
-import inspect
-import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
-from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
-from tensorparity._output import refuse_inputs
-from tensorparity.checkpoint.tracefolder.format import MANIFEST, MODES, rank_folders
-from tensorparity.checkpoint.tracefolder.reader import Trace
-from tensorparity.checkpoint.tracefolder.records import flatten_value
-from tensorparity.cli._common import command, stdout_console
-from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.trace._capture import _rank_world, capture
-from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
+from tensorparity.cli._common import command
+from tensorparity.cli._options import (
+    CheckpointOption,
+    ExcludeOption,
+    IncludeOption,
+    ModelArgument,
+    NoiseFloorOption,
+    OutOption,
+    OutputOption,
+    OverwriteOption,
+    SeedOption,
+    one_output,
+)
 
-__all__ = ["capture_command", "capture_run"]
-
-_FACTORY = "'pkg.module:function', 'pkg.module:Class' or 'path/to/file.py:function'"
-_SAVED = "a .nemo file (restored by NeMo) or a Hugging Face model folder (config.json) also stands for a factory"
-
-
-def _resolve(text: str, role: str) -> Callable[..., Any]:
-    """A user's ``module:function`` (or ``file.py:function``), imported but not called."""
-    spec = parse_factory(text)
-    folder = spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
-    with _on_path(folder, first=spec.path is not None):
-        try:
-            obj = _attribute(_import(spec), spec)
-        except UsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's module: any failure becomes one line
-            raise FactoryError(f"importing the {role} {text!r} raised {type(exc).__name__}: {exc}",
-                               fix="fix the error in that module (import it in Python to see the traceback)") from exc
-    if not callable(obj):
-        raise FactoryError(f"the {role} {text!r} is a {type(obj).__name__}, not a function",
-                           fix=f"name a function: {_FACTORY}")
-    return obj
-
-
-def _as_call(value: Any, role: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(value, torch.Tensor):
-        return (value,), {}
-    if isinstance(value, (tuple, list)):
-        return tuple(value), {}
-    if isinstance(value, dict):
-        return (), dict(value)
-    raise UsageError(f"the {role} returned a {type(value).__name__}",
-                     fix="return a tensor (model(x)), a tuple (model(*args)) or a dict (model(**kwargs))")
-
-
-def _load_checkpoint(model: torch.nn.Module, checkpoint: str) -> str:
-    """Load a checkpoint's model weights strictly; returns a hash of the weights as loaded."""
-    from tensorparity import open as tp_open
-    from tensorparity.checkpoint.tree import TensorEntry
-
-    with tp_open(checkpoint) as ckpt:
-        weights = ckpt.weights()
-        state = {k: e.load() for k, e in weights.items() if isinstance(e, TensorEntry)}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if v]
-        raise UsageError("the checkpoint does not load into the model: " + ", ".join(parts), path=checkpoint,
-                         fix="run `tensorparity load-check CKPT --model FACTORY` to see every problem")
-    model.load_state_dict(state, strict=True)
-    return input_hash(state)
-
-
-def _default_loss(output: Any) -> torch.Tensor:
-    parts = [t.float().sum() for _, t in flatten_value(output)
-             if isinstance(t, torch.Tensor) and t.requires_grad and (t.is_floating_point() or t.is_complex())]
-    if not parts:
-        raise UsageError("the model's output holds no tensor that requires grad, so there is no backward pass",
-                         fix="pass --no-backward, or check that the model's parameters require grad")
-    return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
-
-
-def capture_run(
-    factory: Any,
-    out: str | Path,
-    *,
-    input_spec: list[str] | None = None,
-    input_fn: str | None = None,
-    checkpoint: str | None = None,
-    mode: str = "full",
-    window: str | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    types: list[str] | None = None,
-    inputs: bool = False,
-    seed: int = 0,
-    backward: bool = True,
-    loss: str | None = None,
-    device: str | None = None,
-    train: bool = False,
-    noise_floor: bool = False,
-    params: bool = True,
-    overwrite: bool = False,
-    dtensor: str = "local",
-    local_grads: bool = False,
-) -> Trace:
-    """What ``tensorparity capture`` does: build the model under ``seed`` (weights from
-    ``checkpoint`` if given), build the input from ``input_spec`` (or ``input_fn``), run forward
-    and (unless ``backward=False``) backward on ``loss`` (default ``output.float().sum()``)
-    inside :func:`~tensorparity.trace._capture.capture`, and write the trace to ``out``. With
-    ``noise_floor``, the model is first run in float32 and (a copy) in float64 on the same input,
-    and every record's measured atol is stored in the provenance (``noise_floor``), so that
-    ``tensorparity compare --noise-floor`` judges each layer by its own numerical noise. With
-    ``params`` (the default) every parameter is recorded too, as the forward began. ``dtensor``
-    and ``local_grads`` are :func:`~tensorparity.trace._capture.capture`'s (DTensors as local
-    shards or gathered; local pre-all-reduce gradients too).
-
-    Example:
-        >>> import tempfile
-        >>> t = capture_run("tensorparity.examples:reference_model", tempfile.mkdtemp() + "/t",
-        ...                 input_spec=["2x16x20:float32"])
-        >>> t.provenance["input_spec"], t.provenance["seed"]
-        (['2x16x20:float32:seed=0'], 0)
-    """
-    if bool(input_spec) == bool(input_fn):
-        raise UsageError("give the model's input: --input-spec SHAPE:DTYPE (repeatable) or --input pkg.mod:fn",
-                         fix="e.g. --input-spec 2x16x20:float32, or --input mymodels:make_input")
-    replacing = _check_out(Path(out), checkpoint, overwrite)
-    specs = [InputSpec.parse(s, seed=seed) for s in input_spec or []]
-    make_input = _resolve(input_fn, "input function") if input_fn else None
-    loss_fn = _resolve(loss, "loss function") if loss else _default_loss
-    run_device = torch.device(device) if device else None
-    with reproducible(seed):
-        built = build_model(factory)
-        model = built.model
-        provenance: dict[str, Any] = {"factory": built.factory}
-        if checkpoint is not None:
-            provenance.update(checkpoint=str(checkpoint), checkpoint_hash=_load_checkpoint(model, checkpoint))
-        if run_device is not None:
-            model.to(run_device)
-        model.train(train)
-        if make_input is not None:
-            try:
-                args, kwargs = _as_call(make_input(), "input function")
-            except TensorParityError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the user's function
-                raise UsageError(f"the input function {input_fn!r} raised {type(exc).__name__}: {exc}",
-                                 fix="run it in Python to see the traceback") from exc
-            if run_device is not None:
-                args, kwargs = _to(args, run_device), _to(kwargs, run_device)
-            provenance["input_function"] = input_fn
-        else:
-            args, kwargs = build_inputs(specs, run_device)
-            provenance["input_spec"] = [str(s) for s in specs]
-        _check_call(model, args, kwargs)
-        provenance["loss"] = loss if loss else ("output.float().sum()" if backward else None)
-        if noise_floor:
-            from tensorparity.trace.noise import FACTOR, noise_atols
-
-            atols = noise_atols(model, args, kwargs=kwargs, seed=seed, loss=loss_fn if backward else None)
-            provenance["noise_floor"] = {"factor": FACTOR, "atols": atols}
-        options = dict(mode=mode, window=window, include=include or None, exclude=exclude or None,
-                       types=types or None, inputs=inputs, params=params, provenance=provenance,
-                       dtensor=dtensor, local_grads=local_grads)
-        if replacing:  # the new trace is written beside the old one and swapped in once complete
-            from tensorparity.migrate.atomic import atomic_output
-
-            with atomic_output(out) as tmp, capture(model, out=tmp, **options):  # type: ignore[arg-type]
-                _run(model, args, kwargs, loss_fn if backward else None)
-            return Trace.open(out)
-        created = not Path(out).exists()
-        try:
-            with capture(model, out=out, **options) as trace:  # type: ignore[arg-type]
-                _run(model, args, kwargs, loss_fn if backward else None)
-        except BaseException:
-            if created:  # a failed run leaves no half-written trace behind in a folder it made
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-    return trace
-
-
-def _check_out(out: Path, checkpoint: str | None, overwrite: bool) -> bool:
-    """Whether ``out`` holds a trace to replace; refuses a non-empty folder without ``overwrite``,
-    anything but a trace even with it, and a folder holding the checkpoint."""
-    refuse_inputs(out, [checkpoint if checkpoint and Path(checkpoint).exists() else None], "the trace")
-    rank, world = _rank_world(None)
-    if world > 1:
-        # Under torchrun every rank writes out/rank-<r>/: only this rank's own folder must be new
-        # (the others' appear beside it while it starts).
-        mine = out / f"rank-{rank}"
-        if mine.exists() and (not mine.is_dir() or any(mine.iterdir())):
-            raise UsageError(f"rank {rank}'s folder already exists", path=mine,
-                             fix="choose a new folder for the trace (-o); --overwrite replaces one-process "
-                                 "traces only")
-        return False
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return False
-    if not out.is_dir():
-        raise UsageError("the output is a file; a trace is a folder", path=out, fix="choose a new folder (-o)")
-    if not ((out / MANIFEST).is_file() or rank_folders(out)):
-        raise UsageError("exists and is not a trace (no manifest.json); a trace is never written over other files, "
-                         "even with --overwrite", path=out, fix="choose a new folder for the trace (-o)")
-    if not overwrite:
-        raise UsageError("the output folder exists and holds a trace", path=out,
-                         fix="pass --overwrite to replace it, or choose a new folder (-o)")
-    return True
-
-
-def _run(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-         loss_fn: Callable[[Any], torch.Tensor] | None) -> None:
-    step = "forward"
-    try:
-        try:
-            output = model(*args, **kwargs)
-        except TypeError as exc:
-            if _refuses_call(model, exc, args):
-                raise _refused(model, str(exc)) from exc
-            raise
-        if loss_fn is not None:
-            step = "loss"
-            value = loss_fn(output)
-            step = "backward"
-            value.backward()
-    except TensorParityError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's model
-        raise UsageError(f"the model raised {type(exc).__name__} during {step}: {exc}",
-                         fix="run the model on this input in Python to see the traceback") from exc
-
-
-def _forward_params(model: torch.nn.Module) -> inspect.Signature | None:
-    try:
-        return inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return None
-
-
-def _refused(model: torch.nn.Module, why: str) -> UsageError:
-    """A model whose forward refuses the input's arguments: name its parameters and the fix."""
-    signature = _forward_params(model)
-    params = list(signature.parameters.values()) if signature is not None else []
-    shown, star = [], False
-    for p in params:
-        if p.kind is p.KEYWORD_ONLY and not star:
-            shown.append("*")
-        star = star or p.kind in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)
-        shown.append({p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name)
-    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    example = f"{named[0]}=SHAPE:DTYPE" if named else "NAME=SHAPE:DTYPE"
-    return UsageError(f"the model ({type(model).__name__}) refuses its input as given: {' '.join(why.split())}; its "
-                      f"forward takes ({', '.join(shown)})",
-                      fix=f"pass keyword inputs with --input-spec NAME=SPEC (repeatable, e.g. --input-spec {example}; "
-                          "':lengths' adds NAME_length), or --input module:function returning a dict")
-
-
-def _check_call(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Refuse, before anything runs, an input that forward's signature cannot bind."""
-    signature = _forward_params(model)
-    if signature is None:
-        return
-    try:
-        signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise _refused(model, f"{exc} ({len(args)} positional, {len(kwargs)} keyword)") from None
-
-
-# A TypeError that forward itself raised about how it was called (NeMo's typed methods take
-# keywords only: "All arguments must be passed by kwarg only for typed methods").
-_CALL_ERRORS = re.compile(r"kwarg only|keyword.only|by keyword|positional argument|required (positional )?argument|"
-                          r"unexpected keyword argument|multiple values for argument")
-
-
-def _refuses_call(model: torch.nn.Module, exc: TypeError, args: tuple[Any, ...]) -> bool:
-    text = str(exc)
-    if not _CALL_ERRORS.search(text):
-        return False
-    own = f"{type(model).__qualname__}.forward()"  # Python's own binding message names the method
-    return own in text or (bool(args) and "kwarg" in text)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
+__all__ = ["capture_command"]
 
 
 @command
 def capture_command(
-    model: Annotated[str, typer.Argument(metavar="MODEL_FACTORY", show_default=False,
-                                         help=f"Builds the model, called with no arguments: {_FACTORY}. "
-                                              f"It is imported and run: it is your code. {_SAVED}.")],
-    out: Annotated[Path, typer.Option("--output", "-o", "--out", metavar="TRACE", show_default=False,
-                                      help="The trace's folder: a new one, or a trace to replace with "
-                                           "--overwrite. --out is the old spelling.")],
+    model: ModelArgument,
+    output: OutputOption = None,
+    out: OutOption = None,
     input_spec: Annotated[list[str] | None, typer.Option(
         "--input-spec", metavar="SPEC", help="The input, built from its shape, dtype and the seed: "
         "[NAME=]SHAPE[:DTYPE][:lengths[=NAME]][:high=N][:seed=N], e.g. 2x16x20:float32 or 2x16000:float32:lengths "
@@ -313,22 +42,18 @@ def capture_command(
     input_fn: Annotated[str | None, typer.Option(
         "--input", metavar="FUNCTION", help="A function returning the input: a tensor, a tuple (positional "
         "arguments) or a dict (keyword arguments).")] = None,
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c", metavar="CKPT",
-                                                   help="Load these weights into the model (any format "
-                                                        "tensorparity.open reads; strict).")] = None,
+    checkpoint: CheckpointOption = None,
     mode: Annotated[str, typer.Option("--mode", help="full: store every tensor; stats: statistics only; "
                                                      "window: tensors only for --window.")] = "full",
     window: Annotated[str | None, typer.Option("--window", metavar="REGEX",
                                                help="Module paths whose tensors are stored in window mode.")] = None,
-    include: Annotated[list[str] | None, typer.Option("--include", metavar="REGEX",
-                                                      help="Record only modules whose path matches.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="REGEX",
-                                                      help="Do not record modules whose path matches.")] = None,
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
     types: Annotated[list[str] | None, typer.Option("--type", metavar="CLASS",
                                                     help="Record only modules of this class.")] = None,
     inputs: Annotated[bool, typer.Option("--inputs", help="Also record every module's inputs and their "
                                                           "gradients.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds python, numpy, torch and the input.")] = 0,
+    seed: SeedOption = 0,
     no_backward: Annotated[bool, typer.Option("--no-backward", help="Forward only.")] = False,
     loss: Annotated[str | None, typer.Option("--loss", metavar="FUNCTION",
                                              help="loss(output) -> scalar for the backward pass "
@@ -336,12 +61,8 @@ def capture_command(
     device: Annotated[str | None, typer.Option("--device", help="Run on this device (cpu, cuda, cuda:1).")] = None,
     train: Annotated[bool, typer.Option("--train", help="Run in training mode (default: model.eval(), so "
                                                         "that dropout is off).")] = False,
-    noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Also run the model in float64 on the same "
-                                              "input and store each record's measured float32 noise, for "
-                                              "'tensorparity compare --noise-floor'.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the trace already in TRACE (written beside "
-                                            "it and swapped in once complete; never another kind of folder).")
-                         ] = False,
+    noise_floor: NoiseFloorOption = False,
+    overwrite: OverwriteOption = False,
     params: Annotated[bool, typer.Option("--params/--no-params", help="Record every parameter as the forward "
                                          "began (stored in full mode), so that 'tensorparity map suggest' and "
                                          "diff can read the weights from the trace.")] = True,
@@ -354,23 +75,35 @@ def capture_command(
     """Capture every layer's forward and backward tensors of a model into a trace folder.
 
     The trace (safetensors shards plus manifest.json) holds the input itself, its hash and the
-    provenance, so that another environment can replay and compare it. Exit 0 written, 2 error.
+    provenance, so that another environment can replay and compare it. -o/--output (required)
+    is the trace's folder: a new one, or a trace to replace with --overwrite (never another kind
+    of folder). --include/--exclude match module paths. --noise-floor also runs the model in
+    float64 on the same input and stores each record's measured float32 noise, for 'tensorparity
+    compare --noise-floor'. Exit 0 written, 2 error.
     """
+    trace_dir = one_output(output, out, required=True)
+    from tensorparity.trace._capture_run import capture_run
+    from tensorparity.errors import UsageError
+    from tensorparity.checkpoint.tracefolder.format import MODES
+
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r} is not one of {', '.join(MODES)}", fix="pass --mode full, stats or window")
     if (mode == "window") != (window is not None):
         raise UsageError("--mode window and --window REGEX go together",
                          fix=r"pass e.g. --mode window --window '^layers\.3\.' (tensors stored for those modules only)")
-    trace = capture_run(model, out, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
+    trace = capture_run(model, trace_dir, input_spec=input_spec, input_fn=input_fn, checkpoint=checkpoint, mode=mode,
                         window=window, include=include, exclude=exclude, types=types, inputs=inputs, seed=seed,
                         backward=not no_backward, loss=loss, device=device, train=train, noise_floor=noise_floor,
                         params=params, overwrite=overwrite, dtensor=dtensor, local_grads=local_grads)
-    _render(trace, out)
+    render_capture(trace, trace_dir)
     raise typer.Exit(0)
 
 
-def _render(trace: Trace, out: Path) -> None:
+def render_capture(trace: Any, out: Path) -> None:
+    """What the command prints once the trace is written."""
     from tensorparity.report._render import human_bytes, plural
+
+    from tensorparity.cli._common import stdout_console
 
     console = stdout_console()
     prov = trace.provenance

@@ -8,37 +8,38 @@ from typing import Annotated
 
 import typer
 
-from tensorparity._output import write_text
-from tensorparity.cli._common import (
+from tensorparity.cli._common import check_output, command, emit_json, save_found_mapping, stdout_console
+from tensorparity.cli._options import (
+    TOP,
     AtolOption,
     ExactOption,
+    HtmlOption,
+    JsonOption,
+    MapOption,
     NanUnequalOption,
+    NoiseFloorOption,
+    OverwriteOption,
     RtolOption,
+    SaveMapOption,
     StatisticOption,
-    check_output,
-    command,
-    emit_json,
-    save_found_mapping,
-    stdout_console,
+    TolOption,
+    TopOption,
+    check_top,
+    parse_tolerance,
 )
-from tensorparity.cli.diff import parse_tolerance
-from tensorparity.errors import UsageError
-from tensorparity.trace._compare import compare_traces
 
 __all__ = ["compare_command"]
 
 
 @command
 def compare_command(
-    a: Annotated[str, typer.Argument(help="First trace folder (A, usually the reference); TRACE@N picks rank N of "
-                                          "a multi-process trace.", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Second trace folder (B; TRACE@N picks rank N), or a model factory "
-                                          "'pkg.module:function' / 'file.py:function' run live on A's recorded "
-                                          "input (its backward starts from A's recorded output gradient).",
-                                     show_default=False)],
-    map_: Annotated[str | None, typer.Option("--map", "-m", metavar="MAP.yaml",
-                                             help="Mapping from A's parameter keys to B's: renames A's layers into "
-                                                  "B's and transforms parameter gradients.")] = None,
+    a: Annotated[str, typer.Argument(metavar="A", help="First trace folder (A, usually the reference); TRACE@N "
+                                                       "picks rank N of a multi-process trace.", show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="Second trace folder (B; TRACE@N picks rank N), or a model "
+                                                       "(MODEL: a factory, .nemo file or Hugging Face folder) run "
+                                                       "live on A's recorded input (its backward starts from A's "
+                                                       "recorded output gradient).", show_default=False)],
+    map_: MapOption = None,
     align: Annotated[str, typer.Option("--align", metavar="auto|name|mapping|order",
                                        help="Pair layers by name, through --map, or by execution order and shapes "
                                             "(auto: --map if given, else names if they agree, else order).")
@@ -48,10 +49,7 @@ def compare_command(
     rtol: RtolOption = None,
     statistic: StatisticOption = "elementwise",
     nan_unequal: NanUnequalOption = False,
-    tol: Annotated[list[str] | None, typer.Option("--tol", metavar="REGEX=ATOL[,RTOL]",
-                                                  help="Tolerance for record keys (module/call/kind/path) matching "
-                                                       "REGEX, e.g. '/grad_input/=1e-4'; repeatable, first match "
-                                                       "wins.")] = None,
+    tol: TolOption = None,
     margin: Annotated[float, typer.Option("--margin", metavar="X",
                                           help="A mismatched layer introduced its error when its relative error "
                                                "exceeds its input's X times.")] = 10.0,
@@ -66,21 +64,12 @@ def compare_command(
     each_rank: Annotated[bool, typer.Option("--each-rank", help="Compare the side that is one trace (one process, "
                                             "a chosen rank, or a live model) with every rank of the other, "
                                             "multi-process trace.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
-                                        "tensorparity.trace-compare/1) and nothing else.")] = False,
-    top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 10,
-    noise_floor: Annotated[bool, typer.Option("--noise-floor", help="Judge each layer by the float32 noise "
-                                              "measured when A was captured (tensorparity capture "
-                                              "--noise-floor): atol = 3x its float32-vs-float64 error.")] = False,
-    save_map: Annotated[Path | None, typer.Option("--save-map", metavar="MAP.yaml",
-                                                  help="Without --map: write the mapping compare found from the "
-                                                       "traces' parameters (YAML, for review and reuse).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-map and --html replace an existing "
-                                            "file (never an input).")] = False,
-    html_: Annotated[Path | None, typer.Option("--html", metavar="PATH",
-                                               help="Also write the report as one self-contained HTML file (plot "
-                                                    "of per-layer error, filterable table; opens offline). "
-                                                    "Written atomically; an existing file only with --overwrite.")] = None,
+    json_: JsonOption = False,
+    top: TopOption = TOP,
+    noise_floor: NoiseFloorOption = False,
+    save_map: SaveMapOption = None,
+    overwrite: OverwriteOption = False,
+    html_: HtmlOption = None,
 ) -> None:
     """Compare two traces layer by layer, forward and backward; name the first diverging layer.
 
@@ -88,11 +77,18 @@ def compare_command(
     layer (introduced or inherited), then the rest folded. Multi-process traces (rank-N
     folders, written under torchrun) are compared rank by rank unless a rank is picked (A@0
     B@1, --rank-a/--rank-b, --rank): a per-rank table, then the worst rank's full report.
-    Exit code: 0 the runs are the same (identical, or within tolerance; on every rank), 1 they
-    differ (or their inputs do), 2 error.
+    --map renames A's layers into B's and transforms parameter gradients; --tol matches record
+    keys (module/call/kind/path, e.g. '/grad_input/=1e-4'); --noise-floor judges each layer by
+    the float32 noise measured when A was captured (capture --noise-floor). The HTML report
+    plots the per-layer error beside a filterable table. --json prints schema
+    tensorparity.trace-compare/1. Exit code: 0 the runs are the same (identical, or within
+    tolerance; on every rank), 1 they differ (or their inputs do), 2 error.
     """
-    if top < 0:
-        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
+    from tensorparity import compare_traces
+    from tensorparity._factory import build_model, carries_model
+    from tensorparity._output import write_text
+
+    check_top(top)
     tolerance = parse_tolerance(exact=exact, atol=atol, rtol=rtol, statistic=statistic, nan_unequal=nan_unequal,
                                 overrides=tol)
     inputs = [a, b, map_ if isinstance(map_, str) else None]
@@ -108,8 +104,6 @@ def compare_command(
         chosen = next((r for r in (suffix, rank_a, rank) if r is not None), None)
         tolerance = recorded_noise_floor_of(path_a, chosen, base=tolerance)
     side_b: object = b
-    from tensorparity._factory import build_model, carries_model
-
     if (not Path(b).exists() and ":" in b) or carries_model(b):  # a factory, a .nemo file or an HF folder
         side_b = build_model(b, role="model B").model
     report = compare_traces(a, side_b, mapping=map_, tolerance=tolerance, align=align,  # type: ignore[arg-type]

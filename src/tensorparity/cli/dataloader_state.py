@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from tensorparity.cli._common import command, emit_json, stdout_console
-from tensorparity.dataloader._state import convert_dataloader_state, inspect_dataloader_state
+from tensorparity.cli._options import ForceOption, JsonOption, NoVerifyOption, OverwriteOption
 
 __all__ = ["convert_command", "dataloader_state_app", "inspect_command"]
 
@@ -47,21 +47,22 @@ def convert_command(
         help="Map-style: the new loader's sampler. random = shuffle=True (default for a shuffled run); "
              "distributed = StatefulDistributedSampler (repeats the old seed+epoch order in later epochs too).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing OUT (never a "
-                                            "legacy file). --force is the old spelling.")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip restarting a real StatefulDataLoader "
-                                            "from the state before writing it.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print the record as JSON (schema "
-                                        "tensorparity.dataloader_state_conversion/1) and nothing else.")] = False,
+    overwrite: OverwriteOption = False,
+    force: ForceOption = False,
+    no_verify: NoVerifyOption = False,
+    json_: JsonOption = False,
 ) -> None:
     """Convert a legacy data-loader state folder into a torchdata StatefulDataLoader state.
 
     The state is proven before it is written: a real StatefulDataLoader restored from it must
     yield the legacy run's next batches (map-style) or restart every worker at its own
-    position (iterable).
+    position (iterable). OUT is written atomically with torch.save; a legacy file is never
+    replaced. --json prints schema tensorparity.dataloader_state_conversion/1.
     """
+    from tensorparity import convert_dataloader_state
+
     conversion = convert_dataloader_state(legacy_dir, out, num_workers=num_workers, sampler=sampler,
-                                          verify=not no_verify, force=overwrite)
+                                          verify=not no_verify, force=overwrite or force)
     if json_:
         emit_json(conversion.to_json())
     else:
@@ -72,10 +73,14 @@ def convert_command(
 def inspect_command(
     path: Annotated[Path, typer.Argument(metavar="PATH", show_default=False,
                                          help="A legacy loader-state folder, or a saved StatefulDataLoader state.")],
-    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (schema "
-                                        "tensorparity.dataloader_state/1) and nothing else.")] = False,
+    json_: JsonOption = False,
 ) -> None:
-    """Describe a data-loader state: epoch, batches and samples read, sampler, each worker's position."""
+    """Describe a data-loader state: epoch, batches and samples read, sampler, each worker's position.
+
+    --json prints schema tensorparity.dataloader_state/1.
+    """
+    from tensorparity.dataloader._state import inspect_dataloader_state
+
     summary = inspect_dataloader_state(path)
     if json_:
         emit_json(summary.to_json())

@@ -6,28 +6,29 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.checkpoint._inspect import inspect
 from tensorparity.cli._common import command, emit_json, stdout_console
+from tensorparity.cli._options import TOP, JsonOption, KeysOption, TopOption
 
 __all__ = ["inspect_command"]
 
 
 @command
 def inspect_command(
-    path: Annotated[str, typer.Argument(help="Checkpoint file or folder (any format tensorparity.open reads).",
-                                        show_default=False)],
-    keys: Annotated[str | None, typer.Option("--keys", "-k", metavar="REGEX",
-                                             help="List only keys matching this regular expression.")] = None,
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint file or folder (any format "
+                                        "tensorparity.open reads).", show_default=False)],
+    keys: KeysOption = None,
     all_: Annotated[bool, typer.Option("--all", help="Fold nothing: every key and every placeholder.")] = False,
-    top: Annotated[int, typer.Option("--top", metavar="N", help="How many of the largest tensors to list.")] = 10,
-    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema "
-                                        "tensorparity.inspect/1) and nothing else.")] = False,
+    top: TopOption = TOP,
+    json_: JsonOption = False,
 ) -> None:
     """Show what a checkpoint holds, from its metadata alone.
 
-    Format, provenance, sections, dtypes, the largest tensors, the key tree, and every piece of
-    code the file asked to run (recorded, never run). No tensor data is loaded.
+    Format, provenance, sections, dtypes, the largest tensors (--top of them), the key tree, and
+    every piece of code the file asked to run (recorded, never run). No tensor data is loaded.
+    --keys lists only the matching keys. --json prints schema tensorparity.inspect/1.
     """
+    from tensorparity import inspect
+
     report = inspect(path, keys=keys, top=top)
     if json_:
         emit_json(report.to_json())

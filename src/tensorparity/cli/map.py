@@ -8,15 +8,21 @@ code: 0 every key of both sides has a partner, 1 some keys are unmatched (they a
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tensorparity._output import write_text
 from tensorparity.cli._common import check_output, command, emit_json, report_stream, stdout_console
-from tensorparity.errors import UsageError
-from tensorparity.mapping.suggest import suggest_mapping
+from tensorparity.cli._options import (
+    TOP,
+    ForceOption,
+    JsonOption,
+    OutputOption,
+    OverwriteOption,
+    TopOption,
+    WeightsOnlyOption,
+    check_top,
+)
 
 __all__ = ["map_app", "suggest_command"]
 
@@ -37,31 +43,31 @@ def _map() -> None:
 
 @command
 def suggest_command(
-    a: Annotated[str, typer.Argument(help="Side A: any file or folder tensorparity.open reads.", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Side B.", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="MAP.yaml",
-                                                help="Write the mapping here (atomically). Without it, the YAML "
-                                                     "goes to stdout.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output file "
-                                            "(never an input). --force is the old spelling.")] = False,
-    weights_only: Annotated[bool | None, typer.Option(
-        "--weights-only/--all-keys",
-        help="Match model weights only, or every key. Default: as diff does (weights only when one side is a "
-             "bare state dict and the other a Lightning/NeMo/training checkpoint).", show_default=False)] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print the suggestion as JSON (schema tensorparity.suggest/1) "
-                                        "and nothing else.")] = False,
-    top: Annotated[int, typer.Option("--top", metavar="N", help="Rows shown per list before folding.")] = 20,
+    a: Annotated[str, typer.Argument(metavar="A", help="Side A: any file or folder tensorparity.open reads.",
+                                     show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="Side B.", show_default=False)],
+    output: OutputOption = None,
+    overwrite: OverwriteOption = False,
+    force: ForceOption = False,
+    weights_only: WeightsOnlyOption = None,
+    json_: JsonOption = False,
+    top: TopOption = TOP,
 ) -> None:
     """Suggest a mapping from A's keys to B's: by name, then by tensor content (identical bytes,
     transposed, concatenated, RoPE-permuted, cast, then close statistics), generalised into
     templates over layer indices.
 
+    Writes the mapping (YAML) to -o/--output, atomically; without it, the YAML goes to stdout.
+    --weights-only/--all-keys decide as diff does. --json prints schema tensorparity.suggest/1.
     Exit code: 0 every key has a partner, 1 some keys are unmatched (listed), 2 error.
     """
-    if top < 0:
-        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 20")
+    check_top(top)
+    overwrite = overwrite or force
     if output is not None:
         check_output(output, [a, b], overwrite, what="the mapping")
+    from tensorparity._output import write_text
+    from tensorparity.mapping.suggest import suggest_mapping
+
     suggestion = suggest_mapping(a, b, weights_only=weights_only)
     if output is not None:
         write_text(output, suggestion.to_yaml(), what="the mapping")

@@ -5,20 +5,33 @@ bad options)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tensorparity._output import write_text
-from tensorparity.cli._common import AtolOption, RtolOption, check_output, command, finish
-from tensorparity.errors import UsageError
-from tensorparity.numerics import Tolerance
-from tensorparity.resume import resume_check
+from tensorparity.cli._common import check_output, command, finish
+from tensorparity.cli._options import (
+    TOP,
+    AtolOption,
+    HtmlOption,
+    JsonOption,
+    OverwriteOption,
+    RtolOption,
+    SeedOption,
+    TopOption,
+    check_top,
+)
+
+if TYPE_CHECKING:
+    from tensorparity.numerics import Tolerance
 
 __all__ = ["resume_check_command"]
 
 
 def _tolerance(profile: str | None, atol: float | None, rtol: float | None) -> Tolerance | str | None:
+    from tensorparity.numerics import Tolerance
+    from tensorparity.errors import UsageError
+
     if profile not in (None, "bitwise", "dtype"):
         raise UsageError(f"--tolerance {profile!r} is not bitwise or dtype",
                          fix="pass --tolerance bitwise (default), --tolerance dtype, or --atol/--rtol")
@@ -32,11 +45,11 @@ def _tolerance(profile: str | None, atol: float | None, rtol: float | None) -> T
 
 @command
 def resume_check_command(
-    recipe: Annotated[str, typer.Argument(help="The recipe: 'path/recipe.py:Recipe' or 'package.module:Recipe'.",
-                                          show_default=False)],
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe: 'path/recipe.py:Recipe' or "
+                                          "'package.module:Recipe'.", show_default=False)],
     steps: Annotated[int, typer.Option("--steps", "-n", metavar="N", help="Steps per run (micro-batches with "
                                        "gradient accumulation).", show_default=False)],
-    resume_at: Annotated[list[int], typer.Option("--resume-at", "-k", metavar="K",
+    resume_at: Annotated[list[int], typer.Option("--resume-at", metavar="K",
                                                  help="Save after step K and resume in a fresh process; repeatable "
                                                       "(mid-epoch, epoch boundary, inside an accumulation group).",
                                                  show_default=False)],
@@ -47,7 +60,7 @@ def resume_check_command(
                                                   show_default=False)] = None,
     atol: AtolOption = None,
     rtol: RtolOption = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for python, numpy and torch before every build().")] = 0,
+    seed: SeedOption = 0,
     confirm: Annotated[bool, typer.Option("--confirm/--no-confirm", help="Re-run a failing leg with each suspected "
                                           "component taken from the uninterrupted run.")] = True,
     isolation: Annotated[str | None, typer.Option("--isolation", metavar="fork|spawn",
@@ -59,14 +72,10 @@ def resume_check_command(
     timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Time limit of each process.")] = 600.0,
     keep: Annotated[Path | None, typer.Option("--keep", metavar="DIR", help="Keep checkpoints, states and logs in a "
                                               "new folder inside DIR.", show_default=False)] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema tensorparity.resume/1) and "
-                                        "nothing else.")] = False,
-    html: Annotated[Path | None, typer.Option("--html", metavar="PATH", help="Also write the report as HTML "
-                                              "(atomically; an existing file only with --overwrite).",
-                                              show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --html replace an existing file (never the "
-                                            "recipe).")] = False,
-    top: Annotated[int, typer.Option("--top", metavar="N", help="Step rows shown per leg before folding.")] = 20,
+    json_: JsonOption = False,
+    html: HtmlOption = None,
+    overwrite: OverwriteOption = False,
+    top: TopOption = TOP,
     nproc: Annotated[int, typer.Option("--nproc", metavar="N", help="Ranks per leg: above 1, every leg runs under "
                                        "torchrun (gloo on CPU, nccl with a GPU) and the recipe's save()/load() "
                                        "(DCP) is called on every rank.")] = 1,
@@ -79,12 +88,17 @@ def resume_check_command(
     Runs the recipe N steps uninterrupted (twice, to tell nondeterminism from resume bugs), then
     K steps and a save, then loads in a fresh process and runs the rest. Compares every step's
     batch, loss, gradient norm and parameters, audits every state component right after the
-    load, and names what the checkpoint forgot. Exit code: 0 pass, 1 resume bug, 2 error.
+    load, and names what the checkpoint forgot. --top folds the step rows of each leg. --json
+    prints schema tensorparity.resume/1. Exit code: 0 pass, 1 resume bug, 2 error.
     """
-    if top < 0:
-        raise UsageError(f"--top must be 0 or more, not {top}", fix="pass e.g. --top 50")
+    check_top(top)
     if threads < 0:
+        from tensorparity.errors import UsageError
+
         raise UsageError(f"--threads must be 0 or more, not {threads}", fix="pass e.g. --threads 1")
+    from tensorparity import resume_check
+    from tensorparity._output import write_text
+
     if html is not None:
         check_output(html, [recipe.split(":")[0] if ".py:" in recipe else None], overwrite, what="the HTML report")
     report = resume_check(recipe, steps=steps, resume_at=resume_at, chain=chain,

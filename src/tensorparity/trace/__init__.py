@@ -9,6 +9,7 @@ from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TensorStats, TraceRecord, record_key, tensor_stats
 from tensorparity.trace._capture import capture
+from tensorparity.trace._capture_run import capture_run
 from tensorparity.trace._compare import compare_traces
 from tensorparity.trace._replay import ReplayedLayer, ReplayReport, SkippedLayer, replay
 from tensorparity.trace._trace_report import LayerComparison, TraceReport
@@ -33,6 +34,7 @@ __all__ = [
     "TraceReport",
     "align_layers",
     "capture",
+    "capture_run",
     "compare",
     "compare_traces",
     "input_hash",
