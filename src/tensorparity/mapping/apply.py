@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from tensorparity._output import atomic_output, check_output, refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, Entry, PlaceholderInfo, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.safe_pickle import Placeholder
@@ -433,8 +434,6 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     fmt = format or ("torch" if out.suffix in _TORCH_SUFFIXES else "safetensors")
     if fmt not in ("safetensors", "torch"):
         raise UsageError(f"unknown output format {fmt!r}", fix="use 'safetensors' or 'torch'")
-    from tensorparity._output import check_output
-
     source = ckpt.source if isinstance(ckpt, Checkpoint) else ckpt if isinstance(ckpt, (str, os.PathLike)) else None
     check_output(out, [source], overwrite, flag="overwrite=True", what="the converted checkpoint")
     result = apply_mapping(ckpt, mapping, direction=direction)  # every mapping problem, before writing
@@ -443,7 +442,6 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     except UsageError:
         result.checkpoint.close()
         raise
-    from tensorparity.migrate.atomic import atomic_output
     from tensorparity.migrate.writers import write_checkpoint
 
     metadata = {"tensorparity.mapping": result.mapping.name, "tensorparity.source": str(result.checkpoint.source)}
@@ -453,15 +451,11 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     except TensorParityError:
         raise
     except (OSError, RuntimeError, ValueError, KeyboardInterrupt) as exc:
-        from tensorparity._output import write_failure
-
         raise write_failure(exc, "the converted checkpoint", out) from exc
     return result
 
 
 def _refuse_source(src_path: Path, out: Path) -> None:
-    from tensorparity._output import refuse_inputs
-
     refuse_inputs(out, [src_path], "the converted checkpoint")
 
 

@@ -12,9 +12,9 @@ checkpoint's version, records them inside the output and verifies every untouche
 
 from __future__ import annotations
 
+from tensorparity._output import atomic_output, clean_stale
 from tensorparity.migrate._dataloader_report import DataLoaderStateConversion, DataLoaderStateSummary
 from tensorparity.migrate._legacy_loader import LegacyLoaderState, read_legacy_loader_state
-from tensorparity.migrate.atomic import atomic_output, clean_stale
 from tensorparity.migrate.convert import ConvertReport, convert
 from tensorparity.migrate.dataloader_state import convert_dataloader_state, inspect_dataloader_state
 from tensorparity.migrate.functions import delete_keys, move_keys, recompute_last_epoch, set_values, tie_weights

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.compare import Tolerance
-from tensorparity._output import refuse_inputs, write_failure
+from tensorparity._output import atomic_output, refuse_inputs, write_failure
 from tensorparity.errors import InternalError, UsageError
-from tensorparity.migrate.atomic import atomic_output
 from tensorparity.migrate.writers import (
     FORMATS,
     NEMO_CONFIG_KEY,

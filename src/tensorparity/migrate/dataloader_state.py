@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tensorparity._output import check_output, write_failure
+from tensorparity._output import atomic_output, check_output, write_failure
 from tensorparity.errors import UsageError
 from tensorparity.migrate._dataloader_build import (
     DatasetStateFn,
@@ -137,8 +137,6 @@ def convert_dataloader_state(
     if target is None:
         verification = check(state)
     else:
-        from tensorparity.migrate.atomic import atomic_output
-
         data = _serialize(state)
         try:
             with atomic_output(target) as tmp:

@@ -31,10 +31,9 @@ from typing import Any
 
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity._output import write_failure
+from tensorparity._output import atomic_output, write_failure
 from tensorparity.errors import UsageError
 from tensorparity.migrate._apply import Applied, apply_plan
-from tensorparity.migrate.atomic import atomic_output
 from tensorparity.migrate.plan import METADATA_KEY, NEMO_RECORD_KEY, RECORD_KEY, RECORD_SCHEMA, plan_migrations
 from tensorparity.migrate.registry import Migration, MigrationError, Registry, load_migrations
 from tensorparity.report.migrate import Change, MigrateReport, MigrationPlan
