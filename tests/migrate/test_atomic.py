@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tensorparity.errors import InternalError, UsageError
-from tensorparity.migrate import atomic
-from tensorparity.migrate.atomic import atomic_output, clean_stale, temp_name
+from tensorparity import _output as atomic  # the one implementation of atomic writes
+from tensorparity._output import atomic_output, clean_stale, temp_name
 
 
 def _write_folder(path: Path, files: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tensorparity._output import check_output, write_failure
+from tensorparity._output import atomic_output, check_output, write_failure
 from tensorparity.dataloader._build import (
     DatasetStateFn,
     build_state,
@@ -33,7 +33,6 @@ from tensorparity.dataloader._legacy import (
 )
 from tensorparity.dataloader._verify import torchdata_version, verify_state
 from tensorparity.errors import SourceNotFoundError, UsageError
-from tensorparity.migrate.atomic import atomic_output
 
 __all__ = ["convert_dataloader_state", "inspect_dataloader_state"]
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from tensorparity._output import check_output, refuse_inputs, write_failure
+from tensorparity._output import atomic_output, check_output, refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, Entry, PlaceholderInfo, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.safe_pickle import Placeholder
@@ -407,7 +407,7 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     """Apply a mapping and write the converted checkpoint, atomically.
 
     The file is written next to ``out_path`` under a temporary name and renamed into place
-    (:func:`tensorparity.migrate.atomic_output`), so a crash never leaves a half-written
+    (:func:`tensorparity._output.atomic_output`), so a crash never leaves a half-written
     checkpoint. The source is never overwritten.
 
     Args:
@@ -443,7 +443,6 @@ def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Pa
     except UsageError:
         result.checkpoint.close()
         raise
-    from tensorparity.migrate.atomic import atomic_output  # lazy: TEMPORARY until atomic_output moves to _output
 
     metadata = {"tensorparity.mapping": result.mapping.name, "tensorparity.source": str(result.checkpoint.source)}
     try:

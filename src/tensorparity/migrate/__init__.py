@@ -10,11 +10,11 @@ checkpoint's version, records them inside the output and verifies every untouche
 
 from __future__ import annotations
 
+from tensorparity._output import atomic_output, clean_stale
 from tensorparity.checkpoint.write import FORMATS, parse_size, write_checkpoint
 from tensorparity.migrate._convert import ConvertReport, convert
 from tensorparity.migrate._migrate import migrate
 from tensorparity.migrate._migrate_report import Change, MigrateReport, MigrationPlan
-from tensorparity.migrate.atomic import atomic_output, clean_stale
 from tensorparity.migrate.functions import delete_keys, move_keys, recompute_last_epoch, set_values, tie_weights
 from tensorparity.migrate.nested import Tree
 from tensorparity.migrate.plan import plan_migrations, read_history

@@ -32,6 +32,7 @@ import torch
 import torch.optim
 import torch.utils.data
 
+from tensorparity._output import atomic_output
 from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import build, describe, guarded, inside_group, recording_loads, train, wrote_something
@@ -136,10 +137,10 @@ def run_job(job: dict[str, Any]) -> None:
                 result["legs"].append(run_leg(loaded, leg, seed=int(job["seed"]), work=work))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides what it is
         result["error"] = _error(exc, leg_name)
-    target = Path(job["result"])
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    os.replace(tmp, target)
+    # Renamed into place whole (the parent reads it once this process exits); no fsync: it only
+    # has to outlive this process, not a power cut.
+    with atomic_output(job["result"], fsync=False) as tmp:
+        tmp.write_text(json.dumps(result), encoding="utf-8")
 
 
 def _become_leg(job: dict[str, Any], channel: Any) -> None:

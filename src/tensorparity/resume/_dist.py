@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tensorparity._output import atomic_output
 from tensorparity.resume import state
 from tensorparity.resume._child import _error, run_leg
 from tensorparity.resume.fingerprint import hash_batch
@@ -132,10 +133,9 @@ def run_job(job: dict[str, Any]) -> int:
             result["legs"].append(out)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides what it is
         result["error"] = _error(exc, leg_name)
-    target = Path(f"{job['result']}-rank{rank}.json")
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    os.replace(tmp, target)
+    # Renamed into place whole, not fsynced: it only has to outlive this process (see _child.py).
+    with atomic_output(f"{job['result']}-rank{rank}.json", fsync=False) as tmp:
+        tmp.write_text(json.dumps(result), encoding="utf-8")
     if result["error"]:
         return 1  # torchrun stops the other ranks, which may wait for this one in a collective
     dist.barrier()

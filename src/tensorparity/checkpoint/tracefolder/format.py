@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import xxhash
 
-from tensorparity._output import write_failure
+from tensorparity._output import atomic_output, fsync_dir, fsync_tree, write_failure
 from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -93,19 +93,6 @@ def file_digest(path: Path, algorithm: str = DIGESTS[0]) -> str:
             for start in range(0, len(view), _DIGEST_CHUNK):
                 h.update(view[start:start + _DIGEST_CHUNK])
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open folders; the rename is durable enough there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -236,8 +223,7 @@ class TraceWriter:
         path = self.folder / name
         save_file(self._buffer, str(path), metadata={"format": "pt", "tensorparity": SCHEMA})
         if self.fsync:
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_tree(path)
         self.shards.append(ShardInfo(name, path.stat().st_size, file_digest(path), len(self._buffer)))
         for key in self._buffer:
             self.shard_of[key] = name
@@ -251,7 +237,7 @@ class TraceWriter:
         self._thread.join()
         self._raise_error()
         if self.fsync and self.shards:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         return list(self.shards)
 
     def abort(self) -> None:
@@ -291,21 +277,18 @@ def build_manifest(records: list[TraceRecord], provenance: dict[str, Any], mode:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically: temporary file, fsync, rename, fsync of the folder."""
+    """Write ``manifest.json`` atomically (:func:`~tensorparity._output.atomic_output`: temporary
+    file beside it, fsync, rename, fsync of the folder), then drop the capturing marker."""
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(f"{MANIFEST}.tmp-{os.getpid()}")
     # Readable at the top, one line per record below (a manifest may list 100,000 records).
     head = {k: v for k, v in manifest.items() if k != "records"}
     rows = [json.dumps(r, allow_nan=False, default=str) for r in manifest.get("records", [])]
     text = json.dumps(head, indent=1, allow_nan=False, default=str)[:-2]
     text += ',\n "records": [' + ("\n  " + ",\n  ".join(rows) + "\n ]" if rows else "]") + "\n}\n"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     (path.parent / CAPTURING).unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -342,7 +325,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         names = os.listdir(folder) if folder.is_dir() else []
         shards = [n for n in names if SHARD_RE.fullmatch(n)]
-        if shards or CAPTURING in names or any(n.startswith(MANIFEST + ".tmp") for n in names):
+        if shards or CAPTURING in names or any(n.startswith((f".{MANIFEST}.", MANIFEST + ".tmp")) for n in names):
             raise TraceError(f"the capture did not finish: {len(shards)} shard file(s) but no {MANIFEST}",
                              path=folder, fix=RECAPTURE + "; a trace is complete only once capture has "
                                                            "exited and written its manifest")
