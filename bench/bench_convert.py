@@ -1,4 +1,4 @@
-"""Convert a torch zip to safetensors: `tensorparity.migrate._convert` against the naive
+"""Convert a torch zip to safetensors: `tensorparity.convert` against the naive
 `safetensors.torch.save_file(torch.load(...))`, time and peak anonymous memory, in fresh processes.
 
 Both write the same file (byte for byte: the last line checks it). Ours streams one tensor at a

@@ -18,7 +18,7 @@ it do not pay for importing torch. The helpers are also importable as
   checkpoint forgot ("optimizer state was not restored: ...", confirmed or not).
 * :func:`assert_lightning_resumes` — the same for a real ``lightning.Trainer`` run
   (:func:`tensorparity.integrations.lightning.lightning_resume_check`).
-* :func:`assert_same_checkpoint` — :func:`tensorparity.checks._diff`; fails with the classic summary and
+* :func:`assert_same_checkpoint` — :func:`tensorparity.diff`; fails with the classic summary and
   the worst mismatches.
 
 A failure's message is the diagnosis only (no traceback of tensorparity's internals); the full
@@ -171,7 +171,7 @@ def _diff_message(report: DiffReport) -> str:
 
 def assert_same_checkpoint(a: Any, b: Any, /, **diff_options: Any) -> DiffReport:
     """Fail the running test unless two checkpoints are the same within tolerance
-    (:func:`tensorparity.checks._diff`: identical or close).
+    (:func:`tensorparity.diff`: identical or close).
 
     Args:
         a, b: anything :func:`tensorparity.open` takes (paths, modules, state dicts).
@@ -185,7 +185,7 @@ def assert_same_checkpoint(a: Any, b: Any, /, **diff_options: Any) -> DiffReport
     __tracebackhide__ = True
     import tensorparity
 
-    report = _call(tensorparity.checks._diff, a, b, **diff_options)
+    report = _call(tensorparity.diff, a, b, **diff_options)
     _attach("tensorparity diff report", report)
     if not report.passed:
         _fail(_diff_message(report))

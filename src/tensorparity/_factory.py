@@ -39,7 +39,7 @@ from torch import nn
 from tensorparity.errors import UsageError
 
 __all__ = ["BuiltModel", "FactoryError", "FactorySpec", "PackageNotInstalledError", "build_model", "carries_model",
-           "parse_factory"]
+           "parse_factory", "resolve_object"]
 
 _FORMS = "'package.module:function', 'package.module:Class' or 'path/to/file.py:function'"
 
@@ -57,9 +57,9 @@ class PackageNotInstalledError(FactoryError):
         factory: the factory string.
     """
 
-    def __init__(self, package: str, factory: str, *, fix: str | None = None) -> None:
+    def __init__(self, package: str, factory: str, *, fix: str | None = None, noun: str = "factory") -> None:
         self.package, self.factory = package, factory
-        super().__init__(f"factory {factory!r}: package {package!r} is not installed",
+        super().__init__(f"{noun} {factory!r}: package {package!r} is not installed",
                          fix=fix or f"install {package} into this environment (pip install ...), or run from the "
                                     f"folder that holds the {package!r} package")
 
@@ -96,8 +96,8 @@ class BuiltModel:
     model_class: str
 
 
-def _bad(spec: str, why: str) -> FactoryError:
-    return FactoryError(f"factory {spec!r} {why}",
+def _bad(spec: str, why: str, noun: str = "factory") -> FactoryError:
+    return FactoryError(f"{noun} {spec!r} {why}",
                         fix=f"write {_FORMS}, e.g. --model mypkg.models:build_model (or name a .nemo file or a "
                             f"Hugging Face model folder holding config.json)")
 
@@ -195,8 +195,11 @@ def _is_identifier_path(text: str) -> bool:
     return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
-def parse_factory(spec: str) -> FactorySpec:
+def parse_factory(spec: str, *, noun: str = "factory", default_attribute: str | None = None) -> FactorySpec:
     """Split a factory string at its last colon and check both halves.
+
+    ``noun`` names the thing in messages (``factory``, ``recipe``, ``migrations``); with a
+    ``default_attribute``, a string without ``:NAME`` names that attribute of the module or file.
 
     A module part that ends in ``.py`` or contains a path separator is a file (the last colon is
     the separator, so ``C:\\models\\m.py:make`` works too).
@@ -212,16 +215,19 @@ def parse_factory(spec: str) -> FactorySpec:
                            fix=f"pass {_FORMS}")
     text = spec.strip()
     where, colon, attribute = text.rpartition(":")
+    if default_attribute is not None and (not colon or "/" in attribute or os.sep in attribute
+                                          or attribute.endswith(".py")):
+        where, colon, attribute = text, ":", default_attribute
     if not colon:
-        raise _bad(spec, "has no ':' between the module and the function")
+        raise _bad(spec, "has no ':' between the module and the function", noun)
     if not where:
-        raise _bad(spec, "names no module before the ':'")
+        raise _bad(spec, "names no module before the ':'", noun)
     if not _is_identifier_path(attribute):
-        raise _bad(spec, f"has {attribute!r} after the ':', which is not a (dotted) Python name")
+        raise _bad(spec, f"has {attribute!r} after the ':', which is not a (dotted) Python name", noun)
     if where.endswith(".py") or "/" in where or os.sep in where:
         return FactorySpec(spec, None, Path(where), attribute)
     if not _is_identifier_path(where):
-        raise _bad(spec, f"has {where!r} before the ':', which is neither a dotted module name nor a .py file")
+        raise _bad(spec, f"has {where!r} before the ':', which is neither a dotted module name nor a .py file", noun)
     return FactorySpec(spec, where, None, attribute)
 
 
@@ -248,11 +254,11 @@ def _on_path(folder: Path | None, *, first: bool) -> Iterator[None]:
             pass
 
 
-def _import_file(spec: FactorySpec) -> ModuleType:
+def _import_file(spec: FactorySpec, noun: str) -> ModuleType:
     assert spec.path is not None
     path = spec.path.expanduser()
     if not path.is_file():
-        raise FactoryError(f"factory {spec.text!r}: no such Python file", path=path,
+        raise FactoryError(f"{noun} {spec.text!r}: no such Python file", path=path,
                            fix="check the path (relative paths start from the current folder)")
     resolved = path.resolve()
     # One module per file, whatever the spelling of its path: --model and --reference may share a file.
@@ -261,7 +267,7 @@ def _import_file(spec: FactorySpec) -> ModuleType:
         return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, resolved)
     if loader_spec is None or loader_spec.loader is None:
-        raise FactoryError(f"factory {spec.text!r}: cannot import this file", path=path,
+        raise FactoryError(f"{noun} {spec.text!r}: cannot import this file", path=path,
                            fix="name a Python source file ending in .py")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module  # dataclasses and pickling look their module up here
@@ -273,24 +279,24 @@ def _import_file(spec: FactorySpec) -> ModuleType:
     return module
 
 
-def _import(spec: FactorySpec) -> ModuleType:
+def _import(spec: FactorySpec, noun: str) -> ModuleType:
     if spec.path is not None:
-        return _import_file(spec)
+        return _import_file(spec, noun)
     assert spec.module is not None
     try:
         return importlib.import_module(spec.module)
     except ModuleNotFoundError as exc:
         top = spec.module.split(".")[0]
         if exc.name == top:
-            raise PackageNotInstalledError(top, spec.text) from None
+            raise PackageNotInstalledError(top, spec.text, noun=noun) from None
         if exc.name and (exc.name == spec.module or spec.module.startswith(exc.name + ".")):
-            raise FactoryError(f"factory {spec.text!r}: package {top!r} has no module {exc.name!r}",
+            raise FactoryError(f"{noun} {spec.text!r}: package {top!r} has no module {exc.name!r}",
                                fix="check the spelling of the module path") from None
-        raise FactoryError(f"factory {spec.text!r}: importing {spec.module!r} needs {exc.name!r}, which is not "
+        raise FactoryError(f"{noun} {spec.text!r}: importing {spec.module!r} needs {exc.name!r}, which is not "
                            f"installed", fix=f"install {exc.name} (a dependency of {top})") from None
 
 
-def _attribute(module: ModuleType, spec: FactorySpec) -> Any:
+def _attribute(module: ModuleType, spec: FactorySpec, noun: str) -> Any:
     obj: Any = module
     for depth, part in enumerate(spec.attribute.split(".")):
         if not hasattr(obj, part):
@@ -301,12 +307,59 @@ def _attribute(module: ModuleType, spec: FactorySpec) -> Any:
                     else [n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
                           and getattr(v, "__module__", None) == module.__name__]
                 hint = f"it defines {', '.join(sorted(names)[:6])}" if names else "it defines no function or class"
-                raise FactoryError(f"factory {spec.text!r}: {where!r} has no attribute {part!r}",
+                raise FactoryError(f"{noun} {spec.text!r}: {where!r} has no attribute {part!r}",
                                    fix=f"name one of its functions or classes ({hint})")
-            raise FactoryError(f"factory {spec.text!r}: {'.'.join(spec.attribute.split('.')[:depth])!r} has no "
+            raise FactoryError(f"{noun} {spec.text!r}: {'.'.join(spec.attribute.split('.')[:depth])!r} has no "
                                f"attribute {part!r}", fix="check the spelling of the attribute path")
         obj = getattr(obj, part)
     return obj
+
+
+def resolve_object(text: str, *, noun: str = "factory", error: type[UsageError] = FactoryError,
+                   default_attribute: str | None = None, folder: Path | None = None) -> Any:
+    """Import what a ``package.module:NAME`` or ``path/to/file.py:NAME`` string names and return
+    it, uncalled: the one resolution of a user's object by name (model factories, input and loss
+    functions, recipes, migration registries and functions all go through here).
+
+    A file's own folder goes first on ``sys.path`` while it is imported (it imports its siblings
+    as ``python file.py`` would let it); for a module the current folder goes last.
+
+    Args:
+        text: the string.
+        noun: what it names, in messages (``factory``, ``recipe``, ``migrations``, ``function``).
+        error: the :class:`UsageError` subclass raised (a missing top-level package stays a
+            :class:`PackageNotInstalledError` when ``error`` is :class:`FactoryError`).
+        default_attribute: the attribute a string without ``:NAME`` names.
+        folder: where a relative ``.py`` path starts (default: the current folder).
+
+    Raises:
+        ``error``: the string is malformed, the module, file or attribute does not exist, or
+            importing raised (the exception's type and message, on one line).
+
+    Example:
+        >>> resolve_object("tensorparity.examples:reference_model").__name__
+        'reference_model'
+    """
+    try:
+        spec = parse_factory(text, noun=noun, default_attribute=default_attribute)
+        if spec.path is not None and folder is not None and not spec.path.expanduser().is_absolute():
+            spec = FactorySpec(spec.text, None, folder / spec.path, spec.attribute)
+        home = spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
+        with _on_path(home, first=spec.path is not None):
+            try:
+                return _attribute(_import(spec, noun), spec, noun)
+            except (UsageError, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - importing ran the user's module: any failure is one line
+                detail = " ".join(str(exc).split())[:300]
+                raise FactoryError(f"importing the {noun} {text!r} raised {type(exc).__name__}"
+                                   + (f": {detail}" if detail else ""),
+                                   fix="fix the error in that module (import it in Python to see the traceback)"
+                                   ) from exc
+    except FactoryError as exc:
+        if error is FactoryError or isinstance(exc, error):
+            raise
+        raise error(exc.message, path=exc.path, key=exc.key, fix=exc.fix) from exc.__cause__
 
 
 def _describe(obj: Any) -> str:
@@ -381,32 +434,28 @@ def build_model(factory: Any, *, role: str = "model") -> BuiltModel:
     if isinstance(factory, str) and (saved := _saved_model_path(factory)) is not None:
         return _build_saved(saved, factory, role)
     if isinstance(factory, str):
-        spec = parse_factory(factory)
-        label = spec.text
-        folder = spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
+        label = factory.strip()
+        obj = resolve_object(factory)
+        if isinstance(obj, nn.Module):
+            return BuiltModel(obj, label, _class_name(obj))
+        if not callable(obj):
+            raise FactoryError(f"factory {label!r} names a value of type {type(obj).__name__}, not a function or class",
+                               fix="name a function or class that builds the model")
     elif callable(factory):
-        spec, label, folder = None, _describe(factory), None
+        obj, label = factory, _describe(factory)
     else:
         raise FactoryError(f"the {role} factory must be an nn.Module, a callable or a string, not "
                            f"{type(factory).__name__}", fix=f"pass {_FORMS}")
-    with _on_path(folder, first=spec is not None and spec.path is not None):
+    spec = parse_factory(factory) if isinstance(factory, str) else None
+    folder = None if spec is None else spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
+    with _on_path(folder, first=spec is not None and spec.path is not None):  # as while it was imported
         try:
-            if spec is not None:
-                obj = _attribute(_import(spec), spec)
-                if isinstance(obj, nn.Module):
-                    return BuiltModel(obj, label, _class_name(obj))
-                if not callable(obj):
-                    raise FactoryError(f"factory {label!r} names a value of type {type(obj).__name__}, not a function or class",
-                                       fix="name a function or class that builds the model")
-            else:
-                obj = factory
             model = _call(obj, label)
         except (UsageError, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - the user's code: any failure becomes one line
-            what = "importing or calling" if spec is not None else "calling"
             text = " ".join(str(exc).split())[:300]
-            raise FactoryError(f"{what} the {role} factory {label!r} raised {type(exc).__name__}"
+            raise FactoryError(f"calling the {role} factory {label!r} raised {type(exc).__name__}"
                                + (f": {text}" if text else ""),
                                fix="fix the error in the factory's code (run it in Python to see the traceback)"
                                ) from exc

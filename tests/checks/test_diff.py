@@ -1,4 +1,4 @@
-"""tensorparity.checks._diff: verdicts, metrics and key bookkeeping on real checkpoints written by torch.save,
+"""tensorparity.diff: verdicts, metrics and key bookkeeping on real checkpoints written by torch.save,
 safetensors and Lightning-shaped dicts."""
 
 from __future__ import annotations

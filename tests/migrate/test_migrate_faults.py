@@ -175,7 +175,7 @@ def test_a_full_disk_in_a_forked_child_is_one_line_and_keeps_the_original(tmp_pa
 
 def test_an_injected_full_disk_is_one_line_on_the_command_line(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import tensorparity.checkpoint.write as writers
+    import tensorparity.migrate._migrate as migrating  # where migrate() calls the writer
 
     path = write_ckpt(tmp_path / "run.pt")
     before = sha(path)
@@ -189,7 +189,7 @@ def test_an_injected_full_disk_is_one_line_on_the_command_line(tmp_path: Path,
             f.write(b"PK\x03\x04" + b"\0" * 4096)  # half a file, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
 
-    monkeypatch.setattr(writers, "write_checkpoint", disk_fills_up)
+    monkeypatch.setattr(migrating, "write_checkpoint", disk_fills_up)
     result = CliRunner().invoke(app, ["migrate", str(path), "--migrations", str(spec), "--in-place", "--backup"])
     assert_one_line_error(result, "error: ", "could not write the migrated checkpoint: the disk is full (No space left on device)",
                           "the input is untouched")

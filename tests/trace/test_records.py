@@ -127,7 +127,7 @@ def test_the_accelerator_is_built_where_a_c_compiler_is() -> None:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}): the torch route serves alone")
-    from tensorparity.trace import _fused
+    from tensorparity.checkpoint.tracefolder import _fused
 
     assert callable(_fused.reduce)
 

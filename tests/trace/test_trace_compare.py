@@ -331,7 +331,7 @@ def test_bad_arguments_and_unreadable_traces(reference: Trace, tmp_path: Path) -
     with pytest.raises(TensorParityError) as err:
         compare_traces(reference, tmp_path / "crashed")
     assert "crashed" in str(err.value) and "no manifest.json" in str(err.value)
-    assert "tensorparity.trace._capture" in (err.value.fix or "")
+    assert "tensorparity.trace.capture" in (err.value.fix or "")
 
 
 def test_multi_process_traces_compare_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

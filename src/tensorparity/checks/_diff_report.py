@@ -1,4 +1,4 @@
-"""The record :func:`tensorparity.checks._diff` returns, and its renderings: rich (terminal), HTML
+"""The record :func:`tensorparity.diff` returns, and its renderings: rich (terminal), HTML
 (notebook), JSON (schema ``tensorparity.diff/1``).
 
 A :class:`DiffReport` holds, per section, the keys common to both sides and those only in one,
@@ -167,7 +167,7 @@ class SectionDiff:
 
 @dataclass(frozen=True)
 class DiffReport:
-    """Two checkpoints compared: the record :func:`tensorparity.checks._diff` returns.
+    """Two checkpoints compared: the record :func:`tensorparity.diff` returns.
 
     Attributes:
         a, b: the two sides as compared.

@@ -1,4 +1,4 @@
-"""How :func:`tensorparity.checks._diff` prepares two sides before pairing keys by name.
+"""How :func:`tensorparity.diff` prepares two sides before pairing keys by name.
 
 Two things make equal checkpoints look different key by key, and are settled here:
 

@@ -7,7 +7,7 @@ into the reference implementation, with the same values? For each model the chec
 traceback), then loaded with ``load_state_dict`` (``strict=True`` when clean, else
 ``strict=False`` with the loadable subset), then read back: ``state_dict()`` after loading must
 equal, bit for bit, what was given. Finally the two loaded state dicts are compared with
-:func:`tensorparity.checks._diff`, through the mapping between their key spaces.
+:func:`tensorparity.diff`, through the mapping between their key spaces.
 
 Which way the mapping is applied (the route) is decided per model by the keys: each model gets
 the checkpoint as is, through the mapping (A → B) or through its inverse (B → A), whichever names

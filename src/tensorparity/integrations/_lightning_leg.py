@@ -43,7 +43,7 @@ import torch
 import torch.utils.data
 from lightning.pytorch.utilities import CombinedLoader
 
-from tensorparity._factory import FactoryError, _attribute, _import, parse_factory
+from tensorparity._factory import resolve_object
 from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import describe, grad_norm, recording_loads, seed_everything, wrote_something
@@ -70,14 +70,7 @@ def make(text: str, sys_path: list[str] | tuple[str, ...], role: str) -> Any:
     for folder in sys_path:
         if folder not in sys.path:
             sys.path.append(folder)
-    try:
-        parsed = parse_factory(text)
-        factory = _attribute(_import(parsed), parsed)
-    except FactoryError as exc:
-        raise RecipeError(exc.message, key=text, fix=exc.fix) from None
-    except Exception as exc:  # noqa: BLE001 - the user's module: any failure becomes one line
-        raise RecipeError(f"importing the {role} factory raised {type(exc).__name__}: {_text(exc)}", key=text,
-                          fix="fix the error in its module (import it in Python to see the traceback)") from exc
+    factory = resolve_object(text, noun=f"{role} factory", error=RecipeError)
     try:
         return factory() if callable(factory) else factory
     except Exception as exc:  # noqa: BLE001

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
+from tensorparity._factory import FactoryError, resolve_object
 from tensorparity.errors import MissingDependencyError, UsageError
 from tensorparity.numerics import Tolerance
 from tensorparity.resume._resume_report import ResumeReport
@@ -100,13 +100,10 @@ def _name(factory: Any, role: str) -> RecipeSpec:
         raise UsageError(f"the {role} must be given as a factory (a function, a class or its name), not a "
                          f"{type(factory).__name__}: every run builds its own in a fresh process",
                          fix=f"pass e.g. 'mypkg.train:make_{role}' or the function itself")
-    parsed = parse_factory(spec.text)
-    folder = parsed.path.parent if parsed.path is not None else (Path(spec.sys_path[0]) if spec.sys_path else None)
-    with _on_path(folder, first=parsed.path is not None):
-        try:
-            _attribute(_import(parsed), parsed)
-        except FactoryError as exc:
-            raise UsageError(exc.message, key=role, fix=exc.fix) from None
+    try:
+        resolve_object(spec.text)  # it must import in the fresh process too: fail here, before any run
+    except FactoryError as exc:
+        raise UsageError(exc.message, key=role, fix=exc.fix) from None
     return spec
 
 

@@ -223,7 +223,7 @@ def suggest_mapping(a: Any, b: Any, /, *, weights_only: bool | None = None, prog
     Args:
         a, b: anything :func:`tensorparity.open` takes (paths in any format, modules, state
             dicts, checkpoints; those passed in are left open).
-        weights_only: as for :func:`tensorparity.checks._diff`: ``None`` compares a sectioned side's
+        weights_only: as for :func:`tensorparity.diff`: ``None`` compares a sectioned side's
             model weights with a bare state dict; ``True`` both sides' weights; ``False`` all keys.
         progress: a progress bar on stderr; ``None``: when stderr is a terminal and over 256 MB
             are to be matched by content.
@@ -266,7 +266,7 @@ def _open(source: Any, owned: list[Checkpoint]) -> Checkpoint:
 
 
 def _select(a: Checkpoint, b: Checkpoint, weights_only: bool | None) -> tuple[Checkpoint, Checkpoint]:
-    """The keys :func:`tensorparity.checks._diff` compares with the same ``weights_only``, so the mapping fits them."""
+    """The keys :func:`tensorparity.diff` compares with the same ``weights_only``, so the mapping fits them."""
     if weights_only is True:
         return a.weights(), b.weights()
     if weights_only is False or bool(a.sections) == bool(b.sections):

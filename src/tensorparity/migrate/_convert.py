@@ -3,7 +3,7 @@
 :func:`convert` opens the source lazily, refuses before writing anything what the target format
 cannot hold, streams every tensor into a temporary name beside the destination
 (:func:`tensorparity._output.atomic_output`), re-opens what it wrote, compares every tensor and
-value with the source through :func:`tensorparity.checks._diff` in exact mode, and only then renames it
+value with the source through :func:`tensorparity.diff` in exact mode, and only then renames it
 into place. A crash, a full disk or a failed verification leaves the destination as it was.
 """
 
@@ -216,7 +216,7 @@ def convert(
     """Rewrite a checkpoint in another format, streaming one tensor at a time, atomically.
 
     The destination is written under a temporary name beside it, re-opened and compared with the
-    source bitwise (every tensor, every value; :func:`tensorparity.checks._diff` in exact mode), and only
+    source bitwise (every tensor, every value; :func:`tensorparity.diff` in exact mode), and only
     then renamed into place. The source is never overwritten.
 
     Args:

@@ -161,7 +161,7 @@ class Change:
 
 @dataclass(frozen=True)
 class MigrateReport:
-    """What :func:`tensorparity.migrate._migrate` did (or, in a dry run, would do).
+    """What :func:`tensorparity.migrate.migrate` did (or, in a dry run, would do).
 
     Attributes:
         plan: the plan it followed.

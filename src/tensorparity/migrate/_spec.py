@@ -31,7 +31,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
+from tensorparity._factory import resolve_object
 from tensorparity.errors import TensorParityError
 from tensorparity.mapping import MappingError
 from tensorparity.mapping.loader import _parse, mapping_from_dict, mapping_from_yaml
@@ -70,17 +70,7 @@ def _unknown(key: Any, allowed: tuple[str, ...]) -> str:
 
 
 def _call(spec: str, args: dict[str, Any], folder: Path) -> TreeFunction:
-    parsed = parse_factory(spec)
-    if parsed.path is not None and not parsed.path.is_absolute():
-        parsed = type(parsed)(parsed.text, None, folder / parsed.path, parsed.attribute)
-    with _on_path(parsed.path.resolve().parent if parsed.path else folder, first=parsed.path is not None):
-        try:
-            function = _attribute(_import(parsed), parsed)
-        except FactoryError as exc:
-            raise MigrationError(exc.message.replace("factory ", "function ", 1), fix=exc.fix or "") from None
-        except Exception as exc:  # noqa: BLE001 - importing runs the user's module
-            raise MigrationError(f"importing {spec!r} raised {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
-                                 fix="fix the error in that module") from exc
+    function = resolve_object(spec, noun="function", error=MigrationError, folder=folder)
     if not callable(function):
         raise MigrationError(f"{spec!r} is a {type(function).__name__}, not a function", fix="name a function(tree)")
     return functools.partial(function, **args) if args else function

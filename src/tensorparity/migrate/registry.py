@@ -20,7 +20,7 @@ from functools import total_ordering
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity._factory import FactoryError, FactorySpec, _attribute, _import, _on_path
+from tensorparity._factory import resolve_object
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.mapping import MappingError, load_mapping
 
@@ -322,31 +322,17 @@ def _from_object(obj: Any, *, label: str, name: str) -> Registry:
 
 
 def _import_python(text: str) -> Registry:
-    """``pkg.mod[:NAME]`` or ``file.py[:NAME]``, through the model-factory import machinery."""
+    """``pkg.mod[:NAME]`` or ``file.py[:NAME]``, resolved as model factories are."""
     where, colon, attribute = text.rpartition(":")
     if not colon or "/" in attribute or attribute.endswith(".py"):
         where, attribute = text, DEFAULT_ATTRIBUTE
     is_file = where.endswith(".py") or "/" in where
-    spec = FactorySpec(text, None if is_file else where, Path(where) if is_file else None, attribute)
     if not is_file and not all(p.isidentifier() for p in where.split(".")):
         raise MigrationError(f"--migrations {text!r} is neither a module name, a .py file nor a .yaml spec",
                              fix="pass e.g. mypkg.migrations, migrations.py or migrations.yaml")
-    folder = spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
-    with _on_path(folder, first=spec.path is not None):
-        try:
-            module = _import(spec)
-            obj = _attribute(module, spec)
-        except FactoryError as exc:
-            raise MigrationError(f"cannot load migrations: {exc.message.replace('factory ', '', 1)}",
-                                 path=exc.path, fix=exc.fix) from None
-        except TensorParityError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - importing the user's module ran their code
-            raise MigrationError(f"importing {where!r} raised {type(exc).__name__}: "
-                                 f"{' '.join(str(exc).split())[:200]}",
-                                 fix="fix the error in that module (run it in Python for the traceback)") from exc
-        default = (spec.module or spec.path.stem if spec.path else where) or "migrations"
-        return _from_object(obj, label=f"{where}:{attribute}", name=str(default))
+    obj = resolve_object(text, noun="migrations", error=MigrationError, default_attribute=DEFAULT_ATTRIBUTE)
+    default = (Path(where).stem if is_file else where) or "migrations"
+    return _from_object(obj, label=f"{where}:{attribute}", name=str(default))
 
 
 def load_migrations(source: Registry | Iterable[Migration] | str | Path) -> Registry:

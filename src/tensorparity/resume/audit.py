@@ -2,7 +2,7 @@
 named in the user's words.
 
 Both states (:func:`tensorparity.resume.state.capture`) are compared with
-:func:`tensorparity.checks._diff` — the one comparison loop — and every differing key is assigned to its
+:func:`tensorparity.diff` — the one comparison loop — and every differing key is assigned to its
 component (``optimizer``, ``rng.torch``, ``extras.ema``, ...). Each component that differs
 becomes one :class:`~tensorparity.resume._resume_report.Finding` whose message says what was lost and what
 it will change: "optimizer state was not restored: exp_avg, exp_avg_sq and step of 16 parameters

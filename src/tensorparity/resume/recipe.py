@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from tensorparity._factory import FactoryError, _attribute, _import, _on_path, parse_factory
+from tensorparity._factory import FactoryError, _on_path, parse_factory, resolve_object
 from tensorparity.errors import TensorParityError
 from tensorparity.resume._recipe_errors import RecipeError
 
@@ -361,19 +361,18 @@ def resolve(spec: RecipeSpec, *, keep_path: bool = False) -> Any:
 
 def _resolve(spec: RecipeSpec, where: str) -> Any:
     try:
-        parsed = parse_factory(where)
+        parsed = parse_factory(where, noun="recipe")
     except FactoryError as exc:
-        raise RecipeError(exc.message.replace("factory", "recipe", 1), fix=_FIX_FORM) from None
+        raise RecipeError(exc.message, fix=_FIX_FORM) from None
+    found = resolve_object(where, noun="recipe", error=RecipeError)
     folder = parsed.path.expanduser().resolve().parent if parsed.path is not None else Path.cwd()
     with _on_path(folder, first=parsed.path is not None):
         try:
-            return _instantiate(_attribute(_import(parsed), parsed), spec)
-        except FactoryError as exc:
-            raise RecipeError(exc.message.replace("factory", "recipe", 1), key=None, fix=exc.fix) from None
+            return _instantiate(found, spec)
         except (RecipeError, KeyboardInterrupt):
             raise
-        except BaseException as exc:  # noqa: BLE001 - the user's module: any failure becomes one line
-            raise RecipeError(f"importing or creating the recipe raised {type(exc).__name__}: {_text(exc)}",
+        except BaseException as exc:  # noqa: BLE001 - the user's code: any failure becomes one line
+            raise RecipeError(f"creating the recipe raised {type(exc).__name__}: {_text(exc)}",
                               key=where, fix="fix the error in the recipe module (import it in Python to see "
                                              "the traceback)") from exc
 

@@ -14,17 +14,21 @@ from typing import Any
 
 import torch
 
+from tensorparity._factory import (
+    FactoryError,
+    build_model,
+    resolve_object,
+)
 from tensorparity._output import atomic_output, refuse_inputs
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.tracefolder.format import MANIFEST, rank_folders
+from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import flatten_value
 from tensorparity.checkpoint.tree import TensorEntry
-from tensorparity.trace.noise import FACTOR, noise_atols
-from tensorparity._factory import FactoryError, _attribute, _import, _on_path, build_model, parse_factory
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.trace._capture import _rank_world, capture
-from tensorparity.checkpoint.tracefolder.format import MANIFEST, MODES, rank_folders
-from tensorparity.checkpoint.tracefolder.records import flatten_value
+from tensorparity.trace.noise import FACTOR, noise_atols
 from tensorparity.trace.seed import InputSpec, build_inputs, input_hash, reproducible
-from tensorparity.checkpoint.tracefolder.reader import Trace
 
 __all__ = ["capture_run", "render_capture"]
 
@@ -33,16 +37,7 @@ _FACTORY = "'pkg.module:function', 'pkg.module:Class' or 'path/to/file.py:functi
 
 def _resolve(text: str, role: str) -> Callable[..., Any]:
     """A user's ``module:function`` (or ``file.py:function``), imported but not called."""
-    spec = parse_factory(text)
-    folder = spec.path.expanduser().resolve().parent if spec.path is not None else Path.cwd()
-    with _on_path(folder, first=spec.path is not None):
-        try:
-            obj = _attribute(_import(spec), spec)
-        except UsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's module: any failure becomes one line
-            raise FactoryError(f"importing the {role} {text!r} raised {type(exc).__name__}: {exc}",
-                               fix="fix the error in that module (import it in Python to see the traceback)") from exc
+    obj = resolve_object(text, noun=role)
     if not callable(obj):
         raise FactoryError(f"the {role} {text!r} is a {type(obj).__name__}, not a function",
                            fix=f"name a function: {_FACTORY}")

@@ -278,7 +278,7 @@ def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, Trace
     else:
         raise UsageError(f"trace {name} must be a Trace, a trace folder's path, or an object with records, "
                          f"provenance and load(record); got {type(source).__name__}",
-                         fix="capture one with tensorparity.trace._capture, or pass a trace folder")
+                         fix="capture one with tensorparity.trace.capture, or pass a trace folder")
     records = list(src.records)
     prov = dict(src.provenance or {})
     mode = getattr(src, "mode", None) or prov.get("mode") or _mode(records)

@@ -1,5 +1,5 @@
 """The hooks of one capture and what they have recorded so far (private: see
-:mod:`tensorparity.trace._capture` for what is recorded, the call-site rule and the parameters)."""
+:mod:`tensorparity.trace.capture` for what is recorded, the call-site rule and the parameters)."""
 
 from __future__ import annotations
 

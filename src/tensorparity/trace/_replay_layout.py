@@ -1,6 +1,6 @@
 """Replay's comparisons in another layout: a returned output in the recorded shape, outputs that
 hold the reference's values reordered (a layout, not an own error), and which modules of a group
-hold the features that differ (see :mod:`tensorparity.trace._replay`)."""
+hold the features that differ (see :mod:`tensorparity.trace.replay`)."""
 
 from __future__ import annotations
 

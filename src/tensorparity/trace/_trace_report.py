@@ -85,7 +85,7 @@ class LayerComparison:
         basis: ``tensors`` or ``stats`` (statistics only: a side stored no tensors), or ``mixed``;
             ``by_stats``: the keys of the comparisons made by statistics.
         error, input_error: relative error (max abs error over the tensor's largest magnitude)
-            of its outputs, and of what it received (see :mod:`tensorparity.trace._compare`).
+            of its outputs, and of what it received (see :mod:`tensorparity.trace.compare`).
         backward_error, backward_input_error: the same for its gradients (w.r.t. input and
             parameters; w.r.t. output).
         origin: for a mismatched layer, ``introduced`` or ``inherited``; ``inherited_from`` names

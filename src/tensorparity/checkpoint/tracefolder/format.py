@@ -330,7 +330,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                              path=folder, fix=RECAPTURE + "; a trace is complete only once capture has "
                                                            "exited and written its manifest")
         raise TraceError(f"not a trace: no {MANIFEST}", path=folder,
-                         fix="pass a folder written by tensorparity.trace._capture or `tensorparity capture`")
+                         fix="pass a folder written by tensorparity.trace.capture or `tensorparity capture`")
     if path.is_symlink():
         raise UnsafeCheckpointError(f"{MANIFEST} is a symbolic link", path=folder, fix="copy the trace folder itself")
     if path.stat().st_size > MAX_MANIFEST:

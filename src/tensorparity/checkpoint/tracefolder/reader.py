@@ -1,6 +1,6 @@
 """The :class:`Trace`: the records of one captured run, in memory or in a trace folder.
 
-A trace is what :func:`tensorparity.trace._capture` produces and what ``Trace.open`` reads back:
+A trace is what :func:`tensorparity.trace.capture` produces and what ``Trace.open`` reads back:
 records in execution order, provenance, and the stored tensors (loaded lazily from the shards).
 """
 
@@ -257,7 +257,7 @@ class Trace:
     def module_path(self, name: str) -> str:
         """The registered module path (``model.get_submodule(...)``) of a recorded module name.
 
-        A call is recorded under its call site (see :mod:`tensorparity.trace._capture`): one
+        A call is recorded under its call site (see :mod:`tensorparity.trace.capture`): one
         module shared by several parents is recorded once per parent; the provenance's
         ``call_sites`` maps those names back. Layer names (``module#call``, ``<model>``) are
         accepted; a name the table does not list is returned as it is.
