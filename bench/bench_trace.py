@@ -32,7 +32,7 @@ from _util import OUT  # noqa: E402
 from conformer import conformer, features  # noqa: E402
 
 from tensorparity.mapping import Mapping, Rearrange, Rule, apply_mapping  # noqa: E402
-from tensorparity.trace._capture import capture  # noqa: E402
+from tensorparity.trace import capture  # noqa: E402
 from tensorparity.trace._compare import compare_traces  # noqa: E402
 
 

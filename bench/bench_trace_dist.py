@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 
 def model(width: int, layers: int) -> nn.Module:

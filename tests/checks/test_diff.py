@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import tensorparity
-from tensorparity.checks._diff import diff
+from tensorparity.checks import diff
 from tensorparity.errors import UsageError
 from tensorparity.numerics import Tolerance
 

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from tensorparity.checks._diff import diff
+from tensorparity.checks import diff
 from tensorparity.checks._diff_report import SCHEMA, DiffReport
 from tensorparity.numerics import Tolerance
 

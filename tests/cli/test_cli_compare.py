@@ -17,7 +17,7 @@ from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from tensorparity.examples import port_model, reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from tensorparity.trace._compare import compare_traces
 
 runner = CliRunner(env={"COLUMNS": "160"})
@@ -27,7 +27,7 @@ MAP = Path(str(files("tensorparity.examples") / "reference_to_port.yaml"))
 CAPTURE = """
 import sys, torch
 from tensorparity.examples import port_model, reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 which, out = sys.argv[1], sys.argv[2]
 model = reference_model() if which == "reference" else port_model()
 if which == "broken":

@@ -22,7 +22,7 @@ from tensorparity._output import check_output, note_interrupt, write_failure, wr
 from tensorparity.cli import app
 from tensorparity.errors import UsageError
 from tensorparity.examples import reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 runner = CliRunner(env={"COLUMNS": "160"})
 CLI = [sys.executable, "-c", "from tensorparity_cli import main; main()"]

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from tensorparity.checks._diff import diff
+from tensorparity.checks import diff
 from tensorparity.errors import UsageError
 from tensorparity.examples import from_reference, port_model, reference_model
 from tensorparity.mapping import Concat, Mapping, Rearrange, Split, Transpose, apply_mapping

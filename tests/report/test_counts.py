@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import tensorparity
-from tensorparity.checkpoint._inspect import inspect
+from tensorparity.checkpoint import inspect
 from tensorparity.checks._loadcheck import load_check
 from tensorparity.examples.formats import write_nemo
 

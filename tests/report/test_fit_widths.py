@@ -23,8 +23,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from tensorparity.checkpoint._inspect import inspect
-from tensorparity.checks._diff import diff
+from tensorparity.checkpoint import inspect
+from tensorparity.checks import diff
 from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.numerics import Tolerance
@@ -32,7 +32,7 @@ from tensorparity.report._render import rich_titled_table
 from tensorparity.resume._resume_report import Divergence, Finding, ResumeLeg, ResumeReport, Segment, StepRow
 from tensorparity.trace import capture
 from tensorparity.trace._compare import compare_traces
-from tensorparity.trace._replay import replay
+from tensorparity.trace import replay
 
 WIDTHS = (40, 60, 80, 100, 200)
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")

@@ -15,7 +15,7 @@ from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stat
 from tensorparity.errors import UsageError
 from tensorparity.examples import port_model, reference_model
 from tensorparity.mapping import Mapping, Rule
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from tensorparity.trace._sequence import sequence_align
 from tensorparity.trace.align import TraceLayer, align_layers, group_layers, module_renames
 

@@ -17,7 +17,7 @@ import tensorparity.trace as tt
 from tensorparity.checkpoint.tracefolder.records import tensor_stats
 from tensorparity.errors import UsageError
 from tensorparity.examples import reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from tensorparity.trace.seed import input_hash
 
 

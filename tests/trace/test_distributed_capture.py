@@ -23,7 +23,7 @@ from tensorparity.checkpoint.tracefolder._dtensor import assemble_tensor
 from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.errors import TensorParityError
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from tensorparity.trace.align import align_layers
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import Tiny, batch
 import tensorparity.trace as tt
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 out = sys.argv[1]
 dist.init_process_group("gloo")

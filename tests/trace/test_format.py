@@ -22,7 +22,7 @@ from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 from tensorparity.examples import reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 X = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
 
@@ -134,7 +134,7 @@ def test_killed_process_leaves_shards_without_manifest(tmp_path: Path) -> None:
     script = f"""
 import os, torch
 from tensorparity.examples import reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 model = reference_model()
 with capture(model, out={str(tmp_path / 't')!r}, shard_bytes=1) as trace:
     model(torch.randn(2, 16, 20)).sum().backward()
@@ -252,7 +252,7 @@ def test_trace_written_in_another_process_equals_the_in_process_one(tmp_path: Pa
     script = f"""
 import torch
 from tensorparity.examples import reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 x = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
 model = reference_model()
 with capture(model, out={str(tmp_path / 'sub')!r}):

@@ -21,7 +21,7 @@ from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.cli import app
 from tensorparity.examples import port_model, reference_model
 from tensorparity.mapping import suggest_mapping
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 X = torch.randn(2, 16, 20, generator=torch.Generator().manual_seed(0))
 

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.errors import TensorParityError, UsageError
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from tensorparity.trace._compare import compare_traces
 from tensorparity.trace._ranked_report import SCHEMA, RankedTraceReport
 from tensorparity.trace._trace_report import TraceReport
@@ -69,7 +69,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from ranknet import Net, data
 
 

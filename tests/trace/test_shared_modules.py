@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import tensorparity.trace as tt
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 WIDTH = 8
 

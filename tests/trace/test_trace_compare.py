@@ -20,7 +20,7 @@ from tensorparity.checkpoint.tracefolder.records import TraceRecord, tensor_stat
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.examples import port_model, reference_model
 from tensorparity.numerics import Tolerance
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 from tensorparity.trace._compare import compare_stats, compare_traces, relative_error
 from tensorparity.trace._trace_report import SCHEMA, TraceReport
 

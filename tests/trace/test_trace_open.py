@@ -15,7 +15,7 @@ from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.checkpoint.tree import TensorEntry, ValueEntry
 from tensorparity.errors import UnknownFormatError
 from tensorparity.examples import reference_model
-from tensorparity.trace._capture import capture
+from tensorparity.trace import capture
 
 
 def capture_to(folder: Path, **kwargs: object) -> Trace:
