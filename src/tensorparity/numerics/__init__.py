@@ -9,7 +9,7 @@ arithmetic under it.)
 Example:
     >>> import torch
     >>> from tensorparity.numerics import Tolerance, compare_tensors
-    >>> compare_tensors("w", torch.ones(3), torch.ones(3) + 1e-9, Tolerance(atol=1e-6)).status.value
+    >>> compare_tensors("w", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), Tolerance(atol=1e-3)).status
     'close'
 """
 
