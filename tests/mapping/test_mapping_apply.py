@@ -14,7 +14,8 @@ import tensorparity
 from tensorparity.checkpoint import Checkpoint, TensorEntry, ValueEntry
 from tensorparity.errors import CorruptCheckpointError, UsageError
 from tensorparity.examples import from_reference
-from tensorparity.mapping import Mapping, MappingError, Reshape, Rule, apply_mapping, convert
+from tensorparity import convert
+from tensorparity.mapping import Mapping, MappingError, Reshape, Rule, apply_mapping
 
 WriteYaml = Callable[..., Path]
 
@@ -160,15 +161,15 @@ def test_convert_writes_a_checkpoint_that_reopens_equal(tmp_path: Path, example_
     src = tmp_path / "reference.pt"
     torch.save(reference_state, src)
     out = tmp_path / "port.safetensors"
-    result = convert(src, example_mapping, out)
+    result = convert(src, out, mapping=example_mapping)
     assert sorted(os.listdir(tmp_path)) == ["port.safetensors", "reference.pt"]  # no temporary left behind
     with tensorparity.open(out) as reopened:
         assert_same_tensors(reopened, port_state)
         assert reopened.provenance["metadata"]["tensorparity.mapping"] == "reference-to-port"
-    assert result.checkpoint["blocks.0.qkv.weight"].shape == (96, 32)
+    assert result.verified and result.tensors == len(port_state) and "reference-to-port" in result.notes[0]
     # and back, into a torch file, through the inverse
     back = tmp_path / "back.pt"
-    convert(out, example_mapping, back, direction="b_to_a")
+    convert(out, back, mapping=example_mapping, direction="b_to_a")
     with tensorparity.open(back) as reopened:
         assert_same_tensors(reopened, reference_state)
 
@@ -178,13 +179,13 @@ def test_convert_keeps_values_in_torch_files_and_refuses_them_in_safetensors(tmp
     ckpt["tied"] = ckpt["w"]  # shared storage: safetensors would refuse it as is
     m = Mapping([Rule("w", "weight")])
     with pytest.raises(UsageError) as err:
-        convert(ckpt, m, tmp_path / "out.safetensors")
-    assert "1 non-tensor value(s) (meta.epoch)" in str(err.value) and "format='torch'" in err.value.fix
+        convert(ckpt, tmp_path / "out.safetensors", mapping=m)
+    assert "1 non-tensor value(s) cannot go into safetensors: meta.epoch" in str(err.value) and "write torch" in err.value.fix
     assert os.listdir(tmp_path) == []
-    convert({k: v for k, v in ckpt.items() if k != "meta"}, m, tmp_path / "out.safetensors")
+    convert({k: v for k, v in ckpt.items() if k != "meta"}, tmp_path / "out.safetensors", mapping=m)
     with tensorparity.open(tmp_path / "out.safetensors") as reopened:
         assert torch.equal(reopened["tied"].load(), reopened["weight"].load())
-    convert(ckpt, m, tmp_path / "out.pt")
+    convert(ckpt, tmp_path / "out.pt", mapping=m)
     with tensorparity.open(tmp_path / "out.pt") as reopened:
         assert reopened["meta.epoch"].value == 3 and torch.equal(reopened["weight"].load(), ckpt["w"])
 
@@ -195,16 +196,17 @@ def test_convert_never_overwrites_the_source_or_an_existing_file(tmp_path: Path,
     save_file(reference_state, src)
     before = src.read_bytes()
     with pytest.raises(UsageError, match="refusing to write the converted checkpoint over"):
-        convert(src, example_mapping, src, overwrite=True)
+        convert(src, src, mapping=example_mapping, overwrite=True)
     with pytest.raises(UsageError, match="refusing to write"):
-        convert(tensorparity.open(src), example_mapping, tmp_path / "." / "reference.safetensors", overwrite=True)
+        convert(tensorparity.open(src), tmp_path / "." / "reference.safetensors", mapping=example_mapping,
+                overwrite=True)
     out = tmp_path / "port.safetensors"
     out.write_bytes(b"keep me")
     with pytest.raises(UsageError) as err:
-        convert(src, example_mapping, out)
-    assert err.value.fix == "pass overwrite=True to replace it, or choose another path"
+        convert(src, out, mapping=example_mapping)
+    assert err.value.fix == "choose another path, or pass --overwrite"
     assert src.read_bytes() == before and out.read_bytes() == b"keep me"
-    convert(src, example_mapping, out, overwrite=True)
+    convert(src, out, mapping=example_mapping, overwrite=True)
     assert out.read_bytes() != b"keep me"
 
 
@@ -217,14 +219,14 @@ def test_a_failed_convert_leaves_the_old_file_and_no_temporary(tmp_path: Path) -
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"old")
     with pytest.raises(CorruptCheckpointError, match="save it again"):
-        convert(Checkpoint(source="src.pt", format="test", entries=entries), Mapping(), out, overwrite=True)
+        convert(Checkpoint(source="src.pt", format="test", entries=entries), out, mapping=Mapping(), overwrite=True)
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.safetensors"]
 
 
 def test_a_mapping_error_stops_convert_before_anything_is_written(tmp_path: Path) -> None:
     m = Mapping([Rule("w", "v", {"transpose": [0, 2]})])
     with pytest.raises(MappingError, match=r"transpose dims 0 and 2 does not fit 'w' \[2, 2\]"):
-        convert({"w": torch.zeros(2, 2)}, m, tmp_path / "out.safetensors")
+        convert({"w": torch.zeros(2, 2)}, tmp_path / "out.safetensors", mapping=m)
     assert os.listdir(tmp_path) == []
 
 
@@ -256,5 +258,5 @@ def test_sections_and_placeholders_follow_the_keys(tmp_path: Path) -> None:
         assert [p.key for p in mapped.placeholders] == ["config"]
         assert (mapped.section_of("net.w"), mapped.section_of("config")) == ("model", "config")
         with pytest.raises(UsageError) as err:
-            convert(ckpt, m, tmp_path / "out.pt")
-        assert "not executed" in str(err.value) and err.value.fix == "ignore those keys in the mapping (ignore_a)"
+            convert(ckpt, tmp_path / "out.pt", mapping=m)
+        assert "never executed" in str(err.value) and "mapping `ignore`" in err.value.fix

@@ -169,3 +169,24 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(invoke("convert", tmp_path / "train.pt", tmp_path / "x.nemo"),
                           "a .nemo needs a model_config.yaml")
     assert sorted(os.listdir(tmp_path)) == ["train.pt"]
+
+
+def test_convert_through_a_mapping_and_back_on_the_command_line(tmp_path: Path) -> None:
+    # one convert: the format conversion and the key mapping are one command and one function
+    src = tmp_path / "a.pt"
+    w = torch.arange(6.0).reshape(2, 3)
+    torch.save({"w": w, "step": 7}, src)
+    spec = tmp_path / "m.yaml"
+    spec.write_text("name: demo\nrules:\n  - {a: w, b: weight, transform: {transpose: [0, 1]}}\n  - {a: step, b: step}\n")
+    result = invoke("convert", src, tmp_path / "b.pt", "-m", spec, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["verified"] is True and doc["notes"][0] == "keys mapped through 'demo' (a to b)"
+    with tensorparity.open(tmp_path / "b.pt") as b:
+        assert torch.equal(b["weight"].load(), w.T) and b["step"].value == 7
+    assert invoke("convert", tmp_path / "b.pt", tmp_path / "c.pt", "--map", spec, "--inverse").exit_code == 0
+    assert tensorparity.diff(src, tmp_path / "c.pt").verdict == "identical"
+    # a mapping that does not fit is one line, and nothing is written
+    spec.write_text("rules:\n  - {a: w, b: weight, transform: {transpose: [0, 2]}}\n")
+    assert_one_line_error(invoke("convert", src, tmp_path / "d.pt", "-m", spec), "transpose dims 0 and 2")
+    assert not (tmp_path / "d.pt").exists()

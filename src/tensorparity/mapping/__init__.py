@@ -3,7 +3,8 @@ tensor transforms (einops rearrange, transpose/permute, reshape, concat/split, d
 
 A :class:`Mapping` loads from YAML (:meth:`Mapping.from_yaml`) or is built in Python, reports
 every problem at once (:class:`MappingError`), inverts where its transforms do, and applies to a
-checkpoint lazily (:func:`apply_mapping`) or writes a converted one (:func:`convert`).
+checkpoint lazily (:func:`apply_mapping`); :func:`tensorparity.convert` with ``mapping=`` writes the
+converted checkpoint.
 
 Example:
     >>> import torch
@@ -13,10 +14,13 @@ Example:
     ['layers.0.attn.w']
 """
 
-from tensorparity.mapping.apply import MappedResult, apply_mapping, convert
+from tensorparity.mapping._digests import suggest_from_signatures  # noqa: E402
+from tensorparity.mapping._param_signature import ParamSignature, param_signature  # noqa: E402
+from tensorparity.mapping.apply import Direction, MappedResult, apply_mapping
 from tensorparity.mapping.loader import load_mapping, register_transform, transform_from_dict, transform_names
 from tensorparity.mapping.multi import Chain, Concat, Split
 from tensorparity.mapping.rules import Mapping, MappingError, MappingProblem, Rule
+from tensorparity.mapping.suggest import SuggestedPair, Suggestion, suggest_mapping  # noqa: E402
 from tensorparity.mapping.templates import Template
 from tensorparity.mapping.transforms import (
     Cast,
@@ -29,14 +33,11 @@ from tensorparity.mapping.transforms import (
     Transpose,
 )
 
-from tensorparity.mapping.suggest import SuggestedPair, Suggestion, suggest_mapping  # noqa: E402
-from tensorparity.mapping._digests import suggest_from_signatures  # noqa: E402
-from tensorparity.mapping._param_signature import ParamSignature, param_signature  # noqa: E402
-
 __all__ = [
     "Cast",
     "Chain",
     "Concat",
+    "Direction",
     "MappedResult",
     "Mapping",
     "MappingError",
@@ -55,7 +56,6 @@ __all__ = [
     "TransformSpecError",
     "Transpose",
     "apply_mapping",
-    "convert",
     "load_mapping",
     "param_signature",
     "register_transform",

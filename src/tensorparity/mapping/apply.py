@@ -9,7 +9,6 @@ loading one loads its source entries and applies the transform.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -18,12 +17,9 @@ from typing import Any, Literal
 
 import torch
 
-from tensorparity._output import atomic_output, check_output, refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, Entry, PlaceholderInfo, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint.safe_pickle import Placeholder
-from tensorparity.checkpoint.write import write_checkpoint
-from tensorparity.errors import TensorParityError, UsageError
+from tensorparity.errors import UsageError
 from tensorparity.mapping.loader import load_mapping
 from tensorparity.mapping.rules import Bindings, Mapping, MappingError, MappingProblem, Rule
 from tensorparity.mapping.transforms import Transform
@@ -397,75 +393,3 @@ def apply_mapping(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | st
     bound, rule_of = planner.bound_mapping()
     return MappedResult(result, bound, direction, planner.claims, rule_of,
                         tuple(planner.unmapped), tuple(planner.ignored), tuple(planner.passed), unused)
-
-
-# --- convert -------------------------------------------------------------------------------------
-
-def convert(ckpt: Checkpoint | Any, mapping: Mapping | dict[str, Any] | str | Path, out_path: str | Path, *,
-            format: Literal["safetensors", "torch"] | None = None, direction: Direction = "a_to_b",
-            overwrite: bool = False) -> MappedResult:
-    """Apply a mapping and write the converted checkpoint, atomically.
-
-    The file is written next to ``out_path`` under a temporary name and renamed into place
-    (:func:`tensorparity._output.atomic_output`), so a crash never leaves a half-written
-    checkpoint. The source is never overwritten.
-
-    Args:
-        ckpt: the checkpoint to convert (anything :func:`tensorparity.open` accepts).
-        mapping: a :class:`Mapping`, its dict, or a YAML file's path.
-        out_path: where to write.
-        format: ``safetensors`` or ``torch`` (a torch zip keeping the source's nesting, renamed
-            keys in the container of the key they replaced); by default from the suffix
-            (``.pt .pth .bin .ckpt`` -> torch, anything else -> safetensors). Written by
-            :func:`tensorparity.migrate.write_checkpoint`, one tensor in memory at a time.
-        direction: ``a_to_b`` or ``b_to_a``.
-        overwrite: replace an existing file at ``out_path`` (never the source).
-
-    Returns:
-        The :class:`MappedResult` that was written.
-
-    Example:
-        >>> import tempfile, torch, tensorparity
-        >>> out = tempfile.mkdtemp() + "/port.safetensors"
-        >>> _ = convert({"w": torch.ones(2)}, {"rules": [{"a": "w", "b": "weight"}]}, out)
-        >>> list(tensorparity.open(out))
-        ['weight']
-    """
-    out = Path(out_path)
-    fmt = format or ("torch" if out.suffix in _TORCH_SUFFIXES else "safetensors")
-    if fmt not in ("safetensors", "torch"):
-        raise UsageError(f"unknown output format {fmt!r}", fix="use 'safetensors' or 'torch'")
-    source = ckpt.source if isinstance(ckpt, Checkpoint) else ckpt if isinstance(ckpt, (str, os.PathLike)) else None
-    check_output(out, [source], overwrite, flag="overwrite=True", what="the converted checkpoint")
-    result = apply_mapping(ckpt, mapping, direction=direction)  # every mapping problem, before writing
-    try:
-        _check_writable(result, out, fmt)
-    except UsageError:
-        result.checkpoint.close()
-        raise
-
-    metadata = {"tensorparity.mapping": result.mapping.name, "tensorparity.source": str(result.checkpoint.source)}
-    try:
-        with atomic_output(out) as tmp:
-            write_checkpoint(result.checkpoint, tmp, format=fmt, metadata=metadata)
-    except TensorParityError:
-        raise
-    except (OSError, RuntimeError, ValueError, KeyboardInterrupt) as exc:
-        raise write_failure(exc, "the converted checkpoint", out) from exc
-    return result
-
-
-def _refuse_source(src_path: Path, out: Path) -> None:
-    refuse_inputs(out, [src_path], "the converted checkpoint")
-
-
-def _check_writable(result: MappedResult, out: Path, fmt: str) -> None:
-    _refuse_source(Path(result.checkpoint.source), out)
-    values = [e for e in result.checkpoint.values() if isinstance(e, ValueEntry)]
-    if fmt == "safetensors" and values:
-        names = ", ".join(e.key for e in values[:3]) + (" ..." if len(values) > 3 else "")
-        raise UsageError(f"{len(values)} non-tensor value(s) ({names}) cannot go into a safetensors file", path=out,
-                         fix="write a .pt file (format='torch'), or ignore those keys in the mapping (ignore_a)")
-    if any(isinstance(e.value, Placeholder) for e in values):
-        raise UsageError("the checkpoint holds objects that were not executed and cannot be written back", path=out,
-                         fix="ignore those keys in the mapping (ignore_a)")

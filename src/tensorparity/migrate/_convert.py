@@ -33,6 +33,8 @@ from tensorparity.checkpoint.write import (
 )
 from tensorparity.checks._diff import diff
 from tensorparity.errors import InternalError, UsageError
+from tensorparity.mapping import Direction, apply_mapping
+from tensorparity.mapping import Mapping as KeyMapping
 from tensorparity.numerics import Tolerance
 from tensorparity.report._render import human_bytes, plain_text, printable, rich_header
 from tensorparity.report._stream import stdout_console
@@ -166,8 +168,9 @@ def _without(ckpt: Checkpoint, keys: list[str]) -> Checkpoint:
                       sections=ckpt.sections, provenance=ckpt.provenance, default_section=ckpt.default_section)
 
 
-def _notes(src: Checkpoint, fmt: str, weights_only: bool, dropped: list[str]) -> list[str]:
-    notes = []
+def _notes(src: Checkpoint, fmt: str, weights_only: bool, dropped: list[str], mapped_by: str | None = None,
+           direction: str = "a_to_b") -> list[str]:
+    notes = [f"keys mapped through {mapped_by!r} ({direction.replace('_', ' ')})"] if mapped_by is not None else []
     if dropped:
         shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
         notes.append(f"DCP keeps no empty dicts: {len(dropped)} left out ({shown})")
@@ -212,15 +215,19 @@ def convert(
     overwrite: bool = False,
     verify: bool = True,
     weights_only: bool = False,
+    mapping: KeyMapping | dict[str, Any] | str | os.PathLike[str] | None = None,
+    direction: Direction = "a_to_b",
 ) -> ConvertReport:
-    """Rewrite a checkpoint in another format, streaming one tensor at a time, atomically.
+    """Rewrite a checkpoint in another format, or through a key mapping into another
+    implementation's key space, streaming one tensor at a time, atomically.
 
     The destination is written under a temporary name beside it, re-opened and compared with the
     source bitwise (every tensor, every value; :func:`tensorparity.diff` in exact mode), and only
     then renamed into place. The source is never overwritten.
 
     Args:
-        src: the checkpoint to convert (a path, or an opened :class:`Checkpoint`).
+        src: the checkpoint to convert (anything :func:`tensorparity.open` takes: a path, an
+            opened :class:`Checkpoint`, a state dict or a live module).
         dst: the file or folder to write.
         format: one of :data:`tensorparity.migrate.FORMATS`; default: from ``dst``'s suffix
             (``.safetensors``, ``.pt .pth .bin .ckpt``, ``.nemo``; a suffix-less name with
@@ -230,6 +237,12 @@ def convert(
         verify: re-open and compare bitwise before installing (on by default).
         weights_only: write the model weights alone (a Lightning checkpoint's ``state_dict``,
             keyed as the model names them), e.g. to make a safetensors file of a training checkpoint.
+        mapping: a :class:`~tensorparity.mapping.Mapping`, its dict or a YAML file's path: the
+            keys are renamed and the tensors transformed (:func:`~tensorparity.mapping.apply_mapping`,
+            every mapping problem reported before a byte is written) and the verification compares
+            what was written with the mapped source. Its name is recorded in the output's metadata
+            (``tensorparity.mapping``) where the format keeps metadata.
+        direction: ``a_to_b`` (the mapping's first side is ``src``) or ``b_to_a``.
 
     Returns:
         A :class:`ConvertReport`.
@@ -246,12 +259,15 @@ def convert(
         >>> report = convert(d + "/w.pt", d + "/w.safetensors")
         >>> report.verified, report.format, tensorparity.open(d + "/w.safetensors")["w"].load()
         (True, 'safetensors', tensor([0., 1., 2., 3.]))
+        >>> _ = convert(d + "/w.pt", d + "/port.pt", mapping={"rules": [{"a": "w", "b": "weight"}]})
+        >>> list(tensorparity.open(d + "/port.pt"))
+        ['weight']
     """
     start = time.perf_counter()
     dest = Path(dst)
-    if not isinstance(src, Checkpoint):
+    if isinstance(src, (str, os.PathLike)):
         _refuse_source(Path(src), dest)
-    elif Path(src.source).exists():
+    elif isinstance(src, Checkpoint) and Path(src.source).exists():
         _refuse_source(Path(src.source), dest)
     if os.path.lexists(dest) and not overwrite:
         raise UsageError("the destination exists", path=dest, fix="choose another path, or pass --overwrite")
@@ -265,17 +281,23 @@ def convert(
         if fmt not in FORMATS:
             raise UsageError(f"unknown output format {fmt!r}", path=dest, fix=f"use one of {', '.join(FORMATS)}")
         ckpt = opened.weights() if weights_only else opened
+        mapped_by: str | None = None
+        if mapping is not None:  # every mapping problem is reported here, before a byte is written
+            mapped = apply_mapping(ckpt, mapping, direction=direction)
+            ckpt, mapped_by = mapped.checkpoint, mapped.mapping.name
         body = payload(ckpt)
         check_writable(body, fmt, dest)  # every problem before a byte is written
         dropped = _dcp_drops(body, fmt)
         metadata = source_metadata(opened)
         metadata.pop("format", None)  # a safetensors header's "pt": the safetensors writers set it themselves
+        if mapped_by is not None:
+            metadata.update({"tensorparity.mapping": mapped_by, "tensorparity.source": str(opened.source)})
         report: DiffReport | None = None
         try:
             with atomic_output(dest) as tmp:
                 write_checkpoint(ckpt, tmp, format=fmt, max_shard_size=limit, metadata=metadata)
                 if verify:
-                    expected = opened if fmt == "nemo" and opened.format == "nemo" else _without(body, dropped)
+                    expected = opened if fmt == "nemo" == opened.format and mapped_by is None else _without(body, dropped)
                     report = verify_written(expected, tmp)
                     if fmt == "nemo":
                         _check_config(metadata.get(NEMO_CONFIG_KEY), tmp)
@@ -292,7 +314,7 @@ def convert(
             tensors=n_tensors, values=len(body) - n_tensors - len(dropped),
             nbytes=body.nbytes(), size_on_disk=size, files=files, seconds=time.perf_counter() - start,
             verified=None if report is None else True, verification=report,
-            notes=tuple(_notes(opened, fmt, weights_only, dropped)))
+            notes=tuple(_notes(opened, fmt, weights_only, dropped, mapped_by, direction)))
     finally:
         if opened is not src:
             opened.close()
