@@ -98,7 +98,7 @@ class BuiltModel:
 
 def _bad(spec: str, why: str, noun: str = "factory") -> FactoryError:
     return FactoryError(f"{noun} {spec!r} {why}",
-                        fix=f"write {_FORMS}, e.g. --model mypkg.models:build_model (or name a .nemo file or a "
+                        fix=f"write {_FORMS}, e.g. mypkg.models:build_model (or name a .nemo file or a "
                             f"Hugging Face model folder holding config.json)")
 
 
@@ -261,7 +261,7 @@ def _import_file(spec: FactorySpec, noun: str) -> ModuleType:
         raise FactoryError(f"{noun} {spec.text!r}: no such Python file", path=path,
                            fix="check the path (relative paths start from the current folder)")
     resolved = path.resolve()
-    # One module per file, whatever the spelling of its path: --model and --reference may share a file.
+    # One module per file, whatever the spelling of its path: MODEL and --reference may share a file.
     name = f"_tensorparity_factory_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]

@@ -161,7 +161,7 @@ def step_load_check(console: Console) -> None:
 
     from tensorparity.examples import port_model
 
-    console.print("[bold]$ tensorparity load-check reference.pt --model tensorparity.examples:port_model "
+    console.print("[bold]$ tensorparity load-check reference.pt tensorparity.examples:port_model "
                   "--reference tensorparity.examples:reference_model --map reference_to_port.yaml")
     report = tensorparity.load_check(OUT / "diff" / "reference.pt", model=port_model, reference=reference_model,
                                      mapping=str(files("tensorparity.examples") / "reference_to_port.yaml"))

@@ -114,7 +114,7 @@ def replay(
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"replay needs the model as an nn.Module, not {type(model).__name__}",
-                         fix="pass the model itself (or build it with --model pkg:factory)")
+                         fix="pass the model itself (on the command line: the MODEL argument, pkg.module:factory)")
     if tolerance is not None and not isinstance(tolerance, Tolerance):
         raise UsageError(f"tolerance must be a tensorparity.Tolerance, not {type(tolerance).__name__}",
                          fix="pass tolerance=Tolerance(atol=...) or noise_floor(reference_model, inputs)")
