@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from tensorparity._factory import FactoryError, PackageNotInstalledError, build_model, parse_factory
+from tensorparity._factory import build_model
+from tensorparity._resolve import FactoryError, PackageNotInstalledError, parse_factory
 from tensorparity.errors import UsageError
 from tensorparity.examples import ReferenceModel
 

@@ -14,7 +14,8 @@ from _cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from tensorparity import load_check
-from tensorparity._factory import FactoryError, PackageNotInstalledError, build_model, carries_model
+from tensorparity._factory import build_model, carries_model
+from tensorparity._resolve import FactoryError, PackageNotInstalledError
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.cli import app
 from tensorparity.trace import capture_run

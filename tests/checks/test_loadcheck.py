@@ -140,7 +140,7 @@ def test_bf16_checkpoint_is_a_dtype_problem_unless_cast(tmp_path: Path, ref_stat
 
 def test_reference_package_not_installed_is_an_error_unless_optional(tmp_path: Path,
                                                                      ref_state: dict[str, torch.Tensor]) -> None:
-    from tensorparity._factory import PackageNotInstalledError
+    from tensorparity._resolve import PackageNotInstalledError
 
     ckpt = save(tmp_path / "r.pt", ref_state)
     with pytest.raises(PackageNotInstalledError, match="package 'tp_absent_reference_pkg' is not installed"):

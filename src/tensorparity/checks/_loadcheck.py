@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorparity._factory import BuiltModel, PackageNotInstalledError, build_model
+from tensorparity._factory import BuiltModel, build_model
+from tensorparity._resolve import PackageNotInstalledError
 from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint._roles import buffer_keys, entry_counts

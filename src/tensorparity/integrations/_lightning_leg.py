@@ -43,7 +43,7 @@ import torch
 import torch.utils.data
 from lightning.pytorch.utilities import CombinedLoader
 
-from tensorparity._factory import resolve_object
+from tensorparity._resolve import resolve_object
 from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import describe, grad_norm, recording_loads, seed_everything, wrote_something

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tensorparity._factory import FactoryError, resolve_object
+from tensorparity._resolve import FactoryError, resolve_object
 from tensorparity.errors import MissingDependencyError, UsageError
 from tensorparity.numerics import Tolerance
 from tensorparity.resume._resume_report import ResumeReport

@@ -31,7 +31,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from tensorparity._factory import resolve_object
+from tensorparity._resolve import resolve_object
 from tensorparity.errors import TensorParityError
 from tensorparity.mapping import MappingError
 from tensorparity.mapping.loader import _parse, mapping_from_dict, mapping_from_yaml

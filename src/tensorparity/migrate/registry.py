@@ -20,7 +20,7 @@ from functools import total_ordering
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity._factory import resolve_object
+from tensorparity._resolve import resolve_object
 from tensorparity.errors import TensorParityError, UsageError
 from tensorparity.mapping import MappingError, load_mapping
 

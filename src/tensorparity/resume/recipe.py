@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from tensorparity._factory import FactoryError, _on_path, parse_factory, resolve_object
+from tensorparity._resolve import FactoryError, _on_path, parse_factory, resolve_object
 from tensorparity.errors import TensorParityError
 from tensorparity.resume._recipe_errors import RecipeError
 
