@@ -77,8 +77,8 @@ def report_json(report: Report, *, indent: int | None = 2, ensure_ascii: bool = 
 
     Example:
         >>> import torch, tensorparity
-        >>> report_json(tensorparity.diff({"w": torch.ones(2)}, {"w": torch.ones(2)}), indent=None)[:39]
-        '{"schema": "tensorparity.diff/1", "ver'
+        >>> report_json(tensorparity.diff({"w": torch.ones(2)}, {"w": torch.ones(2)}), indent=None)[:33]
+        '{"schema": "tensorparity.diff/1",'
     """
     return json.dumps(report.to_dict(), indent=indent, allow_nan=False, ensure_ascii=ensure_ascii)
 
@@ -90,7 +90,7 @@ def report_text(report: Report, *, width: int = 120, trailing_newline: bool = Tr
     Example:
         >>> import torch, tensorparity
         >>> report_text(tensorparity.diff({"w": torch.ones(2)}, {"w": torch.ones(2)})).splitlines()[4]
-        'identical: 1 key, 1 tensor, every byte the same'
+        'Common keys: 1 / Only in A: 0 / Only in B: 0 / Shape mismatches: 0 / Value mismatches: 0 → identical'
     """
     from tensorparity.report._render import plain_text  # lazy: it imports rich (see the module docstring)
 
