@@ -25,6 +25,8 @@ from tensorparity.cli._options import TOP
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from tensorparity.report import Report
+
 __all__ = [
     "EXIT_DIFFERS",
     "EXIT_ERROR",
@@ -213,11 +215,10 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     check(out, inputs, overwrite, **options)
 
 
-def finish(report: Any, *, json_: bool, top: int = TOP, **render_options: Any) -> NoReturn:
+def finish(report: Report, *, json_: bool, top: int = TOP, **render_options: Any) -> NoReturn:
     """Print a report (JSON and nothing else, or its rich rendering) and exit with its code.
 
-    ``report`` is any :class:`tensorparity.report.Report`; ``render_options`` go to its
-    ``render`` (``fold=False`` for inspect's ``--all``)."""
+    ``render_options`` go to the report's ``render`` (``fold=False`` for inspect's ``--all``)."""
     if json_:
         emit_json(report.to_json())
     else:
