@@ -9,11 +9,10 @@ for people (rich, in the terminal; HTML, in a notebook) and for machines (JSON, 
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partialmethod
 from typing import TYPE_CHECKING, Any
 
 from torch.nn import Module
@@ -23,6 +22,7 @@ from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint._roles import Counts, buffer_keys, entry_counts, module_counts
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import UsageError
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
 from tensorparity.report._keytree import Node as _Node  # noqa: F401 - re-exported for older imports
 from tensorparity.report._keytree import html_tree, rich_tree
 from tensorparity.report._keytree import key_tree as _key_tree
@@ -32,7 +32,6 @@ from tensorparity.report._render import (  # noqa: F401
     human_bytes,
     human_count,
     jsonable,
-    plain_text,
     printable,
     provenance_items,
     rich_table,
@@ -40,7 +39,7 @@ from tensorparity.report._render import (  # noqa: F401
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "DtypeSummary", "InspectReport", "KeyInfo", "NotExecuted", "SectionSummary", "inspect",
            "render_html"]
@@ -198,33 +197,27 @@ class InspectReport:
             "notes": list(self.notes),
         }
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON (non-finite floats become strings)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    @property
+    def exit_code(self) -> int:
+        """Always 0: the report describes a checkpoint and judges nothing."""
+        return 0
+
+    to_json = report_json
 
     # People
-    def renderable(self, *, fold: bool = True) -> RenderableType:
-        """A rich renderable; ``fold=False`` shows every key and every placeholder."""
+    def renderable(self, *, top: int = 10, fold: bool = True) -> RenderableType:
+        """A rich renderable; ``fold=False`` shows every key and every placeholder. ``top`` is
+        ignored: how many of the largest tensors to list is chosen by :func:`inspect`."""
         return _render_rich(self, fold=fold)
-
-    def render(self, console: Console | None = None, *, fold: bool = True) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        from rich.console import Console
-
-        (console or Console()).print(self.renderable(fold=fold))
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
 
     def to_html(self, *, fold: bool = True) -> str:
         """A self-contained HTML fragment (what a notebook shows)."""
         return _html(self, fold=fold)
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable())
+    render = render_report  # render(console, *, top=10, fold=True)
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, width=100)
 
     def __repr__(self) -> str:
         t = self.totals

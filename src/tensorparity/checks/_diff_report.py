@@ -11,13 +11,12 @@ within tolerance, some are not bitwise equal or not of one dtype) or ``differs``
 from __future__ import annotations
 
 import html
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.checkpoint._roles import Counts
 from tensorparity.numerics import TensorComparison, Tolerance
+from tensorparity.report import Unbroken, render_report, report_html, report_json, report_text, rich_console
 from tensorparity.report._keytree import Node, html_tree, key_tree, rich_tree
 from tensorparity.report._render import (
     dtype_cell,
@@ -29,7 +28,6 @@ from tensorparity.report._render import (
     jsonable,
     key_cell,
     num,
-    plain_text,
     plural,
     printable,
     record_dict,
@@ -39,7 +37,8 @@ from tensorparity.report._render import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
+    from rich.text import Text
 
     from tensorparity.checkpoint._inspect import KeyInfo
 
@@ -336,9 +335,7 @@ class DiffReport:
             "notes": list(self.notes),
         })
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    to_json = report_json
 
     # People
     def renderable(self, *, top: int = 10) -> RenderableType:
@@ -346,30 +343,14 @@ class DiffReport:
         are folded."""
         return _render_rich(self, top=top)
 
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        from rich.console import Console
-
-        console = console or Console()
-        from rich.console import Group
-
-        head, classic, body = _rich_parts(self, top=top)
-        console.print(Group(*head))
-        console.print(classic, soft_wrap=True)  # never broken or cut: scripts grep for this line
-        console.print(Group(*body))
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
     def to_html(self, *, top: int = 10) -> str:
         """A self-contained HTML fragment (what a notebook shows)."""
         return _html(self, top=top)
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120)
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = report_text
 
     def __repr__(self) -> str:
         return f"<DiffReport {self.a.source!r} vs {self.b.source!r}: {self.classic_summary()}>"
@@ -451,10 +432,10 @@ def _render_rich(r: DiffReport, *, top: int) -> RenderableType:
     from rich.console import Group
 
     head, classic, body = _rich_parts(r, top=top)
-    return Group(*head, classic, *body)
+    return Group(*head, Unbroken(classic), *body)  # the classic line: printed whole, scripts grep for it
 
 
-def _rich_parts(r: DiffReport, *, top: int) -> tuple[list[RenderableType], RenderableType, list[RenderableType]]:
+def _rich_parts(r: DiffReport, *, top: int) -> tuple[list[RenderableType], Text, list[RenderableType]]:
     """The header, the classic summary line, and everything after it."""
     from rich.text import Text
 

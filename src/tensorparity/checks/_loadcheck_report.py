@@ -12,17 +12,15 @@ the round trip: what the model holds after loading against what it was given.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.checks._diff_report import DiffReport, Side
 from tensorparity.numerics import Tolerance
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
 from tensorparity.report._render import (
     fold_count,
     jsonable,
-    plain_text,
     plural,
     printable,
     record_dict,
@@ -32,7 +30,7 @@ from tensorparity.report._render import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "IssueKind", "KeyIssue", "LoadCheckReport", "LoadSide", "NotInstalled"]
 
@@ -271,9 +269,7 @@ class LoadCheckReport:
             "notes": list(self.notes),
         })
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    to_json = report_json
 
     # People
     def renderable(self, *, top: int = 10) -> RenderableType:
@@ -281,17 +277,10 @@ class LoadCheckReport:
         and the comparison of the loaded weights; lists longer than ``top`` are folded."""
         return _render(self, top)
 
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        from rich.console import Console
-
-        (console or Console()).print(self.renderable(top=top))
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120)
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = report_text
 
     def __repr__(self) -> str:
         return f"<LoadCheckReport {self.checkpoint.source!r}: {self.summary()}>"

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
-from tensorparity.report._stream import REPORT as _REPORT
-from tensorparity.report._stream import emit_json, report_stream, stdout_console
+from tensorparity.cli._options import TOP
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from tensorparity.report import Report
 
 __all__ = [
     "EXIT_DIFFERS",
@@ -49,6 +50,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's 128 + SIGINT
+
+
+def report_stream() -> Any:
+    """:func:`tensorparity.report._stream.report_stream`: the stdout the command started with."""
+    from tensorparity.report._stream import report_stream as stream
+
+    return stream()
+
+
+def emit_json(text: str) -> None:
+    """:func:`tensorparity.report._stream.emit_json`: one JSON document on the report stream."""
+    from tensorparity.report._stream import emit_json as emit
+
+    emit(text)
+
+
+def stdout_console() -> Console:
+    """:func:`tensorparity.report._stream.stdout_console`: the console people read."""
+    from tensorparity.report._stream import stdout_console as console
+
+    return console()
 
 
 def _debug() -> bool:
@@ -100,6 +122,8 @@ class _UserStdoutToStderr:
     report stream keeps the original."""
 
     def __enter__(self) -> None:
+        from tensorparity.report._stream import REPORT as _REPORT
+
         self.saved_stdout, self.saved_fd, self.previous = sys.stdout, None, _REPORT.stream
         try:
             sys.stdout.flush()
@@ -114,6 +138,8 @@ class _UserStdoutToStderr:
         sys.stdout = sys.stderr
 
     def __exit__(self, *exc: object) -> None:
+        from tensorparity.report._stream import REPORT as _REPORT
+
         sys.stdout = self.saved_stdout
         stream = _REPORT.stream
         _REPORT.stream = self.previous
@@ -189,12 +215,14 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
     check(out, inputs, overwrite, **options)
 
 
-def finish(report: Any, *, json_: bool, top: int) -> NoReturn:
-    """Print a report (JSON and nothing else, or its rich rendering) and exit with its code."""
+def finish(report: Report, *, json_: bool, top: int = TOP, **render_options: Any) -> NoReturn:
+    """Print a report (JSON and nothing else, or its rich rendering) and exit with its code.
+
+    ``render_options`` go to the report's ``render`` (``fold=False`` for inspect's ``--all``)."""
     if json_:
         emit_json(report.to_json())
     else:
-        report.render(stdout_console(), top=top)
+        report.render(stdout_console(), top=top, **render_options)
     raise typer.Exit(report.exit_code)
 
 

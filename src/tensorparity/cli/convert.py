@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, emit_json, stdout_console
+from tensorparity.cli._common import command, finish
 from tensorparity.cli._options import (
     FormatOption,
     JsonOption,
@@ -55,7 +55,4 @@ def convert_command(
     report = convert(src, dst, format=format_, max_shard_size=max_shard_size, overwrite=overwrite,
                      verify=not no_verify, weights_only=bool(weights_only), mapping=map_,
                      direction="b_to_a" if inverse else "a_to_b")
-    if json_:
-        emit_json(report.to_json())
-    else:
-        report.render(stdout_console())
+    finish(report, json_=json_)

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, emit_json, stdout_console
+from tensorparity.cli._common import command, finish
 from tensorparity.cli._options import ForceOption, JsonOption, NoVerifyOption, OverwriteOption
 
 __all__ = ["convert_command", "dataloader_state_app", "inspect_command"]
@@ -63,10 +63,7 @@ def convert_command(
 
     conversion = convert_dataloader_state(legacy_dir, out, num_workers=num_workers, sampler=sampler,
                                           verify=not no_verify, force=overwrite or force)
-    if json_:
-        emit_json(conversion.to_json())
-    else:
-        conversion.render(stdout_console())
+    finish(conversion, json_=json_)
 
 
 @command
@@ -82,10 +79,7 @@ def inspect_command(
     from tensorparity.dataloader._state import inspect_dataloader_state
 
     summary = inspect_dataloader_state(path)
-    if json_:
-        emit_json(summary.to_json())
-    else:
-        summary.render(stdout_console())
+    finish(summary, json_=json_)
 
 
 dataloader_state_app.command("convert")(convert_command)

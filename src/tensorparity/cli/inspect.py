@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tensorparity.cli._common import command, emit_json, stdout_console
+from tensorparity.cli._common import command, finish
 from tensorparity.cli._options import TOP, JsonOption, KeysOption, TopOption
 
 __all__ = ["inspect_command"]
@@ -30,7 +30,4 @@ def inspect_command(
     from tensorparity import inspect
 
     report = inspect(path, keys=keys, top=top)
-    if json_:
-        emit_json(report.to_json())
-    else:
-        report.render(stdout_console(), fold=not all_)
+    finish(report, json_=json_, top=top, fold=not all_)

@@ -9,23 +9,22 @@ for people (rich; ``str()`` is plain text) and for machines (``to_dict``/``to_js
 from __future__ import annotations
 
 import html
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partialmethod
 from typing import TYPE_CHECKING, Any
 
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
 from tensorparity.report._render import (
     html_style,
     html_table,
     jsonable,
-    plain_text,
     rich_header,
     rich_titled_table,
     short_repr,
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["CONVERSION_SCHEMA", "SUMMARY_SCHEMA", "DataLoaderStateConversion", "DataLoaderStateSummary",
            "WorkerSummary"]
@@ -100,9 +99,12 @@ class DataLoaderStateSummary:
                 "sampler": self.sampler, "next_worker": self.next_worker, "finished": self.finished,
                 "workers": [w.to_dict() for w in self.workers]}
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The summary as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    @property
+    def exit_code(self) -> int:
+        """Always 0: the summary describes a state and judges nothing."""
+        return 0
+
+    to_json = report_json
 
     def rows(self) -> list[tuple[str, str]]:
         """(name, text) pairs: what the summary shows, in order."""
@@ -118,7 +120,8 @@ class DataLoaderStateSummary:
                 ("samples in epoch", opt(self.samples_in_epoch)), ("sampler", self.sampler),
                 ("next batch from", "main process" if self.next_worker is None else f"worker {self.next_worker}")]
 
-    def renderable(self) -> RenderableType:
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        """The summary's rows, then one row per worker (``top`` is ignored: every worker is listed)."""
         from rich.console import Group
         from rich.text import Text
 
@@ -129,25 +132,19 @@ class DataLoaderStateSummary:
                      *rich_titled_table("workers", ("worker", "samples", "position"), worker_rows,
                                         left=("position",)))
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def render(self, console: Console | None = None) -> None:
-        """Print the summary to ``console`` (a stdout console by default)."""
-        from rich.console import Console
-
-        (console or Console()).print(self.renderable())
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable())
-
-    def _repr_html_(self) -> str:
+    def to_html(self) -> str:
+        """A self-contained HTML fragment (what a notebook shows)."""
         rows = [[k, v] for k, v in self.rows()]
         workers = [[str(w.worker_id), "—" if w.samples is None else str(w.samples), short_repr(w.position, 70)]
                    for w in self.workers]
         return (f"<div class='tp-dls'>{html_style('tp-dls')}"
                 + html_table(f"data-loader state ({self.layout}): {self.source}", ["", ""], rows)
                 + html_table("workers", ["worker", "samples", "position"], workers) + "</div>")
+
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, width=100)
 
 
 @dataclass(frozen=True)
@@ -207,9 +204,12 @@ class DataLoaderStateConversion:
                 "source": self.source.to_dict(), "result": self.result.to_dict(),
                 "loader_recipe": self.loader_recipe()}
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The record as strict JSON (the state itself is not included; it is in the output file)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    @property
+    def exit_code(self) -> int:
+        """Always 0: a conversion that cannot be proven raises instead."""
+        return 0
+
+    to_json = report_json  # the state itself is not included: it is in the output file
 
     def summary(self) -> str:
         """One line: what was converted into what."""
@@ -221,7 +221,9 @@ class DataLoaderStateConversion:
         return (f"legacy epoch {s.epoch} step {s.batches_in_epoch} ({kind}) -> "
                 f"StatefulDataLoader state, {r.batches_in_epoch} batches in, {workers}{where}")
 
-    def renderable(self) -> RenderableType:
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        """Both states side by side, each worker, the verification and the lines that load the
+        state (``top`` is ignored: every worker is listed)."""
         from rich.console import Group
         from rich.syntax import Syntax
         from rich.text import Text
@@ -250,23 +252,17 @@ class DataLoaderStateConversion:
         parts += ["", Text("load it with:", style="bold"), Syntax(self.loader_recipe(), "python", theme="ansi_dark")]
         return Group(*parts)
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def render(self, console: Console | None = None) -> None:
-        """Print the record to ``console`` (a stdout console by default)."""
-        from rich.console import Console
-
-        (console or Console()).print(self.renderable())
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=110)
-
     def __repr__(self) -> str:
         return f"<DataLoaderStateConversion {self.summary()}>"
 
-    def _repr_html_(self) -> str:
+    def to_html(self) -> str:
+        """A self-contained HTML fragment (what a notebook shows)."""
         rows = [[name, a, b] for (name, a), (_, b) in zip(self.source.rows(), self.result.rows())]
         return (f"<div class='tp-dls'>{html_style('tp-dls')}"
                 + html_table(self.summary(), ["", "legacy", "StatefulDataLoader"], rows)
                 + f"<p>verified: {html.escape(self.verification or 'not verified')}</p></div>")
+
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, width=110)

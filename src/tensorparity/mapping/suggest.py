@@ -11,12 +11,12 @@ the mapping to A's metadata; the result is a :class:`Suggestion` whose YAML
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partialmethod
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.checkpoint import Checkpoint, TensorEntry
@@ -28,10 +28,11 @@ from tensorparity.mapping._signatures import NameAffinity, buffer_ignores, detec
 from tensorparity.mapping.loader import mapping_to_yaml
 from tensorparity.mapping.rules import Mapping
 from tensorparity.mapping.transforms import Transform
-from tensorparity.report._render import fold_count, plain_text, printable, rich_titled_table
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
+from tensorparity.report._render import fold_count, printable, rich_titled_table
 
 if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "SuggestedPair", "Suggestion", "detect_prefixes", "suggest_mapping"]
 
@@ -178,10 +179,9 @@ class Suggestion:
                 "ignored_a": list(self.ignored_a), "ignored_b": list(self.ignored_b),
                 "mapping": self.mapping.to_dict(), "yaml": self.to_yaml()}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    to_json = partialmethod(report_json, ensure_ascii=True)  # \u escapes: what map suggest --json has always printed
 
-    def rich(self, *, top: int = 10) -> RenderableType:
+    def renderable(self, *, top: int = 10) -> RenderableType:
         """A rich renderable: summary, the rules (with their confidence), the unmatched keys."""
         from rich.console import Group
         from rich.text import Text
@@ -204,17 +204,11 @@ class Suggestion:
                                            total=len(keys), hint="the YAML lists them", left=("key", "shape / dtype"))
         return Group(*parts)
 
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        """Print :meth:`rich` to ``console`` (stdout by default)."""
-        from rich.console import Console
-
-        (console or Console(highlight=False)).print(self.rich(top=top))
-
-    def __rich__(self) -> RenderableType:
-        return self.rich()
-
-    def __str__(self) -> str:
-        return plain_text(self.rich())
+    rich = renderable  # its older name
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, width=100)
 
 
 def suggest_mapping(a: Any, b: Any, /, *, weights_only: bool | None = None, progress: bool | None = None) -> Suggestion:

@@ -9,11 +9,11 @@ into place. A crash, a full disk or a failed verification leaves the destination
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partialmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +36,11 @@ from tensorparity.errors import InternalError, UsageError
 from tensorparity.mapping import Direction, apply_mapping
 from tensorparity.mapping import Mapping as KeyMapping
 from tensorparity.numerics import Tolerance
-from tensorparity.report._render import human_bytes, plain_text, printable, rich_header
-from tensorparity.report._stream import stdout_console
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
+from tensorparity.report._render import human_bytes, printable, rich_header
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
     from tensorparity.checks._diff_report import DiffReport
 
@@ -109,10 +109,11 @@ class ConvertReport:
         d["verification"] = self.verification.classic_summary() if self.verification is not None else None
         return d
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+    to_json = partialmethod(report_json, ensure_ascii=True)  # \u escapes: what convert --json has always printed
 
-    def renderable(self) -> RenderableType:
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        """The summary, what was read and written, and the verification (``top`` is ignored:
+        nothing is listed)."""
         from rich.console import Group
         from rich.text import Text
 
@@ -127,19 +128,10 @@ class ConvertReport:
         parts.extend(Text(f"note: {printable(n)}", style="dim") for n in self.notes)
         return Group(*parts)
 
-    def render(self, console: Console | None = None) -> None:
-        (console or stdout_console()).print(self.renderable())
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable()).rstrip("\n")
-
-    def _repr_html_(self) -> str:
-        import html
-
-        return f"<pre>{html.escape(str(self))}</pre>"
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, width=100, trailing_newline=False)
 
 
 def _refuse_source(src: Path, dst: Path) -> None:

@@ -6,16 +6,15 @@ machines.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partialmethod
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity.report._render import jsonable, plain_text, plural, printable, rich_header, rich_titled_table
-from tensorparity.report._stream import stdout_console
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
+from tensorparity.report._render import jsonable, plural, printable, rich_header, rich_titled_table
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
     from tensorparity.checks._diff_report import DiffReport
 
@@ -96,7 +95,16 @@ class MigrationPlan:
                          "summary": self.summary(), "steps": [s.to_dict() for s in self.steps],
                          "history": list(self.history), "version_field": list(self.version_field)})
 
-    def renderable(self) -> RenderableType:
+    @property
+    def exit_code(self) -> int:
+        """Always 0: a plan says what would run and judges nothing."""
+        return 0
+
+    to_json = report_json
+
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        """The checkpoint's version, where it was read, and every step of the plan (``top`` is
+        ignored: a plan is listed whole)."""
         from rich.console import Group
         from rich.text import Text
 
@@ -119,11 +127,10 @@ class MigrationPlan:
                                                  left=("version", "migration", "direction", "kind", "what"))]
         return Group(*parts)
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120).rstrip("\n")
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, trailing_newline=False)
 
 
 @dataclass(frozen=True)
@@ -246,9 +253,7 @@ class MigrateReport:
             "changes": [c.to_dict() for c in self.changes], "record": self.record, "verified": self.verified,
             "verification": verification, "seconds": round(self.seconds, 3), "notes": list(self.notes)})
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    to_json = report_json
 
     def renderable(self, *, top: int = 10) -> RenderableType:
         """The verdict first, then the plan, the changes (grouped by kind, ``top`` each) and the
@@ -284,23 +289,13 @@ class MigrateReport:
         parts += [Text(f"note: {printable(n)}", style="dim") for n in self.notes]
         return Group(*parts)
 
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        (console or stdout_console()).print(self.renderable(top=top))
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120).rstrip("\n")
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, trailing_newline=False)
 
     def __repr__(self) -> str:
         return f"<MigrateReport {self.plan.source!r}: {self.summary()}>"
-
-    def _repr_html_(self) -> str:
-        import html
-
-        return f"<pre>{html.escape(str(self))}</pre>"
 
 
 def _grouped(changes: tuple[Change, ...]) -> dict[str, list[list[str]]]:

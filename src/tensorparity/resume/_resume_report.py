@@ -12,17 +12,16 @@ and every component of the final state match) or ``resume bug``.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.numerics import Tolerance
-from tensorparity.report._render import jsonable, plain_text, plural, record_dict
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
+from tensorparity.report._render import jsonable, plural, record_dict
 from tensorparity.resume._resume_report_render import html_report, rich_report
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "Confirmation", "Divergence", "Finding", "ResumeLeg", "ResumeReport", "Segment", "StepRow",
            "Verdict"]
@@ -320,32 +319,21 @@ class ResumeReport:
             "reference": self.reference, "isolation": self.isolation, "legs": [leg.to_dict() for leg in self.legs], "notes": list(self.notes),
             "wall_s": self.wall_s})
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    to_json = report_json
 
-    def renderable(self, *, top: int = 20) -> RenderableType:
-        """A rich renderable: header, verdict, then each leg's step table, audit and confirmations."""
+    def renderable(self, *, top: int = 10) -> RenderableType:
+        """A rich renderable: header, verdict, then each leg's step table (``top`` steps around
+        the first divergence), audit and confirmations."""
         return rich_report(self, top)
-
-    def render(self, console: Console | None = None, *, top: int = 20) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        from rich.console import Console
-
-        (console or Console()).print(self.renderable(top=top))
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
 
     def to_html(self, *, top: int = 50) -> str:
         """A self-contained HTML fragment (what a notebook shows)."""
         return html_report(self, top)
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120)
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = report_text
 
     def __repr__(self) -> str:
         return f"<ResumeReport {self.recipe!r}: {self.summary()}>"

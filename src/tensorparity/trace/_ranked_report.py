@@ -7,15 +7,13 @@ every rank's report (each ``tensorparity.trace-compare/1``).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from tensorparity.report import Unbroken, render_report, report_html, report_json, report_text, rich_console
 from tensorparity.report._render import (
     html_table,
     jsonable,
-    plain_text,
     plural,
     printable,
     rich_header,
@@ -26,7 +24,7 @@ from tensorparity.trace._trace_report import TraceReport, Verdict
 from tensorparity.trace._trace_report_html import render_trace_html
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "Pairing", "RankComparison", "RankedTraceReport"]
 
@@ -179,9 +177,7 @@ class RankedTraceReport:
             "ranks": [x.to_dict() for x in self.ranks],
         })
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    to_json = report_json
 
     # People
     def _table_rows(self) -> list[list[str]]:
@@ -214,7 +210,7 @@ class RankedTraceReport:
         head: list[RenderableType] = [rich_header(self._header()), Text(), wrapped(self.summary()), Text()]
         head += rich_titled_table(f"Per rank ({len(self.ranks):,})", self._columns(), self._table_rows(),
                                   left=tuple(self._columns()[1:2] + self._columns()[3:]))
-        head.append(Text(self.classic_summary(), style=_STYLE[self.verdict]))
+        head.append(Unbroken(Text(self.classic_summary(), style=_STYLE[self.verdict])))  # scripts grep for it
         head += [Text(), wrapped(self._worst_title(), "bold")]
         return head
 
@@ -223,17 +219,6 @@ class RankedTraceReport:
         from rich.console import Group
 
         return Group(*self._head(), self.worst.report.renderable(top=top))
-
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        from rich.console import Console, Group
-
-        console = console or Console()
-        head = self._head()
-        console.print(Group(*head[:-3]))
-        console.print(head[-3], soft_wrap=True)  # the classic line: never broken, scripts grep for it
-        console.print(Group(*head[-2:]))
-        self.worst.report.render(console, top=top)
 
     def to_html(self) -> str:
         """One self-contained HTML page: the per-rank table above the worst rank's full report."""
@@ -247,14 +232,10 @@ class RankedTraceReport:
                    + f"<h2>{html.escape(self._worst_title())}</h2>")
         return page.replace("<body>", "<body>" + section, 1)
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120)
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = report_text
 
     def __repr__(self) -> str:
         return f"<RankedTraceReport {self.a!r} vs {self.b!r} ({self.pairing}): {self.classic_summary()}>"

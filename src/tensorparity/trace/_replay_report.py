@@ -3,16 +3,17 @@ ones, the culprits, and its renderings (rich, JSON schema ``tensorparity.trace-r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from functools import partialmethod
 from typing import TYPE_CHECKING, Any
 
 from tensorparity.mapping import Mapping
 from tensorparity.numerics import TensorComparison, Tolerance
-from tensorparity.report._render import jsonable, plain_text, printable, rich_titled_table, wrapped
+from tensorparity.report import render_report, report_html, report_json, report_text, rich_console
+from tensorparity.report._render import jsonable, printable, rich_titled_table, wrapped
 
 if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "ReplayReport", "ReplayedLayer", "SkippedLayer"]
 
@@ -143,8 +144,7 @@ class ReplayReport:
                          "skipped": [x.to_dict() for x in self.skipped], "notes": list(self.notes),
                          "found_mapping": self.found_mapping.to_dict() if self.found_mapping is not None else None})
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+    to_json = partialmethod(report_json, ensure_ascii=True)  # \u escapes: what replay --json has always printed
 
     def renderable(self, *, top: int = 10) -> RenderableType:
         from rich.console import Group
@@ -182,10 +182,7 @@ class ReplayReport:
         parts += [Text("note: " + n) for n in self.notes]
         return Group(*parts)
 
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        from rich.console import Console
-
-        (console or Console(highlight=False)).print(self.renderable(top=top))
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable())
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = partialmethod(report_text, width=100)

@@ -10,24 +10,17 @@ mismatched layer whether it *introduced* the error or *inherited* it.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tensorparity.numerics import TensorComparison, Tolerance
-from tensorparity.report._render import (
-    jsonable,
-    plain_text,
-    plural,
-    printable,
-    record_dict,
-)
+from tensorparity.report import Unbroken, render_report, report_html, report_json, report_text, rich_console
+from tensorparity.report._render import jsonable, plural, printable, record_dict
 from tensorparity.trace._trace_report_html import render_trace_html
 from tensorparity.trace._trace_report_rich import rich_parts
 
 if TYPE_CHECKING:
-    from rich.console import Console, ConsoleOptions, RenderableType
+    from rich.console import RenderableType
 
 __all__ = ["SCHEMA", "LayerComparison", "TraceReport", "TraceSide", "UnalignedLayer", "Verdict"]
 
@@ -382,17 +375,12 @@ class TraceReport:
             "warnings": list(self.warnings), "notes": list(self.notes),
         })
 
-    def to_json(self, *, indent: int | None = 2) -> str:
-        """The report as strict JSON."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    to_json = report_json
 
     # People
     def to_html(self) -> str:
         """The report as one self-contained HTML page (see :mod:`tensorparity.trace._trace_report_html`)."""
         return render_trace_html(self)
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
 
     def renderable(self, *, top: int = 10) -> RenderableType:
         """A rich renderable: summary first, the first divergence, mismatched layers, then the rest
@@ -400,23 +388,12 @@ class TraceReport:
         from rich.console import Group
 
         head, classic, body = rich_parts(self, top=top)
-        return Group(*head, classic, *body)
+        return Group(*head, Unbroken(classic), *body)  # the classic line: printed whole, scripts grep for it
 
-    def render(self, console: Console | None = None, *, top: int = 10) -> None:
-        """Print the report to ``console`` (a stdout console by default)."""
-        from rich.console import Console, Group
-
-        console = console or Console()
-        head, classic, body = rich_parts(self, top=top)
-        console.print(Group(*head))
-        console.print(classic, soft_wrap=True)  # never broken or cut: scripts grep for this line
-        console.print(Group(*body))
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[RenderableType]:
-        yield self.renderable()
-
-    def __str__(self) -> str:
-        return plain_text(self.renderable(), width=120)
+    render = render_report
+    __rich_console__ = rich_console
+    _repr_html_ = report_html
+    __str__ = report_text
 
     def __repr__(self) -> str:
         return f"<TraceReport {self.a.source!r} vs {self.b.source!r}: {self.classic_summary()}>"

@@ -24,6 +24,7 @@ from tensorparity.report._render import (
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
+    from rich.text import Text
 
     from tensorparity.numerics import TensorComparison
     from tensorparity.trace._trace_report import LayerComparison, TraceReport, TraceSide
@@ -135,7 +136,7 @@ def _worst_lines(x: LayerComparison) -> list[str]:
             f"up to {num(t.max_abs)}, outside {t.tolerance.describe()}", f"passes with {needs_cell(t)}"]
 
 
-def rich_parts(r: TraceReport, *, top: int) -> tuple[list[RenderableType], RenderableType, list[RenderableType]]:
+def rich_parts(r: TraceReport, *, top: int) -> tuple[list[RenderableType], Text, list[RenderableType]]:
     from rich.text import Text
 
     head: list[RenderableType] = [rich_header(_header(r)), Text()]
