@@ -147,7 +147,7 @@ def register_format(fmt: Format, *, before: str | None = None) -> Format:
             detector would also claim); default: after every registered format.
 
     Returns:
-        ``fmt``, so that the call can decorate an instance.
+        ``fmt`` (``MINE = register_format(Mine())`` keeps a handle to unregister it by).
 
     Raises:
         TypeError: ``fmt`` lacks something of :class:`Format`.
