@@ -147,7 +147,7 @@ def register_format(fmt: Format, *, before: str | None = None) -> Format:
             detector would also claim); default: after every registered format.
 
     Returns:
-        ``fmt`` (``MINE = register_format(Mine())`` keeps a handle to unregister it by).
+        ``fmt`` itself: ``MINE = register_format(Mine())`` registers it and keeps it at hand.
 
     Raises:
         TypeError: ``fmt`` lacks something of :class:`Format`.
