@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from tensorparity.checkpoint import Checkpoint, TensorEntry
 from tensorparity.checkpoint._rebuild import rebuild
 from tensorparity.checkpoint._torch_zip_write import load_checked
+from tensorparity.checkpoint.tree import Checkpoint, TensorEntry
 from tensorparity.errors import UsageError
 
 __all__ = ["METADATA_FILE", "read_dcp_metadata", "write_dcp"]

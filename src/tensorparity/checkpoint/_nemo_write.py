@@ -22,7 +22,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint._torch_zip_write import write_torch_zip
 from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
@@ -34,6 +33,7 @@ from tensorparity.checkpoint.nemo import (
     checked_member_name,
     classify_member,
 )
+from tensorparity.checkpoint.tree import Checkpoint, ValueEntry
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
 __all__ = ["read_config", "write_nemo"]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tensorparity.checkpoint.format_registry import open_path
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.checkpoint.tree import (
     MAX_DEPTH,
@@ -27,9 +29,9 @@ from tensorparity.checkpoint.tree import (
     _is_plain_list,
     _key_part,
 )
-from tensorparity.errors import CorruptCheckpointError
+from tensorparity.errors import CorruptCheckpointError, TensorParityError
 
-__all__ = ["rebuild"]
+__all__ = ["rebuild", "structure_of"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,34 @@ def _deepest(key: str, by_path: dict[str, Any]) -> str:
         if prefix in by_path:
             return prefix
     return ""
+
+
+def structure_of(ckpt: Checkpoint) -> Any:
+    """The nested structure to write ``ckpt`` in: its own, or its source file's, or ``None`` (flat).
+
+    A checkpoint built by hand (a migration's result) may carry no structure; when its source is
+    a file that tensorparity reads as a nested object, that file's structure is the template.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity import open as tp_open
+        >>> structure_of(tp_open({"model": {"w": torch.ones(1)}})).keys()
+        dict_keys(['model'])
+    """
+    if ckpt.structure is not None:
+        return ckpt.structure
+    path = Path(ckpt.source)
+    try:
+        readable = path.exists()
+    except (OSError, ValueError):
+        return None
+    if not readable:
+        return None
+    try:
+        with open_path(path) as again:
+            return again.structure
+    except TensorParityError:
+        return None
 
 
 def rebuild(ckpt: Checkpoint, structure: Any, stub: Callable[[TensorEntry], Any]) -> Any:

@@ -17,8 +17,8 @@ from typing import IO
 
 import torch
 
-from tensorparity.checkpoint import Checkpoint, TensorEntry
 from tensorparity.checkpoint._torch_zip_write import load_checked
+from tensorparity.checkpoint.tree import Checkpoint, TensorEntry
 from tensorparity.errors import UsageError
 
 __all__ = ["INDEX_NAME", "layout", "write_file", "write_sharded"]

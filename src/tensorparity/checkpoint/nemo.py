@@ -36,12 +36,16 @@ from typing import IO, Any
 
 import yaml
 
-from tensorparity.checkpoint import _open_path, torch_legacy, torch_zip
+from tensorparity.checkpoint import torch_legacy, torch_zip
+from tensorparity.checkpoint.format_registry import read_path
 from tensorparity.checkpoint.layout import RECORD_KEY, detect_sections
 from tensorparity.checkpoint.tree import Checkpoint, Entry, PlaceholderInfo, ValueEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
 
-__all__ = ["RECORD_MEMBER", "read_nemo"]
+# The archive's layout and member checks are the format's, shared by the reader and the writer
+# (``_nemo_write``): one definition of what a .nemo holds and which members are refused.
+__all__ = ["CONFIG", "MAX_CONFIG_BYTES", "RECORD_MEMBER", "WEIGHTS", "checked_member_name", "classify_member",
+           "read_nemo"]
 
 CONFIG = "model_config.yaml"
 RECORD_MEMBER = RECORD_KEY + ".json"  # tensorparity's migration record, beside the config
@@ -313,7 +317,7 @@ def _read_folder(path: Path) -> Checkpoint:
             parts.artifacts[name] = file.stat().st_size
     if not parts.weights and (path / "model_weights").is_dir():
         # Sharded (distributed) weights: the folder is read by the reader of its own format.
-        sharded = _open_path(path / "model_weights")
+        sharded = read_path(path / "model_weights")
     try:
         return _assemble(path, parts, compression="none", closers=[sharded.close] if sharded else [],
                          sharded=sharded)

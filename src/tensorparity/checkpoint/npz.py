@@ -15,24 +15,9 @@ from tensorparity.checkpoint.torch_zip import ZIP_ERRORS, _data_offset, _read_me
 from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, flatten
 from tensorparity.errors import CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
 
-__all__ = ["is_npz", "read_npz"]
+__all__ = ["read_npz"]
 
 _FIX = "the archive is corrupt; save it again with numpy.savez"
-
-
-def is_npz(path: Path) -> bool:
-    """Whether a zip file is an npz, judged from its first member's local header.
-
-    ``numpy.savez`` names every member ``<array>.npy``; torch.save's first member is
-    ``<record>/data.pkl``. Reading the first 30 + name bytes avoids parsing the central directory
-    twice (the reader that follows parses it, and reports whatever is wrong with it).
-    """
-    with open(path, "rb") as f:
-        head = f.read(30 + 0xFFFF)
-    if len(head) < 30 or head[:4] != b"PK\x03\x04":
-        return False
-    name_len = int.from_bytes(head[26:28], "little")
-    return head[30:30 + name_len].endswith(b".npy")
 
 
 def _header(head: bytes, path: Path, name: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:

@@ -1,6 +1,7 @@
 """Write a :class:`Checkpoint` in any supported format, streaming: one tensor in memory at a time.
 
-Formats (:data:`FORMATS`):
+Formats (:data:`FORMATS`; each a :class:`~tensorparity.checkpoint.WritableFormat` of the registry
+in :mod:`tensorparity.checkpoint.format_registry`, which checks and writes it):
 
 ``torch``                torch zip, as ``torch.save`` writes it; the source's nesting is kept
 ``safetensors``          one ``.safetensors`` file
@@ -25,34 +26,33 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from tensorparity.checkpoint import Checkpoint, ValueEntry, _safetensors_write
-from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint._dcp_write import read_dcp_metadata, write_dcp
-from tensorparity.checkpoint._nemo_write import read_config, write_nemo
-from tensorparity.checkpoint._torch_zip_write import METADATA_RECORD, write_torch_zip
+from tensorparity.checkpoint._builtin_formats import listing as _listing
+from tensorparity.checkpoint._dcp_write import read_dcp_metadata
+from tensorparity.checkpoint._nemo_write import read_config
+from tensorparity.checkpoint._rebuild import structure_of
+from tensorparity.checkpoint._torch_zip_write import METADATA_RECORD
+from tensorparity.checkpoint.format_registry import WritableFormat, format_names, formats, writable_formats
 from tensorparity.checkpoint.layout import RECORD_KEY
 from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
 from tensorparity.checkpoint.safe_pickle import Placeholder
-from tensorparity.errors import TensorParityError, UsageError
+from tensorparity.checkpoint.tree import Checkpoint, ValueEntry
+from tensorparity.errors import UsageError
 
 __all__ = ["FORMATS", "NEMO_CONFIG_KEY", "check_writable", "family", "format_for_path", "parse_size", "payload",
            "source_metadata", "structure_of", "write_checkpoint"]
 
-FORMATS = ("torch", "safetensors", "safetensors-sharded", "dcp", "nemo")
+# The registry's writable formats as registered at import (format_names(writable=True) also lists
+# any registered since).
+FORMATS = format_names(writable=True)
 NEMO_CONFIG_KEY = "nemo.model_config"  # metadata key carrying a .nemo's model_config.yaml through other formats
-DEFAULT_SHARD_SIZE = 5 * 10**9  # Hugging Face's default for save_pretrained
-
-_FAMILY = {
-    "safetensors": "safetensors", "hf-sharded-safetensors": "safetensors-sharded",
-    "hf-sharded-bin": "safetensors-sharded", "dcp": "dcp", "nemo": "nemo", "trace": "safetensors",
-}
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
-_LIST = 5  # keys named in an error before "..."
+
+
+def _writer(name: str) -> WritableFormat | None:
+    return next((f for f in writable_formats() if f.name == name), None)
 
 
 def parse_size(text: str | int) -> int:
@@ -83,20 +83,23 @@ def format_for_path(dest: Path, *, max_shard_size: int | None = None) -> str | N
         ('safetensors', 'torch', None)
     """
     suffix = dest.suffix.lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in _TORCH_SUFFIXES:
-        return "torch"
-    if suffix == ".nemo":
-        return "nemo"
-    if not suffix and max_shard_size is not None:
-        return "safetensors-sharded"
-    return None
+    named = next((f.name for f in writable_formats() if suffix and suffix in f.suffixes), None)
+    if named is None and not suffix and max_shard_size is not None:
+        named = next((f.name for f in writable_formats() if f.sharded), None)
+    return named
 
 
 def family(ckpt: Checkpoint) -> str:
-    """The output format of a checkpoint's own kind (``lightning`` -> ``torch``)."""
-    return _FAMILY.get(ckpt.format, "torch")
+    """The output format of a checkpoint's own kind: the family of the format whose reader gives
+    ``ckpt.format``; anything else (``lightning``, a live module) is pickled objects: ``torch``.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity import open as tp_open
+        >>> family(tp_open({"w": torch.ones(1)}))
+        'torch'
+    """
+    return next((f.family for f in formats() if ckpt.format in f.produces), "torch")
 
 
 def payload(ckpt: Checkpoint) -> Checkpoint:
@@ -125,15 +128,12 @@ def _rekeyed(ckpt: Checkpoint) -> Checkpoint:
                       default_section=ckpt.default_section, structure=ckpt.structure)
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_LIST])
-    return shown + (f" and {len(keys) - _LIST} more" if len(keys) > _LIST else "")
-
-
 def check_writable(ckpt: Checkpoint, fmt: str, dest: Path) -> None:
     """Refuse, before writing anything, what ``fmt`` cannot hold; every offending key at once."""
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown output format {fmt!r}", path=dest, fix=f"use one of {', '.join(FORMATS)}")
+    writer = _writer(fmt)
+    if writer is None:
+        raise UsageError(f"unknown output format {fmt!r}", path=dest,
+                         fix=f"use one of {', '.join(format_names(writable=True))}")
     not_run = [k for k, e in ckpt.items() if isinstance(e, ValueEntry) and isinstance(e.value, Placeholder)]
     if not_run:
         raise UsageError(f"{len(not_run)} object(s) the pickle named were never executed and cannot be written "
@@ -143,14 +143,7 @@ def check_writable(ckpt: Checkpoint, fmt: str, dest: Path) -> None:
     if meta:
         raise UsageError(f"{len(meta)} meta tensor(s) have a shape but no data: {_listing(meta)}", path=dest,
                          fix="materialise them before saving, or drop those keys")
-    if fmt == "safetensors-sharded" and not any(True for _ in ckpt.tensors()):
-        raise UsageError("there are no tensors to shard", path=dest, fix="write torch, safetensors or dcp instead")
-    if fmt.startswith("safetensors"):
-        values = [k for k, e in ckpt.items() if isinstance(e, ValueEntry)]
-        if values:
-            raise UsageError(f"{len(values)} non-tensor value(s) cannot go into safetensors: {_listing(values)}",
-                             path=dest, fix="convert the weights only (--weights-only / weights_only=True), or "
-                                            "write torch or dcp, which keep values")
+    writer.check(ckpt, dest)  # what this format cannot hold
 
 
 def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
@@ -200,34 +193,6 @@ def _zip_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-def structure_of(ckpt: Checkpoint) -> Any:
-    """The nested structure to write ``ckpt`` in: its own, or its source file's, or ``None`` (flat).
-
-    A checkpoint built by hand (a migration's result) may carry no structure; when its source is
-    a file that tensorparity reads as a nested object, that file's structure is the template.
-
-    Example:
-        >>> import torch
-        >>> from tensorparity import open as tp_open
-        >>> structure_of(tp_open({"model": {"w": torch.ones(1)}})).keys()
-        dict_keys(['model'])
-    """
-    if ckpt.structure is not None:
-        return ckpt.structure
-    path = Path(ckpt.source)
-    try:
-        readable = path.exists()
-    except (OSError, ValueError):
-        return None
-    if not readable:
-        return None
-    try:
-        with open_checkpoint(path) as again:
-            return again.structure
-    except TensorParityError:
-        return None
-
-
 def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: str | None = None,  # noqa: A002
                      max_shard_size: int | str | None = None,
                      metadata: Mapping[str, str] | None = None) -> None:
@@ -266,21 +231,14 @@ def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: 
     """
     dest = Path(dest)
     fmt = format or family(ckpt)
-    if max_shard_size is not None and fmt != "safetensors-sharded":
-        raise UsageError(f"max_shard_size applies to safetensors-sharded output, not {fmt}", path=dest,
-                         fix="drop --max-shard-size, or pass --format safetensors-sharded")
+    writer = _writer(fmt)
+    if max_shard_size is not None and (writer is None or not writer.sharded):
+        sharded = " or ".join(f.name for f in writable_formats() if f.sharded)
+        raise UsageError(f"max_shard_size applies to {sharded} output, not {fmt}", path=dest,
+                         fix=f"drop --max-shard-size, or pass --format {sharded}")
     body = _rekeyed(payload(ckpt))
     check_writable(body, fmt, dest)
+    assert writer is not None, "check_writable refuses an unknown format"
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    if fmt == "torch":
-        with open(dest, "wb") as f:
-            write_torch_zip(body, f, structure=structure_of(body), metadata=meta)
-    elif fmt == "safetensors":
-        _safetensors_write.write_file(body, dest, metadata={"format": "pt", **meta})
-    elif fmt == "safetensors-sharded":
-        limit = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_SHARD_SIZE
-        _safetensors_write.write_sharded(body, dest, max_shard_size=limit, metadata=meta)
-    elif fmt == "dcp":
-        write_dcp(body, dest, structure=structure_of(body), metadata=meta)
-    else:
-        write_nemo(ckpt, body, dest, structure=structure_of(body), metadata=meta)
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    writer.write(body, dest, source=ckpt, max_shard_size=limit, metadata=meta)
