@@ -152,8 +152,8 @@ def test_every_format_keeps_the_protocol() -> None:
 
 
 def test_the_detection_order_is_fixed_and_decides_a_folder_two_formats_claim(tmp_path: Path) -> None:
-    order = ("dcp", "safetensors-sharded", "nemo-folder", "trace", "npz", "torch", "nemo", "safetensors",
-             "torch-legacy")
+    order = ("dcp", "safetensors-sharded", "nemo-folder", "trace", "npz", "torch", "safetensors", "torch-legacy",
+             "nemo")
     assert tuple(f.name for f in formats()) == order
     listed = subprocess.run([sys.executable, "-c", "from tensorparity.checkpoint import formats; "
                              "print(' '.join(f.name for f in formats()))"],
@@ -264,3 +264,18 @@ def test_before_places_a_format_ahead_of_one_that_would_claim_its_files(tmp_path
     finally:
         unregister_format("zipped-tptxt")
     assert find_format(path) is get_format("torch")
+
+
+def test_a_safetensors_header_holding_ustar_at_byte_257_is_not_taken_for_a_tar(tmp_path: Path) -> None:
+    # a tar is recognised by "ustar" at byte 257; a safetensors header is JSON text that may hold it there
+    path = tmp_path / "w.safetensors"
+    for pad in range(300):
+        key = "k" * pad + "ustar"
+        save_file({key: torch.ones(2)}, path)
+        at = path.read_bytes().find(b"ustar")
+        if at == 257:
+            break
+    assert path.read_bytes()[257:262] == b"ustar"
+    assert detect_format(path) == "safetensors"
+    with tensorparity.open(path) as ckpt:
+        assert torch.equal(ckpt[key].load(), torch.ones(2))

@@ -276,6 +276,8 @@ BUILTIN: tuple[Format, ...] = (TorchZip(), Safetensors(), SafetensorsSharded(), 
                                Npz(), TorchLegacy(), NemoFolder(), TraceFolder())
 # Folders: DCP's .metadata wins over an index beside it, an index over a model_config.yaml, and a
 # trace is looked for last (its reader is the costliest to load). Files: an index is named, not
-# sniffed; an npz is a zip, so it is asked before torch; then the magic numbers.
-DETECTION_ORDER = ("dcp", "safetensors-sharded", "nemo-folder", "trace", "npz", "torch", "nemo", "safetensors",
-                   "torch-legacy")
+# sniffed; an npz is a zip, so it is asked before torch; then the magic numbers, a tar's last: its
+# "ustar" sits at byte 257, where a safetensors header's JSON may hold those letters too, while a
+# tar member name never starts with a safetensors length and "{" or with torch's pickle magic.
+DETECTION_ORDER = ("dcp", "safetensors-sharded", "nemo-folder", "trace", "npz", "torch", "safetensors",
+                   "torch-legacy", "nemo")
