@@ -33,3 +33,22 @@ def test_importing_tensorparity_does_not_import_torch_distributed_tensor() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_subpackages_are_attributes_of_the_lazy_root() -> None:
+    # `import tensorparity` loads nothing heavy, yet `tensorparity.trace.Trace` works as it did
+    # when the root imported everything; an unknown name is still an AttributeError
+    import subprocess
+    import sys
+
+    code = ("import tensorparity, sys; assert 'torch' not in sys.modules; "
+            "print(tensorparity.trace.Trace.__name__, tensorparity.mapping.Mapping.__name__, "
+            "tensorparity.diff.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["Trace", "Mapping", "tensorparity.checks._diff"], done.stderr
+    try:
+        tensorparity.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")

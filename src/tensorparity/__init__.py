@@ -45,11 +45,18 @@ _HOMES: dict[str, str] = {
 __all__ = sorted([*_HOMES, "__version__"])
 
 
+_SUBPACKAGES = frozenset({"checkpoint", "checks", "cli", "dataloader", "errors", "examples", "integrations",
+                          "mapping", "migrate", "numerics", "report", "resume", "trace"})
+
+
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
-    if home is None:
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+    elif name in _SUBPACKAGES:  # `import tensorparity; tensorparity.trace.Trace` works as with an eager import
+        value = importlib.import_module(f"tensorparity.{name}")
+    else:
         raise AttributeError(f"module 'tensorparity' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
     globals()[name] = value  # later lookups are plain attribute reads
     return value
 
