@@ -107,7 +107,7 @@ def diff(
                              fix="put them in the Tolerance: Tolerance(atol=..., rtol=...)")
         tolerance = Tolerance(atol=atol, rtol=rtol)
     _check_options(tolerance, weights_only, workers, progress, include_records)
-    key_mapping = _load_mapping(mapping)
+    key_mapping = None if mapping is None else load_mapping(mapping)
     tol = tolerance or Tolerance()
     owned: list[Checkpoint] = []
     try:
@@ -194,15 +194,6 @@ def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: An
         problems.append(f"include_records must be True or False, not {include_records!r}")
     if problems:
         raise UsageError("; ".join(problems), fix="e.g. diff(a, b, tolerance=Tolerance(atol=1e-4), workers=2)")
-
-
-def _load_mapping(mapping: Any) -> KeyMapping | None:
-    if mapping is None:
-        return None
-    if not isinstance(mapping, (str, os.PathLike, KeyMapping, dict)):
-        raise UsageError(f"mapping must be a tensorparity.mapping.Mapping or the path of a YAML file, "
-                         f"not {type(mapping).__name__}", fix="pass mapping='map.yaml' or Mapping.from_yaml(...)")
-    return load_mapping(mapping)
 
 
 def _open(source: Any, owned: list[Checkpoint]) -> Checkpoint:

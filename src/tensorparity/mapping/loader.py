@@ -12,12 +12,14 @@ Transform specs (``{concat: {dim: 0}}``) are turned into objects by a registry o
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tensorparity.errors import UsageError
 from tensorparity.mapping.multi import Chain, Concat, Split
 from tensorparity.mapping.rules import Mapping, MappingError, MappingProblem, Rule, _overlaps
 from tensorparity.mapping.transforms import (
@@ -242,6 +244,9 @@ def load_mapping(mapping: Mapping | dict[str, Any] | str | Path) -> Mapping:
         return mapping
     if isinstance(mapping, dict):
         return mapping_from_dict(mapping)
+    if not isinstance(mapping, (str, os.PathLike)):
+        raise UsageError(f"mapping must be a tensorparity.mapping.Mapping or the path of a YAML file, "
+                         f"not {type(mapping).__name__}", fix="pass mapping='map.yaml' or Mapping.from_yaml(...)")
     return mapping_from_yaml(mapping)
 
 

@@ -142,7 +142,7 @@ def compare_traces(
     if not (isinstance(margin, (int, float)) and margin >= 1):
         raise UsageError(f"margin={margin!r} must be a number >= 1", fix="pass e.g. margin=10 (--margin 10)")
     tol = tolerance or Tolerance()
-    key_mapping = _load_mapping(mapping)
+    key_mapping = None if mapping is None else load_mapping(mapping)
     if not isinstance(each_rank, bool):
         raise UsageError(f"each_rank must be True or False, not {each_rank!r}", fix="pass each_rank=True")
     plan = plan_ranks(a, b, rank=rank, rank_a=rank_a, rank_b=rank_b, each_rank=each_rank)
@@ -290,15 +290,6 @@ def _open(source: Any, name: str, rank: int | None) -> tuple[RecordSource, Trace
 def _mode(records: Sequence[TraceRecord]) -> str:
     stored = [r.stored for r in records if r.is_tensor]
     return "full" if all(stored) else ("stats" if not any(stored) else "window")
-
-
-def _load_mapping(mapping: Any) -> Mapping | None:
-    if mapping is None:
-        return None
-    if not isinstance(mapping, (str, os.PathLike, Mapping, dict)):
-        raise UsageError(f"mapping must be a tensorparity.mapping.Mapping or the path of a YAML file, "
-                         f"not {type(mapping).__name__}", fix="pass mapping='map.yaml' or Mapping.from_yaml(...)")
-    return load_mapping(mapping)
 
 
 # --- pairing records ----------------------------------------------------------------------------
