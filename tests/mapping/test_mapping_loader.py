@@ -170,3 +170,14 @@ rules:
     inverse = bound.inverted()
     assert inverse.rules[0].transform == Reshape((2, 3), (6,))
     assert inverse.rules[2].transform == Cast(torch.float32, torch.float16)
+
+
+def test_load_mapping_refuses_what_is_neither_a_mapping_a_dict_nor_a_path() -> None:
+    # the one check behind diff(mapping=...), compare(mapping=...) and convert(mapping=...)
+    from tensorparity.errors import UsageError
+    from tensorparity.mapping import load_mapping
+
+    with pytest.raises(UsageError, match="mapping must be a tensorparity.mapping.Mapping or the path of a YAML file, "
+                                         "not int") as err:
+        load_mapping(3)  # type: ignore[arg-type]
+    assert err.value.fix == "pass mapping='map.yaml' or Mapping.from_yaml(...)"
