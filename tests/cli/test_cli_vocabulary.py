@@ -128,7 +128,7 @@ library = sorted(m for m in sys.modules if m.startswith("tensorparity.") and not
 print(code, torch, *library, file=sys.stderr)
 """
 _LIGHT = {"tensorparity._version", "tensorparity.report", "tensorparity.report._stream"}
-_BODY = {"tensorparity._output", "tensorparity.errors", "tensorparity.report._protocol"}  # a command body, before its first check
+_BODY = {"tensorparity._output", "tensorparity._atomic", "tensorparity.errors", "tensorparity.report._protocol"}  # a command body, before its first check
 
 
 @pytest.mark.parametrize(("args", "body"), [

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tensorparity import _atomic as atomic  # the one implementation of atomic writes
+from tensorparity._atomic import atomic_output, clean_stale, temp_name
 from tensorparity.errors import InternalError, UsageError
-from tensorparity import _output as atomic  # the one implementation of atomic writes
-from tensorparity._output import atomic_output, clean_stale, temp_name
 
 
 def _write_folder(path: Path, files: dict[str, str]) -> None:

@@ -10,7 +10,7 @@ in :mod:`tensorparity.checkpoint.format_registry`, which checks and writes it):
 ``nemo``                 a ``.nemo`` tar: ``model_config.yaml`` + ``model_weights.ckpt`` + artifacts
 
 :func:`write_checkpoint` is not atomic by itself; wrap it in
-:func:`tensorparity._output.atomic_output`, as :func:`tensorparity.convert` does.
+:func:`tensorparity._atomic.atomic_output`, as :func:`tensorparity.convert` does.
 
 Everything is validated before the first byte is written (values that a format cannot hold,
 objects a pickle named but that were never executed, meta tensors without data), and every
@@ -198,7 +198,7 @@ def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: 
                      metadata: Mapping[str, str] | None = None) -> None:
     """Stream every entry of ``ckpt`` to ``dest``, one tensor in memory at a time.
 
-    Not atomic by itself: write into the path :func:`tensorparity._output.atomic_output` yields.
+    Not atomic by itself: write into the path :func:`tensorparity._atomic.atomic_output` yields.
     Peak memory is about the largest tensor (DCP: see ``docs/convert.md``). For torch output
     the source's nesting is kept (Lightning sections, optimizer state lists, int keys, dicts
     whose keys hold dots); a key the source did not have (renamed by a mapping, added by a

@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tensorparity._output import atomic_output, check_output, write_failure
+from tensorparity._atomic import atomic_output
+from tensorparity._output import check_output, write_failure
 from tensorparity.dataloader._build import (
     DatasetStateFn,
     build_state,

@@ -10,7 +10,7 @@ checkpoint's version, records them inside the output and verifies every untouche
 
 from __future__ import annotations
 
-from tensorparity._output import atomic_output, clean_stale
+from tensorparity._atomic import atomic_output, clean_stale
 from tensorparity.checkpoint.write import FORMATS, parse_size, write_checkpoint
 from tensorparity.migrate._convert import ConvertReport, convert
 from tensorparity.migrate._migrate import migrate

@@ -2,7 +2,7 @@
 
 :func:`convert` opens the source lazily, refuses before writing anything what the target format
 cannot hold, streams every tensor into a temporary name beside the destination
-(:func:`tensorparity._output.atomic_output`), re-opens what it wrote, compares every tensor and
+(:func:`tensorparity._atomic.atomic_output`), re-opens what it wrote, compares every tensor and
 value with the source through :func:`tensorparity.diff` in exact mode, and only then renames it
 into place. A crash, a full disk or a failed verification leaves the destination as it was.
 """
@@ -17,7 +17,8 @@ from functools import partialmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tensorparity._output import atomic_output, refuse_inputs, write_failure
+from tensorparity._atomic import atomic_output
+from tensorparity._output import refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint._nemo_write import read_config

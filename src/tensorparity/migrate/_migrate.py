@@ -3,7 +3,7 @@
 The checkpoint is opened lazily, its version read, the plan made and applied to its flat entries
 without reading tensors (:mod:`._apply`); every problem (a conflict, a mapping that does not
 fit, a migration that fails) is raised before anything is written. Then the result streams into
-a temporary name beside the output (:func:`~tensorparity._output.atomic_output`), one tensor at
+a temporary name beside the output (:func:`~tensorparity._atomic.atomic_output`), one tensor at
 a time (:func:`~tensorparity.migrate.write_checkpoint`), is re-opened and compared bitwise with
 the plan (untouched tensors against the source itself), and only then renamed into place, so a
 crash, a full disk or a failed check leaves the input, and any existing output, as it was.
@@ -29,7 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tensorparity._output import atomic_output, write_failure
+from tensorparity._atomic import atomic_output
+from tensorparity._output import write_failure
 from tensorparity._version import __version__
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint

@@ -32,7 +32,7 @@ import torch
 import torch.optim
 import torch.utils.data
 
-from tensorparity._output import atomic_output
+from tensorparity._atomic import atomic_output
 from tensorparity.errors import TensorParityError
 from tensorparity.resume import state
 from tensorparity.resume._loop import build, describe, guarded, inside_group, recording_loads, train, wrote_something

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tensorparity._output import atomic_output
+from tensorparity._atomic import atomic_output
 from tensorparity.resume import state
 from tensorparity.resume._child import _error, run_leg
 from tensorparity.resume.fingerprint import hash_batch

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from tensorparity._atomic import atomic_output
 from tensorparity._factory import build_model
-from tensorparity._output import atomic_output, refuse_inputs
+from tensorparity._output import refuse_inputs
 from tensorparity._resolve import FactoryError, resolve_object
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.tracefolder.format import MANIFEST, rank_folders

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 import xxhash
 
-from tensorparity._output import atomic_output, fsync_dir, fsync_tree, write_failure
+from tensorparity._atomic import atomic_output, fsync_dir, fsync_tree
+from tensorparity._output import write_failure
 from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -277,7 +278,7 @@ def build_manifest(records: list[TraceRecord], provenance: dict[str, Any], mode:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (:func:`~tensorparity._output.atomic_output`: temporary
+    """Write ``manifest.json`` atomically (:func:`~tensorparity._atomic.atomic_output`: temporary
     file beside it, fsync, rename, fsync of the folder), then drop the capturing marker."""
     path = Path(folder) / MANIFEST
     # Readable at the top, one line per record below (a manifest may list 100,000 records).
