@@ -144,3 +144,40 @@ def test_kernel_matches_torch_route_on_any_finite_float32(pairs: list[tuple[floa
     finally:
         metrics._kernel = saved
     assert_same(kernel, torch_route)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare_buffers: the same route on raw bytes (file spans), without tensors
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tol", [Tolerance(), Tolerance(atol=1e-3), Tolerance(statistic="max"),
+                                 Tolerance(statistic="mean", rtol=1e-2), Tolerance(ulps=64)],
+                         ids=["default", "atol", "max", "mean", "ulps"])
+def test_buffers_give_the_record_the_tensors_give(dtype: torch.dtype, tol: Tolerance) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 53, generator=gen, dtype=dtype)
+    b = a + 1e-6 * torch.randn(37, 53, generator=gen, dtype=dtype)
+    b[11, 7] += 0.5
+    resolved = tol.for_key("w", dtype)
+    from_tensors = compare_tensors("w", a, b, resolved)
+    from_bytes = metrics.compare_buffers("w", a.numpy().tobytes(), b.numpy().tobytes(), shape=(37, 53),
+                                         dtype=str(dtype).removeprefix("torch."), tolerance=resolved)
+    assert from_bytes == from_tensors
+    assert from_bytes.n_mismatch >= 1 and from_bytes.first_index is not None
+
+
+@needs_kernel
+def test_buffers_hand_back_what_the_bytes_cannot_decide() -> None:
+    resolved = Tolerance().for_key("w", "float32")
+    with_nan = np.array([1.0, np.nan, 2.0], dtype=np.float32).tobytes()
+    plain = np.array([1.0, 1.0, 2.0], dtype=np.float32).tobytes()
+    assert metrics.compare_buffers("w", with_nan, plain, shape=(3,), dtype="float32", tolerance=resolved) is None
+    misaligned = bytearray(13)
+    assert metrics.compare_buffers("w", memoryview(misaligned)[1:], memoryview(misaligned)[1:], shape=(3,),
+                                   dtype="float32", tolerance=resolved) is None
+    assert metrics.compare_buffers("w", plain, plain, shape=(3,), dtype="int32",
+                                   tolerance=Tolerance().for_key("w", "int32")) is None
+    assert metrics.compare_buffers("w", plain, plain, shape=(3,), dtype="float32",
+                                   tolerance=Tolerance(exact=True).for_key("w", "float32")) is None

@@ -11,11 +11,10 @@ from __future__ import annotations
 import html
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import partialmethod
 from typing import TYPE_CHECKING, Any
-
-from torch.nn import Module
 
 from tensorparity.checkpoint import Checkpoint, PlaceholderInfo, TensorEntry, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
@@ -228,6 +227,11 @@ class InspectReport:
                 f"{human_bytes(t.bytes)}{extra}>")
 
 
+def _is_module(source: object) -> bool:
+    torch = sys.modules.get("torch")  # a live module means torch is imported; a path need not import it
+    return torch is not None and isinstance(source, torch.nn.Module)
+
+
 def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> InspectReport:
     """Summarise a checkpoint from its metadata alone; no tensor data is read.
 
@@ -257,7 +261,7 @@ def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> Inspec
     owned = not isinstance(source, Checkpoint)
     ckpt = open_checkpoint(source)
     try:
-        return _summarise(ckpt, pattern, top, module_counts(source) if isinstance(source, Module) else None)
+        return _summarise(ckpt, pattern, top, module_counts(source) if _is_module(source) else None)
     finally:
         if owned:
             ckpt.close()
@@ -296,7 +300,7 @@ def _summarise(ckpt: Checkpoint, pattern: re.Pattern[str] | None, top: int, live
         section = ckpt.section_of(key)
         counts = per_section.setdefault(section, [0, 0, 0, 0])
         if isinstance(entry, TensorEntry):
-            dtype = str(entry.dtype).removeprefix("torch.")
+            dtype = entry.dtype_name
             counts[0] += 1
             counts[1] += entry.numel
             counts[2] += entry.nbytes

@@ -11,14 +11,19 @@ import mmap
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from tensorparity._dtypes import to_torch
 from tensorparity.checkpoint.tree import ByteSpan
 from tensorparity.errors import CorruptCheckpointError
 
-__all__ = ["FileRegion", "MappedFile", "check_extent", "spans_equal"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FileRegion", "MappedFile", "check_extent", "span_buffer", "spans_equal"]
 
 
 class FileRegion(io.RawIOBase):
@@ -97,7 +102,7 @@ class MappedFile:
         self,
         start: int,
         nbytes: int,
-        dtype: torch.dtype,
+        dtype: torch.dtype | str,
         shape: tuple[int, ...],
         stride: tuple[int, ...] | None = None,
         offset: int = 0,
@@ -105,6 +110,9 @@ class MappedFile:
         key: str | None = None,
     ) -> torch.Tensor:
         """View ``nbytes`` at ``start`` as a storage of ``dtype``, then as ``shape``/``stride``."""
+        import torch
+
+        dtype = to_torch(dtype)
         if start < 0 or start + nbytes > self._size:
             raise CorruptCheckpointError(
                 f"tensor bytes [{start}, {start + nbytes}) lie outside the {self._size}-byte file",
@@ -198,3 +206,28 @@ def spans_equal(a: ByteSpan, b: ByteSpan, *, chunk: int = SPAN_CHUNK) -> bool:
             os.close(fb)
     finally:
         os.close(fa)
+
+
+@contextmanager
+def span_buffer(span: ByteSpan) -> Iterator[memoryview]:
+    """The bytes of a span as a read-only buffer, mapped (not copied) for as long as the block runs.
+
+    Only the span's pages are mapped, populated up front (one pass instead of a fault per page).
+    """
+    if span.nbytes == 0:
+        yield memoryview(b"")
+        return
+    start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+    length = span.offset + span.nbytes - start
+    with open(span.path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < span.offset + span.nbytes:
+            raise CorruptCheckpointError(f"file ended inside bytes [{span.offset}, {span.offset + span.nbytes})",
+                                         path=span.path, fix="the file was truncated after opening")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=start)
+    view = memoryview(mm)[span.offset - start:]
+    try:
+        yield view
+    finally:
+        view.release()
+        mm.close()

@@ -13,9 +13,7 @@ import enum
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from tensorparity.checkpoint.safe_pickle import (
     MAX_REVISITS,
@@ -27,11 +25,16 @@ from tensorparity.checkpoint.safe_pickle import (
 )
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = ["placeholder_children", "to_plain"]
 
 
 def _numpy_dtype(obj: Any) -> np.dtype[Any]:
     # numpy.dtype('f8', False, True) then BUILD (3, '<', ...) -> reconstruct from the code alone.
+    import numpy as np  # only for a pickle that holds numpy data
+
     if isinstance(obj, np.dtype):
         return obj
     if isinstance(obj, Placeholder) and obj.name.endswith(".dtype") and obj.args and isinstance(obj.args[0], str):
@@ -61,6 +64,8 @@ def _numpy_array(obj: Placeholder) -> Any:
     raw = _latin1(raw)
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dt.itemsize or not dt.itemsize:
         raise CorruptCheckpointError(f"numpy array of shape {shape} and dtype {dt} has the wrong number of bytes")
+    import numpy as np
+
     return np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
 
 
@@ -80,6 +85,8 @@ def _numpy_scalar(obj: Placeholder) -> Any:
     dt, raw = _numpy_dtype(obj.args[0]), _latin1(obj.args[1])
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != dt.itemsize or not dt.itemsize:
         raise CorruptCheckpointError("numpy scalar with the wrong number of bytes")
+    import numpy as np
+
     return np.frombuffer(bytes(raw), dtype=dt)[0].item()
 
 

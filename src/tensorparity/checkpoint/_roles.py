@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tensorparity.checkpoint.tree import Checkpoint, TensorEntry, ValueEntry
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BUFFER_NAMES", "CLASS_BUFFERS", "Counts", "buffer_keys", "entry_counts", "module_counts"]
 
@@ -102,6 +103,8 @@ def module_counts(module: torch.nn.Module) -> Counts:
         >>> module_counts(torch.nn.BatchNorm1d(4)).describe()
         '8 parameters, 8 trainable, 9 buffer elements'
     """
+    import torch
+
     params = list(module.parameters())
     return Counts(elements=sum(t.numel() for t in module.state_dict().values() if isinstance(t, torch.Tensor)),
                   parameters=sum(p.numel() for p in params),

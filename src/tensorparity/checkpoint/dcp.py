@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tensorparity._dtypes import TorchDType, dtype_name, to_torch
 from tensorparity.checkpoint import torch_zip
 from tensorparity.checkpoint.layout import detect_sections
 from tensorparity.checkpoint.safe_pickle import Placeholder, inert_loads
@@ -232,8 +233,8 @@ def _read_item(folder: Path, fqn: str, item: _Item) -> tuple[Any, list[Any]]:
 def _load_chunk(folder: Path, fqn: str, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
     obj, closers = _read_item(folder, fqn, chunk.item)
     try:
-        if not isinstance(obj, LazyTensor) or obj.shape != chunk.sizes or obj.dtype != dtype:
-            got = (f"{list(obj.shape)} {obj.dtype}" if isinstance(obj, LazyTensor) else type(obj).__name__)
+        if not isinstance(obj, LazyTensor) or obj.shape != chunk.sizes or dtype_name(obj.dtype) != dtype_name(dtype):
+            got = (f"{list(obj.shape)} {to_torch(obj.dtype)}" if isinstance(obj, LazyTensor) else type(obj).__name__)
             raise CorruptCheckpointError(
                 f"chunk at {list(chunk.offsets)} in {chunk.item.file} holds {got}, "
                 f".metadata says {list(chunk.sizes)} {dtype}", path=folder, key=fqn, fix=_FIX)
@@ -271,13 +272,16 @@ def _tensor_properties(meta: _Meta, fields: dict[str, Any], fqn: str) -> tuple[t
     # pin_memory); older releases pickled the plain field dict instead.
     state = fields["properties"].state
     dtype: Any
-    if isinstance(state, tuple) and state and isinstance(state[0], torch.dtype):
+    if isinstance(state, tuple) and state and isinstance(state[0], TorchDType):
         dtype, requires_grad = state[0], len(state) > 2 and state[2] is True
     else:
         dtype, requires_grad = props.get("dtype"), props.get("requires_grad") is True
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, TorchDType):
         raise meta.corrupt(f"tensor properties without a dtype: {_short(state)}", fqn)
-    return dtype, requires_grad
+    try:
+        return to_torch(dtype), requires_grad
+    except ValueError as exc:
+        raise meta.corrupt(f"tensor properties name an unknown dtype: {_short(state)}", fqn) from exc
 
 
 def read_dcp(path: Path) -> Checkpoint:

@@ -6,10 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
-import torch
-
-from tensorparity.checkpoint.tree import Checkpoint, LazyTensor, PlaceholderInfo, flatten
+from tensorparity.checkpoint.tree import Checkpoint, LazyTensor, PlaceholderInfo, flatten, is_array, is_tensor
 
 __all__ = ["RECORD_KEY", "RECORD_METADATA_KEY", "build_checkpoint", "detect_sections"]
 
@@ -50,7 +47,7 @@ _GENERIC = {
 
 
 def _is_tensorish(value: Any) -> bool:
-    return isinstance(value, (LazyTensor, torch.Tensor, np.ndarray))
+    return isinstance(value, LazyTensor) or is_tensor(value) or is_array(value)
 
 
 def detect_sections(obj: Any) -> tuple[str | None, dict[str, str], dict[str, Any]]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from tensorparity.checkpoint._wrappers import WrapperNames
 from tensorparity.checkpoint.layout import build_checkpoint
@@ -27,7 +26,8 @@ def read_live(obj: Any, *, name: str | None = None) -> Checkpoint:
         >>> read_live(torch.nn.Linear(2, 2)).provenance["trainable_parameters"]
         6
     """
-    if isinstance(obj, torch.nn.Module):
+    torch = sys.modules.get("torch")  # a live module means torch is imported; reading a file need not
+    if torch is not None and isinstance(obj, torch.nn.Module):
         names = WrapperNames(obj)
         raw = obj.state_dict(keep_vars=True)
         state = {names.clean_key(k): v.detach() for k, v in raw.items()}

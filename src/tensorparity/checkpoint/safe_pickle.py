@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from tensorparity._dtypes import TorchDType, dtype_info, is_dtype_name
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
 
 __all__ = ["Placeholder", "StorageRef", "TensorRef", "completed", "inert_load_file", "inert_loads"]
@@ -74,7 +73,7 @@ class StorageRef(_Frozen):
     """A storage named by a pickle's persistent id: where its bytes are, not the bytes."""
 
     key: str
-    dtype: torch.dtype
+    dtype: str  # torch's name of the dtype, e.g. "float32"
     numel: int
     location: str
 
@@ -91,7 +90,7 @@ class TensorRef:
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # torch's name of the dtype
     requires_grad: bool = False
     is_parameter: bool = False
     subclass: str | None = None
@@ -165,33 +164,31 @@ def _short(value: Any) -> str:
 # What globals resolve to
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
+def _itemsize(dtype: str) -> int:
+    return dtype_info(dtype).itemsize
 
 
 @dataclass(frozen=True)
 class _StorageType(_Frozen):  # shared by every file: a BUILD must not rewrite it
-    dtype: torch.dtype
+    dtype: str  # torch's name of the dtype
 
 
 def _legacy_storage_types() -> dict[str, _StorageType]:
     names = {
-        "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-        "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
-        "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-        "BFloat16Storage": torch.bfloat16, "ComplexDoubleStorage": torch.complex128,
-        "ComplexFloatStorage": torch.complex64, "QInt8Storage": torch.qint8,
-        "QInt32Storage": torch.qint32, "QUInt8Storage": torch.quint8,
-        "QUInt4x2Storage": torch.quint4x2, "QUInt2x4Storage": torch.quint2x4,
-        "UntypedStorage": torch.uint8,
+        "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+        "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+        "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+        "BFloat16Storage": "bfloat16", "ComplexDoubleStorage": "complex128",
+        "ComplexFloatStorage": "complex64", "QInt8Storage": "qint8",
+        "QInt32Storage": "qint32", "QUInt8Storage": "quint8",
+        "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+        "UntypedStorage": "uint8",
     }
     return {name: _StorageType(dtype) for name, dtype in names.items()}
 
 
 _STORAGE_TYPES = _legacy_storage_types()
-_DTYPES = {
-    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
-}
+_DTYPES: dict[str, TorchDType] = {}  # torch.<dtype> as pickles name it, made once per name
 
 
 def _as_shape(value: Any, what: str) -> tuple[int, ...]:
@@ -220,8 +217,9 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
 def _rebuild_tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
                        hooks: Any, dtype: Any, *rest: Any) -> TensorRef:
     ref = _rebuild_tensor(storage, offset, size, stride, requires_grad)
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, TorchDType):
         raise CorruptCheckpointError(f"tensor dtype is not a torch dtype: {_short(dtype)}")
+    dtype = dtype.name
     assert isinstance(storage, StorageRef)
     # v3 pairs an untyped (byte) storage with a dtype: offsets are in elements of that dtype.
     itemsize = _itemsize(dtype)
@@ -249,8 +247,9 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
 
 
 def _rebuild_meta(dtype: Any, size: Any, stride: Any, requires_grad: Any = False) -> TensorRef:
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, TorchDType):
         raise CorruptCheckpointError(f"meta tensor dtype is not a torch dtype: {_short(dtype)}")
+    dtype = dtype.name
     shape, strides = _as_shape(size, "size"), _as_shape(stride, "stride")
     return TensorRef(None, 0, shape, strides, dtype, bool(requires_grad), device="meta",
                      note="meta tensor: shape only, no data")
@@ -471,8 +470,8 @@ class _InertUnpickler(pickle._Unpickler):  # noqa: SLF001 - see below
             return _STORAGE_TYPES["UntypedStorage"]
         if module == "torch" and name in _STORAGE_TYPES:
             return _STORAGE_TYPES[name]
-        if module == "torch" and name in _DTYPES:
-            return _DTYPES[name]
+        if module == "torch" and (name in _DTYPES or is_dtype_name(name)):
+            return _DTYPES.setdefault(name, TorchDType(name))
         return _placeholder_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:

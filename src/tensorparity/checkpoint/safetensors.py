@@ -12,23 +12,26 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from tensorparity._dtypes import dtype_info
 from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, flatten
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DTYPES", "read_header", "read_safetensors", "safetensors_tensors"]
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32,
-    "U64": torch.uint64, "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors' dtype codes and torch's names for them.
+DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 
 _FIX = "the file is corrupt or truncated; save it again with safetensors"
@@ -87,7 +90,7 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise CorruptCheckpointError(f"data_offsets {offsets!r} are not two integers", path=path, key=name, fix=_FIX)
         begin, end = offsets
-        expected = math.prod(shape) * dtype.itemsize
+        expected = math.prod(shape) * dtype_info(dtype).itemsize
         if not 0 <= begin <= end or end - begin != expected:
             raise CorruptCheckpointError(
                 f"data_offsets {offsets} hold {end - begin} bytes but shape {shape} of {info['dtype']} needs {expected}",

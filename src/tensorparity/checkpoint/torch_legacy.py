@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tensorparity._dtypes import dtype_info, to_torch
 from tensorparity.checkpoint._mapped import FileRegion
 from tensorparity.checkpoint.layout import build_checkpoint
 from tensorparity.checkpoint.safe_pickle import StorageRef, TensorRef, _StorageType, inert_load_file
@@ -200,7 +201,7 @@ def _read(region: FileRegion, path: Path, shown: str) -> tuple[Any, dict[str, An
         pos = end
 
     for key, (root_key, element_offset) in views.items():
-        starts[key] = starts[root_key] + element_offset * roots[root_key].dtype.itemsize
+        starts[key] = starts[root_key] + element_offset * dtype_info(roots[root_key].dtype).itemsize
     storages.update(roots)
     base = region.start
 
@@ -217,21 +218,22 @@ def _lazy(ref: TensorRef, where: str, path: Path, shown: str, start: int) -> Laz
         return meta
     storage = ref.storage
     assert storage is not None
-    itemsize = storage.dtype.itemsize
+    itemsize = dtype_info(storage.dtype).itemsize
+    dtype = to_torch(storage.dtype)
     # Only the span this tensor covers is read: a slice of a large storage reads its slice.
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) if numel else ref.offset - 1
     span_start, span_bytes = start + ref.offset * itemsize, (last + 1 - ref.offset) * itemsize
 
     def load() -> torch.Tensor:
         if numel == 0:
-            return torch.empty(ref.shape, dtype=storage.dtype)
+            return torch.empty(ref.shape, dtype=dtype)
         with open(path, "rb") as fh:
             fh.seek(span_start)
             raw = bytearray(fh.read(span_bytes))
         if len(raw) != span_bytes:
             raise CorruptCheckpointError(f"file ends inside the tensor's {span_bytes} bytes at {span_start}",
                                          path=shown, key=where, fix="the file was truncated after opening; copy it again")
-        flat = torch.frombuffer(raw, dtype=torch.uint8).view(storage.dtype)
+        flat = torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
         tensor = torch.as_strided(flat, ref.shape, ref.stride, 0)
         # Storage bytes are little-endian whatever machine wrote them (torch swaps on write).
         return _fix_order(tensor, "big") if sys.byteorder == "big" else tensor

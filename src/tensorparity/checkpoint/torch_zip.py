@@ -14,13 +14,12 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from tensorparity._dtypes import dtype_info, to_torch
 from tensorparity.checkpoint._mapped import FileRegion, MappedFile, check_extent
-from tensorparity.checkpoint.layout import build_checkpoint
 from tensorparity.checkpoint._plain import to_plain
+from tensorparity.checkpoint.layout import build_checkpoint
 from tensorparity.checkpoint.safe_pickle import (
     Placeholder,
     StorageRef,
@@ -31,6 +30,9 @@ from tensorparity.checkpoint.safe_pickle import (
 )
 from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnsafeCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["is_torch_zip", "read_object", "read_torch_zip"]
 
@@ -200,10 +202,12 @@ def describe_ref(ref: TensorRef, where: str, shown: str) -> tuple[int, int, str 
     numel = 1
     for size in ref.shape:
         numel *= size
-    nbytes = numel * ref.dtype.itemsize
+    nbytes = numel * dtype_info(ref.dtype).itemsize
     if ref.storage is None:
         def nothing() -> torch.Tensor:
-            return torch.empty(ref.shape, dtype=ref.dtype, device="meta")
+            import torch
+
+            return torch.empty(ref.shape, dtype=to_torch(ref.dtype), device="meta")
         meta = LazyTensor(ref.shape, ref.dtype, nbytes, "meta (no data)", nothing, ref.requires_grad,
                           ref.is_parameter, ref.note)
         return numel, nbytes, ref.note, meta
@@ -232,6 +236,8 @@ def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path
             return _fix_order(t, byteorder)
     else:
         def load() -> torch.Tensor:
+            import torch
+
             try:
                 with FileRegion(zf_path, start, region_length) as region, zipfile.ZipFile(region) as zf:
                     raw = _read_member(zf, info, shown, MAX_INFLATED)
@@ -241,12 +247,13 @@ def _lazy(ref: TensorRef, where: str, shown: str, mapped: MappedFile, *, zf_path
             if len(raw) < storage.nbytes:
                 raise CorruptCheckpointError(f"member holds {len(raw)} bytes, not the {storage.nbytes} declared",
                                              path=shown, key=info.filename, fix=_ZIP_FIX)
-            flat = torch.frombuffer(bytearray(raw[: storage.nbytes]), dtype=torch.uint8).view(storage.dtype) \
-                if storage.nbytes else torch.empty(0, dtype=storage.dtype)
+            dtype = to_torch(storage.dtype)
+            flat = torch.frombuffer(bytearray(raw[: storage.nbytes]), dtype=torch.uint8).view(dtype) \
+                if storage.nbytes else torch.empty(0, dtype=dtype)
             return _fix_order(torch.as_strided(flat, ref.shape, ref.stride, ref.offset), byteorder)
     span: Callable[[], ByteSpan] | None = None
     if info.compress_type == zipfile.ZIP_STORED and byteorder != "big" and _is_dense(ref.shape, ref.stride):
-        where_bytes = ByteSpan(str(zf_path), start + data_start + ref.offset * ref.dtype.itemsize, nbytes)
+        where_bytes = ByteSpan(str(zf_path), start + data_start + ref.offset * dtype_info(ref.dtype).itemsize, nbytes)
         span = lambda: where_bytes  # noqa: E731
     return LazyTensor(ref.shape, ref.dtype, nbytes, location, load, ref.requires_grad, ref.is_parameter, note, span)
 
@@ -264,6 +271,8 @@ def _is_dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 def _fix_order(t: torch.Tensor, byteorder: str) -> torch.Tensor:
     if byteorder != "big" or t.element_size() == 1:
         return t
+    import torch
+
     # Swap bytes of each element: view as bytes, reverse the last axis, view back.
     b = t.contiguous().view(torch.uint8).view(-1, t.element_size()).flip(-1).contiguous()
     return b.view(t.dtype).view(t.shape)

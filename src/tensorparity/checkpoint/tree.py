@@ -8,18 +8,21 @@ are, and read them only when :meth:`TensorEntry.load` is called; value entries h
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import torch
-
+from tensorparity._dtypes import dtype_name, to_torch
 from tensorparity.checkpoint._plain import placeholder_children
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.errors import CorruptCheckpointError
 
-__all__ = ["ByteSpan", "Checkpoint", "Entry", "LazyTensor", "PlaceholderInfo", "TensorEntry", "ValueEntry", "flatten"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ByteSpan", "Checkpoint", "Entry", "LazyTensor", "PlaceholderInfo", "TensorEntry", "ValueEntry", "flatten",
+           "is_array", "is_tensor"]
 
 MAX_DEPTH = 200
 
@@ -29,7 +32,7 @@ class LazyTensor:
     """A tensor a reader has located but not read: what :func:`flatten` turns into an entry."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a torch dtype, or its name (a reader that does not import torch)
     nbytes: int
     location: str
     loader: Callable[[], torch.Tensor]
@@ -54,7 +57,9 @@ class TensorEntry:
     Attributes:
         key: dotted key, e.g. ``state_dict.encoder.layers.0.weight``.
         shape: the tensor's shape.
-        dtype: the tensor's dtype, as stored (bf16 and fp8 stay as they are).
+        dtype: the tensor's dtype, as stored (bf16 and fp8 stay as they are); reading it imports
+            torch.
+        dtype_name: the same dtype by name (``"float32"``), known without importing torch.
         nbytes: bytes of the tensor's own elements.
         location: where the bytes are (file, member, offset), for humans.
         requires_grad: whether it was saved as requiring grad (when the format records it).
@@ -64,7 +69,7 @@ class TensorEntry:
 
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str  # a torch.dtype given here is kept by its name
     nbytes: int
     location: str
     _loader: Callable[[], torch.Tensor] = field(compare=False)
@@ -72,6 +77,15 @@ class TensorEntry:
     is_parameter: bool = False
     note: str | None = None
     _span: Callable[[], ByteSpan | None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype_name, str) or self.dtype_name.startswith("torch."):
+            object.__setattr__(self, "dtype_name", dtype_name(self.dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` (imports torch; :attr:`dtype_name` does not)."""
+        return to_torch(self.dtype_name)
 
     @property
     def numel(self) -> int:
@@ -96,8 +110,7 @@ class TensorEntry:
         return self._span() if self._span is not None else None
 
     def __repr__(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
-        return f"TensorEntry({self.key!r}, shape={list(self.shape)}, dtype={dtype}, nbytes={self.nbytes})"
+        return f"TensorEntry({self.key!r}, shape={list(self.shape)}, dtype={self.dtype_name}, nbytes={self.nbytes})"
 
 
 @dataclass(frozen=True)
@@ -127,12 +140,26 @@ class PlaceholderInfo:
         return f"{self.key}: {self.call} (not executed)"
 
 
+def is_tensor(value: Any) -> bool:
+    """A ``torch.Tensor`` (asked only where torch is imported: if it is not, no value is one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def is_array(value: Any) -> bool:
+    """A numpy array of numbers (asked only where numpy is imported, as :func:`is_tensor`)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.ndarray) and value.dtype != np.object_
+
+
 def _tensor_entry(key: str, value: Any) -> TensorEntry:
     if isinstance(value, LazyTensor):
         return TensorEntry(key, value.shape, value.dtype, value.nbytes, value.location, value.loader,
                            value.requires_grad, value.is_parameter, value.note, value.span)
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value) if value.dtype != np.object_ else value
+    import torch
+
+    if is_array(value):
+        value = torch.from_numpy(value)
     tensor: torch.Tensor = value
 
     def load(t: torch.Tensor = tensor) -> torch.Tensor:
@@ -173,9 +200,7 @@ def flatten(
         key, value, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise CorruptCheckpointError(f"structure nests more than {MAX_DEPTH} levels deep", key=key)
-        if isinstance(value, (LazyTensor, torch.Tensor)) or (
-            isinstance(value, np.ndarray) and value.dtype != np.object_
-        ):
+        if isinstance(value, LazyTensor) or is_tensor(value) or is_array(value):
             out[key] = _tensor_entry(key, value)
             continue
         children: Mapping[Any, Any] | None = None
@@ -213,7 +238,7 @@ def _is_plain_list(value: list[Any] | tuple[Any, ...]) -> bool:
 def _holds_tensor(value: Any, depth: int = 0) -> bool:
     if depth > MAX_DEPTH:
         return False
-    if isinstance(value, (LazyTensor, torch.Tensor)):
+    if isinstance(value, LazyTensor) or is_tensor(value):
         return True
     if isinstance(value, Mapping):
         return any(_holds_tensor(v, depth + 1) for v in value.values())

@@ -28,8 +28,6 @@ from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.checks._diff_report import DiffReport, MappingInfo, SectionDiff, Side, ValueDifference
 from tensorparity.checks._diff_sides import leave_out_records, pair_optimizer_states
 from tensorparity.errors import UsageError
-from tensorparity.mapping import Mapping as KeyMapping
-from tensorparity.mapping import apply_mapping, load_mapping
 from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
 from tensorparity.report._render import short_repr
 
@@ -107,7 +105,11 @@ def diff(
                              fix="put them in the Tolerance: Tolerance(atol=..., rtol=...)")
         tolerance = Tolerance(atol=atol, rtol=rtol)
     _check_options(tolerance, weights_only, workers, progress, include_records)
-    key_mapping = None if mapping is None else load_mapping(mapping)
+    key_mapping = None
+    if mapping is not None:
+        from tensorparity.mapping import load_mapping  # lazy: mapping (and torch) load only for a diff with --map
+
+        key_mapping = load_mapping(mapping)
     tol = tolerance or Tolerance()
     owned: list[Checkpoint] = []
     try:
@@ -241,6 +243,8 @@ def _through_mapping(a: Checkpoint, b: Checkpoint, key_mapping: KeyMapping, keep
         Checkpoint, list[str], list[str], dict[str, tuple[str, ...]], dict[str, tuple[Entry, str]], MappingInfo]:
     """Translate A into B's key space and filter both sides: the mapped A, the keys of each side
     to compare, each mapped key's origins in A, A's unmapped keys, and what the mapping did."""
+    from tensorparity.mapping import apply_mapping  # lazy: mapping (and torch) load only for a diff with --map
+
     result = apply_mapping(a, key_mapping, direction="a_to_b")
     mapped, origins = result.checkpoint, dict(result.claims)
     unmapped = {k: (a[k], a.section_of(k)) for k in result.unmapped if keep((k,))}

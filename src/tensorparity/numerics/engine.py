@@ -15,15 +15,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from tensorparity.checkpoint._mapped import spans_equal
+from tensorparity._dtypes import dtype_info
+from tensorparity.checkpoint._mapped import span_buffer, spans_equal
 from tensorparity.checkpoint.tree import TensorEntry
-from tensorparity.numerics.metrics import compare_tensors
+from tensorparity.numerics.metrics import buffers_comparable, compare_buffers, compare_tensors
 from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import Tolerance
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Loadable", "Pair", "compare_pairs"]
 
@@ -46,28 +48,40 @@ class Pair:
     tolerance: Tolerance | None = None
 
 
-def _identical_on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
-    """Identical bytes in the files: a record without building either tensor."""
+def _on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
+    """Compare two entries from their file bytes, without building tensors (or importing torch).
+
+    Identical bytes make an "identical" record; float32/float64 bytes that differ go through the
+    C kernel (:func:`compare_buffers`), the same arithmetic as the tensor route. ``None`` where
+    the bytes cannot decide (no byte span, dtypes or shapes differ, NaN != NaN asked for, a NaN
+    or an Inf among the values): the caller compares tensors.
+    """
     a, b = pair.a, pair.b
     if not (isinstance(a, TensorEntry) and isinstance(b, TensorEntry)):
         return None
-    if a.dtype != b.dtype or a.shape != b.shape:
+    if a.dtype_name != b.dtype_name or a.shape != b.shape:
         return None
-    tol = tolerance.for_key(pair.key, a.dtype, b.dtype)
-    if not tol.equal_nan and (a.dtype.is_floating_point or a.dtype.is_complex):
+    tol = tolerance.for_key(pair.key, a.dtype_name, b.dtype_name)
+    info = dtype_info(a.dtype_name)
+    if not tol.equal_nan and (info.is_floating_point or info.is_complex):
         return None  # NaN != NaN must look at values
     span_a, span_b = a.byte_span(), b.byte_span()
-    if span_a is None or span_b is None or not spans_equal(span_a, span_b):
+    if span_a is None or span_b is None:
         return None
-    dtype = str(a.dtype).removeprefix("torch.")
-    return TensorComparison(key=pair.key, key_b=pair.key_b, passed=True, status="identical",
-                            shape_a=a.shape, shape_b=b.shape, dtype_a=dtype, dtype_b=dtype,
-                            tolerance=tol, numel=a.numel)
+    if spans_equal(span_a, span_b):
+        return TensorComparison(key=pair.key, key_b=pair.key_b, passed=True, status="identical",
+                                shape_a=a.shape, shape_b=b.shape, dtype_a=a.dtype_name, dtype_b=b.dtype_name,
+                                tolerance=tol, numel=a.numel)
+    if tol.exact or not buffers_comparable(a.dtype_name):
+        return None
+    with span_buffer(span_a) as buf_a, span_buffer(span_b) as buf_b:
+        return compare_buffers(pair.key, buf_a, buf_b, shape=a.shape, dtype=a.dtype_name, tolerance=tol,
+                               key_b=pair.key_b)
 
 
 def _run(pair: Pair, tolerance: Tolerance) -> TensorComparison:
     tolerance = pair.tolerance or tolerance
-    fast = _identical_on_disk(pair, tolerance)
+    fast = _on_disk(pair, tolerance)
     if fast is not None:
         return fast
     a = pair.a.load()

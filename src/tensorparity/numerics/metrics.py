@@ -9,10 +9,12 @@ float64) CPU tensors whose elements are all finite go through the optional C ker
 from __future__ import annotations
 
 import math
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from tensorparity._dtypes import dtype_info, dtype_name
 from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance
 
@@ -21,22 +23,24 @@ try:  # the optional C kernel (setup.py builds it where a compiler is found)
 except ImportError:  # pragma: no cover - exercised only where no compiler was found
     _kernel = None
 
-__all__ = ["CHUNK", "compare_tensors", "same_bytes"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CHUNK", "buffers_comparable", "compare_buffers", "compare_tensors", "same_bytes"]
 
 CHUNK = 1 << 18  # elements per chunk: 2 MB per float64 buffer, a dozen of them at most
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors of one dtype and shape hold identical bytes (NaNs included).
 
     Example:
+        >>> import torch
         >>> same_bytes(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
         True
     """
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0:
@@ -74,6 +78,8 @@ class _Acc:
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if x.is_complex():
         return x.to(torch.complex128)
     return x.to(torch.float64)
@@ -81,6 +87,8 @@ def _work(x: torch.Tensor) -> torch.Tensor:
 
 def _equal_chunk(acc: _Acc, b: torch.Tensor) -> None:
     """A chunk whose values are equal (and NaN-free): only the sums of B's magnitudes move."""
+    import torch
+
     b64 = _work(b)
     absb = b64.abs()
     inf = torch.isinf(absb)
@@ -99,6 +107,8 @@ def _equal_chunk(acc: _Acc, b: torch.Tensor) -> None:
 
 
 def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: ResolvedTolerance, integer: bool) -> None:
+    import torch
+
     if a.dtype == b.dtype and not tol.exact and torch.equal(a, b):
         # Most chunks of a mismatching tensor are untouched: skip the error arithmetic.
         _equal_chunk(acc, b)
@@ -158,6 +168,8 @@ def _chunk(acc: _Acc, a: torch.Tensor, b: torch.Tensor, start: int, tol: Resolve
 def _finite_chunk(acc: _Acc, a64: torch.Tensor, b64: torch.Tensor, start: int, tol: ResolvedTolerance) -> None:
     """The common case, every element finite on both sides: the same numbers as :func:`_chunk`
     without the NaN/Inf bookkeeping (half the passes)."""
+    import torch
+
     diff = (a64 - b64).abs_()
     absb = b64.abs()
     bad = diff > absb * tol.rtol + tol.atol
@@ -183,26 +195,32 @@ def _finite_chunk(acc: _Acc, a64: torch.Tensor, b64: torch.Tensor, start: int, t
     acc.norm_b += float(torch.dot(flat_b, flat_b))
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = ("float32", "float64")
 
 
 def _kernel_acc(a: torch.Tensor, b: torch.Tensor, tol: ResolvedTolerance) -> _Acc | None:
     """The statistics of two flat tensors from the C kernel, or ``None`` where it does not apply
     (no kernel, another dtype or device, exact mode) or either side holds a NaN or an Inf (the
     torch route counts those)."""
-    if (_kernel is None or tol.exact or a.dtype != b.dtype or a.dtype not in _KERNEL_DTYPES
+    if (_kernel is None or tol.exact or a.dtype != b.dtype or dtype_name(a.dtype) not in _KERNEL_DTYPES
             or a.device.type != "cpu" or b.device.type != "cpu"):
         return None
     try:
         left, right = a.detach().contiguous().numpy(), b.detach().contiguous().numpy()
     except (RuntimeError, TypeError):  # a view numpy cannot share (negated, conjugated)
         return None
-    out = _kernel.compare(left, right, a.dtype == torch.float64, float(tol.atol), float(tol.rtol))
+    return _buffer_acc(left, right, dtype_name(a.dtype) == "float64", a.numel(), tol)
+
+
+def _buffer_acc(left: Any, right: Any, is_double: bool, numel: int, tol: ResolvedTolerance) -> _Acc | None:
+    """The C kernel over two buffers of float32 (float64 where ``is_double``) elements."""
+    assert _kernel is not None
+    out = _kernel.compare(left, right, is_double, float(tol.atol), float(tol.rtol))
     if out is None:
         return None
     n_bad, first, max_abs, sum_abs, sum_absb, max_absb, max_rel, req_atol, req_rtol, dot, norm_a, norm_b = out
     return _Acc(max_abs=max_abs, max_rel=max_rel, sum_abs=sum_abs, sum_absb=sum_absb, max_absb=max_absb,
-                n_finite=a.numel(), dot=dot, norm_a=norm_a, norm_b=norm_b, n_bad=n_bad,
+                n_finite=numel, dot=dot, norm_a=norm_a, norm_b=norm_b, n_bad=n_bad,
                 first=first if first >= 0 else None, req_atol=max(0.0, req_atol), req_rtol=max(0.0, req_rtol))
 
 
@@ -218,14 +236,13 @@ def _accumulate(flat_a: torch.Tensor, flat_b: torch.Tensor, tol: ResolvedToleran
     return acc
 
 
-def _eps(*dtypes: torch.dtype) -> float:
+def _eps(*dtypes: torch.dtype | str) -> float:
     """The machine epsilon of the coarsest floating dtype among ``dtypes`` (0 for integers)."""
-    eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
-    return max(eps, default=0.0)
+    return max((dtype_info(d).eps for d in dtypes), default=0.0)
 
 
-def _scaled(tol: ResolvedTolerance, acc: _Acc, flat_a: torch.Tensor, flat_b: torch.Tensor, chunk: int,
-            integer: bool, dtype_a: torch.dtype, dtype_b: torch.dtype) -> tuple[ResolvedTolerance, _Acc]:
+def _scaled(tol: ResolvedTolerance, acc: _Acc, recount: Callable[[ResolvedTolerance], _Acc], integer: bool,
+            dtype_a: torch.dtype | str, dtype_b: torch.dtype | str) -> tuple[ResolvedTolerance, _Acc]:
     """Apply ``tol.ulps``: atol at least that many ulps of the compared dtype at ``max|b|``.
 
     The scale is known only once every chunk was read, so elements were judged at the plain
@@ -242,11 +259,13 @@ def _scaled(tol: ResolvedTolerance, acc: _Acc, flat_a: torch.Tensor, flat_b: tor
         return raised, acc
     if acc.req_atol <= atol and not acc.nonfinite_bad:
         return raised, replace(acc, n_bad=0, first=None)
-    return raised, _accumulate(flat_a, flat_b, raised, chunk, integer)
+    return raised, recount(raised)
 
 
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise: do the two elements differ in any bit (so -0.0 vs 0.0 and NaN payloads count)?"""
+    import torch
+
     if a.dtype != b.dtype:
         return a != b
     size = a.element_size()
@@ -281,16 +300,19 @@ def compare_tensors(
     shapes are reported, never broadcast. Identical bytes short-circuit.
 
     Example:
+        >>> import torch
         >>> r = compare_tensors("w", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
         >>> r.status, r.max_abs, r.first_index
         ('mismatch', 0.5, (1,))
     """
+    import torch
+
     if isinstance(tolerance, ResolvedTolerance):
         tol = tolerance
     else:
         tol = (tolerance or Tolerance()).for_key(key, a.dtype, b.dtype)
     common = dict(key=key, key_b=key_b, shape_a=tuple(a.shape), shape_b=tuple(b.shape),
-                  dtype_a=_dtype_name(a.dtype), dtype_b=_dtype_name(b.dtype), tolerance=tol)
+                  dtype_a=dtype_name(a.dtype), dtype_b=dtype_name(b.dtype), tolerance=tol)
     if a.shape != b.shape:
         return TensorComparison(passed=False, status="shape", numel=a.numel(), **common)  # type: ignore[arg-type]
     numel = a.numel()
@@ -307,7 +329,14 @@ def compare_tensors(
     integer = not (a.is_floating_point() or a.is_complex() or b.is_floating_point() or b.is_complex())
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     acc = _accumulate(flat_a, flat_b, tol, chunk, integer)
-    tol, acc = _scaled(tol, acc, flat_a, flat_b, chunk, integer, a.dtype, b.dtype)
+    tol, acc = _scaled(tol, acc, lambda t: _accumulate(flat_a, flat_b, t, chunk, integer), integer, a.dtype, b.dtype)
+    return _finish(acc, tol, numel, common,
+                   lambda i: (_scalar(flat_a[i]), _scalar(flat_b[i])))
+
+
+def _finish(acc: _Acc, tol: ResolvedTolerance, numel: int, common: dict[str, Any],
+            values_at: Callable[[int], tuple[float | complex, float | complex]]) -> TensorComparison:
+    """The record of a comparison from its statistics: the verdict, the cosine, the first bad element."""
     if tol.statistic == "max":
         within = acc.max_abs <= tol.atol + tol.rtol * acc.max_absb
     elif tol.statistic == "mean":
@@ -318,7 +347,8 @@ def compare_tensors(
     passed = within and not acc.nonfinite_bad and not tol.exact
     denom = math.sqrt(acc.norm_a) * math.sqrt(acc.norm_b)
     cosine = acc.dot / denom if denom > 0 else (1.0 if acc.norm_a == acc.norm_b == 0 else 0.0)
-    first = _unravel(acc.first, tuple(a.shape)) if acc.first is not None else None
+    first = _unravel(acc.first, tuple(common["shape_a"])) if acc.first is not None else None
+    first_a, first_b = values_at(acc.first) if acc.first is not None else (None, None)
     return TensorComparison(
         passed=passed,
         status="close" if passed else "mismatch",
@@ -332,9 +362,60 @@ def compare_tensors(
         nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b,
         nan_agree=acc.nan_agree, inf_agree=acc.inf_agree,
         first_index=first,
-        first_a=_scalar(flat_a[acc.first]) if acc.first is not None else None,
-        first_b=_scalar(flat_b[acc.first]) if acc.first is not None else None,
+        first_a=first_a,
+        first_b=first_b,
         required_atol=max(0.0, acc.req_atol),
         required_rtol=max(0.0, acc.req_rtol),
         **common,  # type: ignore[arg-type]
     )
+
+
+def buffers_comparable(dtype: str) -> bool:
+    """Whether :func:`compare_buffers` can compare raw bytes of this dtype (float32, float64)."""
+    return _kernel is not None and dtype_name(dtype) in _KERNEL_DTYPES
+
+
+def compare_buffers(
+    key: str,
+    a: Any,
+    b: Any,
+    *,
+    shape: tuple[int, ...],
+    dtype: str,
+    tolerance: ResolvedTolerance,
+    key_b: str | None = None,
+) -> TensorComparison | None:
+    """Compare two buffers of one dtype and shape (raw file bytes, C order) without torch.
+
+    The C kernel's route of :func:`compare_tensors`, for float32 and float64 data whose elements
+    are all finite: the same statistics and the same record. Returns ``None`` wherever that route
+    does not apply (no kernel, another dtype, exact mode, a NaN or an Inf, misaligned bytes): the
+    caller then compares the tensors.
+    """
+    name = dtype_name(dtype)
+    if tolerance.exact or not buffers_comparable(name):
+        return None
+    double = name == "float64"
+    numel = math.prod(shape)
+    try:
+        acc = _buffer_acc(a, b, double, numel, tolerance)
+    except ValueError:  # lengths differ or the bytes are not aligned for the dtype
+        return None
+    if acc is None:
+        return None
+
+    def recount(t: ResolvedTolerance) -> _Acc:
+        again = _buffer_acc(a, b, double, numel, t)
+        assert again is not None  # the same finite bytes
+        return again
+
+    tol, acc = _scaled(tolerance, acc, recount, False, name, name)
+    code = "<d" if double else "<f"
+    size = 8 if double else 4
+
+    def values_at(i: int) -> tuple[float, float]:
+        return struct.unpack_from(code, a, i * size)[0], struct.unpack_from(code, b, i * size)[0]
+
+    common = dict(key=key, key_b=key_b, shape_a=tuple(shape), shape_b=tuple(shape), dtype_a=name, dtype_b=name,
+                  tolerance=tolerance)
+    return _finish(acc, tol, numel, common, values_at)

@@ -5,44 +5,47 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
+from tensorparity._dtypes import dtype_name
 from tensorparity.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ResolvedTolerance", "Statistic", "Tolerance", "default_tolerance"]
 
 Statistic = Literal["elementwise", "max", "mean"]
 _STATISTICS = ("elementwise", "max", "mean")
 
-# torch.testing.assert_close's defaults (rtol, atol) per dtype.
-_DEFAULTS: dict[torch.dtype, tuple[float, float]] = {
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7),
-    torch.complex32: (1e-3, 1e-5),
-    torch.complex64: (1.3e-6, 1e-5),
-    torch.complex128: (1e-7, 1e-7),
+# torch.testing.assert_close's defaults (rtol, atol) per dtype, by dtype name.
+_DEFAULTS: dict[str, tuple[float, float]] = {
+    "float16": (1e-3, 1e-5),
+    "bfloat16": (1.6e-2, 1e-5),
+    "float32": (1.3e-6, 1e-5),
+    "float64": (1e-7, 1e-7),
+    "complex32": (1e-3, 1e-5),
+    "complex64": (1.3e-6, 1e-5),
+    "complex128": (1e-7, 1e-7),
+    # fp8 formats: a step of the mantissa (3 or 2 bits), as the looser of the pair decides anyway.
+    "float8_e4m3fn": (0.125, 1e-3),
+    "float8_e5m2": (0.25, 1e-3),
+    "float8_e4m3fnuz": (0.125, 1e-3),
+    "float8_e5m2fnuz": (0.25, 1e-3),
 }
-# fp8 formats: a step of the mantissa (3 or 2 bits), as the looser of the pair decides anyway.
-for _name, _rtol in (("float8_e4m3fn", 0.125), ("float8_e5m2", 0.25), ("float8_e4m3fnuz", 0.125),
-                     ("float8_e5m2fnuz", 0.25)):
-    if hasattr(torch, _name):
-        _DEFAULTS[getattr(torch, _name)] = (_rtol, 1e-3)
 
 
-def default_tolerance(*dtypes: torch.dtype) -> tuple[float, float]:
+def default_tolerance(*dtypes: torch.dtype | str) -> tuple[float, float]:
     """``(rtol, atol)`` as ``torch.testing.assert_close`` picks them: the loosest of the dtypes.
 
     Integers and bools compare exactly.
 
     Example:
+        >>> import torch
         >>> default_tolerance(torch.float32, torch.bfloat16)
         (0.016, 1e-05)
     """
-    pairs = [_DEFAULTS.get(d, (0.0, 0.0)) for d in dtypes]
+    pairs = [_DEFAULTS.get(dtype_name(d), (0.0, 0.0)) for d in dtypes]
     return max(p[0] for p in pairs), max(p[1] for p in pairs)
 
 
@@ -84,6 +87,7 @@ class Tolerance:
     :func:`tensorparity.trace._compare.float_tolerance`); ``None`` or 0 leaves atol as it is.
 
     Example:
+        >>> import torch
         >>> tol = Tolerance(atol=1e-4, overrides=((r"\\.norm", Tolerance(atol=1e-2)),))
         >>> tol.for_key("layers.0.norm.weight", torch.float32).atol
         0.01
@@ -114,8 +118,9 @@ class Tolerance:
             raise UsageError("invalid tolerance: " + "; ".join(problems),
                              fix="use non-negative atol/rtol, a known statistic and valid regexes")
 
-    def for_key(self, key: str, dtype_a: torch.dtype, dtype_b: torch.dtype | None = None) -> ResolvedTolerance:
-        """The tolerance for one key and its dtypes."""
+    def for_key(self, key: str, dtype_a: torch.dtype | str,
+                dtype_b: torch.dtype | str | None = None) -> ResolvedTolerance:
+        """The tolerance for one key and its dtypes (``torch.dtype`` or names)."""
         chosen, source = self, "default"
         for pattern, override in self.overrides:
             if re.search(pattern, key):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tensorparity.checkpoint.safetensors import DTYPES
+from tensorparity._dtypes import dtype_info, is_dtype_name
 from tensorparity.checkpoint.tracefolder._dtensor import assemble_tensor, sharded
 from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
@@ -129,10 +129,8 @@ class RankShards:
         if key not in self.pieces:
             return self.sets[self.first].lazy(key)  # type: ignore[no-any-return]
         rec = self.records[key]
-        dtype = DTYPES.get(rec.dtype.upper(), getattr(torch, rec.dtype, torch.float32))
-        if not isinstance(dtype, torch.dtype):
-            dtype = getattr(torch, rec.dtype, torch.float32)
-        nbytes = math.prod(rec.shape) * torch.empty((), dtype=dtype).element_size()
+        dtype = rec.dtype if is_dtype_name(rec.dtype) else "float32"
+        nbytes = math.prod(rec.shape) * dtype_info(dtype).itemsize
         return LazyTensor(rec.shape, dtype, nbytes, f"{self.folder} (ranks {', '.join(map(str, sorted(self.sets)))})",
                           lambda: self.load(key))
 

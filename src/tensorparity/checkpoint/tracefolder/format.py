@@ -51,7 +51,8 @@ MANIFEST = "manifest.json"
 MODES = ("full", "stats", "window")
 SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
 RANK_RE = re.compile(r"rank-(\d+)")
-STORABLE = frozenset(DTYPES.values())  # what safetensors writes and tensorparity reads back
+# What safetensors writes and tensorparity reads back.
+STORABLE = frozenset(getattr(torch, name) for name in DTYPES.values())
 MAX_MANIFEST = 2_000_000_000
 RECAPTURE = "capture the trace again (tensorparity capture, or tensorparity.trace.capture(..., out=...))"
 
