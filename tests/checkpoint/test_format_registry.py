@@ -240,6 +240,10 @@ def test_a_registered_format_is_used_by_open_and_the_writers(tmp_path: Path) -> 
         assert tensorparity.open(tmp_path / "out.tptxt")["b"].load().tolist() == [1.0, -1.0]
         with pytest.raises(UsageError, match="only vectors fit: w"):
             write_checkpoint(tensorparity.open({"w": STATE["layer.weight"]}), tmp_path / "w.tptxt", format="tptxt")
+        # convert and migrate ask the registry when they run, not what it held at import
+        report = tensorparity.convert(path, tmp_path / "converted.tptxt")
+        assert report.verified and report.format == "tptxt"
+        assert tensorparity.open(tmp_path / "converted.tptxt")["bias"].load().tolist() == [1.0, -1.0]
     finally:
         assert unregister_format("tptxt") is fmt
     assert "tptxt" not in format_names()

@@ -63,6 +63,20 @@ def _is_legacy_torch(head: bytes) -> bool:
     return head[:3] == b"\x80\x02\x8a" and head[3:4] == b"\x0a"
 
 
+def _is_file(source: str) -> bool:
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):  # "<in-memory mapping>" and the like
+        return False
+
+
+def _is_dir(source: str) -> bool:
+    try:
+        return Path(source).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _check_safetensors(ckpt: Checkpoint, dest: Path) -> None:
     from tensorparity.checkpoint.tree import ValueEntry  # lazy: only a write checks; detection costs no torch
 
@@ -95,10 +109,17 @@ class TorchZip:
     def write(self, ckpt: Checkpoint, dest: Path, *, source: Checkpoint, max_shard_size: int | None,
               metadata: Mapping[str, str]) -> None:
         from tensorparity.checkpoint._rebuild import structure_of  # lazy: a writer loads on first write
-        from tensorparity.checkpoint._torch_zip_write import write_torch_zip  # lazy: a writer loads on first write
+        from tensorparity.checkpoint.torch_zip import write_torch_zip  # lazy: the format's module loads on first use
 
         with open(dest, "wb") as f:
             write_torch_zip(ckpt, f, structure=structure_of(ckpt), metadata=metadata)
+
+    def metadata(self, ckpt: Checkpoint) -> dict[str, str]:
+        if "torch_zip_version" not in ckpt.provenance or not _is_file(ckpt.source):
+            return {}  # Lightning files too: their reader is this one
+        from tensorparity.checkpoint.torch_zip import read_metadata  # lazy: the format's module loads on first use
+
+        return read_metadata(Path(ckpt.source))
 
 
 class Safetensors:
@@ -111,7 +132,7 @@ class Safetensors:
         return not probe.is_dir and _is_safetensors(probe.head)
 
     def read(self, path: Path) -> Checkpoint:
-        from tensorparity.checkpoint.safetensors import read_safetensors  # lazy: a reader loads on first read
+        from tensorparity.checkpoint.safetensors import read_safetensors  # lazy: the format's module loads on first use
 
         return read_safetensors(path)
 
@@ -120,7 +141,7 @@ class Safetensors:
 
     def write(self, ckpt: Checkpoint, dest: Path, *, source: Checkpoint, max_shard_size: int | None,
               metadata: Mapping[str, str]) -> None:
-        from tensorparity.checkpoint._safetensors_write import write_file  # lazy: a writer loads on first write
+        from tensorparity.checkpoint.safetensors import write_file  # lazy: the format's module loads on first use
 
         write_file(ckpt, dest, metadata={"format": "pt", **metadata})
 
@@ -138,7 +159,7 @@ class SafetensorsSharded:
         return probe.path.name.endswith(_INDEXES)  # named, not sniffed: the index is JSON
 
     def read(self, path: Path) -> Checkpoint:
-        from tensorparity.checkpoint.hf_sharded import read_sharded  # lazy: a reader loads on first read
+        from tensorparity.checkpoint.hf_sharded import read_sharded  # lazy: the format's module loads on first use
 
         return read_sharded(path)
 
@@ -149,7 +170,7 @@ class SafetensorsSharded:
 
     def write(self, ckpt: Checkpoint, dest: Path, *, source: Checkpoint, max_shard_size: int | None,
               metadata: Mapping[str, str]) -> None:
-        from tensorparity.checkpoint._safetensors_write import write_sharded  # lazy: a writer loads on first write
+        from tensorparity.checkpoint.hf_sharded import write_sharded  # lazy: the format's module loads on first use
 
         limit = DEFAULT_SHARD_SIZE if max_shard_size is None else max_shard_size
         write_sharded(ckpt, dest, max_shard_size=limit, metadata=metadata)
@@ -165,7 +186,7 @@ class Dcp:
         return probe.is_dir and ".metadata" in probe.names
 
     def read(self, path: Path) -> Checkpoint:
-        from tensorparity.checkpoint.dcp import read_dcp  # lazy: a reader loads on first read
+        from tensorparity.checkpoint.dcp import read_dcp  # lazy: the format's module loads on first use
 
         return read_dcp(path)
 
@@ -174,10 +195,17 @@ class Dcp:
 
     def write(self, ckpt: Checkpoint, dest: Path, *, source: Checkpoint, max_shard_size: int | None,
               metadata: Mapping[str, str]) -> None:
-        from tensorparity.checkpoint._dcp_write import write_dcp  # lazy: torch.distributed.checkpoint costs 0.4 s
         from tensorparity.checkpoint._rebuild import structure_of  # lazy: a writer loads on first write
+        from tensorparity.checkpoint.dcp import write_dcp  # lazy: the format's module loads on first use
 
         write_dcp(ckpt, dest, structure=structure_of(ckpt), metadata=metadata)
+
+    def metadata(self, ckpt: Checkpoint) -> dict[str, str]:
+        if ckpt.format != "dcp" or not _is_dir(ckpt.source):
+            return {}
+        from tensorparity.checkpoint.dcp import read_dcp_metadata  # lazy: the format's module loads on first use
+
+        return read_dcp_metadata(Path(ckpt.source))
 
 
 class NemoArchive:
@@ -199,10 +227,29 @@ class NemoArchive:
 
     def write(self, ckpt: Checkpoint, dest: Path, *, source: Checkpoint, max_shard_size: int | None,
               metadata: Mapping[str, str]) -> None:
-        from tensorparity.checkpoint._nemo_write import write_nemo  # lazy: a writer loads on first write
         from tensorparity.checkpoint._rebuild import structure_of  # lazy: a writer loads on first write
+        from tensorparity.checkpoint.nemo import write_nemo  # lazy: yaml and tarfile load when a .nemo is used
 
         write_nemo(source, ckpt, dest, structure=structure_of(ckpt), metadata=metadata)
+
+    def metadata(self, ckpt: Checkpoint) -> dict[str, str]:
+        if ckpt.format != "nemo" or not (_is_file(ckpt.source) or _is_dir(ckpt.source)):
+            return {}
+        from tensorparity.checkpoint.layout import RECORD_KEY, RECORD_METADATA_KEY  # lazy: as below
+        from tensorparity.checkpoint.nemo import (  # lazy: yaml and tarfile load when a .nemo is used
+            CONFIG_KEY,
+            read_config,
+        )
+        from tensorparity.checkpoint.tree import ValueEntry  # lazy: detection costs no torch
+
+        out: dict[str, str] = {}
+        config = read_config(Path(ckpt.source))
+        if config is not None:
+            out[CONFIG_KEY] = config.decode("utf-8", "replace")
+        record = ckpt.get(RECORD_KEY)
+        if isinstance(record, ValueEntry) and isinstance(record.value, str):
+            out[RECORD_METADATA_KEY] = record.value  # the record member travels as the metadata string
+        return out
 
 
 # Formats tensorparity reads only.

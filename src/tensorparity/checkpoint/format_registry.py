@@ -131,6 +131,10 @@ class WritableFormat(Format, Protocol):
         taken from (a ``.nemo``'s config and record travel beside its weights)."""
         ...
 
+    # Optional: ``metadata(ckpt) -> dict[str, str]``, the strings a checkpoint this format read
+    # carries besides its header (a record inside a torch zip, a .nemo's config, DCP's file).
+    # write.source_metadata asks every writable format that has it; each answers only for its own.
+
 
 _BY_NAME: dict[str, Format] = {}  # registration order: how formats are listed
 _DETECTION: list[Format] = []  # the order detection asks them

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from tensorparity.checkpoint import torch_zip
-from tensorparity.checkpoint.safetensors import safetensors_tensors
-from tensorparity.checkpoint.tree import Checkpoint, Entry, LazyTensor, PlaceholderInfo, flatten
+from tensorparity.checkpoint.safetensors import safetensors_tensors, write_tensors
+from tensorparity.checkpoint.tree import Checkpoint, Entry, LazyTensor, PlaceholderInfo, TensorEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnknownFormatError, UnsafeCheckpointError
 
-__all__ = ["find_index", "read_sharded"]
+__all__ = ["INDEX_NAME", "find_index", "read_sharded", "shards", "write_sharded"]
+
+INDEX_NAME = "model.safetensors.index.json"
 
 SAFETENSORS_INDEX = ".safetensors.index.json"
 BIN_INDEX = ".bin.index.json"
@@ -203,3 +206,45 @@ def read_sharded(path: Path) -> Checkpoint:
     return Checkpoint(source=str(path), format="hf-sharded-bin" if binary else "hf-sharded-safetensors",
                       entries=entries, provenance=provenance, placeholders=placeholders, notes=notes,
                       closers=closers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def shards(entries: list[TensorEntry], max_shard_size: int) -> list[list[TensorEntry]]:
+    """Split entries, in order, into shards of at most ``max_shard_size`` bytes each (a larger
+    tensor gets a shard of its own), as ``save_pretrained`` does.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity import open as tp_open
+        >>> es = list(tp_open({"a": torch.ones(4), "b": torch.ones(4), "c": torch.ones(8)}).tensors())
+        >>> [[e.key for e in s] for s in shards(es, 32)]
+        [['a', 'b'], ['c']]
+    """
+    out: list[list[TensorEntry]] = []
+    size = 0
+    for e in entries:
+        if not out or (size + e.nbytes > max_shard_size and out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(e)
+        size += e.nbytes
+    return out or [[]]
+
+
+def write_sharded(ckpt: Checkpoint, dest: Path, *, max_shard_size: int,
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``ckpt`` as a Hugging Face sharded folder: ``model-0000i-of-0000n.safetensors`` and
+    ``model.safetensors.index.json`` (``metadata.total_size`` plus ``metadata``)."""
+    entries = list(ckpt.tensors())
+    parts = shards(entries, max_shard_size)
+    dest.mkdir()
+    weight_map: dict[str, str] = {}
+    for i, part in enumerate(parts, 1):
+        name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        write_tensors(part, dest / name, {"format": "pt"})
+        weight_map.update({e.key: name for e in part})
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries), **dict(metadata or {})},
+             "weight_map": weight_map}
+    (dest / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

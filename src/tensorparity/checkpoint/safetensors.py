@@ -1,9 +1,17 @@
-"""safetensors files: the header is validated here, tensors are read by the safetensors library.
+"""safetensors files, read and written: the header is validated here, tensors are read by the
+safetensors library and written here, streaming.
 
 Layout: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {str: str}}``, then the data. Validation checks
 everything the header claims against the file before any tensor is touched, so a lying header
 gets a message naming the tensor, not a crash.
+
+Writing: The safetensors library cannot stream: ``save_file`` takes a dict of every tensor, in memory,
+at once. But a safetensors header (JSON: dtype, shape and byte offsets of each tensor) depends
+on shapes and dtypes alone, so it is computed from metadata, written first, and the tensors'
+bytes follow one by one. Tensors are laid out as the library lays them out (by dtype, widest
+first, then by name; header padded with spaces to 8 bytes), so for the same tensors and
+metadata the file is byte-for-byte what ``save_file`` writes.
 """
 
 from __future__ import annotations
@@ -11,17 +19,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tensorparity._dtypes import dtype_info
-from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, flatten
-from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
+from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, TensorEntry, flatten
+from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPES", "read_header", "read_safetensors", "safetensors_tensors"]
+__all__ = ["DTYPES", "layout", "read_header", "read_safetensors", "safetensors_tensors", "write_file",
+           "write_tensors"]
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
@@ -164,3 +174,74 @@ def read_safetensors(path: Path) -> Checkpoint:
             provenance["framework"] = metadata["format"]
     return Checkpoint(source=str(path), format="safetensors", entries=entries, provenance=provenance,
                       closers=[handle.close])
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+# The library's dtype codes, widest first, in the order it sorts them (its Dtype enum, descending).
+_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0",
+          "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "I8", "U8", "BOOL")
+# What each dtype is written as: every code read (DTYPES), and the float8 codes the library writes
+# that this reader does not claim to read.
+_CODES = {name: code for code, name in DTYPES.items()} | {
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0"}
+
+
+def _code(entry: TensorEntry, dest: Path) -> str:
+    code = _CODES.get(entry.dtype_name)
+    if code is None:
+        raise UsageError(f"safetensors has no dtype for {entry.dtype_name}", path=dest,
+                         key=entry.key, fix="cast the tensor in a mapping, or write torch or dcp")
+    return code
+
+
+def layout(entries: list[TensorEntry], metadata: Mapping[str, str] | None, dest: Path) -> tuple[bytes, list[TensorEntry]]:
+    """The header bytes (length prefix included) and the order the tensors' bytes follow in.
+
+    Example:
+        >>> import torch
+        >>> from tensorparity import open as tp_open
+        >>> head, order = layout(list(tp_open({"b": torch.ones(1, dtype=torch.int8), "a": torch.ones(2)}).tensors()),
+        ...                      None, Path("x.safetensors"))
+        >>> [e.key for e in order], head[8:].decode().rstrip()
+        (['a', 'b'], '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[1],"data_offsets":[8,9]}}')
+    """
+    codes = {e.key: _code(e, dest) for e in entries}
+    order = sorted(entries, key=lambda e: (_ORDER.index(codes[e.key]), e.key))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for e in order:
+        header[e.key] = {"dtype": codes[e.key], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def _write_bytes(out: IO[bytes], tensor: torch.Tensor) -> None:
+    import torch
+
+    if tensor.numel():
+        # A uint8 view of the dense tensor: no copy, and numpy hands the buffer to write().
+        out.write(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_tensors(entries: list[TensorEntry], dest: Path, metadata: Mapping[str, str] | None) -> None:
+    """Write these tensors into one safetensors file, byte for byte what ``save_file`` writes."""
+    from tensorparity.checkpoint.torch_zip import load_checked  # lazy: torch loads only when a file is written
+
+    head, order = layout(entries, metadata, dest)
+    with open(dest, "wb") as out:
+        out.write(head)
+        for entry in order:
+            tensor = load_checked(entry)
+            _write_bytes(out, tensor)
+            del tensor
+
+
+def write_file(ckpt: Checkpoint, dest: Path, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write every tensor of ``ckpt`` into one safetensors file at ``dest``."""
+    write_tensors(list(ckpt.tensors()), dest, metadata)

@@ -19,7 +19,6 @@ problem is named at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,13 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from tensorparity.checkpoint._builtin_formats import listing as _listing
-from tensorparity.checkpoint._dcp_write import read_dcp_metadata
-from tensorparity.checkpoint._nemo_write import read_config
 from tensorparity.checkpoint._rebuild import structure_of
-from tensorparity.checkpoint._torch_zip_write import METADATA_RECORD
 from tensorparity.checkpoint.format_registry import WritableFormat, format_names, formats, writable_formats
-from tensorparity.checkpoint.layout import RECORD_KEY
-from tensorparity.checkpoint.layout import RECORD_METADATA_KEY as METADATA_KEY
+from tensorparity.checkpoint.nemo import CONFIG_KEY as NEMO_CONFIG_KEY
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.checkpoint.tree import Checkpoint, ValueEntry
 from tensorparity.errors import UsageError
@@ -45,7 +40,6 @@ __all__ = ["FORMATS", "NEMO_CONFIG_KEY", "check_writable", "family", "format_for
 # The registry's writable formats as registered at import (format_names(writable=True) also lists
 # any registered since).
 FORMATS = format_names(writable=True)
-NEMO_CONFIG_KEY = "nemo.model_config"  # metadata key carrying a .nemo's model_config.yaml through other formats
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
@@ -160,37 +154,11 @@ def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
     """
     found = ckpt.provenance.get("metadata")
     out = {str(k): str(v) for k, v in found.items()} if isinstance(found, Mapping) else {}
-    path = Path(ckpt.source)
-    try:
-        is_file, is_dir = path.is_file(), path.is_dir()
-    except (OSError, ValueError):  # "<in-memory mapping>" and the like
-        return out
-    if ckpt.format == "nemo":
-        config = read_config(path)
-        if config is not None:
-            out[NEMO_CONFIG_KEY] = config.decode("utf-8", "replace")
-        record = ckpt.get(RECORD_KEY)
-        if isinstance(record, ValueEntry) and isinstance(record.value, str):
-            out[METADATA_KEY] = record.value  # the record member travels as the metadata string
-    elif is_dir and ckpt.format == "dcp":
-        out.update(read_dcp_metadata(path))
-    elif is_file and "torch_zip_version" in ckpt.provenance:
-        out.update(_zip_metadata(path))
+    for fmt in writable_formats():  # each format knows what its files carry besides a header
+        read = getattr(fmt, "metadata", None)
+        if read is not None:
+            out.update(read(ckpt))
     return out
-
-
-def _zip_metadata(path: Path) -> dict[str, str]:
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            name = next((n for n in zf.namelist() if n.endswith("/" + METADATA_RECORD)), None)
-            if name is None or zf.getinfo(name).file_size > 16 << 20:
-                return {}
-            data = json.loads(zf.read(name))
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def write_checkpoint(ckpt: Checkpoint, dest: str | os.PathLike[str], *, format: str | None = None,  # noqa: A002

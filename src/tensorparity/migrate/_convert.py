@@ -21,9 +21,9 @@ from tensorparity._atomic import atomic_output
 from tensorparity._output import refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint._nemo_write import read_config
+from tensorparity.checkpoint.format_registry import format_names
+from tensorparity.checkpoint.nemo import read_config
 from tensorparity.checkpoint.write import (
-    FORMATS,
     NEMO_CONFIG_KEY,
     check_writable,
     format_for_path,
@@ -267,12 +267,13 @@ def convert(
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     opened = open_checkpoint(src)
     try:
+        writable = format_names(writable=True)  # asked now: a format registered after import counts
         fmt = format or format_for_path(dest, max_shard_size=limit)
         if fmt is None:
             raise UsageError("cannot tell the output format from the destination's name", path=dest,
-                             fix=f"pass --format ({', '.join(FORMATS)}), or name the file .safetensors, .pt or .nemo")
-        if fmt not in FORMATS:
-            raise UsageError(f"unknown output format {fmt!r}", path=dest, fix=f"use one of {', '.join(FORMATS)}")
+                             fix=f"pass --format ({', '.join(writable)}), or name the file .safetensors, .pt or .nemo")
+        if fmt not in writable:
+            raise UsageError(f"unknown output format {fmt!r}", path=dest, fix=f"use one of {', '.join(writable)}")
         ckpt = opened.weights() if weights_only else opened
         mapped_by: str | None = None
         if mapping is not None:  # every mapping problem is reported here, before a byte is written

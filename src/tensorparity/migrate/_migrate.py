@@ -34,8 +34,8 @@ from tensorparity._output import write_failure
 from tensorparity._version import __version__
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint.format_registry import format_names
 from tensorparity.checkpoint.write import (
-    FORMATS,
     NEMO_CONFIG_KEY,
     check_writable,
     family,
@@ -275,8 +275,9 @@ def migrate(
     start = time.perf_counter()
     if backup and not in_place:
         raise UsageError("a backup is kept only when migrating in place", fix="add --in-place, or drop --backup")
-    if format is not None and format not in FORMATS:
-        raise UsageError(f"unknown output format {format!r}", fix=f"use one of {', '.join(FORMATS)}")
+    writable = format_names(writable=True)  # asked now: a format registered after import counts
+    if format is not None and format not in writable:
+        raise UsageError(f"unknown output format {format!r}", fix=f"use one of {', '.join(writable)}")
     registry = load_migrations(migrations)
     ckpt = open_checkpoint(source)
     owned = ckpt is not source
