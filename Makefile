@@ -13,7 +13,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/tensorparity/checkpoint/tracefolder/_fused.c src/tensorparity/numerics/_kernel.c
+$(STAMP): pyproject.toml setup.py src/tensorparity/checkpoint/_bytes.c src/tensorparity/checkpoint/tracefolder/_fused.c src/tensorparity/numerics/_kernel.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH)"
 	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH)" -e '.[test]'

@@ -1,0 +1,54 @@
+"""spans_equal: two byte ranges of files compared without building tensors, mapped (large spans,
+memcmp with the GIL released) or read in chunks (small spans); both answer alike."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tensorparity.checkpoint import _mapped
+from tensorparity.checkpoint._mapped import MAP_AT, span_buffer, spans_equal
+from tensorparity.checkpoint.tree import ByteSpan
+from tensorparity.errors import CorruptCheckpointError
+
+
+def _pair(tmp_path: Path, size: int, flip: int | None, *, shift: int = 13) -> tuple[ByteSpan, ByteSpan]:
+    data = bytearray(os.urandom(size))
+    (tmp_path / "a.bin").write_bytes(b"h" * shift + data)
+    if flip is not None:
+        data[flip] ^= 0x01
+    (tmp_path / "b.bin").write_bytes(b"xy" + data + b"tail")
+    return ByteSpan(str(tmp_path / "a.bin"), shift, size), ByteSpan(str(tmp_path / "b.bin"), 2, size)
+
+
+CASES = [(0, "none")] + [(size, flip) for size in (1000, MAP_AT, 3 * MAP_AT + 7)
+                          for flip in ("none", "first", "middle", "last")]
+
+
+@pytest.mark.parametrize(("size", "flip"), CASES, ids=[f"{s}-{f}" for s, f in CASES])
+def test_mapped_and_read_routes_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, flip: str) -> None:
+    where = {"none": None, "first": 0, "middle": size // 2, "last": size - 1}[flip]
+    a, b = _pair(tmp_path, size, where)
+    expected = where is None
+    assert spans_equal(a, b) is expected
+    with monkeypatch.context() as m:
+        m.setattr(_mapped, "_bytes", None)  # the pure-Python route
+        assert spans_equal(a, b) is expected
+    assert spans_equal(a, ByteSpan(b.path, b.offset, size + 1)) is False  # lengths differ
+
+
+def test_a_file_truncated_after_opening_is_named(tmp_path: Path) -> None:
+    a, b = _pair(tmp_path, 2 * MAP_AT, None)
+    os.truncate(b.path, MAP_AT)
+    with pytest.raises(CorruptCheckpointError, match="file ended inside bytes") as info:
+        spans_equal(a, b)
+    assert str(tmp_path / "b.bin") in str(info.value)
+
+
+def test_span_buffer_maps_exactly_the_span(tmp_path: Path) -> None:
+    a, _ = _pair(tmp_path, MAP_AT + 5, None, shift=70_001)  # not on an allocation boundary
+    raw = Path(a.path).read_bytes()[a.offset:a.offset + a.nbytes]
+    with span_buffer(a) as view:
+        assert bytes(view) == raw and view.readonly
