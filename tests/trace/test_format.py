@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter
+from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter, file_digest
 from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import SCHEMA
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 from tensorparity.examples import reference_model
 from tensorparity.trace import capture
@@ -93,6 +95,22 @@ def test_tiny_queue_and_small_shards_still_give_a_correct_trace(tmp_path: Path) 
     assert len(shards) > 10 and shards[0] == "shard-00000.safetensors"
     assert_same(capture_reference(), Trace.open(tmp_path / "t"))
     assert len(streamed.records) == len(Trace.open(tmp_path / "t").records)
+
+
+def test_shards_are_what_save_file_writes_and_their_checksum_is_the_files(tmp_path: Path) -> None:
+    # The writer writes shards itself (checksummed from memory as the bytes go out): the same
+    # bytes as the safetensors library's save_file, and the checksum of the file as it lies on disk.
+    tensors = {"b/0/output": torch.arange(5, dtype=torch.int8), "a/0/output": torch.randn(3, 4),
+               "c/0/output": torch.randn(7, dtype=torch.float64), "d/0/output": torch.ones(3, dtype=torch.bfloat16),
+               "e/0/output": torch.zeros(0), "f/0/output": torch.tensor(True)}
+    writer = TraceWriter(tmp_path / "w")
+    for key, tensor in tensors.items():
+        writer.put(key, tensor.clone())
+    [shard] = writer.close()
+    path = tmp_path / "w" / shard.file
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt", "tensorparity": SCHEMA})
+    assert path.read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    assert shard.bytes == path.stat().st_size and shard.digest == file_digest(path) and shard.tensors == 6
 
 
 def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ metadata the file is byte-for-byte what ``save_file`` writes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, NamedTuple, Protocol
 
 import torch
 
@@ -21,7 +21,7 @@ from tensorparity.checkpoint._torch_zip_write import load_checked
 from tensorparity.checkpoint.tree import Checkpoint, TensorEntry
 from tensorparity.errors import UsageError
 
-__all__ = ["INDEX_NAME", "layout", "write_file", "write_sharded"]
+__all__ = ["INDEX_NAME", "layout", "write_file", "write_sharded", "write_tensors"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -39,7 +39,27 @@ if hasattr(torch, "float8_e8m0fnu"):
     _CODES[torch.float8_e8m0fnu] = "F8_E8M0"
 
 
-def _code(entry: TensorEntry, dest: Path) -> str:
+class _Described(Protocol):
+    """What the header needs of a tensor: a :class:`TensorEntry`, or a :class:`_Spec` of one in memory."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+class _Spec(NamedTuple):
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _code(entry: _Described, dest: Path) -> str:
     code = _CODES.get(entry.dtype)
     if code is None:
         raise UsageError(f"safetensors has no dtype for {str(entry.dtype).removeprefix('torch.')}", path=dest,
@@ -47,7 +67,7 @@ def _code(entry: TensorEntry, dest: Path) -> str:
     return code
 
 
-def layout(entries: list[TensorEntry], metadata: Mapping[str, str] | None, dest: Path) -> tuple[bytes, list[TensorEntry]]:
+def layout(entries: Sequence[Any], metadata: Mapping[str, str] | None, dest: Path) -> tuple[bytes, list[Any]]:
     """The header bytes (length prefix included) and the order the tensors' bytes follow in.
 
     Example:
@@ -87,6 +107,37 @@ def _write_tensors(ckpt: Checkpoint, entries: list[TensorEntry], dest: Path,
             tensor = load_checked(entry)
             _write_bytes(out, tensor)
             del tensor
+
+
+def write_tensors(dest: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None,
+                  hasher: Any = None) -> int:
+    """Write in-memory tensors (on the CPU, contiguous) into one safetensors file, byte for byte what
+    ``save_file`` writes, and return its size. ``hasher`` (``update(bytes)``), where given, is fed the
+    file's bytes as they are written: a checksum from memory, without reading the file back.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = Path(tempfile.mkdtemp()); t = {"b": torch.ones(3, dtype=torch.int8), "a": torch.arange(4.0)}
+        >>> size = write_tensors(d / "ours.safetensors", t, metadata={"format": "pt"})
+        >>> save_file(t, str(d / "lib.safetensors"), metadata={"format": "pt"})
+        >>> (d / "ours.safetensors").read_bytes() == (d / "lib.safetensors").read_bytes(), size
+        (True, 171)
+    """
+    specs = [_Spec(k, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
+    head, order = layout(specs, metadata, dest)
+    update = hasher.update if hasher is not None else None
+    with open(dest, "wb") as out:
+        out.write(head)
+        if update is not None:
+            update(head)
+        for spec in order:
+            if spec.nbytes:
+                data = tensors[spec.key].reshape(-1).view(torch.uint8).numpy()
+                out.write(data)
+                if update is not None:
+                    update(data)
+    return len(head) + sum(spec.nbytes for spec in order)
 
 
 def write_file(ckpt: Checkpoint, dest: Path, *, metadata: Mapping[str, str] | None = None) -> None:

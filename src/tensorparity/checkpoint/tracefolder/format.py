@@ -38,6 +38,7 @@ import xxhash
 
 from tensorparity._atomic import atomic_output, fsync_dir, fsync_tree
 from tensorparity._output import write_failure
+from tensorparity.checkpoint._safetensors_write import write_tensors
 from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -218,14 +219,14 @@ class TraceWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        from safetensors.torch import save_file
-
         name = f"shard-{len(self.shards):05d}.safetensors"
         path = self.folder / name
-        save_file(self._buffer, str(path), metadata={"format": "pt", "tensorparity": SCHEMA})
+        # Written as save_file writes it, and checksummed from memory on the way (not read back).
+        hasher = xxhash.xxh3_128()
+        size = write_tensors(path, self._buffer, metadata={"format": "pt", "tensorparity": SCHEMA}, hasher=hasher)
         if self.fsync:
             fsync_tree(path)
-        self.shards.append(ShardInfo(name, path.stat().st_size, file_digest(path), len(self._buffer)))
+        self.shards.append(ShardInfo(name, size, hasher.hexdigest(), len(self._buffer)))
         for key in self._buffer:
             self.shard_of[key] = name
         self._buffer, self._buffered = {}, 0
