@@ -112,7 +112,7 @@ def _write_tensors(ckpt: Checkpoint, entries: list[TensorEntry], dest: Path,
 def write_tensors(dest: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None,
                   hasher: Any = None) -> int:
     """Write in-memory tensors (on the CPU, contiguous) into one safetensors file, byte for byte what
-    ``save_file`` writes, and return its size. ``hasher`` (``update(bytes)``), where given, is fed the
+    ``save_file`` writes (which orders several metadata entries at random), and return its size. ``hasher`` (``update(bytes)``), where given, is fed the
     file's bytes as they are written: a checksum from memory, without reading the file back.
 
     Example:
