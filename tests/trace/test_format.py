@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter
+from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter, file_digest, write_manifest
 from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.records import SCHEMA
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 from tensorparity.examples import reference_model
 from tensorparity.trace import capture
@@ -93,6 +95,40 @@ def test_tiny_queue_and_small_shards_still_give_a_correct_trace(tmp_path: Path) 
     assert len(shards) > 10 and shards[0] == "shard-00000.safetensors"
     assert_same(capture_reference(), Trace.open(tmp_path / "t"))
     assert len(streamed.records) == len(Trace.open(tmp_path / "t").records)
+
+
+def test_shards_are_what_save_file_writes_and_their_checksum_is_the_files(tmp_path: Path) -> None:
+    # The writer writes shards itself (checksummed from memory as the bytes go out): what the
+    # safetensors library's save_file writes (the same header, whose metadata entries the library
+    # orders at random, and the same data), and the checksum of the file as it lies on disk.
+    tensors = {"b/0/output": torch.arange(5, dtype=torch.int8), "a/0/output": torch.randn(3, 4),
+               "c/0/output": torch.randn(7, dtype=torch.float64), "d/0/output": torch.ones(3, dtype=torch.bfloat16),
+               "e/0/output": torch.zeros(0), "f/0/output": torch.tensor(True)}
+    writer = TraceWriter(tmp_path / "w")
+    for key, tensor in tensors.items():
+        writer.put(key, tensor.clone())
+    [shard] = writer.close()
+    path = tmp_path / "w" / shard.file
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt", "tensorparity": SCHEMA})
+    ours, lib = path.read_bytes(), (tmp_path / "lib.safetensors").read_bytes()
+    n = int.from_bytes(ours[:8], "little")
+    assert len(ours) == len(lib) and ours[:8] == lib[:8] and ours[8 + n:] == lib[8 + n:]
+    assert json.loads(ours[8:8 + n]) == json.loads(lib[8:8 + n])
+    assert shard.bytes == path.stat().st_size and shard.digest == file_digest(path) and shard.tensors == 6
+
+
+def test_capture_waits_for_no_fsync_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Atomic by the rename alone: a capture's exit does not wait for the disk's journal.
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    trace = capture_reference(tmp_path / "t")
+    assert synced == [] and (tmp_path / "t" / "manifest.json").is_file() and trace.records
+    assert not (tmp_path / "t" / ".capturing").exists()
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    write_manifest(tmp_path / "t", manifest, fsync=True)  # durable where asked: the file and its folder
+    assert len(synced) >= 2
+    assert_same(trace, Trace.open(tmp_path / "t"))
 
 
 def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from tensorparity.checkpoint import torch_zip
-from tensorparity.checkpoint.safetensors import safetensors_tensors, write_tensors
+from tensorparity.checkpoint.safetensors import safetensors_tensors, write_entries
 from tensorparity.checkpoint.tree import Checkpoint, Entry, LazyTensor, PlaceholderInfo, TensorEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, TensorParityError, UnknownFormatError, UnsafeCheckpointError
 
@@ -243,7 +243,7 @@ def write_sharded(ckpt: Checkpoint, dest: Path, *, max_shard_size: int,
     weight_map: dict[str, str] = {}
     for i, part in enumerate(parts, 1):
         name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-        write_tensors(part, dest / name, {"format": "pt"})
+        write_entries(part, dest / name, {"format": "pt"})
         weight_map.update({e.key: name for e in part})
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries), **dict(metadata or {})},
              "weight_map": weight_map}

@@ -19,19 +19,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tensorparity._dtypes import dtype_info
+from tensorparity._dtypes import dtype_info, dtype_name
 from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, TensorEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPES", "layout", "read_header", "read_safetensors", "safetensors_tensors", "write_file",
-           "write_tensors"]
+__all__ = ["DTYPES", "layout", "read_header", "read_safetensors", "safetensors_tensors", "write_entries",
+           "write_file", "write_tensors"]
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
@@ -188,7 +188,16 @@ _CODES = {name: code for code, name in DTYPES.items()} | {
     "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0"}
 
 
-def _code(entry: TensorEntry, dest: Path) -> str:
+class _Spec(NamedTuple):
+    """What the header needs of a tensor held in memory (a :class:`TensorEntry` has the same)."""
+
+    key: str
+    dtype_name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _code(entry: TensorEntry | _Spec, dest: Path) -> str:
     code = _CODES.get(entry.dtype_name)
     if code is None:
         raise UsageError(f"safetensors has no dtype for {entry.dtype_name}", path=dest,
@@ -196,8 +205,11 @@ def _code(entry: TensorEntry, dest: Path) -> str:
     return code
 
 
-def layout(entries: list[TensorEntry], metadata: Mapping[str, str] | None, dest: Path) -> tuple[bytes, list[TensorEntry]]:
+def layout(entries: Sequence[Any], metadata: Mapping[str, str] | None, dest: Path) -> tuple[bytes, list[Any]]:
     """The header bytes (length prefix included) and the order the tensors' bytes follow in.
+
+    ``entries``: :class:`TensorEntry` objects, or anything with their ``key``, ``dtype_name``,
+    ``shape`` and ``nbytes``.
 
     Example:
         >>> import torch
@@ -221,27 +233,59 @@ def layout(entries: list[TensorEntry], metadata: Mapping[str, str] | None, dest:
     return len(text).to_bytes(8, "little") + text, order
 
 
-def _write_bytes(out: IO[bytes], tensor: torch.Tensor) -> None:
+def _write(dest: Path, entries: Sequence[Any], metadata: Mapping[str, str] | None,
+           data: Callable[[Any], torch.Tensor], hasher: Any) -> int:
+    """Write the header, then each tensor's bytes in the header's order; return the file's size."""
     import torch
 
-    if tensor.numel():
-        # A uint8 view of the dense tensor: no copy, and numpy hands the buffer to write().
-        out.write(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-def write_tensors(entries: list[TensorEntry], dest: Path, metadata: Mapping[str, str] | None) -> None:
-    """Write these tensors into one safetensors file, byte for byte what ``save_file`` writes."""
-    from tensorparity.checkpoint.torch_zip import load_checked  # lazy: torch loads only when a file is written
-
     head, order = layout(entries, metadata, dest)
+    update = hasher.update if hasher is not None else None
     with open(dest, "wb") as out:
         out.write(head)
+        if update is not None:
+            update(head)
         for entry in order:
-            tensor = load_checked(entry)
-            _write_bytes(out, tensor)
+            tensor = data(entry)
+            if tensor.numel():
+                # A uint8 view of the dense tensor: no copy, and numpy hands the buffer to write().
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                out.write(raw)
+                if update is not None:
+                    update(raw)
+                del raw
             del tensor
+    return len(head) + sum(e.nbytes for e in order)
+
+
+def write_entries(entries: list[TensorEntry], dest: Path, metadata: Mapping[str, str] | None) -> None:
+    """Write these entries' tensors, loaded one at a time, into one safetensors file: byte for byte
+    what ``save_file`` writes (which orders several metadata entries at random)."""
+    from tensorparity.checkpoint.torch_zip import load_checked  # lazy: torch loads only when a file is written
+
+    _write(dest, entries, metadata, load_checked, None)
+
+
+def write_tensors(dest: Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None,
+                  hasher: Any = None) -> int:
+    """Write in-memory tensors (on the CPU, contiguous) into one safetensors file, byte for byte what
+    ``save_file`` writes (which orders several metadata entries at random), and return its size.
+
+    ``hasher`` (``update(bytes)``), where given, is fed the file's bytes as they are written: a
+    checksum from memory, without reading the file back.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = Path(tempfile.mkdtemp()); t = {"b": torch.ones(3, dtype=torch.int8), "a": torch.arange(4.0)}
+        >>> size = write_tensors(d / "ours.safetensors", t, metadata={"format": "pt"})
+        >>> save_file(t, str(d / "lib.safetensors"), metadata={"format": "pt"})
+        >>> (d / "ours.safetensors").read_bytes() == (d / "lib.safetensors").read_bytes(), size
+        (True, 171)
+    """
+    specs = [_Spec(k, dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()]
+    return _write(dest, specs, metadata, lambda spec: tensors[spec.key], hasher)
 
 
 def write_file(ckpt: Checkpoint, dest: Path, *, metadata: Mapping[str, str] | None = None) -> None:
     """Write every tensor of ``ckpt`` into one safetensors file at ``dest``."""
-    write_tensors(list(ckpt.tensors()), dest, metadata)
+    write_entries(list(ckpt.tensors()), dest, metadata)

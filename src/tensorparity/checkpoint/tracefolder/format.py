@@ -11,12 +11,14 @@ Layout::
 
 Tensors stream to disk from a background thread behind a queue bounded in bytes (the producer
 waits when it is full), so disk writes overlap compute and capture cannot run out of memory.
-The manifest goes to a temporary file that is fsynced and renamed over ``manifest.json``; it
-records every shard's size and checksum. A folder with shards and no manifest is therefore a
-capture that did not finish, and is refused as such. Shards are not fsynced by default
-(``fsync=True`` does): a shard that a power loss tore under a durable manifest fails its size
-check at open or its checksum at first load, so it is never read as complete — and a capture
-does not wait for the disk (fsync was half the writer's time). Nothing in a trace is pickled.
+The manifest goes to a temporary file that is renamed over ``manifest.json``; it records every
+shard's size and checksum. A folder with shards and no manifest is therefore a capture that did
+not finish, and is refused as such. Nothing is fsynced by default (``fsync=True`` of the writer
+and of :func:`write_manifest` does): a shard that a power loss tore under the manifest fails its
+size check at open or its checksum at first load, and a manifest it tore is not JSON, so a trace
+is never read as complete when it is not — and a capture does not wait for the disk (fsync was
+half the writer's time, and the manifest's fsyncs most of a capture's exit on a busy disk).
+Nothing in a trace is pickled.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import xxhash
 
 from tensorparity._atomic import atomic_output, fsync_dir, fsync_tree
 from tensorparity._output import write_failure
-from tensorparity.checkpoint.safetensors import DTYPES
+from tensorparity.checkpoint.safetensors import DTYPES, write_tensors
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -219,14 +221,14 @@ class TraceWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        from safetensors.torch import save_file
-
         name = f"shard-{len(self.shards):05d}.safetensors"
         path = self.folder / name
-        save_file(self._buffer, str(path), metadata={"format": "pt", "tensorparity": SCHEMA})
+        # Written as save_file writes it, and checksummed from memory on the way (not read back).
+        hasher = xxhash.xxh3_128()
+        size = write_tensors(path, self._buffer, metadata={"format": "pt", "tensorparity": SCHEMA}, hasher=hasher)
         if self.fsync:
             fsync_tree(path)
-        self.shards.append(ShardInfo(name, path.stat().st_size, file_digest(path), len(self._buffer)))
+        self.shards.append(ShardInfo(name, size, hasher.hexdigest(), len(self._buffer)))
         for key in self._buffer:
             self.shard_of[key] = name
         self._buffer, self._buffered = {}, 0
@@ -278,19 +280,27 @@ def build_manifest(records: list[TraceRecord], provenance: dict[str, Any], mode:
             "shards": [s.to_dict() for s in shards], "records": rows}
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(folder: Path, manifest: dict[str, Any], *, fsync: bool = False) -> Path:
     """Write ``manifest.json`` atomically (:func:`~tensorparity._atomic.atomic_output`: temporary
-    file beside it, fsync, rename, fsync of the folder), then drop the capturing marker."""
+    file beside it, renamed over it), then drop the capturing marker; with ``fsync`` the file and
+    the folder are fsynced too, so that the manifest itself survives a power cut.
+
+    Not fsynced by default, as the shards are not: the trace is whole only once every file is on
+    disk, and a power cut before that leaves no manifest, an empty or torn one (refused as not
+    JSON) or shards torn under it (refused by their size or checksum), never a trace that looks
+    complete. An fsync waits for the disk's journal: 3-100 ms, most of a capture's exit on a
+    busy disk."""
     path = Path(folder) / MANIFEST
     # Readable at the top, one line per record below (a manifest may list 100,000 records).
     head = {k: v for k, v in manifest.items() if k != "records"}
     rows = [json.dumps(r, allow_nan=False, default=str) for r in manifest.get("records", [])]
     text = json.dumps(head, indent=1, allow_nan=False, default=str)[:-2]
     text += ',\n "records": [' + ("\n  " + ",\n  ".join(rows) + "\n ]" if rows else "]") + "\n}\n"
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path, fsync=fsync) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     (path.parent / CAPTURING).unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if fsync:
+        fsync_dir(path.parent)
     return path
 
 
