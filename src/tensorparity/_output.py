@@ -25,7 +25,8 @@ from pathlib import Path
 from tensorparity._atomic import atomic_output
 from tensorparity.errors import TensorParityError, UsageError
 
-__all__ = ["check_output", "interrupted", "note_interrupt", "refuse_inputs", "write_failure", "write_text"]
+__all__ = ["check_output", "interrupted", "note_interrupt", "refuse_existing", "refuse_inputs", "write_failure",
+           "write_text"]
 
 _INTERRUPTED = False
 
@@ -74,11 +75,25 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
                              fix="give a file name, e.g. report.html")
         if folder and not out.is_dir():
             raise UsageError(f"the output is a file; {what} is a folder", path=out, fix="give a new folder's name")
-        if not overwrite:
-            raise UsageError(f"the output {'folder' if folder else 'file'} exists", path=out,
-                             fix=f"pass {flag} to replace it, or choose another path")
+        refuse_existing(out, overwrite, flag=flag)
     if not out.parent.is_dir():
         raise UsageError("the output folder does not exist", path=out.parent, fix="create it first")
+
+
+def refuse_existing(out: str | os.PathLike[str], overwrite: bool, *, flag: str = "--overwrite") -> None:
+    """Refuse an output path that exists (a file, a folder or a link), unless ``overwrite``.
+
+    Example:
+        >>> import tempfile
+        >>> refuse_existing(Path(tempfile.mkdtemp()), overwrite=False)
+        Traceback (most recent call last):
+        ...
+        tensorparity.errors.UsageError: ...: the output folder exists; fix: pass --overwrite to replace it, or choose another path
+    """
+    out = Path(out)
+    if os.path.lexists(out) and not overwrite:
+        raise UsageError(f"the output {'folder' if out.is_dir() else 'file'} exists", path=out,
+                         fix=f"pass {flag} to replace it, or choose another path")
 
 
 def refuse_inputs(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], what: str) -> None:

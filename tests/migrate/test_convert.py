@@ -107,7 +107,7 @@ def test_the_destination_and_the_source_are_protected(tmp_path: Path) -> None:
     out.write_bytes(b"keep me")
     with pytest.raises(UsageError) as err:
         convert(src, out)
-    assert err.value.fix == "choose another path, or pass --overwrite" and out.read_bytes() == b"keep me"
+    assert err.value.fix == "pass --overwrite to replace it, or choose another path" and out.read_bytes() == b"keep me"
     convert(src, out, overwrite=True)
     assert src.read_bytes() == before and tensorparity.open(out)["steps"].load() == 12
     with pytest.raises(UsageError, match="cannot tell the output format"):

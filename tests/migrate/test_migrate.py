@@ -99,7 +99,7 @@ def test_yaml_and_python_migrations_write_the_same_checkpoint(old: Path, tmp_pat
     same = tensorparity.diff(tmp_path / "run_v1_fixed.pt", tmp_path / "py.pt", exclude="tensorparity_migrations",
                              weights_only=False)
     assert same.verdict == "identical"
-    with pytest.raises(UsageError, match="the output exists; fix: choose another path"):
+    with pytest.raises(UsageError, match="the output file exists; fix: pass --overwrite to replace it, or choose another path"):
         migrate(old, old_release.SPEC)
     assert migrate(old, old_release.SPEC, overwrite=True).verified
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tensorparity._atomic import atomic_output
-from tensorparity._output import refuse_inputs, write_failure
+from tensorparity._output import refuse_existing, refuse_inputs, write_failure
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.checkpoint.format_registry import format_names
@@ -241,7 +241,7 @@ def convert(
         A :class:`ConvertReport`.
 
     Raises:
-        UsageError: the destination exists, the format is unknown or cannot hold the source's
+        UsageError: the destination exists (without ``overwrite``), the format is unknown or cannot hold the source's
             content (every offending key named), or the disk is full; nothing is left behind.
         SourceError: the source cannot be read.
         InternalError: what was written did not read back identical (the destination is untouched).
@@ -262,8 +262,7 @@ def convert(
         _refuse_source(Path(src), dest)
     elif isinstance(src, Checkpoint) and Path(src.source).exists():
         _refuse_source(Path(src.source), dest)
-    if os.path.lexists(dest) and not overwrite:
-        raise UsageError("the destination exists", path=dest, fix="choose another path, or pass --overwrite")
+    refuse_existing(dest, overwrite)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     opened = open_checkpoint(src)
     try:

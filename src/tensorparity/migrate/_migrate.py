@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorparity._atomic import atomic_output
-from tensorparity._output import write_failure
+from tensorparity._output import refuse_existing, write_failure
 from tensorparity._version import __version__
 from tensorparity.checkpoint import Checkpoint, ValueEntry
 from tensorparity.checkpoint import open as open_checkpoint
@@ -211,8 +211,7 @@ def _destination(ckpt: Checkpoint, source: Any, *, output: Any, in_place: bool, 
     if is_path and dest.exists() and os.path.samefile(dest, ckpt.source):
         raise UsageError("the output is the input itself", path=dest,
                          fix="pass --in-place to replace it atomically, or choose another output path")
-    if os.path.lexists(dest) and not overwrite:
-        raise UsageError("the output exists", path=dest, fix="choose another path (-o), or pass --overwrite")
+    refuse_existing(dest, overwrite)
     return dest
 
 
