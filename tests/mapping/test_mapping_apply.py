@@ -204,7 +204,7 @@ def test_convert_never_overwrites_the_source_or_an_existing_file(tmp_path: Path,
     out.write_bytes(b"keep me")
     with pytest.raises(UsageError) as err:
         convert(src, out, mapping=example_mapping)
-    assert err.value.fix == "choose another path, or pass --overwrite"
+    assert err.value.fix == "pass --overwrite to replace it, or choose another path"
     assert src.read_bytes() == before and out.read_bytes() == b"keep me"
     convert(src, out, mapping=example_mapping, overwrite=True)
     assert out.read_bytes() != b"keep me"

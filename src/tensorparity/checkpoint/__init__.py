@@ -77,5 +77,15 @@ def open(source: str | os.PathLike[str] | Any, /) -> Checkpoint:  # noqa: A001 -
     raise TypeError(f"cannot open a {type(source).__name__}; pass a path, an nn.Module or a state dict")
 
 
+def open_owned(source: Any, owned: list[Checkpoint]) -> Checkpoint:
+    """:func:`open` a source unless it is a :class:`Checkpoint` already; what this opened goes into
+    ``owned``, for the caller to close (a caller's own checkpoint is left open)."""
+    if isinstance(source, Checkpoint):
+        return source
+    ckpt = open(source)
+    owned.append(ckpt)
+    return ckpt
+
+
 # A checkpoint's own summary (what it prints in a notebook); it opens sources with open() above.
 from tensorparity.checkpoint._inspect import InspectReport, inspect  # noqa: E402

@@ -254,7 +254,7 @@ def inspect(source: Any, /, *, keys: str | None = None, top: int = 10) -> Inspec
         >>> report.to_dict()["schema"]
         'tensorparity.inspect/1'
     """
-    pattern = _compile(keys)
+    pattern = key_pattern("keys", keys)
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise UsageError(f"top must be a non-negative integer, not {top!r}",
                          fix="pass 0 or more, e.g. top=10")
@@ -278,13 +278,24 @@ def render_html(ckpt: Checkpoint, *, keys: str | None = None, top: int = 10) -> 
     return inspect(ckpt, keys=keys, top=top).to_html()
 
 
-def _compile(keys: str | None) -> re.Pattern[str] | None:
-    if keys is None:
+def key_pattern(name: str, pattern: str | None) -> re.Pattern[str] | None:
+    """A key filter given by the user (``--keys``, ``--include``...), compiled, or a one-line error.
+
+    Example:
+        >>> key_pattern("keys", "layers.(") is None
+        Traceback (most recent call last):
+        ...
+        tensorparity.errors.UsageError: keys filter 'layers.(' is not a valid regular expression (missing ), unterminated subpattern at position 7); fix: escape special characters with a backslash, e.g. 'layers\\.0\\.' for the literal text 'layers.0.'
+    """
+    if pattern is None:
         return None
+    if not isinstance(pattern, str):
+        raise UsageError(f"{name} must be a regular expression string, not {type(pattern).__name__}",
+                         fix=rf"pass a string such as {name}='layers\.0\.'")
     try:
-        return re.compile(keys)
+        return re.compile(pattern)
     except re.error as exc:
-        raise UsageError(f"keys filter {keys!r} is not a valid regular expression ({exc})",
+        raise UsageError(f"{name} filter {pattern!r} is not a valid regular expression ({exc})",
                          fix=r"escape special characters with a backslash, e.g. 'layers\.0\.' "
                              r"for the literal text 'layers.0.'") from None
 

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry
-from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint._inspect import KeyInfo
+from tensorparity.checkpoint import Checkpoint, Entry, TensorEntry, open_owned
+from tensorparity.checkpoint._inspect import KeyInfo, key_pattern
 from tensorparity.checkpoint.safe_pickle import Placeholder
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.checks._diff_report import DiffReport, MappingInfo, SectionDiff, Side, ValueDifference
@@ -98,7 +97,7 @@ def diff(
         >>> report.verdict, report.mismatches[0].first_index, report.exit_code
         ('differs', (1,), 1)
     """
-    keep = _KeyFilter(_compile("include", include), _compile("exclude", exclude))
+    keep = _KeyFilter(key_pattern("include", include), key_pattern("exclude", exclude))
     if atol is not None or rtol is not None:
         if tolerance is not None:
             raise UsageError("give atol/rtol or tolerance, not both",
@@ -113,7 +112,7 @@ def diff(
     tol = tolerance or Tolerance()
     owned: list[Checkpoint] = []
     try:
-        ckpt_a, ckpt_b = _open(a, owned), _open(b, owned)
+        ckpt_a, ckpt_b = open_owned(a, owned), open_owned(b, owned)
         side_a, side_b, selected_a, selected_b, notes = _select(ckpt_a, ckpt_b, weights_only)
         if not include_records:
             side_a, side_b, left_out = leave_out_records(side_a, side_b)
@@ -168,20 +167,6 @@ class _KeyFilter:
 # Options
 
 
-def _compile(name: str, pattern: str | None) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise UsageError(f"{name} must be a regular expression string, not {type(pattern).__name__}",
-                         fix=rf"pass a string such as {name}='layers\.0\.'")
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise UsageError(f"{name} filter {pattern!r} is not a valid regular expression ({exc})",
-                         fix=r"escape special characters with a backslash, e.g. 'layers\.0\.' "
-                             r"for the literal text 'layers.0.'") from None
-
-
 def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: Any, include_records: Any) -> None:
     problems = []
     if tolerance is not None and not isinstance(tolerance, Tolerance):
@@ -196,14 +181,6 @@ def _check_options(tolerance: Any, weights_only: Any, workers: Any, progress: An
         problems.append(f"include_records must be True or False, not {include_records!r}")
     if problems:
         raise UsageError("; ".join(problems), fix="e.g. diff(a, b, tolerance=Tolerance(atol=1e-4), workers=2)")
-
-
-def _open(source: Any, owned: list[Checkpoint]) -> Checkpoint:
-    if isinstance(source, Checkpoint):
-        return source
-    ckpt = open_checkpoint(source)
-    owned.append(ckpt)
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------

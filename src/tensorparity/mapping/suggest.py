@@ -19,8 +19,7 @@ from dataclasses import dataclass, field, replace
 from functools import partialmethod
 from typing import TYPE_CHECKING, Any, Literal
 
-from tensorparity.checkpoint import Checkpoint, TensorEntry
-from tensorparity.checkpoint import open as open_checkpoint
+from tensorparity.checkpoint import Checkpoint, TensorEntry, open_owned
 from tensorparity.errors import UsageError
 from tensorparity.mapping._content import ContentMatcher, Match, Tick
 from tensorparity.mapping._generalise import Draft, build_mapping, generalise
@@ -243,20 +242,12 @@ def suggest_mapping(a: Any, b: Any, /, *, weights_only: bool | None = None, prog
                          fix="e.g. suggest_mapping(a, b, weights_only=True)")
     owned: list[Checkpoint] = []
     try:
-        ckpt_a, ckpt_b = (_open(x, owned) for x in (a, b))
+        ckpt_a, ckpt_b = (open_owned(x, owned) for x in (a, b))
         side_a, side_b = _select(ckpt_a, ckpt_b, weights_only)
         return _suggest(side_a, side_b, progress, weights_only)
     finally:
         for ckpt in owned:
             ckpt.close()
-
-
-def _open(source: Any, owned: list[Checkpoint]) -> Checkpoint:
-    if isinstance(source, Checkpoint):
-        return source
-    ckpt = open_checkpoint(source)
-    owned.append(ckpt)
-    return ckpt
 
 
 def _select(a: Checkpoint, b: Checkpoint, weights_only: bool | None) -> tuple[Checkpoint, Checkpoint]:
