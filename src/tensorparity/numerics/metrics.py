@@ -9,10 +9,12 @@ float64) CPU tensors whose elements are all finite go through the optional C ker
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
+from tensorparity.numerics.gathered import Gather
 from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance
 
@@ -44,7 +46,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.resolve_conj().resolve_neg(), b.resolve_conj().resolve_neg()  # bytes, not lazy views
     if b.device != a.device:
         b = b.to(a.device)
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    bytes_a, bytes_b = a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)
+    if _kernel is not None and a.device.type == "cpu":
+        # memcmp, stopping at the first difference (most unequal tensors differ in their first
+        # bytes), where torch.equal may read on past it.
+        return bool(_kernel.same(bytes_a.numpy(), bytes_b.numpy()))
+    return torch.equal(bytes_a, bytes_b)
 
 
 @dataclass
@@ -198,11 +205,14 @@ def _kernel_acc(a: torch.Tensor, b: torch.Tensor, tol: ResolvedTolerance) -> _Ac
     except (RuntimeError, TypeError):  # a view numpy cannot share (negated, conjugated)
         return None
     out = _kernel.compare(left, right, a.dtype == torch.float64, float(tol.atol), float(tol.rtol))
-    if out is None:
-        return None
+    return None if out is None else _acc_of(out, a.numel())
+
+
+def _acc_of(out: tuple, numel: int) -> _Acc:
+    """The kernel's tuple as the running aggregates of the torch route."""
     n_bad, first, max_abs, sum_abs, sum_absb, max_absb, max_rel, req_atol, req_rtol, dot, norm_a, norm_b = out
     return _Acc(max_abs=max_abs, max_rel=max_rel, sum_abs=sum_abs, sum_absb=sum_absb, max_absb=max_absb,
-                n_finite=a.numel(), dot=dot, norm_a=norm_a, norm_b=norm_b, n_bad=n_bad,
+                n_finite=numel, dot=dot, norm_a=norm_a, norm_b=norm_b, n_bad=n_bad,
                 first=first if first >= 0 else None, req_atol=max(0.0, req_atol), req_rtol=max(0.0, req_rtol))
 
 
@@ -224,8 +234,8 @@ def _eps(*dtypes: torch.dtype) -> float:
     return max(eps, default=0.0)
 
 
-def _scaled(tol: ResolvedTolerance, acc: _Acc, flat_a: torch.Tensor, flat_b: torch.Tensor, chunk: int,
-            integer: bool, dtype_a: torch.dtype, dtype_b: torch.dtype) -> tuple[ResolvedTolerance, _Acc]:
+def _scaled(tol: ResolvedTolerance, acc: _Acc, recount: Callable[[ResolvedTolerance], _Acc], integer: bool,
+            dtype_a: torch.dtype, dtype_b: torch.dtype) -> tuple[ResolvedTolerance, _Acc]:
     """Apply ``tol.ulps``: atol at least that many ulps of the compared dtype at ``max|b|``.
 
     The scale is known only once every chunk was read, so elements were judged at the plain
@@ -242,7 +252,7 @@ def _scaled(tol: ResolvedTolerance, acc: _Acc, flat_a: torch.Tensor, flat_b: tor
         return raised, acc
     if acc.req_atol <= atol and not acc.nonfinite_bad:
         return raised, replace(acc, n_bad=0, first=None)
-    return raised, _accumulate(flat_a, flat_b, raised, chunk, integer)
+    return raised, recount(raised)
 
 
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -268,7 +278,7 @@ def _scalar(x: torch.Tensor) -> float | complex:
 
 def compare_tensors(
     key: str,
-    a: torch.Tensor,
+    a: torch.Tensor | Gather,
     b: torch.Tensor,
     tolerance: Tolerance | ResolvedTolerance | None = None,
     *,
@@ -278,17 +288,21 @@ def compare_tensors(
     """Compare two tensors and return a :class:`TensorComparison`.
 
     Different dtypes are compared by value (in float64, or complex128) and reported; different
-    shapes are reported, never broadcast. Identical bytes short-circuit.
+    shapes are reported, never broadcast. Identical bytes short-circuit. ``a`` may be a
+    :class:`~tensorparity.numerics.gathered.Gather` (A reordered on one axis): the record is that
+    of the gathered copy, which the C kernel does not need to make.
 
     Example:
         >>> r = compare_tensors("w", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
         >>> r.status, r.max_abs, r.first_index
         ('mismatch', 0.5, (1,))
     """
-    if isinstance(tolerance, ResolvedTolerance):
-        tol = tolerance
-    else:
-        tol = (tolerance or Tolerance()).for_key(key, a.dtype, b.dtype)
+    if isinstance(a, Gather):
+        found = _compare_gathered(key, a, b, tolerance, key_b)
+        if found is not None:
+            return found
+        a = a.materialize()
+    tol = _resolve(tolerance, key, a.dtype, b.dtype)
     common = dict(key=key, key_b=key_b, shape_a=tuple(a.shape), shape_b=tuple(b.shape),
                   dtype_a=_dtype_name(a.dtype), dtype_b=_dtype_name(b.dtype), tolerance=tol)
     if a.shape != b.shape:
@@ -307,7 +321,20 @@ def compare_tensors(
     integer = not (a.is_floating_point() or a.is_complex() or b.is_floating_point() or b.is_complex())
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     acc = _accumulate(flat_a, flat_b, tol, chunk, integer)
-    tol, acc = _scaled(tol, acc, flat_a, flat_b, chunk, integer, a.dtype, b.dtype)
+    tol, acc = _scaled(tol, acc, lambda t: _accumulate(flat_a, flat_b, t, chunk, integer), integer, a.dtype, b.dtype)
+    return _record(common, tol, acc, tuple(a.shape), numel, lambda i: _scalar(flat_a[i]), lambda i: _scalar(flat_b[i]))
+
+
+def _resolve(tolerance: Tolerance | ResolvedTolerance | None, key: str, dtype_a: torch.dtype,
+             dtype_b: torch.dtype) -> ResolvedTolerance:
+    if isinstance(tolerance, ResolvedTolerance):
+        return tolerance
+    return (tolerance or Tolerance()).for_key(key, dtype_a, dtype_b)
+
+
+def _record(common: dict, tol: ResolvedTolerance, acc: _Acc, shape: tuple[int, ...], numel: int,
+            value_a: Callable[[int], float | complex], value_b: Callable[[int], float | complex]) -> TensorComparison:
+    """The record of a measured pair: the verdict under ``tol.statistic`` and every statistic."""
     if tol.statistic == "max":
         within = acc.max_abs <= tol.atol + tol.rtol * acc.max_absb
     elif tol.statistic == "mean":
@@ -318,7 +345,7 @@ def compare_tensors(
     passed = within and not acc.nonfinite_bad and not tol.exact
     denom = math.sqrt(acc.norm_a) * math.sqrt(acc.norm_b)
     cosine = acc.dot / denom if denom > 0 else (1.0 if acc.norm_a == acc.norm_b == 0 else 0.0)
-    first = _unravel(acc.first, tuple(a.shape)) if acc.first is not None else None
+    first = _unravel(acc.first, shape) if acc.first is not None else None
     return TensorComparison(
         passed=passed,
         status="close" if passed else "mismatch",
@@ -332,9 +359,49 @@ def compare_tensors(
         nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b,
         nan_agree=acc.nan_agree, inf_agree=acc.inf_agree,
         first_index=first,
-        first_a=_scalar(flat_a[acc.first]) if acc.first is not None else None,
-        first_b=_scalar(flat_b[acc.first]) if acc.first is not None else None,
+        first_a=value_a(acc.first) if acc.first is not None else None,
+        first_b=value_b(acc.first) if acc.first is not None else None,
         required_atol=max(0.0, acc.req_atol),
         required_rtol=max(0.0, acc.req_rtol),
         **common,  # type: ignore[arg-type]
     )
+
+
+def _compare_gathered(key: str, g: Gather, b: torch.Tensor, tolerance: Tolerance | ResolvedTolerance | None,
+                      key_b: str | None) -> TensorComparison | None:
+    """``compare_tensors(key, g.materialize(), b)`` read in place by the C kernel, without the copy;
+    ``None`` where the kernel does not apply (then the copy is compared): the same record either
+    way, as the kernel reads the gathered elements in the copy's order."""
+    src = g.tensor
+    if (_kernel is None or src.dtype != b.dtype or src.dtype not in _KERNEL_DTYPES or src.device.type != "cpu"
+            or b.device.type != "cpu" or g.index.device.type != "cpu" or src.dim() == 0 or g.index.dim() != 1
+            or g.shape != tuple(b.shape)):
+        return None
+    tol = _resolve(tolerance, key, src.dtype, b.dtype)
+    if tol.exact:
+        return None
+    try:
+        left, right = src.detach().contiguous().numpy(), b.detach().contiguous().numpy()
+    except (RuntimeError, TypeError):  # a view numpy cannot share (negated, conjugated)
+        return None
+    index = g.index.to(torch.int64).contiguous().numpy()
+    outer, size, inner = g.layout()
+    if index.size and not (int(index.min()) >= 0 and int(index.max()) < size):
+        return None  # the copy raises what it raises
+    numel = math.prod(g.shape)
+
+    def measure(t: ResolvedTolerance) -> tuple[tuple | None, bool]:
+        return _kernel.compare_gathered(left, right, index, src.dtype == torch.float64, float(t.atol), float(t.rtol),
+                                        outer, size, inner)
+
+    out, same = measure(tol)
+    if out is None:  # a NaN or an Inf: the torch route counts them, on the copy
+        return None
+    common = {"key": key, "key_b": key_b, "shape_a": g.shape, "shape_b": tuple(b.shape),
+              "dtype_a": _dtype_name(src.dtype), "dtype_b": _dtype_name(b.dtype), "tolerance": tol}
+    if same:  # what same_bytes says of the copy
+        return TensorComparison(passed=True, status="identical", numel=numel, **common)  # type: ignore[arg-type]
+    acc = _acc_of(out, numel)
+    tol, acc = _scaled(tol, acc, lambda t: _acc_of(measure(t)[0], numel), False, src.dtype, b.dtype)
+    flat_b = b.detach().reshape(-1)
+    return _record(common, tol, acc, g.shape, numel, g.value, lambda i: _scalar(flat_b[i]))
