@@ -336,8 +336,8 @@ static PyObject *compare_gathered(PyObject *self, PyObject *args) {
     for (size_t c = 0; ok && c < m; c++)
         ok = idx[c] >= 0 && idx[c] < (int64_t)size;
     if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "compare_gathered: a must hold outer*size*inner elements, b outer*len(index)*inner, "
-                                          "every index in [0, size), all aligned");
+        PyErr_SetString(PyExc_ValueError, "compare_gathered: a must hold outer*size*inner elements, "
+                                          "b outer*len(index)*inner, every index in [0, size), all aligned");
     } else {
         acc_t acc = {0};
         acc.req_atol = acc.req_rtol = -INFINITY;
