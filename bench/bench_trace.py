@@ -1,7 +1,7 @@
 """Capture overhead and trace comparison on a 12-block conformer-style model (batch 4,
 400 frames, d=256), forward + backward.
 
-Run: .venv/bin/python bench/bench_trace.py [--repeats 5]
+Run: .venv/bin/python bench/bench_trace.py [--repeats 5] [--only compare]
 - stats: a step under capture(mode="stats") against the plain step;
 - full: a step under capture(mode="full", out=folder) against the plain step plus
   safetensors.torch.save_file of the same tensors (the ceiling the background writer beats);
@@ -39,6 +39,8 @@ from tensorparity.trace._compare import compare_traces  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("all", "compare"), default="all",
+                        help="compare: time only the compare rows (and their cat baselines)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     model, x = conformer(), features()
@@ -94,7 +96,8 @@ def main() -> None:
 
     # Interleaved rounds: on a shared machine the load drifts between minutes, so each round times
     # every variant back to back and the ratios are taken per round, then their median.
-    rounds = interleaved({"plain": step, "stats": stats_step, "save": save, "full": full_step,
+    capture_rows = {"plain": step, "stats": stats_step, "save": save, "full": full_step}
+    rounds = interleaved({**(capture_rows if args.only == "all" else {}),
                           "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True),
                           "compare": lambda: compare_traces(a, b),
                           "cat_port": lambda: subprocess.run(["cat", *map(str, files_port)], stdout=subprocess.DEVNULL,
@@ -111,11 +114,12 @@ def main() -> None:
     print(f"model: 12-block conformer, batch 4 x 400 frames, d=256; {len(tensors)} tensors, {size_mb:.0f} MB per trace")
     print(f"{args.repeats} interleaved rounds; ratios are medians of per-round ratios")
     print(f"{'what':<34} {'median s':>9} {'ratio':>8}")
-    print(f"{'plain step (fwd+bwd)':<34} {med['plain']:>9.3f}")
-    print(f"{'stats capture step':<34} {med['stats']:>9.3f} {ratio('stats', 'plain'):>7.2f}x  (target <= 1.15x)")
-    print(f"{'save_file of the same tensors':<34} {med['save']:>9.3f}")
-    print(f"{'full capture step (to disk)':<34} {med['full']:>9.3f} {ratio('full', 'plain', 'save'):>7.2f}x  "
-          "of plain + save_file (target <= 1.00x)")
+    if args.only == "all":
+        print(f"{'plain step (fwd+bwd)':<34} {med['plain']:>9.3f}")
+        print(f"{'stats capture step':<34} {med['stats']:>9.3f} {ratio('stats', 'plain'):>7.2f}x  (target <= 1.15x)")
+        print(f"{'save_file of the same tensors':<34} {med['save']:>9.3f}")
+        print(f"{'full capture step (to disk)':<34} {med['full']:>9.3f} {ratio('full', 'plain', 'save'):>7.2f}x  "
+              "of plain + save_file (target <= 1.00x)")
     print(f"{'cat both traces':<34} {med['cat']:>9.3f}")
     print(f"{'compare_traces':<34} {med['compare']:>9.3f} {ratio('compare', 'cat'):>7.2f}x  (target <= 2x)")
     print(f"{'cat reference + port traces':<34} {med['cat_port']:>9.3f}")

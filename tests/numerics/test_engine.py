@@ -1,5 +1,6 @@
 import threading
 
+import pytest
 import torch
 
 import tensorparity as tp
@@ -45,3 +46,43 @@ def test_pairs_are_consumed_lazily() -> None:
     next(it)
     assert len(consumed) <= 17  # a bounded window (8 per worker) is read ahead, not the whole input
     assert len(list(it)) == 99
+
+
+class Failing:
+    """A lazy entry whose load raises (a corrupt file)."""
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+
+    def load(self) -> torch.Tensor:
+        raise ValueError(f"{self.side} is corrupt")
+
+
+def test_a_load_error_is_a_s_when_both_fail_whichever_worker_loads_first() -> None:
+    ok = tp.open({"w": torch.ones(3)})["w"]
+    for workers in (1, 2):
+        for i in range(4):  # pairs land on both workers: one loads A first, the other B
+            pairs = [Pair(f"p{j}", ok, ok) for j in range(i)] + [Pair("bad", Failing("A"), Failing("B"))]
+            with pytest.raises(ValueError, match="A is corrupt"):
+                list(compare_pairs(pairs, workers=workers))
+            pairs[-1] = Pair("bad", ok, Failing("B"))
+            with pytest.raises(ValueError, match="B is corrupt"):
+                list(compare_pairs(pairs, workers=workers))
+
+
+@pytest.mark.parametrize("b_first", [False, True])
+def test_either_load_order_raises_as_loading_a_first_would(b_first: bool) -> None:
+    from tensorparity.numerics import engine
+
+    ok = tp.open({"w": torch.ones(3)})["w"]
+    engine._WORKER.b_first = b_first
+    try:
+        with pytest.raises(ValueError, match="A is corrupt"):
+            engine._run(Pair("bad", Failing("A"), Failing("B")), Tolerance())
+        with pytest.raises(ValueError, match="A is corrupt"):
+            engine._run(Pair("bad", Failing("A"), ok), Tolerance())
+        with pytest.raises(ValueError, match="B is corrupt"):
+            engine._run(Pair("bad", ok, Failing("B")), Tolerance())
+        assert engine._run(Pair("w", ok, ok), Tolerance()).status == "identical"
+    finally:
+        del engine._WORKER.b_first

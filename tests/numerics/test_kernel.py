@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorparity.numerics import Tolerance, compare_tensors, metrics
+from tensorparity.numerics import TensorComparison, Tolerance, compare_tensors, metrics, same_bytes
+from tensorparity.numerics.gathered import Gather
 
 needs_kernel = pytest.mark.skipif(metrics._kernel is None, reason="the C kernel is not built here")
 
@@ -144,6 +145,100 @@ def test_kernel_matches_torch_route_on_any_finite_float32(pairs: list[tuple[floa
     finally:
         metrics._kernel = saved
     assert_same(kernel, torch_route)
+
+
+# --- a gathered first tensor, read in place (numerics.gathered.Gather) ---------------------------
+
+ALL_FIELDS = tuple(f for f in TensorComparison.__dataclass_fields__)
+
+
+def assert_identical(fast: TensorComparison, slow: TensorComparison) -> None:
+    """Every field the same, bit for bit: the gathered route reads the copy's elements in its order."""
+    for name in ALL_FIELDS:
+        x, y = getattr(fast, name), getattr(slow, name)
+        assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "axis"), [((4, 40, 1024), -1), ((3, 7, 5), 1), ((2, 1030), 0), ((5, 3000), 1),
+                                             ((2, 6, 33, 7), 1), ((1025, 3), 0), ((17,), 0), ((0, 4), 1)])
+def test_a_gathered_tensor_gives_the_record_of_its_copy(dtype: torch.dtype, shape: tuple[int, ...], axis: int) -> None:
+    g = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    a = torch.randn(shape, generator=g, dtype=dtype)
+    index = torch.randperm(shape[axis], generator=g)
+    copy = a.index_select(axis, index)
+    b = copy + 1e-6 * torch.randn(shape, generator=g, dtype=dtype)
+    if copy.numel() > 40:
+        b.view(-1)[37] += 1.0  # one real mismatch: the first index and values are reported
+    for tol in (None, Tolerance(atol=1e-5, rtol=1e-5), Tolerance(atol=0, rtol=0), Tolerance(ulps=64.0),
+                Tolerance(ulps=1e9), Tolerance(atol=1e-4, rtol=1e-3, statistic="max"),
+                Tolerance(statistic="mean")):
+        fast = compare_tensors("t", Gather(a, axis, index), b, tol, key_b="u")
+        assert_identical(fast, compare_tensors("t", copy, b, tol, key_b="u"))
+        assert_identical(compare_tensors("t", Gather(a, axis, index), copy, tol),
+                         compare_tensors("t", copy, copy.clone(), tol))
+
+
+@needs_kernel
+def test_the_gathered_route_reads_in_place_and_falls_back_to_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = torch.randn(8, 64)
+    index = torch.arange(64).view(2, 32).t().reshape(-1)
+    copy = a[:, index]
+    b = copy + 1e-6
+
+    def no_copy(self: Gather) -> torch.Tensor:
+        raise AssertionError("the kernel applies: no copy is made")
+
+    with monkeypatch.context() as m:
+        m.setattr(Gather, "materialize", no_copy)
+        assert compare_tensors("t", Gather(a, -1, index), b).status == "close"
+        assert compare_tensors("t", Gather(a, -1, index), copy.clone()).status == "identical"
+    # where it does not apply the copy is compared: NaN/Inf, other dtypes, mixed dtypes, exact mode,
+    # other shapes, a transposed source (made contiguous), an index out of range
+    nan = a.clone()
+    nan[3, index[5]] = math.nan
+    cases = [(Gather(nan, -1, index), b, None), (Gather(nan, -1, index), b, Tolerance(equal_nan=False)),
+             (Gather(a.half(), -1, index), b.half(), None), (Gather(a, -1, index), b.double(), None),
+             (Gather(a, -1, index), b, Tolerance(exact=True)), (Gather(a, -1, index), b[:, :10], None),
+             (Gather(a.t().contiguous().t(), -1, index), b, None), (Gather(a, -1, index[:10]), b[:, :10], None)]
+    for x, y, tol in cases:
+        assert_identical(compare_tensors("t", x, y, tol), compare_tensors("t", x.materialize(), y, tol))
+    with pytest.raises(IndexError):
+        compare_tensors("t", Gather(a, -1, torch.full((64,), 64)), b)
+
+
+@needs_kernel
+def test_compare_gathered_refuses_bad_buffers() -> None:
+    from tensorparity.numerics import _kernel
+
+    a, b = np.zeros(12, np.float32), np.zeros(12, np.float32)
+    index = np.arange(4, dtype=np.int64)
+    assert _kernel.compare_gathered(a, b, index, False, 0.0, 0.0, 3, 4, 1)[1] is True
+    with pytest.raises(ValueError, match="every index"):
+        _kernel.compare_gathered(a, b, np.array([0, 1, 2, 4], np.int64), False, 0.0, 0.0, 3, 4, 1)
+    with pytest.raises(ValueError, match="every index"):
+        _kernel.compare_gathered(a, b, np.array([0, 1, 2, -1], np.int64), False, 0.0, 0.0, 3, 4, 1)
+    with pytest.raises(ValueError, match="outer"):  # A holds 12 elements, not 3 x 5
+        _kernel.compare_gathered(a, b, index, False, 0.0, 0.0, 3, 5, 1)
+    with pytest.raises(ValueError, match="outer"):  # B holds 12, not 3 x 3
+        _kernel.compare_gathered(a, b, index[:3], False, 0.0, 0.0, 3, 4, 1)
+
+
+@needs_kernel
+def test_same_bytes_through_memcmp_agrees_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = torch.randn(3000)
+    cases = [(a, a.clone()), (a, a + 0.0 * a), (torch.tensor([0.0]), torch.tensor([-0.0])),
+             (torch.tensor([math.nan]), torch.tensor([math.nan])), (a.bfloat16(), a.bfloat16()),
+             (a.view(30, 100).t(), a.view(30, 100).t().contiguous()), (torch.zeros(0), torch.zeros(0))]
+    b = a.clone()
+    b[-1] += 1
+    cases += [(a, b), (torch.tensor(1.0), torch.tensor(1.0)), (torch.ones(2, dtype=torch.bool), torch.ones(2) > 0)]
+    for x, y in cases:
+        with monkeypatch.context() as m:
+            m.setattr(metrics, "_bytes", None)
+            slow = same_bytes(x, y)
+        assert same_bytes(x, y) == slow
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tensorparity.checkpoint.tracefolder.records import tensor_stats
-from tensorparity.mapping import Concat, Mapping, Rearrange, Rule, Split, Transpose
+from tensorparity.mapping import Mapping, Rearrange, Rule, Split, Transpose
 from tensorparity.trace import capture, compare_traces, replay
 from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
 from tensorparity.trace.align import group_layers
@@ -446,3 +446,41 @@ def test_a_wrong_activation_between_reordered_layers_is_the_first_divergence() -
     first = report.first_divergence
     assert first is not None and first.layer_a == "act" and first.origin == "introduced", report.summary()
     assert [x.layer_a for x in report.mismatched if x.forward_mismatch][0] == "act"
+
+
+@pytest.mark.parametrize("case", ["rope", "fused", "carried", "wrong activation", "conv"])
+def test_reading_gathered_activations_in_place_reports_what_their_copies_report(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine reads A's reordered activations in place (``Gathered.load_view``, the C kernel's
+    gathered route); with copies (``load`` only) every number of the report is the same."""
+    from tensorparity.trace._layout import Gathered
+
+    if case == "conv":
+        torch.manual_seed(0)
+        a, b = nn.Sequential(nn.Conv1d(4, 6, 3), nn.Conv1d(6, 2, 1)), nn.Sequential(nn.Conv1d(4, 6, 3),
+                                                                                    nn.Conv1d(6, 2, 1))
+        two = (("two", 2),)
+        mapping = Mapping([Rule("0.weight", "0.weight", Rearrange("(c two) i k -> (two c) i k", two)),
+                           Rule("0.bias", "0.bias", Rearrange("(c two) -> (two c)", two)),
+                           Rule("1.weight", "1.weight", Rearrange("o (c two) k -> o (two c) k", two))])
+        from tensorparity.mapping import apply_mapping
+
+        b.load_state_dict({k: e.load() for k, e in apply_mapping(a.state_dict(), mapping).checkpoint.items()})
+        x = torch.randn(2, 4, 9, requires_grad=True)
+        traces = []
+        for m in (a, b):
+            with capture(m, inputs=True) as t:
+                m(x).pow(2).sum().backward()
+            traces.append(t)
+        ta, tb = traces
+    else:
+        a, b, mapping = {"rope": lambda: (*pair(), rope_mapping()), "fused": fused_pair,
+                         "carried": interleaved_feed_forward,
+                         "wrong activation": lambda: interleaved_feed_forward(nn.GELU)}[case]()
+        ta, tb = trace(a), trace(b)
+    in_place = compare_traces(ta, tb, mapping=mapping)
+    assert any(x.layout for x in in_place.layers)
+    with monkeypatch.context() as m:
+        m.setattr(Gathered, "load_view", None)  # the engine then calls load(): the gathered copy
+        copied = compare_traces(ta, tb, mapping=mapping)
+    assert in_place.to_json() == copied.to_json()

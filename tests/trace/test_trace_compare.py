@@ -375,3 +375,29 @@ def test_an_error_made_between_sub_layers_is_pinned_on_the_parent() -> None:
     text = " ".join(str(report).split())
     assert "the error is made by this layer's own code between its sub-layers" in text
     assert "layers.0.ffn.1 (GELU)" in text
+
+
+def test_the_garbage_collector_is_paused_during_a_compare_and_restored(reference: Trace) -> None:
+    import gc
+
+    seen = []
+
+    class Watching:  # a RecordSource that notes the collector's state while it is read
+        records, provenance = reference.records, reference.provenance
+
+        def load(self, record: TraceRecord) -> torch.Tensor:
+            seen.append(gc.isenabled())
+            return reference.load(record)
+
+    assert gc.isenabled()
+    assert compare_traces(reference, Watching()).verdict == "identical"
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(UsageError):
+        compare_traces(reference, Watching(), margin=0)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        compare_traces(reference, Watching())
+        assert not gc.isenabled()  # the caller's choice stands
+    finally:
+        gc.enable()

@@ -174,6 +174,7 @@ def check_extent(shape: tuple[int, ...], stride: tuple[int, ...], offset: int, s
 _BUFFERS = threading.local()
 MAP_AT = 1 << 20  # spans from this size are mapped, not read (below it a mapping costs more than a read)
 SPAN_CHUNK = 256 << 10  # fits in L2 with its twin: the memcmp then reads cache, not DRAM (1.8x faster than 4 MB)
+FIRST_CHUNK = 8 << 10
 
 
 def spans_equal(a: ByteSpan, b: ByteSpan, *, chunk: int = SPAN_CHUNK) -> bool:
@@ -202,7 +203,9 @@ def spans_equal(a: ByteSpan, b: ByteSpan, *, chunk: int = SPAN_CHUNK) -> bool:
         try:
             done = 0
             while done < a.nbytes:
-                n = min(chunk, a.nbytes - done)
+                # A first small read: tensors that differ (values a port computes in another
+                # order) nearly always do in their first elements, and then 8 KB settle it.
+                n = min(FIRST_CHUNK if done == 0 else chunk, chunk, a.nbytes - done)
                 view_a, view_b = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
                 if os.preadv(fa, [view_a], a.offset + done) != n or os.preadv(fb, [view_b], b.offset + done) != n:
                     raise CorruptCheckpointError(f"file ended inside bytes [{a.offset}, {a.offset + a.nbytes})",

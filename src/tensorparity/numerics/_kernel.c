@@ -144,7 +144,11 @@ VECTOR_LOOP(vector4_f64, double, 4, vd4, vl4, vf4, LOAD_F64, MULTIVERSION)
 /* Eight lanes where the CPU has AVX-512 (twice the four-lane speed); four lanes of a wider type
  * than the registers would be slower than scalar code, so the width is chosen at run time. */
 #define AVX512 __attribute__((target("avx512f")))
-VECTOR_LOOP(vector8_f32, float, 8, vd8, vl8, vf8, LOAD_F32, AVX512)
+#include <immintrin.h>
+/* One vcvtps2pd from memory: GCC splits __builtin_convertvector of eight floats in two halves
+ * and a reload (six instructions more per eight elements); the values are the same. */
+#define LOAD_F32_512(VD, VF, DST, P) DST = (VD)_mm512_cvtps_pd(_mm256_loadu_ps(P))
+VECTOR_LOOP(vector8_f32, float, 8, vd8, vl8, vf8, LOAD_F32_512, AVX512)
 VECTOR_LOOP(vector8_f64, double, 8, vd8, vl8, vf8, LOAD_F64, AVX512)
 static int wide(void) { return __builtin_cpu_supports("avx512f"); }
 #else
@@ -167,36 +171,122 @@ VECTOR_LOOP(vector4_f64, double, 4)
 static int wide(void) { return 0; }
 #endif
 
-/* Every block of BLOCK elements: its statistics into acc, and the first mismatch found once. */
-#define ALL_BLOCKS(NAME, T, VECTOR4, VECTOR8)                                                      \
-    static void NAME(const T *a, const T *b, size_t n, double atol, double rtol, acc_t *acc,        \
-                     int64_t *first) {                                                             \
-        const int w = wide() ? 8 : 4;                                                              \
-        for (size_t start = 0; start < n; start += BLOCK) {                                        \
-            size_t len = n - start < BLOCK ? n - start : BLOCK, body = len - len % (size_t)w;      \
-            lane_t lanes[8];                                                                       \
-            if (w == 8)                                                                            \
-                VECTOR8(a + start, b + start, body, atol, rtol, lanes);                            \
-            else                                                                                   \
-                VECTOR4(a + start, b + start, body, atol, rtol, lanes);                            \
-            for (size_t i = body; i < len; i++)                                                    \
-                lane_step(&lanes[0], a[start + i], b[start + i], atol, rtol);                      \
-            int64_t before = acc->n_bad;                                                           \
-            for (int k = 0; k < w; k++)                                                            \
-                lane_merge(acc, &lanes[k]);                                                        \
-            if (acc->n_bad > before && *first < 0) {                                               \
-                for (size_t i = 0; i < len; i++) {                                                 \
-                    double ad = fabs((double)a[start + i] - (double)b[start + i]);                 \
-                    if (ad > atol + rtol * fabs((double)b[start + i])) {                           \
-                        *first = (int64_t)(start + i);                                             \
-                        break;                                                                     \
-                    }                                                                              \
+/* One block of len <= BLOCK elements at flat position start: its statistics into acc, and the
+ * first mismatch found once (a and b point at the block's own elements). */
+#define ONE_BLOCK(NAME, T, VECTOR4, VECTOR8)                                                       \
+    static void NAME(const T *a, const T *b, size_t len, size_t start, int w, double atol, double rtol, \
+                     acc_t *acc, int64_t *first) {                                                 \
+        size_t body = len - len % (size_t)w;                                                       \
+        lane_t lanes[8];                                                                           \
+        if (w == 8)                                                                                \
+            VECTOR8(a, b, body, atol, rtol, lanes);                                                \
+        else                                                                                       \
+            VECTOR4(a, b, body, atol, rtol, lanes);                                                \
+        for (size_t i = body; i < len; i++)                                                        \
+            lane_step(&lanes[0], a[i], b[i], atol, rtol);                                          \
+        int64_t before = acc->n_bad;                                                               \
+        for (int k = 0; k < w; k++)                                                                \
+            lane_merge(acc, &lanes[k]);                                                            \
+        if (acc->n_bad > before && *first < 0) {                                                   \
+            for (size_t i = 0; i < len; i++) {                                                     \
+                double ad = fabs((double)a[i] - (double)b[i]);                                     \
+                if (ad > atol + rtol * fabs((double)b[i])) {                                       \
+                    *first = (int64_t)(start + i);                                                 \
+                    break;                                                                         \
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
     }
-ALL_BLOCKS(all_f32, float, vector4_f32, vector8_f32)
-ALL_BLOCKS(all_f64, double, vector4_f64, vector8_f64)
+ONE_BLOCK(block_f32, float, vector4_f32, vector8_f32)
+ONE_BLOCK(block_f64, double, vector4_f64, vector8_f64)
+
+/* Every block of BLOCK elements: its statistics into acc, and the first mismatch found once. */
+#define ALL_BLOCKS(NAME, T, BLOCK_FN)                                                              \
+    static void NAME(const T *a, const T *b, size_t n, double atol, double rtol, acc_t *acc,        \
+                     int64_t *first) {                                                             \
+        const int w = wide() ? 8 : 4;                                                              \
+        for (size_t start = 0; start < n; start += BLOCK) {                                        \
+            size_t len = n - start < BLOCK ? n - start : BLOCK;                                    \
+            BLOCK_FN(a + start, b + start, len, start, w, atol, rtol, acc, first);                 \
+        }                                                                                          \
+    }
+ALL_BLOCKS(all_f32, float, block_f32)
+ALL_BLOCKS(all_f64, double, block_f64)
+
+/* The same blocks where A is gathered on one axis: A's elements, a C-order array of shape
+ * (outer, size, inner), are read as A.index_select(1, index), of shape (outer, m, inner) like B.
+ * Each block's gathered elements are copied into a buffer that stays in L1, then measured by
+ * the very code above in the same order, so every statistic is what the kernel gives for the
+ * gathered copy, bit for bit, without writing that copy to memory. *same stays 1 while the
+ * gathered bytes equal B's (what a byte comparison of the copy would say). */
+#define GATHERED_BLOCKS(NAME, T, BLOCK_FN)                                                         \
+    static void NAME(const T *a, const T *b, const int64_t *index, size_t outer, size_t size,      \
+                     size_t m, size_t inner, double atol, double rtol, acc_t *acc, int64_t *first,  \
+                     int *same) {                                                                  \
+        const int w = wide() ? 8 : 4;                                                              \
+        const size_t n = outer * m * inner;                                                        \
+        enum { ROW = (16 << 10) / sizeof(T) }; /* read out of order from memory, a row would wait on \
+                                                  * every element; copied in order, on none */   \
+        T buf[BLOCK], row[ROW];                                                                    \
+        size_t o = 0, c = 0, i = 0, held = (size_t)-1; /* B's position of the next element */       \
+        for (size_t start = 0; start < n; start += BLOCK) {                                        \
+            size_t len = n - start < BLOCK ? n - start : BLOCK;                                    \
+            for (size_t k = 0; k < len;) {                                                         \
+                if (inner == 1) { /* the last axis gathered: a run of one row's elements */         \
+                    if (o != held) { /* a row that fits is first copied in order, then read from L1 */ \
+                        if (size <= ROW)                                                           \
+                            memcpy(row, a + o * size, size * sizeof(T));                           \
+                        held = o;                                                                  \
+                    }                                                                              \
+                    const T *from = size <= ROW ? row : a + o * size;                              \
+                    const size_t take = m - c < len - k ? m - c : len - k;                         \
+                    const int64_t *at = index + c;                                                 \
+                    T *to = buf + k;                                                               \
+                    size_t j = 0;                                                                  \
+                    for (; j + 4 <= take; j += 4) { /* four loads in flight before their stores */ \
+                        T x0 = from[at[j]], x1 = from[at[j + 1]], x2 = from[at[j + 2]], x3 = from[at[j + 3]]; \
+                        to[j] = x0;                                                                \
+                        to[j + 1] = x1;                                                            \
+                        to[j + 2] = x2;                                                            \
+                        to[j + 3] = x3;                                                            \
+                    }                                                                              \
+                    for (; j < take; j++)                                                          \
+                        to[j] = from[at[j]];                                                       \
+                    k += take;                                                                     \
+                    c += take;                                                                     \
+                } else { /* a run of inner elements, contiguous in A */                            \
+                    const size_t run = inner - i < len - k ? inner - i : len - k;                  \
+                    memcpy(buf + k, a + (o * size + (size_t)index[c]) * inner + i, run * sizeof(T)); \
+                    k += run;                                                                      \
+                    i += run;                                                                      \
+                    if (i < inner)                                                                 \
+                        continue;                                                                  \
+                    i = 0;                                                                         \
+                    c++;                                                                           \
+                }                                                                                  \
+                if (c == m) {                                                                      \
+                    c = 0;                                                                         \
+                    o++;                                                                           \
+                }                                                                                  \
+            }                                                                                      \
+            if (*same && memcmp(buf, b + start, len * sizeof(T)) != 0)                             \
+                *same = 0;                                                                         \
+            BLOCK_FN(buf, b + start, len, start, w, atol, rtol, acc, first);                       \
+        }                                                                                          \
+    }
+GATHERED_BLOCKS(gathered_f32, float, block_f32)
+GATHERED_BLOCKS(gathered_f64, double, block_f64)
+
+/* The statistics as compare() hands them back, or None where an Inf or a NaN was met. */
+static PyObject *result_of(const acc_t *acc, int64_t first) {
+    /* An Inf or a NaN on either side leaves |a - b| or |b|, and so their sum, non-finite (as
+     * does a sum of float64 magnitudes beyond 1e308): the exact route counts them. */
+    if (!isfinite(acc->sum_abs) || !isfinite(acc->sum_absb))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(LLdddddddddd)", (long long)acc->n_bad, (long long)first, acc->max_abs, acc->sum_abs,
+                         acc->sum_absb, acc->max_absb, acc->max_rel, acc->req_atol, acc->req_rtol, acc->dot,
+                         acc->norm_a, acc->norm_b);
+}
 
 static PyObject *compare(PyObject *self, PyObject *args) {
     (void)self;
@@ -220,27 +310,68 @@ static PyObject *compare(PyObject *self, PyObject *args) {
         else
             all_f32(a.buf, b.buf, n, atol, rtol, &acc, &first);
         Py_END_ALLOW_THREADS
-        /* An Inf or a NaN on either side leaves |a - b| or |b|, and so their sum, non-finite (as
-         * does a sum of float64 magnitudes beyond 1e308): the exact route counts them. */
-        if (!isfinite(acc.sum_abs) || !isfinite(acc.sum_absb)) {
-            Py_INCREF(Py_None);
-            result = Py_None;
-        } else {
-            result = Py_BuildValue("(LLdddddddddd)", (long long)acc.n_bad, (long long)first, acc.max_abs,
-                                   acc.sum_abs, acc.sum_absb, acc.max_absb, acc.max_rel, acc.req_atol,
-                                   acc.req_rtol, acc.dot, acc.norm_a, acc.norm_b);
-        }
+        result = result_of(&acc, first);
     }
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
     return result;
 }
 
+static PyObject *compare_gathered(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer a, b, index;
+    int is_double;
+    double atol, rtol;
+    Py_ssize_t outer, size, inner;
+    if (!PyArg_ParseTuple(args, "y*y*y*pddnnn", &a, &b, &index, &is_double, &atol, &rtol, &outer, &size, &inner))
+        return NULL;
+    const size_t esize = is_double ? 8 : 4;
+    PyObject *result = NULL;
+    const size_t m = (size_t)index.len / sizeof(int64_t);
+    int ok = outer >= 0 && size >= 0 && inner >= 0 && (size_t)index.len % sizeof(int64_t) == 0 &&
+             ((uintptr_t)index.buf) % sizeof(int64_t) == 0 && ((uintptr_t)a.buf) % esize == 0 &&
+             ((uintptr_t)b.buf) % esize == 0 && (size_t)a.len == (size_t)outer * (size_t)size * (size_t)inner * esize &&
+             (size_t)b.len == (size_t)outer * m * (size_t)inner * esize;
+    const int64_t *idx = index.buf;
+    for (size_t c = 0; ok && c < m; c++)
+        ok = idx[c] >= 0 && idx[c] < (int64_t)size;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "compare_gathered: a must hold outer*size*inner elements, "
+                                          "b outer*len(index)*inner, every index in [0, size), all aligned");
+    } else {
+        acc_t acc = {0};
+        acc.req_atol = acc.req_rtol = -INFINITY;
+        int64_t first = -1;
+        int same = 1;
+        Py_BEGIN_ALLOW_THREADS
+        if (is_double)
+            gathered_f64(a.buf, b.buf, idx, (size_t)outer, (size_t)size, m, (size_t)inner, atol, rtol, &acc, &first,
+                         &same);
+        else
+            gathered_f32(a.buf, b.buf, idx, (size_t)outer, (size_t)size, m, (size_t)inner, atol, rtol, &acc, &first,
+                         &same);
+        Py_END_ALLOW_THREADS
+        PyObject *stats = result_of(&acc, first);
+        if (stats != NULL) {
+            result = Py_BuildValue("(NO)", stats, same ? Py_True : Py_False);
+        }
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&index);
+    return result;
+}
+
+/* memcmp in 1 MB steps with the GIL released: stops at the first block that differs. */
 static PyMethodDef methods[] = {
     {"compare", compare, METH_VARARGS,
      "compare(a, b, is_double, atol, rtol) -> (n_bad, first, max_abs, sum_abs, sum_absb, max_absb, "
      "max_rel, req_atol, req_rtol, dot, norm_a, norm_b), or None where either side holds a NaN or "
      "an Inf. a and b: buffers of float32 (float64 where is_double) of one length."},
+    {"compare_gathered", compare_gathered, METH_VARARGS,
+     "compare_gathered(a, b, index, is_double, atol, rtol, outer, size, inner) -> (compare()'s tuple or None, "
+     "same bytes): A, of shape (outer, size, inner), gathered on its middle axis by index (int64) and compared "
+     "with B, of shape (outer, len(index), inner), as compare() would compare the gathered copy."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,7 +10,9 @@ checkpoint. Workers are threads: torch's kernels release the GIL, so both cores 
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from tensorparity._dtypes import dtype_info
 from tensorparity.checkpoint._mapped import span_buffer, spans_equal
 from tensorparity.checkpoint.tree import TensorEntry
+from tensorparity.numerics.gathered import Gather
 from tensorparity.numerics.metrics import buffers_comparable, compare_buffers, compare_tensors
 from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import Tolerance
@@ -31,7 +34,9 @@ __all__ = ["Loadable", "Pair", "compare_pairs"]
 
 
 class Loadable(Protocol):
-    """Anything with ``load() -> Tensor``: a TensorEntry, or a mapped entry."""
+    """Anything with ``load() -> Tensor``: a TensorEntry, or a mapped entry. The first entry of a
+    pair may also have ``load_view() -> Tensor | Gather``: the same values, a reordering not yet
+    applied (compared in place, see :func:`~tensorparity.numerics.compare_tensors`)."""
 
     def load(self) -> torch.Tensor: ...
 
@@ -79,13 +84,36 @@ def _on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
                                key_b=pair.key_b)
 
 
+_WORKER = threading.local()
+
+
+def _start_worker(counter: Iterator[int]) -> None:
+    _WORKER.b_first = next(counter) % 2 == 1
+
+
+def _load_a(pair: Pair) -> torch.Tensor | Gather:
+    view = getattr(pair.a, "load_view", None)
+    return view() if callable(view) else pair.a.load()
+
+
 def _run(pair: Pair, tolerance: Tolerance) -> TensorComparison:
     tolerance = pair.tolerance or tolerance
     fast = _on_disk(pair, tolerance)
     if fast is not None:
         return fast
-    a = pair.a.load()
-    b = pair.b.load()
+    if getattr(_WORKER, "b_first", False):
+        # Every other worker loads B first: where a load first checks a file (a trace's shard
+        # checksum), two workers reaching new files together check A's and B's side by side
+        # instead of one waiting for the other. A's error, if both fail, is still the one raised.
+        try:
+            b = pair.b.load()
+        except Exception:
+            _load_a(pair)
+            raise
+        a = _load_a(pair)
+    else:
+        a = _load_a(pair)
+        b = pair.b.load()
     return compare_tensors(pair.key, a, b, tolerance, key_b=pair.key_b)
 
 
@@ -116,7 +144,8 @@ def compare_pairs(
                 on_result(result)
             yield result
         return
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="tensorparity-compare") as pool:
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="tensorparity-compare", initializer=_start_worker,
+                            initargs=(itertools.count(),)) as pool:
         pending: deque[Future[TensorComparison]] = deque()
         # A window wider than the pool keeps both workers busy while the pair at the head (a
         # large mismatching tensor) is still being measured. Only the `n` pairs being worked

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from tensorparity._dtypes import dtype_info, dtype_name
+from tensorparity.numerics.gathered import Gather
 from tensorparity.numerics.results import TensorComparison
 from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance
 
@@ -22,6 +23,10 @@ try:  # the optional C kernel (setup.py builds it where a compiler is found)
     from tensorparity.numerics import _kernel
 except ImportError:  # pragma: no cover - exercised only where no compiler was found
     _kernel = None
+try:  # memcmp with the GIL released (checkpoint/_bytes.c, built with the kernel)
+    from tensorparity.checkpoint import _bytes
+except ImportError:  # pragma: no cover - exercised only where no compiler was found
+    _bytes = None
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +53,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.resolve_conj().resolve_neg(), b.resolve_conj().resolve_neg()  # bytes, not lazy views
     if b.device != a.device:
         b = b.to(a.device)
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    bytes_a, bytes_b = a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)
+    if _bytes is not None and a.device.type == "cpu":
+        # memcmp, stopping at the first difference (most unequal tensors differ in their first
+        # bytes), where torch.equal may read on past it.
+        return bool(_bytes.same(bytes_a.numpy(), bytes_b.numpy()))
+    return torch.equal(bytes_a, bytes_b)
 
 
 @dataclass
@@ -209,15 +219,12 @@ def _kernel_acc(a: torch.Tensor, b: torch.Tensor, tol: ResolvedTolerance) -> _Ac
         left, right = a.detach().contiguous().numpy(), b.detach().contiguous().numpy()
     except (RuntimeError, TypeError):  # a view numpy cannot share (negated, conjugated)
         return None
-    return _buffer_acc(left, right, dtype_name(a.dtype) == "float64", a.numel(), tol)
+    out = _kernel.compare(left, right, dtype_name(a.dtype) == "float64", float(tol.atol), float(tol.rtol))
+    return None if out is None else _acc_of(out, a.numel())
 
 
-def _buffer_acc(left: Any, right: Any, is_double: bool, numel: int, tol: ResolvedTolerance) -> _Acc | None:
-    """The C kernel over two buffers of float32 (float64 where ``is_double``) elements."""
-    assert _kernel is not None
-    out = _kernel.compare(left, right, is_double, float(tol.atol), float(tol.rtol))
-    if out is None:
-        return None
+def _acc_of(out: tuple, numel: int) -> _Acc:
+    """The kernel's tuple as the running aggregates of the torch route."""
     n_bad, first, max_abs, sum_abs, sum_absb, max_absb, max_rel, req_atol, req_rtol, dot, norm_a, norm_b = out
     return _Acc(max_abs=max_abs, max_rel=max_rel, sum_abs=sum_abs, sum_absb=sum_absb, max_absb=max_absb,
                 n_finite=numel, dot=dot, norm_a=norm_a, norm_b=norm_b, n_bad=n_bad,
@@ -287,7 +294,7 @@ def _scalar(x: torch.Tensor) -> float | complex:
 
 def compare_tensors(
     key: str,
-    a: torch.Tensor,
+    a: torch.Tensor | Gather,
     b: torch.Tensor,
     tolerance: Tolerance | ResolvedTolerance | None = None,
     *,
@@ -297,7 +304,9 @@ def compare_tensors(
     """Compare two tensors and return a :class:`TensorComparison`.
 
     Different dtypes are compared by value (in float64, or complex128) and reported; different
-    shapes are reported, never broadcast. Identical bytes short-circuit.
+    shapes are reported, never broadcast. Identical bytes short-circuit. ``a`` may be a
+    :class:`~tensorparity.numerics.gathered.Gather` (A reordered on one axis): the record is that
+    of the gathered copy, which the C kernel does not need to make.
 
     Example:
         >>> import torch
@@ -307,10 +316,12 @@ def compare_tensors(
     """
     import torch
 
-    if isinstance(tolerance, ResolvedTolerance):
-        tol = tolerance
-    else:
-        tol = (tolerance or Tolerance()).for_key(key, a.dtype, b.dtype)
+    if isinstance(a, Gather):
+        found = _compare_gathered(key, a, b, tolerance, key_b)
+        if found is not None:
+            return found
+        a = a.materialize()
+    tol = _resolve(tolerance, key, a.dtype, b.dtype)
     common = dict(key=key, key_b=key_b, shape_a=tuple(a.shape), shape_b=tuple(b.shape),
                   dtype_a=dtype_name(a.dtype), dtype_b=dtype_name(b.dtype), tolerance=tol)
     if a.shape != b.shape:
@@ -330,13 +341,19 @@ def compare_tensors(
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     acc = _accumulate(flat_a, flat_b, tol, chunk, integer)
     tol, acc = _scaled(tol, acc, lambda t: _accumulate(flat_a, flat_b, t, chunk, integer), integer, a.dtype, b.dtype)
-    return _finish(acc, tol, numel, common,
-                   lambda i: (_scalar(flat_a[i]), _scalar(flat_b[i])))
+    return _record(common, tol, acc, tuple(a.shape), numel, lambda i: _scalar(flat_a[i]), lambda i: _scalar(flat_b[i]))
 
 
-def _finish(acc: _Acc, tol: ResolvedTolerance, numel: int, common: dict[str, Any],
-            values_at: Callable[[int], tuple[float | complex, float | complex]]) -> TensorComparison:
-    """The record of a comparison from its statistics: the verdict, the cosine, the first bad element."""
+def _resolve(tolerance: Tolerance | ResolvedTolerance | None, key: str, dtype_a: torch.dtype,
+             dtype_b: torch.dtype) -> ResolvedTolerance:
+    if isinstance(tolerance, ResolvedTolerance):
+        return tolerance
+    return (tolerance or Tolerance()).for_key(key, dtype_a, dtype_b)
+
+
+def _record(common: dict, tol: ResolvedTolerance, acc: _Acc, shape: tuple[int, ...], numel: int,
+            value_a: Callable[[int], float | complex], value_b: Callable[[int], float | complex]) -> TensorComparison:
+    """The record of a measured pair: the verdict under ``tol.statistic`` and every statistic."""
     if tol.statistic == "max":
         within = acc.max_abs <= tol.atol + tol.rtol * acc.max_absb
     elif tol.statistic == "mean":
@@ -347,8 +364,7 @@ def _finish(acc: _Acc, tol: ResolvedTolerance, numel: int, common: dict[str, Any
     passed = within and not acc.nonfinite_bad and not tol.exact
     denom = math.sqrt(acc.norm_a) * math.sqrt(acc.norm_b)
     cosine = acc.dot / denom if denom > 0 else (1.0 if acc.norm_a == acc.norm_b == 0 else 0.0)
-    first = _unravel(acc.first, tuple(common["shape_a"])) if acc.first is not None else None
-    first_a, first_b = values_at(acc.first) if acc.first is not None else (None, None)
+    first = _unravel(acc.first, shape) if acc.first is not None else None
     return TensorComparison(
         passed=passed,
         status="close" if passed else "mismatch",
@@ -362,12 +378,54 @@ def _finish(acc: _Acc, tol: ResolvedTolerance, numel: int, common: dict[str, Any
         nan_a=acc.nan_a, nan_b=acc.nan_b, inf_a=acc.inf_a, inf_b=acc.inf_b,
         nan_agree=acc.nan_agree, inf_agree=acc.inf_agree,
         first_index=first,
-        first_a=first_a,
-        first_b=first_b,
+        first_a=value_a(acc.first) if acc.first is not None else None,
+        first_b=value_b(acc.first) if acc.first is not None else None,
         required_atol=max(0.0, acc.req_atol),
         required_rtol=max(0.0, acc.req_rtol),
         **common,  # type: ignore[arg-type]
     )
+
+
+def _compare_gathered(key: str, g: Gather, b: torch.Tensor, tolerance: Tolerance | ResolvedTolerance | None,
+                      key_b: str | None) -> TensorComparison | None:
+    """``compare_tensors(key, g.materialize(), b)`` read in place by the C kernel, without the copy;
+    ``None`` where the kernel does not apply (then the copy is compared): the same record either
+    way, as the kernel reads the gathered elements in the copy's order."""
+    import torch
+
+    src = g.tensor
+    if (_kernel is None or src.dtype != b.dtype or dtype_name(src.dtype) not in _KERNEL_DTYPES or src.device.type != "cpu"
+            or b.device.type != "cpu" or g.index.device.type != "cpu" or src.dim() == 0 or g.index.dim() != 1
+            or g.shape != tuple(b.shape)):
+        return None
+    tol = _resolve(tolerance, key, src.dtype, b.dtype)
+    if tol.exact:
+        return None
+    try:
+        left, right = src.detach().contiguous().numpy(), b.detach().contiguous().numpy()
+    except (RuntimeError, TypeError):  # a view numpy cannot share (negated, conjugated)
+        return None
+    index = g.index.to(torch.int64).contiguous().numpy()
+    outer, size, inner = g.layout()
+    if index.size and not (int(index.min()) >= 0 and int(index.max()) < size):
+        return None  # the copy raises what it raises
+    numel = math.prod(g.shape)
+
+    def measure(t: ResolvedTolerance) -> tuple[tuple | None, bool]:
+        return _kernel.compare_gathered(left, right, index, src.dtype == torch.float64, float(t.atol), float(t.rtol),
+                                        outer, size, inner)
+
+    out, same = measure(tol)
+    if out is None:  # a NaN or an Inf: the torch route counts them, on the copy
+        return None
+    common = {"key": key, "key_b": key_b, "shape_a": g.shape, "shape_b": tuple(b.shape),
+              "dtype_a": dtype_name(src.dtype), "dtype_b": dtype_name(b.dtype), "tolerance": tol}
+    if same:  # what same_bytes says of the copy
+        return TensorComparison(passed=True, status="identical", numel=numel, **common)  # type: ignore[arg-type]
+    acc = _acc_of(out, numel)
+    tol, acc = _scaled(tol, acc, lambda t: _acc_of(measure(t)[0], numel), False, src.dtype, b.dtype)
+    flat_b = b.detach().reshape(-1)
+    return _record(common, tol, acc, g.shape, numel, g.value, lambda i: _scalar(flat_b[i]))
 
 
 def buffers_comparable(dtype: str) -> bool:
@@ -397,25 +455,20 @@ def compare_buffers(
         return None
     double = name == "float64"
     numel = math.prod(shape)
+
+    def measure(t: ResolvedTolerance) -> tuple[Any, ...] | None:
+        assert _kernel is not None
+        return _kernel.compare(a, b, double, float(t.atol), float(t.rtol))  # type: ignore[no-any-return]
+
     try:
-        acc = _buffer_acc(a, b, double, numel, tolerance)
+        out = measure(tolerance)
     except ValueError:  # lengths differ or the bytes are not aligned for the dtype
         return None
-    if acc is None:
+    if out is None:
         return None
-
-    def recount(t: ResolvedTolerance) -> _Acc:
-        again = _buffer_acc(a, b, double, numel, t)
-        assert again is not None  # the same finite bytes
-        return again
-
-    tol, acc = _scaled(tolerance, acc, recount, False, name, name)
-    code = "<d" if double else "<f"
-    size = 8 if double else 4
-
-    def values_at(i: int) -> tuple[float, float]:
-        return struct.unpack_from(code, a, i * size)[0], struct.unpack_from(code, b, i * size)[0]
-
+    tol, acc = _scaled(tolerance, _acc_of(out, numel), lambda t: _acc_of(measure(t), numel), False, name, name)
+    code, size = ("<d", 8) if double else ("<f", 4)
     common = dict(key=key, key_b=key_b, shape_a=tuple(shape), shape_b=tuple(shape), dtype_a=name, dtype_b=name,
                   tolerance=tolerance)
-    return _finish(acc, tol, numel, common, values_at)
+    return _record(common, tol, acc, tuple(shape), numel, lambda i: struct.unpack_from(code, a, i * size)[0],
+                   lambda i: struct.unpack_from(code, b, i * size)[0])
