@@ -228,6 +228,22 @@ def test_truncated_and_corrupt_shards_are_named(tmp_path: Path, saved: Path) -> 
         Trace.open(missing)
 
 
+def test_a_compare_reads_no_value_from_a_shard_whose_checksum_fails(tmp_path: Path, saved: Path) -> None:
+    """Bytes that differ are measured straight from the files (no tensor built), but only after the
+    shard's checksum is checked, as a load would: a corrupt trace is an error, never a mismatch."""
+    from tensorparity import compare
+
+    flipped = copy_trace(saved, tmp_path / "flipped")
+    shard = flipped / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF  # inside the last tensor's float32 data: sizes and headers still agree
+    shard.write_bytes(bytes(raw))
+    assert compare(saved, copy_trace(saved, tmp_path / "copy")).verdict == "identical"
+    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .xxh3_128. does not match"):
+        compare(saved, flipped)
+
+
+
 def test_schema_versions(tmp_path: Path, saved: Path) -> None:
     newer = copy_trace(saved, tmp_path / "newer")
     edit_manifest(newer, lambda d: d.update(schema="tensorparity.trace/2"))

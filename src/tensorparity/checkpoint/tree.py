@@ -40,6 +40,7 @@ class LazyTensor:
     is_parameter: bool = False
     note: str | None = None
     span: Callable[[], ByteSpan | None] | None = None
+    verify: Callable[[], None] | None = None  # the check a loader makes before values are read
 
 
 class ByteSpan(NamedTuple):
@@ -77,6 +78,7 @@ class TensorEntry:
     is_parameter: bool = False
     note: str | None = None
     _span: Callable[[], ByteSpan | None] | None = field(default=None, compare=False)
+    _verify: Callable[[], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype_name, str) or self.dtype_name.startswith("torch."):
@@ -105,9 +107,22 @@ class TensorEntry:
     def byte_span(self) -> ByteSpan | None:
         """The file bytes holding this tensor's elements, when they are dense and in C order.
 
-        Lets comparisons of identical tensors read raw bytes instead of building tensors.
+        Lets comparisons of identical tensors read raw bytes instead of building tensors. The bytes
+        are not checked (a trace's shard checksum): equal bytes are equal whatever a checksum says;
+        to read them as values, use :meth:`value_span`.
         """
         return self._span() if self._span is not None else None
+
+    def value_span(self) -> ByteSpan | None:
+        """:meth:`byte_span` after the checks :meth:`load` makes before values are read (a trace's
+        shard checksum): the bytes to measure differences on without building the tensor.
+
+        Raises:
+            TensorParityError: what :meth:`load` would raise for the same check.
+        """
+        if self._verify is not None:
+            self._verify()
+        return self.byte_span()
 
     def __repr__(self) -> str:
         return f"TensorEntry({self.key!r}, shape={list(self.shape)}, dtype={self.dtype_name}, nbytes={self.nbytes})"
@@ -155,7 +170,7 @@ def is_array(value: Any) -> bool:
 def _tensor_entry(key: str, value: Any) -> TensorEntry:
     if isinstance(value, LazyTensor):
         return TensorEntry(key, value.shape, value.dtype, value.nbytes, value.location, value.loader,
-                           value.requires_grad, value.is_parameter, value.note, value.span)
+                           value.requires_grad, value.is_parameter, value.note, value.span, value.verify)
     import torch
 
     if is_array(value):

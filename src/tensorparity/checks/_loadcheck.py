@@ -259,7 +259,7 @@ def _cast_entry(entry: TensorEntry, dtype: torch.dtype) -> TensorEntry:
         return entry.load().to(dtype)
 
     size = torch.empty((), dtype=dtype).element_size()
-    return replace(entry, dtype_name=dtype, nbytes=entry.numel * size, _loader=load, _span=None)
+    return replace(entry, dtype_name=dtype, nbytes=entry.numel * size, _loader=load, _span=None, _verify=None)
 
 
 def _tied(model: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -59,7 +59,8 @@ def loadable(source: RecordSource, record: TraceRecord) -> Any:
     if callable(lazy) and record.stored:
         t = lazy(record)
         if isinstance(t, LazyTensor):
-            return TensorEntry(record.key, t.shape, t.dtype, t.nbytes, t.location, t.loader, _span=t.span)
+            return TensorEntry(record.key, t.shape, t.dtype, t.nbytes, t.location, t.loader, _span=t.span,
+                               _verify=t.verify)
     return RecordTensor(source, record)
 
 

@@ -125,7 +125,8 @@ class ShardSet:
             # at open); where bytes differ, the values are then loaded, and load() checks first.
             return inner.span() if inner.span is not None else None
 
-        return LazyTensor(inner.shape, inner.dtype, inner.nbytes, inner.location, load, span=span)
+        return LazyTensor(inner.shape, inner.dtype, inner.nbytes, inner.location, load, span=span,
+                          verify=lambda: self._check(file))
 
     def load(self, key: str) -> torch.Tensor:
         return self.lazy(key).loader()
