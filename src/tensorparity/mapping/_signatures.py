@@ -21,6 +21,8 @@ import einops
 import torch
 
 from tensorparity.checkpoint import TensorEntry
+from tensorparity.checkpoint.tracefolder.stats import tensor_bytes
+from tensorparity.checkpoint.tracefolder.stats import tensor_stats as trace_stats
 from tensorparity.errors import CorruptCheckpointError
 
 __all__ = ["BUFFERS", "NameAffinity", "buffer_ignores", "detect_prefixes", "entry_digest", "glob_literal", "indices",
@@ -41,10 +43,7 @@ def tensor_digest(t: torch.Tensor) -> bytes:
         >>> tensor_digest(torch.ones(2, 3)) == tensor_digest(torch.ones(3, 2).T.contiguous().T.reshape(6))
         True
     """
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.dtype.is_complex:
-        flat = torch.view_as_real(flat).reshape(-1)
-    return hashlib.blake2b(flat.view(torch.uint8).numpy().data, digest_size=DIGEST_SIZE).digest()
+    return hashlib.blake2b(tensor_bytes(t), digest_size=DIGEST_SIZE).digest()
 
 
 def entry_digest(entry: TensorEntry) -> bytes | None:
@@ -115,25 +114,20 @@ def rope_rows(n: int, h: int, inverse: bool) -> tuple[str, torch.Tensor] | None:
 
 
 def tensor_stats(t: torch.Tensor) -> tuple[float, float, float, float, float]:
-    """``(mean, std, min, max, rms)`` in float64, a chunk at a time (memory: one chunk).
+    """``(mean, std, min, max, rms)`` of a tensor's finite elements: the trace's statistics
+    (:func:`tensorparity.checkpoint.tracefolder.stats.tensor_stats`, the one implementation), as
+    the signature a content match compares.
 
     Example:
         >>> tensor_stats(torch.tensor([1.0, 3.0]))
         (2.0, 1.0, 1.0, 3.0, 2.23606797749979)
     """
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0 or t.device.type == "meta":
+    if t.numel() == 0 or t.device.type == "meta":
         return (0.0, 0.0, 0.0, 0.0, 0.0)
-    total = sq = 0.0
-    lo, hi = math.inf, -math.inf
-    for start in range(0, n, _CHUNK):
-        c = flat[start:start + _CHUNK].to(torch.float64)
-        total += float(c.sum())
-        sq += float((c * c).sum())
-        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
-    mean = total / n
-    return mean, math.sqrt(max(sq / n - mean * mean, 0.0)), lo, hi, math.sqrt(sq / n)
+    s = trace_stats(t.detach(), with_hash=False)
+    finite = s.numel - s.nan - s.inf
+    rms = s.norm / math.sqrt(finite) if finite else math.nan
+    return s.mean, s.std, s.min, s.max, rms
 
 
 def stats_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tensorparity.checkpoint.tracefolder.stats import tensor_bytes
 from tensorparity.numerics import Tolerance, compare_tensors
 from tensorparity.resume._resume_report import StepRow
 
@@ -43,7 +44,7 @@ def _feed(h: Any, t: torch.Tensor) -> None:
     t = (local() if callable(local) else t).detach()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
 
 
 def hash_batch(batch: Any) -> str:

@@ -31,7 +31,22 @@ try:  # the optional C accelerator (setup.py); without it the torch route comput
 except ImportError:  # built without a C compiler
     _fused = None
 
-__all__ = ["TensorStats", "fingerprint", "same_content", "tensor_stats"]
+__all__ = ["TensorStats", "fingerprint", "same_content", "tensor_bytes", "tensor_stats"]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's elements as bytes, in C order, on the CPU: what every digest of a tensor's content
+    reads (a resume fingerprint, a mapping's content digest). A complex tensor gives its real and
+    imaginary parts interleaved, as it stores them.
+
+    Example:
+        >>> bytes(tensor_bytes(torch.tensor([1, 2], dtype=torch.int16)))
+        b'\\x01\\x00\\x02\\x00'
+    """
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype.is_complex:
+        flat = torch.view_as_real(flat).reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 @dataclass(frozen=True)
