@@ -240,8 +240,11 @@ def span_buffer(span: ByteSpan) -> Iterator[memoryview]:
         if os.fstat(f.fileno()).st_size < span.offset + span.nbytes:
             raise CorruptCheckpointError(f"file ended inside bytes [{span.offset}, {span.offset + span.nbytes})",
                                          path=span.path, fix="the file was truncated after opening")
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=start)
+        if hasattr(mmap, "MAP_SHARED"):  # POSIX: pages populated up front where the OS can (Linux)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(f.fileno(), length, flags=flags, prot=mmap.PROT_READ, offset=start)
+        else:  # Windows
+            mm = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start)
     view = memoryview(mm)[span.offset - start:]
     try:
         yield view
