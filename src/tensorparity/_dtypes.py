@@ -74,7 +74,9 @@ class TorchDType:
     """A ``torch.<name>`` dtype named by a pickle, read without importing torch.
 
     Prints as torch prints it (``torch.float32``) and equals the ``torch.dtype`` of that name;
-    :func:`to_torch` turns it into one. Immutable: a pickle's BUILD cannot change it.
+    :func:`to_torch` turns it into one. It hashes by its name (torch's dtypes hash by identity),
+    so as a dict key or set member it does not find torch's dtype: convert it first. Immutable: a
+    pickle's BUILD cannot change it.
     """
 
     __slots__ = ("name",)
