@@ -235,12 +235,12 @@ class NemoArchive:
     def metadata(self, ckpt: Checkpoint) -> dict[str, str]:
         if ckpt.format != "nemo" or not (_is_file(ckpt.source) or _is_dir(ckpt.source)):
             return {}
-        from tensorparity.checkpoint.layout import RECORD_KEY, RECORD_METADATA_KEY  # lazy: as below
+        from tensorparity.checkpoint.layout import RECORD_KEY, RECORD_METADATA_KEY  # lazy: detection imports no reader
         from tensorparity.checkpoint.nemo import (  # lazy: yaml and tarfile load when a .nemo is used
             CONFIG_KEY,
             read_config,
         )
-        from tensorparity.checkpoint.tree import ValueEntry  # lazy: detection costs no torch
+        from tensorparity.checkpoint.tree import ValueEntry  # lazy: detection imports no reader
 
         out: dict[str, str] = {}
         config = read_config(Path(ckpt.source))
