@@ -41,3 +41,15 @@ def test_a_pickled_dtype_reads_as_a_name_that_equals_torchs() -> None:
     assert value.itemsize == 2 and value.is_floating_point and to_torch(value) is torch.bfloat16
     with pytest.raises(AttributeError):
         value.name = "float32"
+
+
+def test_a_pickle_cannot_rewrite_a_dtype_for_later_files() -> None:
+    """A BUILD on ``torch.float32`` (state set on the shared object) is refused, and the next pickle
+    still reads ``torch.float32`` as float32: one hostile file cannot change how others read."""
+    from tensorparity.errors import CorruptCheckpointError
+
+    hostile = b"\x80\x02ctorch\nfloat32\n}X\x04\x00\x00\x00nameX\x07\x00\x00\x00float64sb."
+    with pytest.raises(CorruptCheckpointError, match="read-only"):
+        inert_loads(hostile)
+    value = inert_loads(pickle.dumps(torch.float32, protocol=2))
+    assert value == torch.float32 and value.itemsize == 4
