@@ -72,3 +72,47 @@ def test_spans_equal_finds_a_difference_anywhere(tmp_path: Path, size: int) -> N
         assert not spans_equal(span_a, span_b), at
         assert not spans_equal(span_a, span_b, chunk=4096), at
     assert not spans_equal(span_a, ByteSpan(str(b), 0, size + 1))
+
+
+def _carrying(span: ByteSpan) -> ByteSpan:
+    """The same span carrying its reader's one mapping of the file (what a trace's shards hand out)."""
+    return ByteSpan(span.path, span.offset, span.nbytes, _mapped.MappedFile(Path(span.path)))
+
+
+@pytest.mark.parametrize(("size", "flip"), CASES, ids=[f"{s}-{f}" for s, f in CASES])
+def test_spans_carrying_their_mapping_answer_alike(tmp_path: Path, size: int, flip: str) -> None:
+    where = {"none": None, "first": 0, "middle": size // 2, "last": size - 1}[flip]
+    a, b = _pair(tmp_path, size, where)
+    ma, mb = _carrying(a), _carrying(b)
+    assert spans_equal(ma, mb) is (where is None)
+    assert spans_equal(ma, b) is (where is None)  # one side mapped, the other read: the read route
+    with span_buffer(ma) as view:
+        assert bytes(view) == Path(a.path).read_bytes()[a.offset:a.offset + size] and view.readonly
+
+
+def test_views_of_one_mapping_hold_the_file_bytes_wherever_they_start(tmp_path: Path) -> None:
+    # Populated steps are remembered per MiB: views that start and end inside steps, overlap and
+    # repeat must still read exactly the file's bytes.
+    raw = os.urandom(3 * (1 << 20) + 12_345)
+    path = tmp_path / "f.bin"
+    path.write_bytes(raw)
+    mapped = _mapped.MappedFile(path)
+    for start, n in [(5, 100), ((1 << 20) - 3, 10), (0, len(raw)), (4096, (1 << 21) + 1), (len(raw) - 1, 1),
+                     (7, 0), ((1 << 20) + 1, 2 * (1 << 20))]:
+        assert bytes(mapped.view(start, n)) == raw[start:start + n]
+        assert bytes(mapped.view(start, n, populate=False)) == raw[start:start + n]
+    with pytest.raises(CorruptCheckpointError, match="outside the"):
+        mapped.view(len(raw) - 1, 2)
+    mapped.close()
+
+
+def test_a_mapped_file_truncated_after_opening_is_named_not_read(tmp_path: Path) -> None:
+    a, b = _pair(tmp_path, 2 * MAP_AT, None)
+    ma, mb = _carrying(a), _carrying(b)
+    assert spans_equal(ma, mb)  # both mapped now
+    os.truncate(b.path, MAP_AT)
+    with pytest.raises(CorruptCheckpointError, match="file ended inside bytes") as info:
+        spans_equal(ma, mb)
+    assert str(tmp_path / "b.bin") in str(info.value)
+    with pytest.raises(CorruptCheckpointError, match="file ended inside bytes"), span_buffer(mb):
+        pass

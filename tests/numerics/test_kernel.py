@@ -276,3 +276,53 @@ def test_buffers_hand_back_what_the_bytes_cannot_decide() -> None:
                                    tolerance=Tolerance().for_key("w", "int32")) is None
     assert metrics.compare_buffers("w", plain, plain, shape=(3,), dtype="float32",
                                    tolerance=Tolerance(exact=True).for_key("w", "float32")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# first_outside: a comparison's elementwise verdict, found by scanning to the first failing element
+
+
+@needs_kernel
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 3000), noise=st.sampled_from([0.0, 1e-8, 1e-6, 1e-4, 1e-2]),
+       bump=st.one_of(st.none(), st.floats(1e-7, 10.0)), at=st.integers(0, 10_000),
+       ulps=st.sampled_from([None, 4.0, 64.0, 1e5]), atol=st.sampled_from([0.0, 1e-6, 1e-3]),
+       double=st.booleans(), seed=st.integers(0, 2**16))
+def test_first_outside_gives_the_verdict_compare_buffers_gives(n: int, noise: float, bump: float | None, at: int,
+                                                                ulps: float | None, atol: float, double: bool,
+                                                                seed: int) -> None:
+    dtype = np.float64 if double else np.float32
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(n) * 10 ** rng.uniform(-3, 3)).astype(dtype)
+    b = (a + noise * rng.standard_normal(n)).astype(dtype)
+    if bump is not None:
+        b[at % n] += dtype(bump)
+    name = "float64" if double else "float32"
+    resolved = Tolerance(atol=atol, rtol=1e-5, ulps=ulps).for_key("w", name)
+    record = metrics.compare_buffers("w", a.tobytes(), b.tobytes(), shape=(n,), dtype=name, tolerance=resolved)
+    assert record is not None
+    assert metrics.first_outside(a.tobytes(), b.tobytes(), name, resolved) is (not record.passed)
+    # The first `limit` elements at the atol not raised: outside there iff some mismatch lies
+    # among them at that atol.
+    limit = max(1, n // 3)
+    plain = Tolerance(atol=atol, rtol=1e-5).for_key("w", name)
+    head = metrics.compare_buffers("w", a[:limit].tobytes(), b[:limit].tobytes(), shape=(limit,), dtype=name,
+                                   tolerance=plain)
+    assert metrics.first_outside(a.tobytes(), b.tobytes(), name, resolved, limit, scaled=False) is (not head.passed)
+
+
+@needs_kernel
+def test_first_outside_cannot_say_where_a_nan_or_an_inf_comes_first() -> None:
+    resolved = Tolerance().for_key("w", "float32")
+    plain = np.array([1.0, 1.0, 2.0], dtype=np.float32)
+    for bad in (np.nan, np.inf):
+        other = plain.copy()
+        other[1] = bad
+        assert metrics.first_outside(other.tobytes(), plain.tobytes(), "float32", resolved) is None
+        assert metrics.first_outside(plain.tobytes(), other.tobytes(), "float32", resolved) is None
+    inf_b = plain.copy()
+    inf_b[2] = np.inf  # max|b| not finite: the raised atol is unknown
+    assert metrics.first_outside(plain.tobytes(), inf_b.tobytes(), "float32", Tolerance(ulps=4).for_key("w", "float32")) is None
+    assert metrics.first_outside(plain.tobytes(), plain.tobytes(), "float32", resolved) is False
+    assert metrics.first_outside(plain.tobytes(), plain.tobytes(), "int32", resolved) is None
+    assert metrics.first_outside(plain.tobytes(), plain.tobytes()[:8], "float32", resolved) is None

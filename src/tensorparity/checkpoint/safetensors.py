@@ -150,12 +150,30 @@ class _Handle:
         self._handle = None
 
 
-def safetensors_tensors(path: Path, *, display: str | None = None) -> tuple[dict[str, LazyTensor], dict[str, str], _Handle]:
-    """The tensors of one safetensors file, located but not read."""
+def safetensors_tensors(path: Path, *, display: str | None = None,
+                        mapped: bool = False) -> tuple[dict[str, LazyTensor], dict[str, str], Any]:
+    """The tensors of one safetensors file, located but not read, and the handle to close.
+
+    ``mapped``: map the file once (a :class:`~tensorparity.checkpoint._mapped.MappedFile`) and
+    load every tensor as a copy-on-write view of it, its byte span carrying the mapping, instead
+    of the library copying each tensor out (a trace's shards, whose every tensor a compare reads).
+    The header was validated in full first, so every view lies inside the file.
+    """
     tensors, metadata, _ = read_header(path)
-    handle = _Handle(path)
     shown = display or str(path)
     out: dict[str, LazyTensor] = {}
+    if mapped:
+        from tensorparity.checkpoint._mapped import MappedFile
+
+        handle: Any = MappedFile(path)
+        for name, info in tensors.items():
+            span = ByteSpan(str(path), info["start"], info["end"] - info["start"], handle)
+            out[name] = LazyTensor(info["shape"], info["dtype"], span.nbytes, f"{shown} @ {info['start']}",
+                                   lambda s=span, i=info, n=name: handle.tensor(s.offset, s.nbytes, i["dtype"],
+                                                                                tuple(i["shape"]), key=n),
+                                   span=lambda s=span: s)
+        return out, metadata, handle
+    handle = _Handle(path)
     for name, info in tensors.items():
         span = ByteSpan(str(path), info["start"], info["end"] - info["start"])
         out[name] = LazyTensor(info["shape"], info["dtype"], span.nbytes, f"{shown} @ {info['start']}",

@@ -44,11 +44,17 @@ class LazyTensor:
 
 
 class ByteSpan(NamedTuple):
-    """Where a tensor's elements lie, dense and in C order, in an uncompressed file."""
+    """Where a tensor's elements lie, dense and in C order, in an uncompressed file.
+
+    ``mapped``: the reader's own mapping of that file, where it keeps one (a
+    :class:`~tensorparity.checkpoint._mapped.MappedFile`): the bytes are then read from it
+    instead of mapping the file again.
+    """
 
     path: str
     offset: int
     nbytes: int
+    mapped: Any = None
 
 
 @dataclass(frozen=True, repr=False)

@@ -362,7 +362,76 @@ static PyObject *compare_gathered(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* memcmp in 1 MB steps with the GIL released: stops at the first block that differs. */
+/* The first element i < limit outside the tolerance, !(|a - b| <= atol + rtol * |b|), or one
+ * holding an Inf or a NaN on either side (the caller cannot judge those); -1 where none is:
+ * whether a comparison fails, without measuring it. Blocks are tested with a branch-free loop
+ * the compiler vectorises; the block that holds one is searched element by element. The
+ * arithmetic is compare()'s (float64, no fused multiply-adds). With scale > 0 atol is first
+ * raised to scale * max|b| over all n elements, as metrics._scaled raises it from compare()'s
+ * max|b| (-2 where that maximum is not finite: compare() would not decide either). */
+#define INSIDE(X, Y, ATOL, RTOL) ((fabs((X) - (Y)) <= (ATOL) + (RTOL) * fabs(Y)) & (fabs(X) < INFINITY) & (fabs(Y) < INFINITY))
+#define FIRST_OUTSIDE(NAME, T)                                                                     \
+    static int64_t NAME(const T *a, const T *b, size_t n, size_t limit, double atol, double rtol,   \
+                        double scale) {                                                            \
+        if (scale > 0) {                                                                           \
+            double m = 0.0;                                                                        \
+            for (size_t i = 0; i < n; i++) {                                                       \
+                double y = fabs((double)b[i]);                                                     \
+                m = y > m ? y : m;                                                                 \
+            }                                                                                      \
+            if (!isfinite(m))                                                                      \
+                return -2;                                                                         \
+            double raised = scale * m;                                                             \
+            if (raised > atol)                                                                     \
+                atol = raised;                                                                     \
+        }                                                                                          \
+        for (size_t start = 0; start < limit; start += BLOCK) {                                    \
+            size_t len = limit - start < BLOCK ? limit - start : BLOCK;                            \
+            int outside = 0;                                                                       \
+            for (size_t i = 0; i < len; i++) {                                                     \
+                double x = a[start + i], y = b[start + i];                                         \
+                outside |= !INSIDE(x, y, atol, rtol);                                              \
+            }                                                                                      \
+            if (outside) {                                                                         \
+                for (size_t i = 0; i < len; i++) {                                                 \
+                    double x = a[start + i], y = b[start + i];                                     \
+                    if (!INSIDE(x, y, atol, rtol))                                                 \
+                        return (int64_t)(start + i);                                               \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        return -1;                                                                                 \
+    }
+FIRST_OUTSIDE(first_outside_f32, float)
+FIRST_OUTSIDE(first_outside_f64, double)
+
+static PyObject *first_outside(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer a, b;
+    int is_double;
+    double atol, rtol, scale;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "y*y*pddnd", &a, &b, &is_double, &atol, &rtol, &limit, &scale))
+        return NULL;
+    const size_t size = is_double ? 8 : 4;
+    PyObject *result = NULL;
+    if (a.len != b.len || (size_t)a.len % size || ((uintptr_t)a.buf) % size || ((uintptr_t)b.buf) % size) {
+        PyErr_SetString(PyExc_ValueError, "first_outside: the buffers must be the same length, aligned, whole elements");
+    } else {
+        const size_t n = (size_t)a.len / size;
+        const size_t upto = limit >= 0 && (size_t)limit < n ? (size_t)limit : n;
+        int64_t found;
+        Py_BEGIN_ALLOW_THREADS
+        found = is_double ? first_outside_f64(a.buf, b.buf, n, upto, atol, rtol, scale)
+                          : first_outside_f32(a.buf, b.buf, n, upto, atol, rtol, scale);
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromLongLong((long long)found);
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"compare", compare, METH_VARARGS,
      "compare(a, b, is_double, atol, rtol) -> (n_bad, first, max_abs, sum_abs, sum_absb, max_absb, "
@@ -372,6 +441,10 @@ static PyMethodDef methods[] = {
      "compare_gathered(a, b, index, is_double, atol, rtol, outer, size, inner) -> (compare()'s tuple or None, "
      "same bytes): A, of shape (outer, size, inner), gathered on its middle axis by index (int64) and compared "
      "with B, of shape (outer, len(index), inner), as compare() would compare the gathered copy."},
+    {"first_outside", first_outside, METH_VARARGS,
+     "first_outside(a, b, is_double, atol, rtol, limit, scale) -> the flat index of the first of the first `limit` "
+     "elements (all where limit < 0) with not |a - b| <= atol + rtol * |b| (NaN included), or -1; atol raised to "
+     "scale * max|b| first where scale > 0 (-2 where max|b| is not finite)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -23,14 +23,14 @@ from tensorparity._dtypes import dtype_info
 from tensorparity.checkpoint._mapped import span_buffer, spans_equal
 from tensorparity.checkpoint.tree import TensorEntry
 from tensorparity.numerics.gathered import Gather
-from tensorparity.numerics.metrics import buffers_comparable, compare_buffers, compare_tensors
+from tensorparity.numerics.metrics import buffers_comparable, compare_buffers, compare_tensors, first_outside
 from tensorparity.numerics.results import TensorComparison
-from tensorparity.numerics.tolerance import Tolerance
+from tensorparity.numerics.tolerance import ResolvedTolerance, Tolerance
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Loadable", "Pair", "compare_pairs"]
+__all__ = ["Loadable", "Pair", "any_outside", "compare_pair", "compare_pairs"]
 
 
 class Loadable(Protocol):
@@ -44,13 +44,16 @@ class Loadable(Protocol):
 @dataclass(frozen=True)
 class Pair:
     """Two entries to compare: ``a`` under ``key``, ``b`` under ``key_b`` (when it differs);
-    ``tolerance``, when given, judges this pair instead of the run's."""
+    ``tolerance``, when given, judges this pair instead of the run's. ``run``, when given, is the
+    pair's own comparison (called on a worker with the run's tolerance, e.g. one that tries a
+    reordering first and falls back on :func:`compare_pair`)."""
 
     key: str
     a: Loadable
     b: Loadable
     key_b: str | None = None
     tolerance: Tolerance | None = None
+    run: Callable[[Tolerance], TensorComparison] | None = None
 
 
 def _on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
@@ -99,7 +102,37 @@ def _load_a(pair: Pair) -> torch.Tensor | Gather:
     return view() if callable(view) else pair.a.load()
 
 
+def any_outside(pair: Pair, tolerance: Tolerance | ResolvedTolerance, limit: int = -1) -> bool | None:
+    """Whether some element of ``pair`` lies outside the tolerance, both its values finite: then
+    the pair's comparison fails, known without measuring it (the scan stops at the first such
+    element; atol raised by ``ulps`` as the comparison raises it). ``False``: none does. ``None``:
+    this cannot say (no kernel, not float32/float64, dtypes or shapes differ, a NaN or an Inf met
+    first, another statistic than elementwise). ``limit >= 0``: only the first ``limit`` elements,
+    at the atol not raised (a guess of what the comparison will say, reading little)."""
+    a, b = pair.a, pair.b
+    if not (isinstance(a, TensorEntry) and isinstance(b, TensorEntry)):
+        return None
+    if a.dtype_name != b.dtype_name or a.shape != b.shape or not buffers_comparable(a.dtype_name):
+        return None
+    tol = tolerance if isinstance(tolerance, ResolvedTolerance) else tolerance.for_key(pair.key, a.dtype_name,
+                                                                                         b.dtype_name)
+    if tol.exact or tol.statistic != "elementwise":
+        return None
+    span_a, span_b = a.value_span(), b.value_span()
+    if span_a is None or span_b is None:
+        return None
+    with span_buffer(span_a) as buf_a, span_buffer(span_b) as buf_b:
+        return first_outside(buf_a, buf_b, a.dtype_name, tol, limit, scaled=limit < 0)
+
+
+def compare_pair(pair: Pair, tolerance: Tolerance) -> TensorComparison:
+    """One pair compared on the calling thread, as :func:`compare_pairs` compares each."""
+    return _run(pair, tolerance)
+
+
 def _run(pair: Pair, tolerance: Tolerance) -> TensorComparison:
+    if pair.run is not None:
+        return pair.run(tolerance)
     tolerance = pair.tolerance or tolerance
     fast = _on_disk(pair, tolerance)
     if fast is not None:

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised only where no compiler was f
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CHUNK", "buffers_comparable", "compare_buffers", "compare_tensors", "same_bytes"]
+__all__ = ["CHUNK", "buffers_comparable", "compare_buffers", "compare_tensors", "first_outside", "same_bytes"]
 
 CHUNK = 1 << 18  # elements per chunk: 2 MB per float64 buffer, a dozen of them at most
 
@@ -431,6 +431,37 @@ def _compare_gathered(key: str, g: Gather, b: torch.Tensor, tolerance: Tolerance
 def buffers_comparable(dtype: str) -> bool:
     """Whether :func:`compare_buffers` can compare raw bytes of this dtype (float32, float64)."""
     return _kernel is not None and dtype_name(dtype) in _KERNEL_DTYPES
+
+
+def first_outside(a: Any, b: Any, dtype: str, tolerance: ResolvedTolerance, limit: int = -1, *,
+                  scaled: bool = True) -> bool | None:
+    """Whether two buffers of one float32/float64 dtype hold an element (among the first
+    ``limit``; all where ``limit < 0``) outside ``tolerance`` with both its values finite: the
+    elementwise verdict of :func:`compare_buffers` (``True``: it fails), found without measuring.
+    ``tolerance.ulps`` raises atol as :func:`compare_buffers` does, from ``max|b|`` over all of B
+    (``scaled=False``: not raised, a guess from the first elements that reads no more of B).
+
+    ``None`` where that cannot be said: no kernel, another dtype, misaligned or unequal buffers,
+    ``max|b|`` not finite, or the first element outside holds a NaN or an Inf (whose verdict
+    depends on ``equal_nan``).
+    """
+    name = dtype_name(dtype)
+    if not buffers_comparable(name):
+        return None
+    assert _kernel is not None
+    double = name == "float64"
+    scale = tolerance.ulps * _eps(name) if scaled and tolerance.ulps and not tolerance.exact else 0.0
+    try:
+        found = _kernel.first_outside(a, b, double, float(tolerance.atol), float(tolerance.rtol), limit, scale)
+    except ValueError:
+        return None
+    if found == -1:
+        return False
+    if found < 0:
+        return None
+    code, size = ("<d", 8) if double else ("<f", 4)
+    x, y = struct.unpack_from(code, a, found * size)[0], struct.unpack_from(code, b, found * size)[0]
+    return True if math.isfinite(x) and math.isfinite(y) else None
 
 
 def compare_buffers(

@@ -46,7 +46,7 @@ from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
 from tensorparity.trace._rank_plan import compare_ranks, plan_ranks
 from tensorparity.trace._ranked_report import RankedTraceReport
-from tensorparity.trace._reordered import carry_layouts, sorted_values
+from tensorparity.trace._reordered import carried_layers, plan_carries, sorted_values
 from tensorparity.trace._trace_report import LayerComparison, TraceReport, TraceSide, UnalignedLayer
 from tensorparity.trace.align import (
     Alignment,
@@ -260,8 +260,9 @@ def _compare(src_a: RecordSource, src_b: RecordSource, side_a: TraceSide, side_b
             notes.append("some parameter gradients have no partner of the same name: a mapping (--map) compares "
                          "renamed and fused parameters through its transforms")
     raised = assign_tolerances(jobs, layers, tol)
+    plan_carries(jobs, layers, tol)
     run_jobs(jobs, tol, workers)
-    for i, how in carry_layouts(jobs, layers, tol, workers).items():
+    for i, how in carried_layers(jobs).items():
         layers[i].carried = how
     sorted_values(jobs, layers, tol)
     warnings, more_notes, inputs_differ = provenance_checks(src_a, src_b, side_a, side_b, alignment)

@@ -83,6 +83,8 @@ class Job:
     error: float = 0.0
     reordered: TensorComparison | None = None  # a failing comparison's values compared sorted (passed)
     check: Any = None  # the sorted-values check, run once on demand (see _reordered.sorted_values)
+    run: Any = None  # the job's own comparison, (Tolerance) -> TensorComparison (see _reordered.plan_carries)
+    carried_by: str | None = None  # the sibling whose reordering this activation was compared through
 
     def is_reordered(self) -> bool:
         """Whether this failing comparison holds the same values in another order (checked once)."""
@@ -334,7 +336,7 @@ def _layout_job(src_a: RecordSource, src_b: RecordSource, owner: int, slot: str,
 def run_jobs(jobs: list[Job], tol: Tolerance, workers: int | None) -> None:
     """Compare every job: tensors through the engine, statistics where a side stored none."""
     tensor_jobs = [j for j in jobs if not j.stats]
-    pairs = (Pair(j.key, j.a, j.b, j.key_b if j.key_b != j.key else None, j.tolerance) for j in tensor_jobs)
+    pairs = (Pair(j.key, j.a, j.b, j.key_b if j.key_b != j.key else None, j.tolerance, j.run) for j in tensor_jobs)
     for job, result in zip(tensor_jobs, compare_pairs(pairs, tol, workers=workers), strict=True):
         job.result = result
         job.error = relative_error(result, job.rb.stats or job.ra.stats)

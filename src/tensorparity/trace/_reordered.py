@@ -1,11 +1,12 @@
 """Failing comparisons that may hold the same values in another order (another layout, not a
-bug): the reorderings the mapping gave a layer's siblings, tried at once on the engine's workers
-(:func:`carry_layouts`), and a sorted-values check armed for :mod:`._origin` to run on demand
+bug): the reorderings the mapping gave a layer's siblings, tried on the engine's workers with every other
+comparison (:func:`plan_carries`), and a sorted-values check armed for :mod:`._origin` to run on demand
 (:func:`sorted_values`). Split from :mod:`._jobs`, which builds and runs the comparisons."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -13,21 +14,23 @@ from typing import Any
 import torch
 
 from tensorparity.numerics import Pair, TensorComparison, Tolerance, compare_pairs
+from tensorparity.numerics.engine import any_outside, compare_pair
 from tensorparity.trace._jobs import Given, Job
 from tensorparity.trace._layout import Gathered, feature_axis
-from tensorparity.trace._measure import compare_stats, relative_error
+from tensorparity.trace._measure import compare_stats
 
-__all__ = ["carry_layouts", "sorted_comparison", "sorted_values"]
+__all__ = ["carried_layers", "plan_carries", "sorted_comparison", "sorted_values"]
 
 
-def carry_layouts(jobs: list[Job], layers: Sequence[Any], tol: Tolerance, workers: int | None = None) -> dict[int, str]:
-    """Failing activations of a layer without a layout, compared again through the reordering the
-    mapping gave one of its siblings (the layers under the same parent), on ``workers`` threads:
-    an activation between two reordered layers (the SiLU between a feed-forward's ``up`` and
-    ``down``, its inputs and gradients) carries their reordering. Where the reordered comparison
-    passes it replaces the failing one (the layer is then compared through that layout, as if the
-    mapping had said it); where it fails too, the failure stands. Returns each such layer's index
-    and what was done to its activations."""
+def plan_carries(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> None:
+    """Arm each activation of a layer without a layout that may carry the reordering the mapping
+    gave one of its siblings (the layers under the same parent): an activation between two
+    reordered layers (the SiLU between a feed-forward's ``up`` and ``down``, its inputs and
+    gradients) holds their reordering. Such a job then compares itself (:func:`_carried`, on the
+    engine's workers with every other job): where the reordered comparison passes and the plain
+    one fails, it stands for the layer (compared through that layout, as if the mapping had said
+    it); else the plain comparison stands. Candidates: the job's statistics agree (a reordering
+    keeps them) and the sibling's reordering fits its feature axis."""
     known: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for job in jobs:
         if job.owner is not None and isinstance(job.a, Gathered) and job.a.index is not None:
@@ -35,26 +38,67 @@ def carry_layouts(jobs: list[Job], layers: Sequence[Any], tol: Tolerance, worker
             found = known.setdefault(module.rpartition(".")[0], [])
             if not any(x is job.a.index or torch.equal(x, job.a.index) for _, x in found):
                 found.append((layers[job.owner].match.a.name, job.a.index))
-    tries: list[tuple[Job, str, Pair]] = []
+    if not known:
+        return
     for job in jobs:
-        r = job.result
-        if (r is None or r.passed or job.stats or job.owner is None or r.numel <= 1 or r.status == "shape"
-                or job.ra.kind == "param_grad" or job.ra.shape != job.rb.shape or layers[job.owner].match.layout is not None
-                or not _stats_agree(job, tol)):
+        if (job.stats or job.owner is None or math.prod(job.ra.shape) <= 1 or job.ra.kind == "param_grad"
+                or tuple(job.ra.shape) != tuple(job.rb.shape) or layers[job.owner].match.layout is not None):
+            continue
+        siblings = known.get(layers[job.owner].match.a.module.rpartition(".")[0], [])
+        if not siblings:
             continue
         axis = feature_axis(layers[job.owner].match.b.module_type)
         shape = job.ra.shape
         size = shape[axis] if -len(shape) <= axis < len(shape) else -1
-        for name, index in known.get(layers[job.owner].match.a.module.rpartition(".")[0], []):
-            if len(index) == size:
-                tries.append((job, name, Pair(f"{job.key} (features reordered as {name}'s)",
-                                              Gathered((job.a,), axis, index), job.b, None, job.tolerance)))
-    carried: dict[int, str] = {}
-    for (job, name, _), found in zip(tries, compare_pairs((t[2] for t in tries), tol, workers=workers), strict=True):
-        if found.passed and not job.result.passed:  # type: ignore[union-attr]
-            job.result, job.error = found, relative_error(found, job.rb.stats or job.ra.stats)
-            carried[job.owner] = f"features reordered as {name}'s (its sibling's layout, carried)"  # type: ignore[index]
-    return carried
+        tries = [(name, Pair(f"{job.key} (features reordered as {name}'s)", Gathered((job.a,), axis, index), job.b,
+                             None, job.tolerance)) for name, index in siblings if len(index) == size]
+        if tries and _stats_agree(job, tol):
+            job.run = functools.partial(_carried, job, tries)
+
+
+PROBE = 4096  # elements read to guess whether a plain comparison fails (a reordering fails at once)
+
+
+def _carried(job: Job, tries: list[tuple[str, Pair]], tol: Tolerance) -> TensorComparison:
+    """The comparison of an armed job (:func:`plan_carries`): its plain comparison, or where that
+    fails and a sibling's reordering passes, the reordered one (``job.carried_by`` names it).
+
+    Whichever is likelier to stand is measured first: where the plain comparison's first elements
+    already fail (values in another order fail at once), the reordered ones are measured and the
+    plain one only scanned to its first failing element; else the plain one is measured and the
+    reordered ones only if it fails. The result is the same either way."""
+    plain = Pair(job.key, job.a, job.b, job.key_b if job.key_b != job.key else None, job.tolerance)
+    tolerance = job.tolerance or tol
+    if any_outside(plain, tolerance, PROBE):
+        for name, pair in tries:
+            found = compare_pair(pair, tol)
+            if not found.passed:
+                continue
+            # The plain comparison is judged at the reordered one's atol (both scale with max|b|).
+            if any_outside(plain, found.tolerance) is True:
+                job.carried_by = name
+                return found
+            result = compare_pair(plain, tol)
+            if result.passed:
+                return result
+            job.carried_by = name
+            return found
+        return compare_pair(plain, tol)
+    result = compare_pair(plain, tol)
+    if result.passed:
+        return result
+    for name, pair in tries:
+        found = compare_pair(pair, tol)
+        if found.passed:
+            job.carried_by = name
+            return found
+    return result
+
+
+def carried_layers(jobs: Sequence[Job]) -> dict[int, str]:
+    """Each layer one of whose activations was compared through a sibling's reordering, and how."""
+    return {job.owner: f"features reordered as {job.carried_by}'s (its sibling's layout, carried)"
+            for job in jobs if job.carried_by is not None and job.owner is not None}
 
 
 def sorted_values(jobs: list[Job], layers: Sequence[Any], tol: Tolerance) -> None:

@@ -80,20 +80,27 @@ DIGESTS = ("xxh3_128", "sha256", "blake2b")  # the first is written; older trace
 _DIGEST_CHUNK = 64 << 20
 
 
-def file_digest(path: Path, algorithm: str = DIGESTS[0]) -> str:
+def file_digest(path: Path, algorithm: str = DIGESTS[0], *, mapped: Any = None) -> str:
     """A file's checksum: xxh3-128 by default, sha256 or blake2b-256 for older traces.
 
     The checksum guards against corruption (a truncated copy, a flipped bit), not an adversary,
     so it is the fastest good one: xxh3 hashes at memory speed (~20 GB/s here), where sha256 made
     checking a trace cost more than comparing it. The file is mapped, not copied into Python, and
-    the hashers release the GIL, so shards are checked while other threads compare.
+    the hashers release the GIL, so shards are checked while other threads compare. ``mapped``:
+    the reader's :class:`~tensorparity.checkpoint._mapped.MappedFile` of the file, hashed through
+    (its pages then stay mapped for the tensors read next) instead of a mapping of its own.
     """
     h: Any = (xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256() if algorithm == "sha256"
               else hashlib.blake2b(digest_size=32))
+    if mapped is not None:
+        size = os.path.getsize(path)
+        for start in range(0, size, _DIGEST_CHUNK):
+            h.update(mapped.view(start, min(_DIGEST_CHUNK, size - start)))
+        return h.hexdigest()
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped_file, memoryview(mapped_file) as view:
             for start in range(0, len(view), _DIGEST_CHUNK):
                 h.update(view[start:start + _DIGEST_CHUNK])
     return h.hexdigest()

@@ -65,6 +65,7 @@ class ShardSet:
         self._verified: set[str] = set(self.infos) if verified else set()
         self._tensors: dict[str, dict[str, LazyTensor]] = {}
         self._handles: list[Any] = []
+        self._mapped: dict[str, Any] = {}  # each shard's one mapping: tensors, byte spans and checksum read it
         for info in shards:
             path = self.folder / info.file
             if path.is_symlink():
@@ -76,11 +77,12 @@ class ShardSet:
                 raise TraceError(f"shard is {size} bytes but the manifest says {info.bytes} (truncated or "
                                  f"changed)", path=path, fix="copy the trace folder again, or " + RECAPTURE)
             try:
-                tensors, _, handle = safetensors_tensors(path)
+                tensors, _, handle = safetensors_tensors(path, mapped=True)
             except CorruptCheckpointError as exc:
                 raise TraceError(exc.message, path=path, key=exc.key, fix=exc.fix) from exc
             self._tensors[info.file] = tensors
             self._handles.append(handle)
+            self._mapped[info.file] = handle
         for record in records:
             if not record.stored:
                 continue
@@ -99,7 +101,7 @@ class ShardSet:
             if file in self._verified:
                 return
             info = self.infos[file]
-            digest = file_digest(self.folder / file, info.algorithm)
+            digest = file_digest(self.folder / file, info.algorithm, mapped=self._mapped[file])
             if digest != info.digest:
                 raise TraceError(f"shard checksum ({info.algorithm}) does not match the manifest: the file is corrupt",
                                  path=self.folder / file, fix="copy the trace folder again, or " + RECAPTURE)
