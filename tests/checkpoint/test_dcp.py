@@ -125,6 +125,9 @@ def _save_on_two_ranks(rank: int, folder: str, store: str) -> None:
         dcp.save(state, checkpoint_id=folder)
     finally:
         dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's teardown (torch: "terminate called without an
+    # active exception"): leave without it, the checkpoint written.
+    os._exit(0)
 
 
 def test_tensor_sharded_over_two_ranks_is_assembled(tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tensorparity.examples.formats import artifact_name, tar_folder, write_nemo, write_nemo_folder
 
 import tensorparity as tp
 from tensorparity.checkpoint import nemo
 from tensorparity.errors import CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
+from tensorparity.examples.formats import artifact_name, tar_folder, write_nemo, write_nemo_folder
 
 CONFIG = {
     "target": "nemo.collections.asr.models.EncDecCTCModel",

@@ -10,8 +10,7 @@ import torch
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.examples import port_model, reference_model
 from tensorparity.numerics import Tolerance
-from tensorparity.trace import capture, compare_traces
-from tensorparity.trace import replay
+from tensorparity.trace import capture, compare_traces, replay
 from tensorparity.trace.noise import FACTOR, noise_atol, noise_floor
 
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")

@@ -15,8 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tensorparity.examples import port_model, reference_model
-from tensorparity.trace import capture
-from tensorparity.trace import replay
+from tensorparity.trace import capture, replay
 from tensorparity.trace.noise import double_copy, noise_atols, noise_floor
 
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from tensorparity.checkpoint.tracefolder import stats
 from tensorparity.checkpoint.tracefolder.records import fingerprint, same_content, tensor_stats
 from tensorparity.checkpoint.tracefolder.stats import _SMALL_BYTES, _bits, _column_sums, _fingerprint_words, _passes
-from tensorparity.checkpoint.tracefolder import stats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,

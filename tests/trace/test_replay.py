@@ -18,8 +18,7 @@ from tensorparity.checkpoint.tracefolder.format import TraceError
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.cli.replay import replay_command
 from tensorparity.examples import port_model, reference_model
-from tensorparity.trace import capture
-from tensorparity.trace import replay
+from tensorparity.trace import capture, replay
 
 MAP = str(files("tensorparity.examples") / "reference_to_port.yaml")
 LEAVES = ["pre_encode", "norm1", "out_proj", "norm2", "ffn.0", "ffn.2", "final_norm", "decoder"]

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tensorparity.checkpoint.tracefolder.records import fingerprint, tensor_stats
 from tensorparity.checkpoint.tracefolder import stats
+from tensorparity.checkpoint.tracefolder.records import fingerprint, tensor_stats
 
 F32 = torch.finfo(torch.float32)
 SIZES = [100, 2048 * 3 + 2, 300_000]  # NumPy (small), an odd tail for the accelerator, torch (large)

@@ -257,8 +257,8 @@ def parse_tolerance(
         >>> parse_tolerance(atol=1e-4, overrides=[r"\\.norm\\.=1e-2"]).for_key("a.norm.w", torch.float32).atol
         0.01
     """
-    from tensorparity.numerics import Tolerance
     from tensorparity.errors import UsageError
+    from tensorparity.numerics import Tolerance
 
     if statistic not in _STATISTICS:
         raise UsageError(f"--statistic {statistic!r} is not one of {', '.join(_STATISTICS)}",

@@ -82,9 +82,9 @@ def capture_command(
     compare --noise-floor'. Exit 0 written, 2 error.
     """
     trace_dir = one_output(output, out, required=True)
-    from tensorparity.trace._capture_run import capture_run
-    from tensorparity.errors import UsageError
     from tensorparity.checkpoint.tracefolder.format import MODES
+    from tensorparity.errors import UsageError
+    from tensorparity.trace._capture_run import capture_run
 
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r} is not one of {', '.join(MODES)}", fix="pass --mode full, stats or window")
@@ -101,9 +101,8 @@ def capture_command(
 
 def render_capture(trace: Any, out: Path) -> None:
     """What the command prints once the trace is written."""
-    from tensorparity.report._render import human_bytes, plural
-
     from tensorparity.cli._common import stdout_console
+    from tensorparity.report._render import human_bytes, plural
 
     console = stdout_console()
     prov = trace.provenance

@@ -29,8 +29,8 @@ __all__ = ["resume_check_command"]
 
 
 def _tolerance(profile: str | None, atol: float | None, rtol: float | None) -> Tolerance | str | None:
-    from tensorparity.numerics import Tolerance
     from tensorparity.errors import UsageError
+    from tensorparity.numerics import Tolerance
 
     if profile not in (None, "bitwise", "dtype"):
         raise UsageError(f"--tolerance {profile!r} is not bitwise or dtype",

@@ -17,8 +17,8 @@ import torch
 from tensorparity.checkpoint import TensorEntry
 from tensorparity.checkpoint import open as open_checkpoint
 from tensorparity.errors import UsageError
-from tensorparity.mapping._param_signature import _MASK, ParamSignature, _per_element, _weights
 from tensorparity.mapping._content import ContentMatcher, Match, Tick, _Edge, _perm_transform
+from tensorparity.mapping._param_signature import _MASK, ParamSignature, _per_element, _weights
 from tensorparity.mapping._signatures import NameAffinity, detect_prefixes, rope_rows, stats_distance
 from tensorparity.mapping.multi import Chain, Concat, Split
 from tensorparity.mapping.suggest import Suggestion, _suggest

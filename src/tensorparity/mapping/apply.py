@@ -322,7 +322,8 @@ def _literal(key: str) -> str:
 def _renamed(key: str, e: Entry) -> Entry:
     if isinstance(e, ValueEntry):
         return ValueEntry(key, e.value)
-    return TensorEntry(key, e.shape, e.dtype, e.nbytes, e.location, e.load, e.requires_grad, e.is_parameter, e.note)
+    # The same bytes under another key: where they lie (and the check before reading them) stays.
+    return replace(e, key=key)
 
 
 def _sections(ckpt: Checkpoint, claims: dict[str, tuple[str, ...]]) -> dict[str, str]:

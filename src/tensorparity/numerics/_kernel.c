@@ -370,15 +370,29 @@ static PyObject *compare_gathered(PyObject *self, PyObject *args) {
  * raised to scale * max|b| over all n elements, as metrics._scaled raises it from compare()'s
  * max|b| (-2 where that maximum is not finite: compare() would not decide either). */
 #define INSIDE(X, Y, ATOL, RTOL) ((fabs((X) - (Y)) <= (ATOL) + (RTOL) * fabs(Y)) & (fabs(X) < INFINITY) & (fabs(Y) < INFINITY))
-#define FIRST_OUTSIDE(NAME, T)                                                                     \
+/* max|b| of n elements: the largest magnitude's bits, compared as integers (magnitudes order as
+ * their bits do, sign cleared), which vectorises; Inf or NaN where the bits say so. */
+#define MAX_ABS(NAME, T, U, MASK)                                                                  \
+    static double NAME(const T *b, size_t n) {                                                     \
+        U m = 0;                                                                                   \
+        for (size_t i = 0; i < n; i++) {                                                           \
+            U bits;                                                                                \
+            memcpy(&bits, b + i, sizeof bits);                                                     \
+            bits &= MASK;                                                                          \
+            m = bits > m ? bits : m;                                                               \
+        }                                                                                          \
+        T out;                                                                                     \
+        memcpy(&out, &m, sizeof out);                                                              \
+        return (double)out;                                                                        \
+    }
+MAX_ABS(max_abs_f32, float, uint32_t, 0x7fffffffu)
+MAX_ABS(max_abs_f64, double, uint64_t, 0x7fffffffffffffffull)
+
+#define FIRST_OUTSIDE(NAME, T, MAX_ABS_FN)                                                         \
     static int64_t NAME(const T *a, const T *b, size_t n, size_t limit, double atol, double rtol,   \
                         double scale) {                                                            \
         if (scale > 0) {                                                                           \
-            double m = 0.0;                                                                        \
-            for (size_t i = 0; i < n; i++) {                                                       \
-                double y = fabs((double)b[i]);                                                     \
-                m = y > m ? y : m;                                                                 \
-            }                                                                                      \
+            double m = MAX_ABS_FN(b, n);                                                           \
             if (!isfinite(m))                                                                      \
                 return -2;                                                                         \
             double raised = scale * m;                                                             \
@@ -402,8 +416,8 @@ static PyObject *compare_gathered(PyObject *self, PyObject *args) {
         }                                                                                          \
         return -1;                                                                                 \
     }
-FIRST_OUTSIDE(first_outside_f32, float)
-FIRST_OUTSIDE(first_outside_f64, double)
+FIRST_OUTSIDE(first_outside_f32, float, max_abs_f32)
+FIRST_OUTSIDE(first_outside_f64, double, max_abs_f64)
 
 static PyObject *first_outside(PyObject *self, PyObject *args) {
     (void)self;

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tensorparity._dtypes import dtype_info
 from tensorparity.checkpoint._mapped import span_buffer, spans_equal
@@ -82,7 +82,7 @@ def _on_disk(pair: Pair, tolerance: Tolerance) -> TensorComparison | None:
                                 tolerance=tol, numel=a.numel)
     if tol.exact or not buffers_comparable(a.dtype_name):
         return None
-    span_a, span_b = a.value_span(), b.value_span()  # checked as load() checks them (a trace's checksums)
+    span_a, span_b = _value_spans(a, b)  # checked as load() checks them (a trace's checksums)
     if span_a is None or span_b is None:
         return None
     with span_buffer(span_a) as buf_a, span_buffer(span_b) as buf_b:
@@ -95,6 +95,18 @@ _WORKER = threading.local()
 
 def _start_worker(counter: Iterator[int]) -> None:
     _WORKER.b_first = next(counter) % 2 == 1
+
+
+def _value_spans(a: TensorEntry, b: TensorEntry) -> tuple[Any, Any]:
+    """Both entries' value spans, B's checked first on every other worker (see :func:`_run`)."""
+    if getattr(_WORKER, "b_first", False):
+        try:
+            span_b = b.value_span()
+        except Exception:
+            a.value_span()  # A's error, if both fail, is the one raised
+            raise
+        return a.value_span(), span_b
+    return a.value_span(), b.value_span()
 
 
 def _load_a(pair: Pair) -> torch.Tensor | Gather:
@@ -118,7 +130,7 @@ def any_outside(pair: Pair, tolerance: Tolerance | ResolvedTolerance, limit: int
                                                                                          b.dtype_name)
     if tol.exact or tol.statistic != "elementwise":
         return None
-    span_a, span_b = a.value_span(), b.value_span()
+    span_a, span_b = _value_spans(a, b)
     if span_a is None or span_b is None:
         return None
     with span_buffer(span_a) as buf_a, span_buffer(span_b) as buf_b:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -146,11 +147,13 @@ def run_job(job: dict[str, Any]) -> int:
 def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     code = run_job(job)
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if code:
-        os._exit(code)  # no atexit handlers: nothing may wait for the other ranks
-    return 0
+    # No atexit handlers (nothing may wait for the other ranks) and no interpreter teardown: gloo's
+    # threads can abort it (torch: "terminate called without an active exception", about one run
+    # in three on CPU), which would turn a leg that succeeded into a failed one.
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -344,8 +344,7 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
     if not recs_a or not recs_b:  # a forward-only side: nothing to transform or compare
         return [], sorted(recs_a), sorted(recs_b)
     stored = all(r.stored for r in recs_a.values())
-    entries = {k: LazyTensor(r.shape, getattr(torch, r.dtype), 0, r.key, RecordTensor(src_a, r).load)
-               for k, r in recs_a.items()}
+    entries = {k: _located(src_a, r) for k, r in recs_a.items()}
     try:
         mapped = apply_mapping(open_checkpoint(entries), mapping)
     except MappingError as exc:
@@ -381,6 +380,17 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
             layers[i].slots["backward"].append(job)
     only_b = [k for k in recs_b if k not in mapped.claims and not mapping.ignored(k, side="b")]
     return jobs, only_a, only_b
+
+
+def _located(source: RecordSource, record: TraceRecord) -> LazyTensor:
+    """A record's tensor for the mapping: where its bytes lie in the trace, when it says (a
+    renamed parameter gradient is then compared from the shards' bytes), else loaded on demand."""
+    lazy = getattr(source, "lazy", None)
+    if callable(lazy) and record.stored:
+        t = lazy(record)
+        if isinstance(t, LazyTensor):
+            return t
+    return LazyTensor(record.shape, getattr(torch, record.dtype), 0, record.key, RecordTensor(source, record).load)
 
 
 _MOVES = frozenset({"rearrange", "permute", "transpose", "reshape", "concat", "split", "cast", "chain"})

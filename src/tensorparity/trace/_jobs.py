@@ -326,8 +326,11 @@ def _layout_job(src_a: RecordSource, src_b: RecordSource, owner: int, slot: str,
         return None
     ra = replace(ra0, shape=shape_a, stats=stats_a, stored=stored)
     rb = replace(rb0, shape=shape_b, stats=stats_b, stored=stored)
-    a = Gathered(tuple(RecordTensor(src_a, p) for p in parts_a), axis_a, index)
-    b = Gathered(tuple(RecordTensor(src_b, p) for p in parts_b), axis_b)
+    # A side with one part and nothing to reorder is the record itself: located in its file
+    # where the trace says where (identical bytes are then recognised without loading them).
+    a = (loadable(src_a, ra0) if len(parts_a) == 1 and index is None
+         else Gathered(tuple(loadable(src_a, p) for p in parts_a), axis_a, index))
+    b = loadable(src_b, rb0) if len(parts_b) == 1 else Gathered(tuple(loadable(src_b, p) for p in parts_b), axis_b)
     return Job(slot, owner, ra0.key, rb0.key, a, b, ra, rb, stats=not stored)
 
 
