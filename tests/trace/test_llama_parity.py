@@ -21,10 +21,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from tensorparity.checkpoint.tracefolder.reader import Trace  # noqa: E402
-from tensorparity.trace import (
-    capture,  # noqa: E402
-    replay,  # noqa: E402
-)
+from tensorparity.trace import capture, replay  # noqa: E402
 from tensorparity.trace._compare import compare_traces  # noqa: E402
 
 VOCAB, D, FF, LAYERS, HEADS, KV_HEADS, EPS = 64, 32, 64, 2, 4, 2, 1e-6
