@@ -145,11 +145,16 @@ class MappedFile:
         first, last = start // _POPULATE_STEP, (end - 1) // _POPULATE_STEP
         if all(self._populated[first:last + 1]):
             return
-        base = start - start % mmap.PAGESIZE
-        try:
-            mm.madvise(_POPULATE_READ, base, end - base)
-        except OSError:  # a kernel before 5.14: pages are then mapped as they are read
-            return
+        if _bytes is not None:  # the GIL released while the kernel maps the pages
+            with memoryview(mm) as whole, whole[start:end] as part:
+                if not _bytes.populate(part):
+                    return  # a kernel before 5.14: pages are then mapped as they are read
+        else:
+            base = start - start % mmap.PAGESIZE
+            try:
+                mm.madvise(_POPULATE_READ, base, end - base)
+            except OSError:
+                return
         whole_from = -(-start // _POPULATE_STEP)  # steps lying entirely inside the range
         whole_to = end // _POPULATE_STEP if end < self._size else len(self._populated)
         if whole_to > whole_from:
