@@ -105,7 +105,7 @@ typedef float vf8 __attribute__((vector_size(32)));
 #define LOAD_F64(VD, VF, DST, P) memcpy(&(DST), (P), sizeof(DST))
 
 /* Elements [0, n) with n a multiple of W, into W lanes. */
-#define VECTOR_LOOP(NAME, T, W, VD, VL, VF, LOAD, ATTR)                                            \
+#define VECTOR_LOOP(NAME, T, W, VD, VL, VF, LOAD, MAX, COUNT, ATTR)                                \
     ATTR static void NAME(const T *a, const T *b, size_t n, double atol, double rtol, lane_t *lanes) { \
         const VD zero = {0}, one = zero + 1.0, vatol = zero + atol, vrtol = zero + rtol;           \
         const VL absmask = (VL){0} + INT64_MAX;                                                    \
@@ -117,10 +117,10 @@ typedef float vf8 __attribute__((vector_size(32)));
             LOAD(VD, VF, y, b + i);                                                                \
             VD ad = (VD)((VL)(x - y) & absmask), ab = (VD)((VL)y & absmask);                       \
             VD rab = vrtol * ab, ra = ad - rab, need = ad - vatol;                                 \
-            bad += (VD)((VL)(ad > vatol + rab) & (VL)one);                                         \
-            mabs = PICK(ad > mabs, ad, mabs);                                                      \
-            mb = PICK(ab > mb, ab, mb);                                                            \
-            reqa = PICK(ra > reqa, ra, reqa);                                                      \
+            bad = COUNT(bad, ad, vatol + rab, one);                                                \
+            mabs = MAX(ad, mabs);                                                                  \
+            mb = MAX(ab, mb);                                                                      \
+            reqa = MAX(ra, reqa);                                                                  \
             VL win = ad * reld > reln * ab;                                                        \
             reln = PICK(win, ad, reln);                                                            \
             reld = PICK(win, ab, reld);                                                            \
@@ -138,8 +138,12 @@ typedef float vf8 __attribute__((vector_size(32)));
                                 reln[k], reld[k], needn[k], needd[k], bad[k]};                     \
         }                                                                                          \
     }
-VECTOR_LOOP(vector4_f32, float, 4, vd4, vl4, vf4, LOAD_F32, MULTIVERSION)
-VECTOR_LOOP(vector4_f64, double, 4, vd4, vl4, vf4, LOAD_F64, MULTIVERSION)
+/* max(x, y) as x > y ? x : y (y where either is NaN: what MAXPD computes, below). */
+#define PICK_MAX(X, Y) PICK((X) > (Y), X, Y)
+/* n + (x > y ? 1 : 0) per lane. */
+#define MASK_COUNT(N, X, Y, ONE) ((N) + (__typeof__(N))((__typeof__((X) > (Y)))((X) > (Y)) & (__typeof__((X) > (Y)))(ONE)))
+VECTOR_LOOP(vector4_f32, float, 4, vd4, vl4, vf4, LOAD_F32, PICK_MAX, MASK_COUNT, MULTIVERSION)
+VECTOR_LOOP(vector4_f64, double, 4, vd4, vl4, vf4, LOAD_F64, PICK_MAX, MASK_COUNT, MULTIVERSION)
 #if defined(__x86_64__) && !defined(__clang__)
 /* Eight lanes where the CPU has AVX-512 (twice the four-lane speed); four lanes of a wider type
  * than the registers would be slower than scalar code, so the width is chosen at run time. */
@@ -148,8 +152,13 @@ VECTOR_LOOP(vector4_f64, double, 4, vd4, vl4, vf4, LOAD_F64, MULTIVERSION)
 /* One vcvtps2pd from memory: GCC splits __builtin_convertvector of eight floats in two halves
  * and a reload (six instructions more per eight elements); the values are the same. */
 #define LOAD_F32_512(VD, VF, DST, P) DST = (VD)_mm512_cvtps_pd(_mm256_loadu_ps(P))
-VECTOR_LOOP(vector8_f32, float, 8, vd8, vl8, vf8, LOAD_F32_512, AVX512)
-VECTOR_LOOP(vector8_f64, double, 8, vd8, vl8, vf8, LOAD_F64, AVX512)
+/* One VMAXPD, the same x > y ? x : y (a compare and a blend otherwise). */
+#define MAX_512(X, Y) ((vd8)_mm512_max_pd((__m512d)(X), (__m512d)(Y)))
+/* One compare into a mask and one masked add. */
+#define COUNT_512(N, X, Y, ONE) \
+    ((vd8)_mm512_mask_add_pd((__m512d)(N), _mm512_cmp_pd_mask((__m512d)(X), (__m512d)(Y), _CMP_GT_OQ), (__m512d)(N), (__m512d)(ONE)))
+VECTOR_LOOP(vector8_f32, float, 8, vd8, vl8, vf8, LOAD_F32_512, MAX_512, COUNT_512, AVX512)
+VECTOR_LOOP(vector8_f64, double, 8, vd8, vl8, vf8, LOAD_F64, MAX_512, COUNT_512, AVX512)
 static int wide(void) { return __builtin_cpu_supports("avx512f"); }
 #else
 #define vector8_f32 vector4_f32
