@@ -133,3 +133,34 @@ def test_traces_on_disk_report_what_traces_in_memory_report(tmp_path: Path, act:
         assert disk["verdict"] in ("identical", "close") and act_layer["layout"].startswith("features reordered as up's")
     else:
         assert disk["first_divergence"]["layer_a"] == "act"
+
+
+def test_a_split_group_against_a_fused_module_is_judged_by_the_loosest_tolerance_of_its_parts(tmp_path: Path) -> None:
+    """A's q, k and v joined against B's fused qkv, each part with its own tolerance (a measured
+    noise floor per record): the loosest judges the joined comparison, from folders (parts
+    located in their shards) as from memory (parts held as records)."""
+    from test_layouts import Fused, Split3
+
+    from tensorparity.mapping import Concat, Mapping, Rule, apply_mapping
+
+    torch.manual_seed(0)
+    a, b = Split3(), Fused()
+    d = a.q.weight.shape[0]
+    mapping = Mapping([Rule(["q.{p}", "k.{p}", "v.{p}"], "qkv.{p}", Concat(0)), Rule("out.{p}", "out.{p}")])
+    b.load_state_dict({k: e.load() for k, e in apply_mapping(a.state_dict(), mapping).checkpoint.items()})
+    x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(1))
+    tol = Tolerance(overrides=tuple((f"^{part}/", Tolerance(atol=atol, rtol=0.0))
+                                    for part, atol in (("q", 0.1), ("k", 0.25), ("v", 0.05))))
+    atols = {}
+    for where in ("memory", "disk"):
+        traces = []
+        for name, model in (("a", a), ("b", b)):
+            out = tmp_path / f"{name}.trace" if where == "disk" else None
+            with capture(model, out=out) as t:
+                model(x).pow(2).mean().backward()
+            traces.append(out if out is not None else t)
+        report = compare_traces(traces[0], traces[1], mapping=mapping, tolerance=tol)
+        assert report.verdict in ("identical", "close"), report.summary()
+        joined = next(layer for layer in report.layers if layer.layer_b == "qkv")
+        atols[where] = [r.tolerance.atol for r in joined.forward]
+    assert atols["memory"] == atols["disk"] == [0.25]

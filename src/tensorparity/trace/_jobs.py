@@ -218,11 +218,13 @@ def assign_tolerances(jobs: Sequence[Job], layers: Sequence[Any], tol: Tolerance
 def _joined_override(job: Job, tol: Tolerance) -> None:
     """A job joining several records (a fused group) whose keys carry their own tolerances (a
     measured noise floor per record) is judged by the loosest of them, not by its first part's."""
-    parts = [p.record for p in getattr(job.a, "parts", ()) if isinstance(p, RecordTensor)]
-    if len(parts) < 2:
+    # The parts: records' tensors in memory, or located in their shards (keyed by record).
+    keys = [p.record.key if isinstance(p, RecordTensor) else p.key for p in getattr(job.a, "parts", ())
+            if isinstance(p, (RecordTensor, TensorEntry))]
+    if len(keys) < 2:
         return
     dtype = getattr(torch, job.ra.dtype, torch.float32)
-    chosen = [tol.for_key(p.key, dtype) for p in parts]
+    chosen = [tol.for_key(key, dtype) for key in keys]
     job.tolerance = Tolerance(atol=max(c.atol for c in chosen), rtol=max(c.rtol for c in chosen),
                               equal_nan=tol.equal_nan, statistic=tol.statistic)
 
