@@ -40,7 +40,7 @@ from tensorparity.trace._jobs import (
     pair_records,
     run_jobs,
 )
-from tensorparity.trace._layout import combine_stats, derive_layouts, param_shapes
+from tensorparity.trace._layout import Gathered, combine_stats, derive_layouts, param_shapes, reorder_of
 from tensorparity.trace._layout_align import apply_layouts
 from tensorparity.trace._measure import compare_stats, relative_error
 from tensorparity.trace._origin import classify
@@ -344,14 +344,15 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
     if not recs_a or not recs_b:  # a forward-only side: nothing to transform or compare
         return [], sorted(recs_a), sorted(recs_b)
     stored = all(r.stored for r in recs_a.values())
-    entries = {k: _located(src_a, r) for k, r in recs_a.items()}
+    located = open_checkpoint({k: _located(src_a, r) for k, r in recs_a.items()})
     try:
-        mapped = apply_mapping(open_checkpoint(entries), mapping)
+        mapped = apply_mapping(located, mapping)
     except MappingError as exc:
         notes.append(f"the mapping does not fit A's parameter gradients ({exc.problems[0]}); they were "
                      "paired by the module renames")
         return _params_by_renames(src_a, src_b, recs_a, recs_b, layers, owner)
     jobs, only_a, done = [], list(mapped.unmapped), set()
+    reorders: dict[tuple[int, tuple[int, ...]], Any] = {}
     for target, entry in mapped.checkpoint.items():
         sources = [recs_a[s] for s in mapped.claims[target]]
         rb = recs_b.get(target)
@@ -365,8 +366,9 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
             # What A's side is after the transform: its statistics are measured, not taken from A's records.
             ra = replace(sources[0], shape=tuple(entry.shape), dtype=str(entry.dtype).removeprefix("torch."),
                          stats=None)
-            job = Job("backward", i, " + ".join(r.key for r in sources), rb.key, entry, loadable(src_b, rb),
-                      ra, rb, stats=not rb.stored, param=True)
+            job = Job("backward", i, " + ".join(r.key for r in sources), rb.key,
+                      _in_place(mapped, target, entry, located, reorders), loadable(src_b, rb), ra, rb,
+                      stats=not rb.stored, param=True)
         else:
             group = mapped.claims[target]
             if group in done:
@@ -380,6 +382,29 @@ def _params_through_mapping(src_a: RecordSource, src_b: RecordSource, mapping: M
             layers[i].slots["backward"].append(job)
     only_b = [k for k in recs_b if k not in mapped.claims and not mapping.ignored(k, side="b")]
     return jobs, only_a, only_b
+
+
+def _in_place(mapped: Any, target: str, entry: Any, located: Any,
+              reorders: dict[tuple[int, tuple[int, ...]], Any]) -> Any:
+    """A's side of a mapped parameter gradient: where the rule only reorders one tensor's slices
+    along an axis (interleaved rows, permuted heads), its source read in place through that
+    reordering (a gather the kernel reads without copying); else the transformed entry."""
+    rule = mapped.rule_of.get(target)
+    claims = mapped.claims[target]
+    if rule is None or len(claims) != 1:
+        return entry
+    source = located[claims[0]]
+    transform = mapped.mapping.rules[rule].transform
+    if transform is None or tuple(source.shape) != tuple(entry.shape) or source.dtype_name != entry.dtype_name:
+        return entry
+    key = (rule, tuple(source.shape))
+    if key not in reorders:
+        reorders[key] = reorder_of(transform, tuple(source.shape))
+    found = reorders[key]
+    if found is None:
+        return entry
+    axis, index = found
+    return source if index is None else Gathered((source,), axis, index)
 
 
 def _located(source: RecordSource, record: TraceRecord) -> LazyTensor:

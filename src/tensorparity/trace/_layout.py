@@ -41,6 +41,7 @@ Parameter gradients go through the mapping itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,7 +55,8 @@ from tensorparity.mapping import Chain, Mapping, MappingError, apply_mapping
 from tensorparity.mapping.transforms import Cast, TransformSpecError
 from tensorparity.numerics.gathered import Gather, gather
 
-__all__ = ["Gathered", "Layout", "combine_stats", "derive_layouts", "feature_axis", "gather", "param_shapes"]
+__all__ = ["Gathered", "Layout", "combine_stats", "derive_layouts", "feature_axis", "gather", "param_shapes",
+           "reorder_of"]
 
 # class name -> (weight's output dim, weight's input dim or None, activation feature axis)
 _DIMS: dict[str, tuple[int, int | None, int]] = {
@@ -333,6 +335,33 @@ def _input_index(probe_map: Mapping, sources: tuple[str, ...], targets: list[str
     if any(not torch.equal(p, found[0]) for p in found[1:]):
         return None
     return None if torch.equal(found[0], torch.arange(len(found[0]))) else found[0]
+
+
+def reorder_of(transform: Any, shape: tuple[int, ...]) -> tuple[int, torch.Tensor | None] | None:
+    """``(axis, index)`` where ``transform`` of one tensor of ``shape`` is that tensor with its
+    slices along ``axis`` reordered by ``index`` (``None``: left in order), found by running it on
+    the tensor's own positions; ``None`` where it does anything else (casts, reshapes, mixes
+    axes, joins or splits). Such a transform is compared in place (a gather), not copied."""
+    numel = math.prod(shape)
+    if not shape or numel == 0 or numel >= 1 << 53:
+        return None
+    probe = torch.arange(numel, dtype=torch.float64).reshape(shape)
+    try:
+        out = transform.apply([probe])
+    except Exception:  # noqa: BLE001 - a transform that does not run here is copied as before
+        return None
+    if len(out) != 1 or out[0].dtype != torch.float64 or tuple(out[0].shape) != tuple(shape):
+        return None
+    got = out[0]
+    if torch.equal(got, probe):
+        return 0, None
+    for axis, size in enumerate(shape):
+        stride = numel // math.prod(shape[:axis + 1])
+        col = got.movedim(axis, 0).reshape(size, -1)[:, 0]
+        index = (col // stride).to(torch.long) % size
+        if torch.equal(probe.index_select(axis, index), got):
+            return axis, index
+    return None
 
 
 def _run_probe(mapping: Mapping, probes: dict[str, torch.Tensor], targets: list[str]) -> dict[str, torch.Tensor] | str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -138,8 +139,8 @@ class TraceRecord:
     is_tensor: bool = True
     placement: dict[str, Any] | None = field(default=None, compare=False)
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # cached: a compare asks each record's key a dozen times
         return record_key(self.module, self.call, self.kind, self.path)
 
     @property
