@@ -16,6 +16,7 @@ transforms invertible.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -155,7 +156,7 @@ class Rearrange:
                                      "write it as einops does, e.g. '(h two d) c -> (h d two) c'")
         left, right = (s.strip() for s in self.pattern.split("->"))
         try:
-            lhs, rhs = ParsedExpression(left), ParsedExpression(right)
+            lhs, rhs = _parsed(left), _parsed(right)
         except einops.EinopsError as exc:
             raise TransformSpecError(f"rearrange pattern {self.pattern!r} does not parse: {exc}",
                                      "use axis names, parentheses for groups and '...' once per side") from None
@@ -191,7 +192,7 @@ class Rearrange:
     def bind(self, inputs: Sequence[torch.Tensor]) -> Rearrange:
         # The inverse reads the right side as its input: each group there may hold at most one
         # axis of unknown size. Record the sizes of the others, solved from the input's shape.
-        left, right = (ParsedExpression(s.strip()) for s in self.pattern.split("->"))
+        left, right = (_parsed(s.strip()) for s in self.pattern.split("->"))
         if left.has_ellipsis or not inputs:
             return self
         known = dict(self.sizes)
@@ -223,6 +224,13 @@ class Rearrange:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rearrange": self.pattern, **dict(self.sizes)}
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed(side: str) -> ParsedExpression:
+    """One side of an einops pattern, parsed once (a compare binds the same rules thousands of
+    times); read, never changed."""
+    return ParsedExpression(side)
 
 
 @dataclass(frozen=True)
