@@ -86,3 +86,35 @@ def test_either_load_order_raises_as_loading_a_first_would(b_first: bool) -> Non
         assert engine._run(Pair("w", ok, ok), Tolerance()).status == "identical"
     finally:
         del engine._WORKER.b_first
+
+
+def test_small_pairs_handed_over_together_keep_their_order_and_errors() -> None:
+    """Consecutive small pairs go to a thread in batches: records still come in input order, and
+    a load that fails inside a batch raises after the records before it, as one by one."""
+    from tensorparity.checkpoint.tree import TensorEntry
+    from tensorparity.numerics import engine
+
+    sizes = [3, 5, engine.SMALL // 4 + 1, 7, 1, 2, 9, 4] * 12
+    a = tp.open({f"w{i}": torch.full((n,), float(i)) for i, n in enumerate(sizes)})
+    b = tp.open({f"w{i}": torch.full((n,), float(i) + (i % 10 == 3)) for i, n in enumerate(sizes)})
+    keys = list(a.keys())
+    tasks = [len(t) for t in engine._tasks(Pair(k, a[k], b[k]) for k in keys)]
+    assert sum(tasks) == len(keys) and max(tasks) > 1 and 1 in tasks  # batches, and the large pairs alone
+    for workers in (1, 2):
+        seen: list[str] = []
+        results = list(compare_pairs((Pair(k, a[k], b[k]) for k in keys), Tolerance(), workers=workers,
+                                     on_result=lambda r: seen.append(r.key)))
+        assert [r.key for r in results] == keys == seen
+        assert [r.key for r in results if not r.passed] == [k for i, k in enumerate(keys) if i % 10 == 3]
+
+    def corrupt() -> torch.Tensor:
+        raise ValueError("w40 is corrupt")
+
+    broken = TensorEntry("w40", (sizes[40],), "float32", 4 * sizes[40], "x", corrupt)
+    pairs = [Pair(k, broken if k == "w40" else a[k], b[k]) for k in keys]
+    for workers in (1, 2):
+        got: list[str] = []
+        with pytest.raises(ValueError, match="w40 is corrupt"):
+            for r in compare_pairs(pairs, Tolerance(), workers=workers):
+                got.append(r.key)
+        assert got == keys[:40]

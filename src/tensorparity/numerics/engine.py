@@ -194,20 +194,63 @@ def compare_pairs(
         return
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="tensorparity-compare", initializer=_start_worker,
                             initargs=(itertools.count(),)) as pool:
-        pending: deque[Future[TensorComparison]] = deque()
+        pending: deque[Future[tuple[list[TensorComparison], BaseException | None]]] = deque()
         # A window wider than the pool keeps both workers busy while the pair at the head (a
-        # large mismatching tensor) is still being measured. Only the `n` pairs being worked
+        # large mismatching tensor) is still being measured. Only the `n` tasks being worked
         # on hold tensors; finished ones wait as small records.
         window = 8 * n
-        for pair in pairs:
-            pending.append(pool.submit(_run, pair, tol))
+        for task in _tasks(pairs):
+            pending.append(pool.submit(_run_task, task, tol))
             if len(pending) >= window:
-                result = pending.popleft().result()
-                if on_result:
-                    on_result(result)
-                yield result
+                yield from _results(pending.popleft(), on_result)
         while pending:
-            result = pending.popleft().result()
-            if on_result:
-                on_result(result)
-            yield result
+            yield from _results(pending.popleft(), on_result)
+
+
+SMALL = 256 << 10  # bytes: a pair this small costs less to compare than to hand to a thread
+BATCH_BYTES = 1 << 20  # small pairs handed over together, up to this many bytes of A's side
+BATCH_PAIRS = 32  # and this many pairs (the input is still read only a bounded window ahead)
+
+
+def _tasks(pairs: Iterable[Pair]) -> Iterator[list[Pair]]:
+    """The pairs in order, consecutive small ones in batches: each hand-over to a thread (a queue,
+    two wake-ups, a future) costs about what comparing a bias does, and a model has hundreds."""
+    batch: list[Pair] = []
+    held = 0
+    for pair in pairs:
+        size = pair.a.nbytes if pair.run is None and isinstance(pair.a, TensorEntry) else SMALL
+        if size < SMALL:
+            batch.append(pair)
+            held += size
+            if held >= BATCH_BYTES or len(batch) >= BATCH_PAIRS:
+                yield batch
+                batch, held = [], 0
+            continue
+        if batch:
+            yield batch
+            batch, held = [], 0
+        yield [pair]
+    if batch:
+        yield batch
+
+
+def _run_task(task: list[Pair], tolerance: Tolerance) -> tuple[list[TensorComparison], BaseException | None]:
+    """A task's records, and the error that stopped it (the records before it stand)."""
+    done: list[TensorComparison] = []
+    for pair in task:
+        try:
+            done.append(_run(pair, tolerance))
+        except BaseException as exc:  # noqa: BLE001 - raised by the consumer after the records before it
+            return done, exc
+    return done, None
+
+
+def _results(future: Future[tuple[list[TensorComparison], BaseException | None]],
+             on_result: Callable[[TensorComparison], None] | None) -> Iterator[TensorComparison]:
+    done, error = future.result()
+    for result in done:
+        if on_result:
+            on_result(result)
+        yield result
+    if error is not None:
+        raise error
