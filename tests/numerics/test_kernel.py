@@ -180,6 +180,44 @@ def test_a_gathered_tensor_gives_the_record_of_its_copy(dtype: torch.dtype, shap
                          compare_tensors("t", copy, copy.clone(), tol))
 
 
+def _woven(half: int, segments: int) -> torch.Tensor:
+    """B's 2q + p is A's p * half + q in every segment: a "(two h) -> (h two)" rearrange."""
+    one = torch.arange(2 * half).view(2, half).t().reshape(-1)
+    return torch.cat([one + s * 2 * half for s in range(segments)])
+
+
+def _split(half: int, segments: int) -> torch.Tensor:
+    """B's q * half + p is A's 2p + q in every segment: RoPE's interleaved pairs into halves."""
+    one = torch.arange(2 * half).view(half, 2).t().reshape(-1)
+    return torch.cat([one + s * 2 * half for s in range(segments)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["woven", "split", "woven, one element moved", "split, one element moved"])
+@pytest.mark.parametrize(("half", "segments", "rows"), [(8, 1, 3), (9, 3, 5), (16, 4, 2), (64, 2, 40), (512, 1, 7),
+                                                        (7, 2, 3), (100, 3, 11)])
+def test_the_two_rope_layouts_read_by_shuffles_give_the_record_of_their_copy(dtype: torch.dtype, layout: str,
+                                                                                 half: int, segments: int,
+                                                                                 rows: int) -> None:
+    """Interleaved halves and their inverse are read by vector shuffles where the CPU has AVX-512
+    (runs of 16 and 8 elements; heads, tails and rows across 1024-element blocks element by
+    element); an index one swap away from them is read by the general route. Every record is
+    the copy's, bit for bit."""
+    index = (_woven if layout.startswith("woven") else _split)(half, segments)
+    if "moved" in layout:
+        index = index.clone()
+        index[[3, -2]] = index[[-2, 3]]
+    g = torch.Generator().manual_seed(half * 100 + segments)
+    a = torch.randn(rows, len(index), generator=g, dtype=dtype)
+    copy = a.index_select(-1, index)
+    b = copy + 1e-6 * torch.randn(copy.shape, generator=g, dtype=dtype)
+    b.view(-1)[min(37, b.numel() - 1)] += 1.0
+    for tol in (None, Tolerance(atol=1e-5, rtol=1e-5), Tolerance(ulps=64.0)):
+        assert_identical(compare_tensors("t", Gather(a, -1, index), b, tol), compare_tensors("t", copy, b, tol))
+    assert compare_tensors("t", Gather(a, -1, index), copy.clone()).status == "identical"
+
+
 @needs_kernel
 def test_the_gathered_route_reads_in_place_and_falls_back_to_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     a = torch.randn(8, 64)

@@ -229,45 +229,156 @@ ONE_BLOCK(block_f64, double, vector4_f64, vector8_f64)
 ALL_BLOCKS(all_f32, float, block_f32)
 ALL_BLOCKS(all_f64, double, block_f64)
 
+/* How a row's index reorders it, where it follows one of the two most common layouts (RoPE's
+ * interleaved halves, a "(two h) -> (h two)" rearrange), in segments of seg elements:
+ * INTERLEAVE: B's 2q + p is A's p * half + q (two runs of half woven together);
+ * DEINTERLEAVE: B's q * half + p is A's 2p + q (the even elements, then the odd ones). */
+enum { SHUFFLE_NONE, SHUFFLE_INTERLEAVE, SHUFFLE_DEINTERLEAVE };
+typedef struct {
+    int kind;
+    size_t half, seg;
+} shuffle_t;
+
+/* The index's layout, checked element by element (m elements, a permutation of [0, m)). */
+static shuffle_t shuffle_of(const int64_t *idx, size_t m) {
+    shuffle_t none = {SHUFFLE_NONE, 0, 0};
+    if (m < 16 || idx[0] != 0)
+        return none;
+    if (idx[1] > 1) { /* woven: idx[1] is half */
+        shuffle_t sh = {SHUFFLE_INTERLEAVE, (size_t)idx[1], 2 * (size_t)idx[1]};
+        int ok = sh.half >= 8 && m % sh.seg == 0;
+        for (size_t j = 0; ok && j < m; j++) {
+            const size_t r = j % sh.seg;
+            ok = (size_t)idx[j] == j - r + (r % 2) * sh.half + r / 2;
+        }
+        if (ok)
+            return sh;
+    }
+    if (idx[1] == 2) { /* even elements first: half is where 1 comes */
+        size_t half = 0;
+        for (size_t j = 1; j < m && !half; j++)
+            half = idx[j] == 1 ? j : 0;
+        shuffle_t sh = {SHUFFLE_DEINTERLEAVE, half, 2 * half};
+        int ok = half >= 8 && m % sh.seg == 0;
+        for (size_t j = 0; ok && j < m; j++) {
+            const size_t r = j % sh.seg;
+            ok = (size_t)idx[j] == j - r + 2 * (r % half) + r / half;
+        }
+        if (ok)
+            return sh;
+    }
+    return none;
+}
+
+/* to[j] = from[at[j]] for j < take: four loads in flight before their stores. */
+#define GATHER_SCALAR(NAME, T)                                                                     \
+    static inline void NAME(const T *from, const int64_t *at, T *to, size_t take) {                \
+        size_t j = 0;                                                                              \
+        for (; j + 4 <= take; j += 4) {                                                            \
+            T x0 = from[at[j]], x1 = from[at[j + 1]], x2 = from[at[j + 2]], x3 = from[at[j + 3]];  \
+            to[j] = x0;                                                                            \
+            to[j + 1] = x1;                                                                        \
+            to[j + 2] = x2;                                                                        \
+            to[j + 3] = x3;                                                                        \
+        }                                                                                          \
+        for (; j < take; j++)                                                                      \
+            to[j] = from[at[j]];                                                                   \
+    }
+GATHER_SCALAR(gather_scalar_f32, float)
+GATHER_SCALAR(gather_scalar_f64, double)
+
+#if defined(__x86_64__) && !defined(__clang__) && defined(__GNUC__) && !defined(TP_SCALAR)
+/* The two layouts by AVX-512 shuffles: sixteen (eight) elements of B from two (one) loads of A
+ * and one permute, instead of an indexed load and a store each. The same elements as the index
+ * gives, where runs fit whole; the rest element by element. */
+AVX512 static void shuffled_f32_512(const float *from, const int64_t *at, size_t c, size_t take, float *to,
+                                    const shuffle_t *sh) {
+    const size_t seg = sh->seg, half = sh->half;
+    size_t j = 0;
+    if (sh->kind == SHUFFLE_INTERLEAVE) {
+        const __m512i weave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        while (j < take) {
+            const size_t r = (c + j) % seg, base = c + j - r;
+            if (r % 2 == 0 && r + 16 <= seg && j + 16 <= take) {
+                const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(from + base + r / 2));
+                const __m512 hi = _mm512_castps256_ps512(_mm256_loadu_ps(from + base + half + r / 2));
+                _mm512_storeu_ps(to + j, _mm512_permutex2var_ps(lo, weave, hi));
+                j += 16;
+            } else {
+                to[j] = from[at[j]];
+                j++;
+            }
+        }
+    } else {
+        const __m512i split = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+        while (j < take) {
+            const size_t r = (c + j) % seg, base = c + j - r, q = r / half, p = r % half;
+            if (p + 8 <= half && j + 8 <= take) {
+                const __m512d both = _mm512_castps_pd(_mm512_permutexvar_ps(split, _mm512_loadu_ps(from + base + 2 * p)));
+                _mm256_storeu_pd((double *)(void *)(to + j), q ? _mm512_extractf64x4_pd(both, 1) : _mm512_castpd512_pd256(both));
+                j += 8;
+            } else {
+                to[j] = from[at[j]];
+                j++;
+            }
+        }
+    }
+}
+#define HAVE_SHUFFLED_512 1
+#endif
+
+static void row_f32(const float *from, const int64_t *at, size_t c, size_t take, float *to, const shuffle_t *sh,
+                    int w) {
+#ifdef HAVE_SHUFFLED_512
+    if (w == 8 && sh->kind != SHUFFLE_NONE) {
+        shuffled_f32_512(from, at, c, take, to, sh);
+        return;
+    }
+#endif
+    (void)c;
+    (void)sh;
+    (void)w;
+    gather_scalar_f32(from, at, to, take);
+}
+
+static void row_f64(const double *from, const int64_t *at, size_t c, size_t take, double *to, const shuffle_t *sh,
+                    int w) {
+    (void)c;
+    (void)sh;
+    (void)w;
+    gather_scalar_f64(from, at, to, take);
+}
+
 /* The same blocks where A is gathered on one axis: A's elements, a C-order array of shape
  * (outer, size, inner), are read as A.index_select(1, index), of shape (outer, m, inner) like B.
  * Each block's gathered elements are copied into a buffer that stays in L1, then measured by
  * the very code above in the same order, so every statistic is what the kernel gives for the
  * gathered copy, bit for bit, without writing that copy to memory. *same stays 1 while the
  * gathered bytes equal B's (what a byte comparison of the copy would say). */
-#define GATHERED_BLOCKS(NAME, T, BLOCK_FN)                                                         \
+#define GATHERED_BLOCKS(NAME, T, BLOCK_FN, ROW_FN)                                                 \
     static void NAME(const T *a, const T *b, const int64_t *index, size_t outer, size_t size,      \
                      size_t m, size_t inner, double atol, double rtol, acc_t *acc, int64_t *first,  \
-                     int *same) {                                                                  \
+                     int *same, const shuffle_t *shuffle) {                                        \
         const int w = wide() ? 8 : 4;                                                              \
         const size_t n = outer * m * inner;                                                        \
         enum { ROW = (16 << 10) / sizeof(T) }; /* read out of order from memory, a row would wait on \
                                                   * every element; copied in order, on none */   \
         T buf[BLOCK], row[ROW];                                                                    \
+        /* a shuffled layout reads its rows in runs, in order: no copy */                          \
+        const int copy_rows = size <= ROW && (shuffle->kind == SHUFFLE_NONE || w != 8);            \
         size_t o = 0, c = 0, i = 0, held = (size_t)-1; /* B's position of the next element */       \
         for (size_t start = 0; start < n; start += BLOCK) {                                        \
             size_t len = n - start < BLOCK ? n - start : BLOCK;                                    \
             for (size_t k = 0; k < len;) {                                                         \
                 if (inner == 1) { /* the last axis gathered: a run of one row's elements */         \
                     if (o != held) { /* a row that fits is first copied in order, then read from L1 */ \
-                        if (size <= ROW)                                                           \
+                        if (copy_rows)                                                             \
                             memcpy(row, a + o * size, size * sizeof(T));                           \
                         held = o;                                                                  \
                     }                                                                              \
-                    const T *from = size <= ROW ? row : a + o * size;                              \
+                    const T *from = copy_rows ? row : a + o * size;                                \
                     const size_t take = m - c < len - k ? m - c : len - k;                         \
-                    const int64_t *at = index + c;                                                 \
-                    T *to = buf + k;                                                               \
-                    size_t j = 0;                                                                  \
-                    for (; j + 4 <= take; j += 4) { /* four loads in flight before their stores */ \
-                        T x0 = from[at[j]], x1 = from[at[j + 1]], x2 = from[at[j + 2]], x3 = from[at[j + 3]]; \
-                        to[j] = x0;                                                                \
-                        to[j + 1] = x1;                                                            \
-                        to[j + 2] = x2;                                                            \
-                        to[j + 3] = x3;                                                            \
-                    }                                                                              \
-                    for (; j < take; j++)                                                          \
-                        to[j] = from[at[j]];                                                       \
+                    ROW_FN(from, index + c, c, take, buf + k, shuffle, w);                         \
                     k += take;                                                                     \
                     c += take;                                                                     \
                 } else { /* a run of inner elements, contiguous in A */                            \
@@ -290,8 +401,8 @@ ALL_BLOCKS(all_f64, double, block_f64)
             BLOCK_FN(buf, b + start, len, start, w, atol, rtol, acc, first);                       \
         }                                                                                          \
     }
-GATHERED_BLOCKS(gathered_f32, float, block_f32)
-GATHERED_BLOCKS(gathered_f64, double, block_f64)
+GATHERED_BLOCKS(gathered_f32, float, block_f32, row_f32)
+GATHERED_BLOCKS(gathered_f64, double, block_f64, row_f64)
 
 /* The statistics as compare() hands them back, or None where an Inf or a NaN was met. */
 static PyObject *result_of(const acc_t *acc, int64_t first) {
@@ -360,12 +471,13 @@ static PyObject *compare_gathered(PyObject *self, PyObject *args) {
         int64_t first = -1;
         int same = 1;
         Py_BEGIN_ALLOW_THREADS
+        const shuffle_t shuffle = inner == 1 && m == (size_t)size ? shuffle_of(idx, m) : (shuffle_t){SHUFFLE_NONE, 0, 0};
         if (is_double)
             gathered_f64(a.buf, b.buf, idx, (size_t)outer, (size_t)size, m, (size_t)inner, atol, rtol, &acc, &first,
-                         &same);
+                         &same, &shuffle);
         else
             gathered_f32(a.buf, b.buf, idx, (size_t)outer, (size_t)size, m, (size_t)inner, atol, rtol, &acc, &first,
-                         &same);
+                         &same, &shuffle);
         Py_END_ALLOW_THREADS
         PyObject *stats = result_of(&acc, first);
         if (stats != NULL) {
