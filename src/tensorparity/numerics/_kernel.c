@@ -374,6 +374,9 @@ static void row_f64(const double *from, const int64_t *at, size_t c, size_t take
                     if (o != held) { /* a row that fits is first copied in order, then read from L1 */ \
                         if (copy_rows)                                                             \
                             memcpy(row, a + o * size, size * sizeof(T));                           \
+                        else if (o + 1 < outer && size <= ROW) /* the next row on its way */       \
+                            for (size_t l = 0; l < size; l += 64 / sizeof(T))                      \
+                                __builtin_prefetch(a + (o + 1) * size + l);                        \
                         held = o;                                                                  \
                     }                                                                              \
                     const T *from = copy_rows ? row : a + o * size;                                \
