@@ -345,6 +345,7 @@ def run_jobs(jobs: list[Job], tol: Tolerance, workers: int | None) -> None:
     for job, result in zip(tensor_jobs, compare_pairs(pairs, tol, workers=workers), strict=True):
         job.result = result
         job.error = relative_error(result, job.rb.stats or job.ra.stats)
+        job.run = None  # it holds the job: the cycle would keep both traces' files until a collection
     for job in jobs:
         if job.stats:
             sa = job.ra.stats if job.ra.stats is not None or not job.ra.stored else tensor_stats(job.a.load())
