@@ -129,8 +129,8 @@ class MappedFile:
             return memoryview(b"")
         mm = self._map(key)
         try:
-            size = os.stat(self.path).st_size
-        except OSError:
+            size = mm.size()  # fstat of the mapped file itself (its own descriptor), not of the path
+        except (OSError, ValueError):
             size = -1
         if size < start + nbytes or len(mm) < start + nbytes:
             raise CorruptCheckpointError(f"file ended inside bytes [{start}, {start + nbytes})", path=self.path, key=key,
