@@ -99,8 +99,6 @@ class MappedFile:
         self._mm: mmap.mmap | None = None
         self._size = os.path.getsize(path)
         self._lock = threading.Lock()
-        # Which MiB of the file were populated already: walking mapped pages again costs as much.
-        self._populated = bytearray(-(-self._size // _POPULATE_STEP))
 
     def _map(self, key: str | None = None) -> mmap.mmap:
         if self._mm is None:
@@ -115,12 +113,13 @@ class MappedFile:
                                                      fix="the file was changed while open; open it again") from exc
         return self._mm
 
-    def view(self, start: int, nbytes: int, *, populate: bool = True, key: str | None = None) -> memoryview:
+    def view(self, start: int, nbytes: int, *, key: str | None = None) -> memoryview:
         """The file's bytes ``[start, start + nbytes)`` as a read-only view of the mapping.
 
-        ``populate``: map the range's pages in one system call up front (Linux
-        ``MADV_POPULATE_READ``) instead of a fault per page. The file's current size is checked
-        first, so a file truncated since it was opened is an error, not a crash.
+        The file's current size is checked first, so a file truncated since it was opened is an
+        error, not a crash. Pages are mapped as they are first read: the kernel maps the page
+        cache's folios around each fault in batches, which costs less than populating a range up
+        front (``MADV_POPULATE_READ``, measured: a trace compare 6% slower, hashing a shard 45%).
         """
         if start < 0 or nbytes < 0 or start + nbytes > self._size:
             raise CorruptCheckpointError(f"bytes [{start}, {start + nbytes}) lie outside the {self._size}-byte file",
@@ -135,30 +134,7 @@ class MappedFile:
         if size < start + nbytes or len(mm) < start + nbytes:
             raise CorruptCheckpointError(f"file ended inside bytes [{start}, {start + nbytes})", path=self.path, key=key,
                                          fix="the file was truncated after opening; copy it again")
-        if populate and _POPULATE_READ is not None:
-            self._populate(mm, start, start + nbytes)
         return memoryview(mm)[start:start + nbytes].toreadonly()
-
-    def _populate(self, mm: mmap.mmap, start: int, end: int) -> None:
-        """Map the pages of ``[start, end)`` in one system call, unless done before (whole MiB
-        steps are remembered; a race maps some twice, which is harmless)."""
-        first, last = start // _POPULATE_STEP, (end - 1) // _POPULATE_STEP
-        if all(self._populated[first:last + 1]):
-            return
-        if _bytes is not None:  # the GIL released while the kernel maps the pages
-            with memoryview(mm) as whole, whole[start:end] as part:
-                if not _bytes.populate(part):
-                    return  # a kernel before 5.14: pages are then mapped as they are read
-        else:
-            base = start - start % mmap.PAGESIZE
-            try:
-                mm.madvise(_POPULATE_READ, base, end - base)
-            except OSError:
-                return
-        whole_from = -(-start // _POPULATE_STEP)  # steps lying entirely inside the range
-        whole_to = end // _POPULATE_STEP if end < self._size else len(self._populated)
-        if whole_to > whole_from:
-            self._populated[whole_from:whole_to] = b"\x01" * (whole_to - whole_from)
 
     def tensor(
         self,
@@ -228,12 +204,6 @@ def check_extent(shape: tuple[int, ...], stride: tuple[int, ...], offset: int, s
         )
 
 
-# Linux's MADV_POPULATE_READ (5.14+): Python's mmap module names it from 3.13 on.
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None) \
-    if hasattr(os, "uname") else None
-
-_POPULATE_STEP = 1 << 20
-
 _BUFFERS = threading.local()
 MAP_AT = 1 << 20  # spans from this size are mapped, not read (below it a mapping costs more than a read)
 SPAN_CHUNK = 256 << 10  # fits in L2 with its twin: the memcmp then reads cache, not DRAM (1.8x faster than 4 MB)
@@ -246,8 +216,9 @@ def spans_equal(a: ByteSpan, b: ByteSpan, *, chunk: int = SPAN_CHUNK) -> bool:
     The first ``FIRST_CHUNK`` bytes are read first: tensors that differ (values a port computes in
     another order) nearly always do in their first elements, and two small reads settle them.
     The rest of a large span (``MAP_AT`` bytes and more, where the C helper is built) is then
-    mapped with its pages populated and compared by one memcmp with the GIL released: no copy of
-    the page cache at all (2.7x faster than reading, and two threads compare at once). Smaller
+    mapped (with its pages populated when it is mapped for this comparison alone; through the
+    reader's own mapping where the span carries one) and compared by one memcmp with the GIL
+    released: no copy of the page cache at all (2.7x faster than reading, and two threads compare at once). Smaller
     spans are read with ``pread`` in chunks into two reused buffers (a mapping costs more than
     they do). Memory: two ``chunk``-sized buffers per thread.
     """
@@ -256,10 +227,9 @@ def spans_equal(a: ByteSpan, b: ByteSpan, *, chunk: int = SPAN_CHUNK) -> bool:
     if a.path == b.path and a.offset == b.offset:
         return True
     if a.mapped is not None and b.mapped is not None and _bytes is not None:
-        # Both files already mapped by their readers: the first bytes, then (pages populated) the rest.
+        # Both files already mapped by their readers: the first bytes, then the rest.
         first = min(FIRST_CHUNK, a.nbytes)
-        if not _bytes.same(a.mapped.view(a.offset, first, populate=False),
-                           b.mapped.view(b.offset, first, populate=False)):
+        if not _bytes.same(a.mapped.view(a.offset, first), b.mapped.view(b.offset, first)):
             return False
         rest = a.nbytes - first
         return rest == 0 or bool(_bytes.same(a.mapped.view(a.offset + first, rest), b.mapped.view(b.offset + first, rest)))
