@@ -364,3 +364,24 @@ def test_first_outside_cannot_say_where_a_nan_or_an_inf_comes_first() -> None:
     assert metrics.first_outside(plain.tobytes(), plain.tobytes(), "float32", resolved) is False
     assert metrics.first_outside(plain.tobytes(), plain.tobytes(), "int32", resolved) is None
     assert metrics.first_outside(plain.tobytes(), plain.tobytes()[:8], "float32", resolved) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("order", ["rising", "falling"])
+def test_ratios_that_grow_by_an_ulp_at_a_time_are_all_seen(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                           order: str) -> None:
+    # The vector loops let a candidate ratio through to the exact cross-multiplication only where
+    # it beats a threshold just below the best so far: ratios a step of one ulp apart, across
+    # lanes and blocks, must still end at the largest (rising), and never at a later equal or
+    # smaller one (falling).
+    n = 5000
+    b = torch.ones(n, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    steps = torch.arange(n, dtype=torch.float64) * eps
+    diff = (1e-3 * (1 + steps)).to(dtype)
+    a = b + (diff if order == "rising" else diff.flip(0))
+    kernel, torch_route = both_routes(monkeypatch, a, b)
+    assert_same(kernel, torch_route)
+    assert kernel.max_rel == float((a.double() - b.double()).abs().max())
+    assert kernel.required_rtol == torch_route.required_rtol > 0
