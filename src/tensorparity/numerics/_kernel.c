@@ -357,6 +357,17 @@ static shuffle_t shuffle_of(const int64_t *idx, size_t m) {
     return none;
 }
 
+/* j elements further along B's row: r, its place in its segment, and base, where that begins. */
+#define STEP(K)                                                                                    \
+    do {                                                                                           \
+        j += (K);                                                                                  \
+        r += (K);                                                                                  \
+        if (r == seg) {                                                                            \
+            r = 0;                                                                                 \
+            base += seg;                                                                           \
+        }                                                                                          \
+    } while (0)
+
 /* to[j] = from[at[j]] for j < take: four loads in flight before their stores. */
 #define GATHER_SCALAR(NAME, T)                                                                     \
     static inline void NAME(const T *from, const int64_t *at, T *to, size_t take) {                \
@@ -381,32 +392,31 @@ GATHER_SCALAR(gather_scalar_f64, double)
 AVX512 static void shuffled_f32_512(const float *from, const int64_t *at, size_t c, size_t take, float *to,
                                     const shuffle_t *sh) {
     const size_t seg = sh->seg, half = sh->half;
-    size_t j = 0;
+    size_t j = 0, r = c % seg, base = c - r; /* B's place in its segment, kept without a division per step */
     if (sh->kind == SHUFFLE_INTERLEAVE) {
         const __m512i weave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         while (j < take) {
-            const size_t r = (c + j) % seg, base = c + j - r;
             if (r % 2 == 0 && r + 16 <= seg && j + 16 <= take) {
                 const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(from + base + r / 2));
                 const __m512 hi = _mm512_castps256_ps512(_mm256_loadu_ps(from + base + half + r / 2));
                 _mm512_storeu_ps(to + j, _mm512_permutex2var_ps(lo, weave, hi));
-                j += 16;
+                STEP(16);
             } else {
                 to[j] = from[at[j]];
-                j++;
+                STEP(1);
             }
         }
     } else {
         const __m512i split = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
         while (j < take) {
-            const size_t r = (c + j) % seg, base = c + j - r, q = r / half, p = r % half;
+            const size_t q = r >= half, p = r - q * half;
             if (p + 8 <= half && j + 8 <= take) {
                 const __m512d both = _mm512_castps_pd(_mm512_permutexvar_ps(split, _mm512_loadu_ps(from + base + 2 * p)));
                 _mm256_storeu_pd((double *)(void *)(to + j), q ? _mm512_extractf64x4_pd(both, 1) : _mm512_castpd512_pd256(both));
-                j += 8;
+                STEP(8);
             } else {
                 to[j] = from[at[j]];
-                j++;
+                STEP(1);
             }
         }
     }
@@ -421,31 +431,30 @@ AVX512 static void shuffled_f32_512(const float *from, const int64_t *at, size_t
 static void shuffled_f32_128(const float *from, const int64_t *at, size_t c, size_t take, float *to,
                              const shuffle_t *sh) {
     const size_t seg = sh->seg, half = sh->half;
-    size_t j = 0;
+    size_t j = 0, r = c % seg, base = c - r; /* B's place in its segment, kept without a division per step */
     if (sh->kind == SHUFFLE_INTERLEAVE) {
         while (j < take) {
-            const size_t r = (c + j) % seg, base = c + j - r;
             if (r % 2 == 0 && r + 8 <= seg && j + 8 <= take) {
                 const __m128 lo = _mm_loadu_ps(from + base + r / 2), hi = _mm_loadu_ps(from + base + half + r / 2);
                 _mm_storeu_ps(to + j, _mm_unpacklo_ps(lo, hi));
                 _mm_storeu_ps(to + j + 4, _mm_unpackhi_ps(lo, hi));
-                j += 8;
+                STEP(8);
             } else {
                 to[j] = from[at[j]];
-                j++;
+                STEP(1);
             }
         }
     } else {
         while (j < take) {
-            const size_t r = (c + j) % seg, base = c + j - r, q = r / half, p = r % half;
+            const size_t q = r >= half, p = r - q * half;
             if (p + 4 <= half && j + 4 <= take) {
                 const __m128 x0 = _mm_loadu_ps(from + base + 2 * p), x1 = _mm_loadu_ps(from + base + 2 * p + 4);
                 _mm_storeu_ps(to + j, q ? _mm_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1))
                                         : _mm_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)));
-                j += 4;
+                STEP(4);
             } else {
                 to[j] = from[at[j]];
-                j++;
+                STEP(1);
             }
         }
     }
