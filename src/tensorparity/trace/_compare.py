@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint.tracefolder.reader import Trace
+from tensorparity.checkpoint.tracefolder.reader import Trace, check_ahead
 from tensorparity.checkpoint.tracefolder.records import TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import UsageError
@@ -198,7 +198,8 @@ def _compare_traces(a: Any, b: Any, *, mapping: Any, tolerance: Tolerance | None
             _close(a, src_a)
             raise
     try:
-        return _compare(src_a, src_b, side_a, side_b, key_mapping, tol, align, float(margin), workers)
+        with check_ahead(src_a, src_b):  # shard checksums hashed while the comparison is planned
+            return _compare(src_a, src_b, side_a, side_b, key_mapping, tol, align, float(margin), workers)
     finally:  # traces this call opened release their shard files; tensors were compared and dropped
         _close(a, src_a)
         _close(b, src_b)

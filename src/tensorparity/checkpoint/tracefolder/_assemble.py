@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,9 @@ class RankShards:
     def verify(self) -> None:
         for shards in self.sets.values():
             shards.verify()
+
+    def pending_checks(self) -> list[Callable[[], None]]:
+        return [check for shards in self.sets.values() for check in shards.pending_checks()]
 
     def close(self) -> None:
         for shards in self.sets.values():

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,44 @@ from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
-__all__ = ["ShardSet", "Trace", "param_name", "prepare_folder"]
+__all__ = ["ShardSet", "Trace", "check_ahead", "param_name", "prepare_folder"]
+
+
+@contextmanager
+def check_ahead(*sources: Any) -> Iterator[None]:
+    """While the block runs, the shard checksums of ``sources`` (traces; others are skipped) are
+    checked on one background thread, the two sides' shards in turn, so that a comparison's
+    workers find them checked instead of stopping to hash them (the hashers release the GIL:
+    this overlaps the Python that plans a comparison, and its first comparisons).
+
+    Nothing changes what is checked or when it is known to fail: a shard is marked checked only
+    where its checksum matched, a failure here is left for the reader that needs the shard (it
+    checks it again and raises), and a worker that needs a shard being hashed waits for it as it
+    would for another worker. The thread stops between shards when the block ends.
+    """
+    lists = [checks() for src in sources if callable(checks := getattr(src, "pending_checks", None))]
+    queue = [job for batch in zip_longest(*lists) for job in batch if job is not None]
+    if not queue:
+        yield
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        for job in queue:
+            if stop.is_set():
+                return
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - the reader that needs this shard checks it again and raises
+                continue
+
+    thread = threading.Thread(target=run, name="tensorparity-check-ahead", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def prepare_folder(path: str | os.PathLike[str]) -> Path:
@@ -111,6 +151,10 @@ class ShardSet:
         """Check every shard's checksum against the manifest."""
         for file in self.infos:
             self._check(file)
+
+    def pending_checks(self) -> list[Callable[[], None]]:
+        """One call per shard not checked yet, that checks it (as loading one of its tensors would)."""
+        return [partial(self._check, file) for file in self.infos if file not in self._verified]
 
     def lazy(self, key: str) -> LazyTensor:
         """The stored tensor as a :class:`LazyTensor` whose loader checks the shard's checksum first."""
@@ -385,6 +429,10 @@ class Trace:
         """Check every shard's checksum now (raises :class:`TraceError` naming the shard)."""
         if self._shards is not None:
             self._shards.verify()
+
+    def pending_checks(self) -> list[Callable[[], None]]:
+        """The shard checksums not checked yet, one call each (see :func:`check_ahead`)."""
+        return self._shards.pending_checks() if self._shards is not None else []
 
     def save(self, path: str | os.PathLike[str], *, shard_bytes: int = 256 << 20) -> Trace:
         """Write this trace to a new folder in the trace format and return it opened from there.
