@@ -139,7 +139,7 @@ class RankShards:
         for shards in self.sets.values():
             shards.verify()
 
-    def pending_checks(self) -> list[Callable[[], None]]:
+    def pending_checks(self) -> list[tuple[str, Callable[[], None]]]:
         return [check for shards in self.sets.values() for check in shards.pending_checks()]
 
     def close(self) -> None:

@@ -46,13 +46,23 @@ def check_ahead(*sources: Any) -> Iterator[None]:
     workers find them checked instead of stopping to hash them (the hashers release the GIL:
     this overlaps the Python that plans a comparison, and its first comparisons).
 
+    A shard whose manifest checksum another source's manifest lists too is left alone: the same
+    bytes on both sides compare equal without their values being read, so it may never need
+    checking (traces of the same run, compared, hash nothing ahead).
+
     Nothing changes what is checked or when it is known to fail: a shard is marked checked only
     where its checksum matched, a failure here is left for the reader that needs the shard (it
     checks it again and raises), and a worker that needs a shard being hashed waits for it as it
     would for another worker. The thread stops between shards when the block ends.
     """
     lists = [checks() for src in sources if callable(checks := getattr(src, "pending_checks", None))]
-    queue = [job for batch in zip_longest(*lists) for job in batch if job is not None]
+    digests = [{digest for digest, _ in checks} for checks in lists]
+
+    def elsewhere(i: int, digest: str) -> bool:
+        return any(digest in other for j, other in enumerate(digests) if j != i)
+
+    own = [[job for digest, job in checks if not elsewhere(i, digest)] for i, checks in enumerate(lists)]
+    queue = [job for batch in zip_longest(*own) for job in batch if job is not None]
     if not queue:
         yield
         return
@@ -152,9 +162,11 @@ class ShardSet:
         for file in self.infos:
             self._check(file)
 
-    def pending_checks(self) -> list[Callable[[], None]]:
-        """One call per shard not checked yet, that checks it (as loading one of its tensors would)."""
-        return [partial(self._check, file) for file in self.infos if file not in self._verified]
+    def pending_checks(self) -> list[tuple[str, Callable[[], None]]]:
+        """Each shard not checked yet: its checksum in the manifest, and a call that checks it (as
+        loading one of its tensors would)."""
+        return [(info.digest, partial(self._check, file)) for file, info in self.infos.items()
+                if file not in self._verified]
 
     def lazy(self, key: str) -> LazyTensor:
         """The stored tensor as a :class:`LazyTensor` whose loader checks the shard's checksum first."""
@@ -430,8 +442,9 @@ class Trace:
         if self._shards is not None:
             self._shards.verify()
 
-    def pending_checks(self) -> list[Callable[[], None]]:
-        """The shard checksums not checked yet, one call each (see :func:`check_ahead`)."""
+    def pending_checks(self) -> list[tuple[str, Callable[[], None]]]:
+        """The shards not checked yet: each one's checksum and a call that checks it (see
+        :func:`check_ahead`)."""
         return self._shards.pending_checks() if self._shards is not None else []
 
     def save(self, path: str | os.PathLike[str], *, shard_bytes: int = 256 << 20) -> Trace:
