@@ -8,9 +8,11 @@
  * into fused multiply-adds, which would round differently), so the mismatch count, the first
  * mismatch and the maxima are the torch route's exactly, the two largest ratios to an ulp and the
  * sums to rounding (4 or 8 float64 lanes per 1024-element block instead of torch's pairwise
- * order; with AVX-512 the three dot products are fused multiply-adds, which only sums see).
- * Where either side holds a NaN or an Inf the kernel says so and metrics.py takes its exact route, which counts them. The GIL is released: the
- * comparisons of a trace run side by side on every core. Python never passes a pointer here:
+ * order; with AVX2 or AVX-512 the three dot products are fused multiply-adds, which only sums
+ * see). Three loops, chosen at run time: AVX-512 (8 lanes), AVX2 with FMA (4), portable (4).
+ * Where either side holds a NaN or an Inf the kernel says so and metrics.py takes its exact
+ * route, which counts them. The GIL is released: the comparisons of a trace run side by side
+ * on every core. Python never passes a pointer here:
  * the lengths come from the buffers themselves and are checked before any read.
  */
 #define PY_SSIZE_T_CLEAN
