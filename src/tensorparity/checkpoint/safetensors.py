@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tensorparity._dtypes import dtype_info, dtype_name
+from tensorparity.checkpoint._mapped import MappedFile
 from tensorparity.checkpoint.tree import ByteSpan, Checkpoint, LazyTensor, TensorEntry, flatten
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
@@ -163,8 +164,6 @@ def safetensors_tensors(path: Path, *, display: str | None = None,
     shown = display or str(path)
     out: dict[str, LazyTensor] = {}
     if mapped:
-        from tensorparity.checkpoint._mapped import MappedFile
-
         handle: Any = MappedFile(path)
         for name, info in tensors.items():
             span = ByteSpan(str(path), info["start"], info["end"] - info["start"], handle)
