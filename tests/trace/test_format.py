@@ -377,3 +377,33 @@ def test_traces_written_with_older_checksums_still_open_and_verify(tmp_path: Pat
     manifest.write_text(json.dumps(data))
     with pytest.raises(TraceError, match=rf"shard checksum \({algorithm}\) does not match"):
         Trace.open(tmp_path / "t").verify()
+
+
+def test_every_record_and_statistics_field_survives_the_manifest() -> None:
+    # from_dict sets the frozen dataclasses' fields itself (faster than their __init__): a field
+    # added later and not read back would be missing here, not silently defaulted.
+    import dataclasses
+
+    from tensorparity.checkpoint.tracefolder.records import TraceRecord
+    from tensorparity.checkpoint.tracefolder.stats import TensorStats
+
+    stats = TensorStats(numel=6, min=-1.5, max=float("inf"), mean=float("nan"), std=0.25, norm=3.0, nan=1, inf=1,
+                        hash="fp2:00ff")
+    record = TraceRecord(index=7, module="layers.0", call=2, module_type="torch.nn.Linear", kind="output",
+                         path="0.a", shape=(2, 3), dtype="bfloat16", device="cuda:1", stats=stats, stored=False,
+                         value=None, is_tensor=True,
+                         placement={"mesh": [2], "placements": ["Shard(0)"], "global_shape": [4, 3], "offset": [2, 0]})
+    back = TraceRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    for f in dataclasses.fields(TraceRecord):
+        if f.name != "stats":
+            assert getattr(back, f.name) == getattr(record, f.name), f.name
+    for f in dataclasses.fields(TensorStats):
+        got, want = getattr(back.stats, f.name), getattr(stats, f.name)
+        assert got == want or (got != got and want != want), f.name
+    assert back.key == record.key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.index = 8  # type: ignore[misc]
+    value = TraceRecord.from_dict(TraceRecord(index=0, module="", call=0, module_type="m", kind="output", path="1",
+                                              shape=(), dtype="", device="", stats=None, stored=False, value=3.5,
+                                              is_tensor=False).to_dict())
+    assert value.value == 3.5 and value.is_tensor is False and value.stats is None and value.placement is None

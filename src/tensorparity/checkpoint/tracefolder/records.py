@@ -165,12 +165,16 @@ class TraceRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TraceRecord:
         stats = TensorStats.from_dict(data["stats"]) if data.get("stats") else None
-        return cls(index=int(data["index"]), module=str(data["module"]), call=int(data["call"]),
-                   module_type=str(data["module_type"]), kind=str(data["kind"]), path=str(data["path"]),
-                   shape=tuple(int(s) for s in data["shape"]), dtype=str(data["dtype"]),
-                   device=str(data["device"]), stats=stats, stored=bool(data["stored"]),
-                   value=data.get("value"), is_tensor=bool(data.get("is_tensor", True)),
-                   placement=data["placement"] if isinstance(data.get("placement"), dict) else None)
+        # Set as the frozen dataclass's __init__ would, without an object.__setattr__ per field.
+        out = object.__new__(cls)
+        out.__dict__.update(
+            index=int(data["index"]), module=str(data["module"]), call=int(data["call"]),
+            module_type=str(data["module_type"]), kind=str(data["kind"]), path=str(data["path"]),
+            shape=tuple(int(s) for s in data["shape"]), dtype=str(data["dtype"]), device=str(data["device"]),
+            stats=stats, stored=bool(data["stored"]), value=data.get("value"),
+            is_tensor=bool(data.get("is_tensor", True)),
+            placement=data["placement"] if isinstance(data.get("placement"), dict) else None)
+        return out
 
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(TraceRecord))  # to_dict reads them by name

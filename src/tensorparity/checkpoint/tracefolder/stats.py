@@ -69,8 +69,12 @@ class TensorStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorStats:
-        # Fields a newer minor schema version adds are ignored; the known ones are required.
-        return cls(**{k: (float(data[k]) if k in _FLOATS else data[k]) for k in _STATS_FIELDS})
+        # Fields a newer minor schema version adds are ignored; the known ones are required. The
+        # fields are set as the frozen dataclass's __init__ would set them, without its nine
+        # object.__setattr__ calls: a manifest holds thousands of these (half of reading one).
+        out = object.__new__(cls)
+        out.__dict__.update({k: (float(data[k]) if k in _FLOATS else data[k]) for k in _STATS_FIELDS})
+        return out
 
 
 _STATS_FIELDS = tuple(f.name for f in fields(TensorStats))  # a manifest holds thousands of these
