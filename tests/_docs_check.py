@@ -27,7 +27,8 @@ AVX-512, another BLAS code path), so a port's float32 differences, the statistic
 the digest of a file holding computed values differ in their last digits from one machine to the
 next. A block whose output differs from the page only in numbers and hex digests (12 digits or
 more), and in the spaces and line breaks that fit them, is accepted (:func:`_same_but_numbers`):
-every word, verdict and name must still be the page's.
+every word, verdict and name must still be the page's, as many times (and in the page's order
+in an excerpt).
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ _DIGEST = re.compile(r"\b[0-9a-f]{12,}\b")
 
 
 def words_but_numbers(text: str) -> str:
-    """``text``'s words in order, one space apart, every number and hex digest replaced by a mark: what must agree between machines (the columns and line breaks that fit numbers of
-    another width move with them)."""
+    """``text``'s words in order, one space apart, every number and hex digest replaced by a mark:
+    what must agree between machines (the columns and line breaks that fit numbers of another
+    width move with them)."""
     return " ".join(_NUMBER.sub("<num>", _DIGEST.sub("<hex>", text)).split())
 
 
