@@ -387,81 +387,71 @@ static shuffle_t shuffle_of(const int64_t *idx, size_t m) {
 GATHER_SCALAR(gather_scalar_f32, float)
 GATHER_SCALAR(gather_scalar_f64, double)
 
-#if defined(__x86_64__) && !defined(__clang__) && defined(__GNUC__) && !defined(TP_SCALAR)
-/* The two layouts by AVX-512 shuffles: sixteen (eight) elements of B from two (one) loads of A
- * and one permute, instead of an indexed load and a store each. The same elements as the index
- * gives, where runs fit whole; the rest element by element. */
-AVX512 static void shuffled_f32_512(const float *from, const int64_t *at, size_t c, size_t take, float *to,
-                                    const shuffle_t *sh) {
-    const size_t seg = sh->seg, half = sh->half;
-    size_t j = 0, r = c % seg, base = c - r; /* B's place in its segment, kept without a division per step */
-    if (sh->kind == SHUFFLE_INTERLEAVE) {
-        const __m512i weave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        while (j < take) {
-            if (r % 2 == 0 && r + 16 <= seg && j + 16 <= take) {
-                const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(from + base + r / 2));
-                const __m512 hi = _mm512_castps256_ps512(_mm256_loadu_ps(from + base + half + r / 2));
-                _mm512_storeu_ps(to + j, _mm512_permutex2var_ps(lo, weave, hi));
-                STEP(16);
-            } else {
-                to[j] = from[at[j]];
-                STEP(1);
-            }
-        }
-    } else {
-        const __m512i split = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
-        while (j < take) {
-            const size_t q = r >= half, p = r - q * half;
-            if (p + 8 <= half && j + 8 <= take) {
-                const __m512d both = _mm512_castps_pd(_mm512_permutexvar_ps(split, _mm512_loadu_ps(from + base + 2 * p)));
-                _mm256_storeu_pd((double *)(void *)(to + j), q ? _mm512_extractf64x4_pd(both, 1) : _mm512_castpd512_pd256(both));
-                STEP(8);
-            } else {
-                to[j] = from[at[j]];
-                STEP(1);
-            }
-        }
+/* A row of B in one of the two layouts, from A's row: W_IN elements at a time by WEAVE where an
+ * interleaved run fits whole (two runs of A woven), W_OUT by SPLIT where a deinterleaved one
+ * does (the even or the odd elements of a run of A), the rest element by element; the same
+ * elements as the index gives. r, B's place in its segment, is kept without a division a step. */
+#define SHUFFLED(NAME, ATTR, W_IN, WEAVE, W_OUT, SPLIT)                                            \
+    ATTR static void NAME(const float *from, const int64_t *at, size_t c, size_t take, float *to,   \
+                          const shuffle_t *sh) {                                                   \
+        const size_t seg = sh->seg, half = sh->half;                                               \
+        size_t j = 0, r = c % seg, base = c - r;                                                   \
+        while (j < take) {                                                                         \
+            if (sh->kind == SHUFFLE_INTERLEAVE) {                                                  \
+                if (r % 2 == 0 && r + (W_IN) <= seg && j + (W_IN) <= take) {                       \
+                    WEAVE(from + base + r / 2, from + base + half + r / 2, to + j);               \
+                    STEP(W_IN);                                                                    \
+                    continue;                                                                      \
+                }                                                                                  \
+            } else {                                                                               \
+                const size_t q = r >= half, p = r - q * half;                                      \
+                if (p + (W_OUT) <= half && j + (W_OUT) <= take) {                                  \
+                    SPLIT(from + base + 2 * p, q, to + j);                                         \
+                    STEP(W_OUT);                                                                   \
+                    continue;                                                                      \
+                }                                                                                  \
+            }                                                                                      \
+            to[j] = from[at[j]];                                                                   \
+            STEP(1);                                                                               \
+        }                                                                                          \
     }
-}
-#define HAVE_SHUFFLED_512 1
-#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(TP_SCALAR)
 #include <immintrin.h>
-/* The same by SSE shuffles (every x86-64 CPU): eight (four) elements of B from two loads of A
- * and two unpacks (one shuffle). */
-static void shuffled_f32_128(const float *from, const int64_t *at, size_t c, size_t take, float *to,
-                             const shuffle_t *sh) {
-    const size_t seg = sh->seg, half = sh->half;
-    size_t j = 0, r = c % seg, base = c - r; /* B's place in its segment, kept without a division per step */
-    if (sh->kind == SHUFFLE_INTERLEAVE) {
-        while (j < take) {
-            if (r % 2 == 0 && r + 8 <= seg && j + 8 <= take) {
-                const __m128 lo = _mm_loadu_ps(from + base + r / 2), hi = _mm_loadu_ps(from + base + half + r / 2);
-                _mm_storeu_ps(to + j, _mm_unpacklo_ps(lo, hi));
-                _mm_storeu_ps(to + j + 4, _mm_unpackhi_ps(lo, hi));
-                STEP(8);
-            } else {
-                to[j] = from[at[j]];
-                STEP(1);
-            }
-        }
-    } else {
-        while (j < take) {
-            const size_t q = r >= half, p = r - q * half;
-            if (p + 4 <= half && j + 4 <= take) {
-                const __m128 x0 = _mm_loadu_ps(from + base + 2 * p), x1 = _mm_loadu_ps(from + base + 2 * p + 4);
-                _mm_storeu_ps(to + j, q ? _mm_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1))
-                                        : _mm_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)));
-                STEP(4);
-            } else {
-                to[j] = from[at[j]];
-                STEP(1);
-            }
-        }
-    }
-}
+/* SSE (every x86-64 CPU): eight elements woven from two loads and two unpacks; four split from
+ * two loads and one shuffle. */
+#define WEAVE_128(LO, HI, TO)                                                                      \
+    do {                                                                                           \
+        const __m128 lo_ = _mm_loadu_ps(LO), hi_ = _mm_loadu_ps(HI);                               \
+        _mm_storeu_ps((TO), _mm_unpacklo_ps(lo_, hi_));                                            \
+        _mm_storeu_ps((TO) + 4, _mm_unpackhi_ps(lo_, hi_));                                        \
+    } while (0)
+#define SPLIT_128(FROM, ODD, TO)                                                                   \
+    do {                                                                                           \
+        const __m128 x0_ = _mm_loadu_ps(FROM), x1_ = _mm_loadu_ps((FROM) + 4);                     \
+        _mm_storeu_ps((TO), (ODD) ? _mm_shuffle_ps(x0_, x1_, _MM_SHUFFLE(3, 1, 3, 1))              \
+                                  : _mm_shuffle_ps(x0_, x1_, _MM_SHUFFLE(2, 0, 2, 0)));            \
+    } while (0)
+SHUFFLED(shuffled_f32_128, , 8, WEAVE_128, 4, SPLIT_128)
 #define HAVE_SHUFFLED_128 1
+#if !defined(__clang__)
+/* AVX-512: sixteen elements woven from two loads and one permute; eight split from one load
+ * and one permute. */
+#define WEAVE_512(LO, HI, TO)                                                                      \
+    _mm512_storeu_ps((TO), _mm512_permutex2var_ps(                                                 \
+        _mm512_castps256_ps512(_mm256_loadu_ps(LO)),                                               \
+        _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0),                  \
+        _mm512_castps256_ps512(_mm256_loadu_ps(HI))))
+#define SPLIT_512(FROM, ODD, TO)                                                                   \
+    do {                                                                                           \
+        const __m512d both_ = _mm512_castps_pd(_mm512_permutexvar_ps(                              \
+            _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0), _mm512_loadu_ps(FROM))); \
+        _mm256_storeu_pd((double *)(void *)(TO), (ODD) ? _mm512_extractf64x4_pd(both_, 1)          \
+                                                       : _mm512_castpd512_pd256(both_));           \
+    } while (0)
+SHUFFLED(shuffled_f32_512, AVX512, 16, WEAVE_512, 8, SPLIT_512)
+#define HAVE_SHUFFLED_512 1
+#endif
 #endif
 
 static void row_f32(const float *from, const int64_t *at, size_t c, size_t take, float *to, const shuffle_t *sh,
