@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tensorparity.checkpoint.tracefolder.ahead import check_ahead
 from tensorparity.checkpoint.tracefolder.format import TraceError
-from tensorparity.checkpoint.tracefolder.reader import Trace, check_ahead
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.examples import reference_model
 from tensorparity.trace import capture, compare_traces
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from tensorparity.checkpoint import open as open_checkpoint
-from tensorparity.checkpoint.tracefolder.reader import Trace, check_ahead
+from tensorparity.checkpoint.tracefolder.ahead import check_ahead
+from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.checkpoint.tracefolder.records import TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import UsageError

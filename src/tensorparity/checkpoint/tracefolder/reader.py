@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
 from functools import partial
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -36,54 +34,7 @@ from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 
-__all__ = ["ShardSet", "Trace", "check_ahead", "param_name", "prepare_folder"]
-
-
-@contextmanager
-def check_ahead(*sources: Any) -> Iterator[None]:
-    """While the block runs, the shard checksums of ``sources`` (traces; others are skipped) are
-    checked on one background thread, the two sides' shards in turn, so that a comparison's
-    workers find them checked instead of stopping to hash them (the hashers release the GIL:
-    this overlaps the Python that plans a comparison, and its first comparisons).
-
-    A shard whose manifest checksum another source's manifest lists too is left alone: the same
-    bytes on both sides compare equal without their values being read, so it may never need
-    checking (traces of the same run, compared, hash nothing ahead).
-
-    Nothing changes what is checked or when it is known to fail: a shard is marked checked only
-    where its checksum matched, a failure here is left for the reader that needs the shard (it
-    checks it again and raises), and a worker that needs a shard being hashed waits for it as it
-    would for another worker. The thread stops between shards when the block ends.
-    """
-    lists = [checks() for src in sources if callable(checks := getattr(src, "pending_checks", None))]
-    digests = [{digest for digest, _ in checks} for checks in lists]
-
-    def elsewhere(i: int, digest: str) -> bool:
-        return any(digest in other for j, other in enumerate(digests) if j != i)
-
-    own = [[job for digest, job in checks if not elsewhere(i, digest)] for i, checks in enumerate(lists)]
-    queue = [job for batch in zip_longest(*own) for job in batch if job is not None]
-    if not queue:
-        yield
-        return
-    stop = threading.Event()
-
-    def run() -> None:
-        for job in queue:
-            if stop.is_set():
-                return
-            try:
-                job()
-            except Exception:  # noqa: BLE001 - the reader that needs this shard checks it again and raises
-                continue
-
-    thread = threading.Thread(target=run, name="tensorparity-check-ahead", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+__all__ = ["ShardSet", "Trace", "param_name", "prepare_folder"]
 
 
 def prepare_folder(path: str | os.PathLike[str]) -> Path:
@@ -444,7 +395,7 @@ class Trace:
 
     def pending_checks(self) -> list[tuple[str, Callable[[], None]]]:
         """The shards not checked yet: each one's checksum and a call that checks it (see
-        :func:`check_ahead`)."""
+        :func:`~tensorparity.checkpoint.tracefolder.ahead.check_ahead`)."""
         return self._shards.pending_checks() if self._shards is not None else []
 
     def save(self, path: str | os.PathLike[str], *, shard_bytes: int = 256 << 20) -> Trace:
