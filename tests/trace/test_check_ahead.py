@@ -86,7 +86,7 @@ def test_a_corrupt_shard_still_stops_the_comparison(tmp_path: Path, saved: Path)
     raw = bytearray(shards[-1].read_bytes())
     raw[-3] ^= 0xFF
     shards[-1].write_bytes(bytes(raw))
-    with pytest.raises(TraceError, match=f"{shards[-1].name}: shard checksum .xxh3_128. does not match"):
+    with pytest.raises(TraceError, match=f"{shards[-1].name}: shard checksum .xxh3_128_data_first. does not match"):
         compare_traces(saved, flipped)
     assert no_thread_left()
     assert compare_traces(saved, saved).verdict == "identical"

@@ -15,13 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from tensorparity.checkpoint.tracefolder.format import TraceError, TraceWriter, file_digest, write_manifest
+from tensorparity.checkpoint.tracefolder.format import TraceError, file_digest, write_manifest
 from tensorparity.checkpoint.tracefolder.reader import Trace
 from tensorparity.checkpoint.tracefolder.records import SCHEMA
+from tensorparity.checkpoint.tracefolder.writer import TraceWriter
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 from tensorparity.examples import reference_model
 from tensorparity.trace import capture
@@ -63,11 +65,12 @@ def test_streamed_capture_equals_in_memory_and_round_trips(tmp_path: Path, saved
     manifest = json.loads((saved / "manifest.json").read_text())
     assert manifest["schema"] == "tensorparity.trace/1" and manifest["mode"] == "full"
     (shard,) = manifest["shards"]
-    assert shard["file"] == "shard-00000.safetensors" and len(shard["xxh3_128"]) == 32
+    assert shard["file"] == "shard-00000.safetensors" and len(shard["xxh3_128_data_first"]) == 32
     assert shard["bytes"] == (saved / shard["file"]).stat().st_size
     assert all(r["shard"] == shard["file"] for r in manifest["records"] if r["stored"])
     with safe_open(str(saved / shard["file"]), "pt") as f:  # plain safetensors: no pickle anywhere
-        assert set(f.keys()) == {r["key"] for r in manifest["records"] if r["stored"]}
+        keys = {k for k in f.keys() if not k.startswith("__pad__/")}  # padding: see test_shards_are_safetensors...
+        assert keys == {r["key"] for r in manifest["records"] if r["stored"]}
 
 
 def test_dtypes_are_kept_and_non_contiguous_tensors_stored_contiguous(tmp_path: Path) -> None:
@@ -97,24 +100,44 @@ def test_tiny_queue_and_small_shards_still_give_a_correct_trace(tmp_path: Path) 
     assert len(streamed.records) == len(Trace.open(tmp_path / "t").records)
 
 
-def test_shards_are_what_save_file_writes_and_their_checksum_is_the_files(tmp_path: Path) -> None:
-    # The writer writes shards itself (checksummed from memory as the bytes go out): what the
-    # safetensors library's save_file writes (the same header, whose metadata entries the library
-    # orders at random, and the same data), and the checksum of the file as it lies on disk.
+def test_shards_are_safetensors_files_and_their_checksum_is_the_files(tmp_path: Path) -> None:
+    # The writer writes shards itself, data first and the header last into room reserved at the
+    # start: what the safetensors library reads (every dtype, empty and 0-d tensors, a tensor
+    # that straddles blocks), and checksummed from memory as the bytes go out, in that order.
     tensors = {"b/0/output": torch.arange(5, dtype=torch.int8), "a/0/output": torch.randn(3, 4),
                "c/0/output": torch.randn(7, dtype=torch.float64), "d/0/output": torch.ones(3, dtype=torch.bfloat16),
-               "e/0/output": torch.zeros(0), "f/0/output": torch.tensor(True)}
-    writer = TraceWriter(tmp_path / "w")
+               "e/0/output": torch.zeros(0), "f/0/output": torch.tensor(True), "g/0/output": torch.randn(3000)}
+    writer = TraceWriter(tmp_path / "w", queue_bytes=8192)  # blocks of 4096 bytes: "g" straddles three
     for key, tensor in tensors.items():
-        writer.put(key, tensor.clone())
+        writer.put(key, tensor)
     [shard] = writer.close()
     path = tmp_path / "w" / shard.file
-    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt", "tensorparity": SCHEMA})
-    ours, lib = path.read_bytes(), (tmp_path / "lib.safetensors").read_bytes()
-    n = int.from_bytes(ours[:8], "little")
-    assert len(ours) == len(lib) and ours[:8] == lib[:8] and ours[8 + n:] == lib[8 + n:]
-    assert json.loads(ours[8:8 + n]) == json.loads(lib[8:8 + n])
-    assert shard.bytes == path.stat().st_size and shard.digest == file_digest(path) and shard.tensors == 6
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert (8 + n) % 4096 == 0 and raw[8:8 + n].rstrip(b" ").endswith(b"}")
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"] == {"format": "pt", "tensorparity": SCHEMA}
+    # In the order they arrived, each at a multiple of 64 bytes (what torch allocates: the same
+    # BLAS code path when a replay computes on them), the bytes between them padding of their own.
+    assert [k for k in header if k != "__metadata__" and not k.startswith("__pad__/")] == list(tensors)
+    assert all(header[k]["data_offsets"][0] % 64 == 0 for k in tensors if tensors[k].numel())
+    pads = [v for k, v in header.items() if k.startswith("__pad__/")]
+    assert pads and all(v["dtype"] == "U8" and 0 < v["shape"][0] < 64 for v in pads)
+    read = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad__/")}
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], t) for k, t in tensors.items())
+    assert shard.bytes == len(raw) and shard.digest == file_digest(path) and shard.tensors == 7
+    assert shard.digest == xxhash.xxh3_128(raw[8 + n:] + raw[:8 + n]).hexdigest()
+
+
+def test_a_tensor_changed_after_put_is_stored_as_it_was(tmp_path: Path) -> None:
+    # put copies before it returns: a capture hands over the step's own tensors, which later
+    # in-place operations (an in-place ReLU, the optimizer) change.
+    writer = TraceWriter(tmp_path / "w", queue_bytes=8192)
+    t = torch.arange(5000.0)
+    writer.put("t", t)
+    t.zero_()
+    writer.close()
+    assert torch.equal(load_file(str(tmp_path / "w" / "shard-00000.safetensors"))["t"], torch.arange(5000.0))
 
 
 def test_capture_waits_for_no_fsync_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,16 +154,18 @@ def test_capture_waits_for_no_fsync_unless_asked(tmp_path: Path, monkeypatch: py
     assert_same(trace, Trace.open(tmp_path / "t"))
 
 
-def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
-    writer = TraceWriter(tmp_path / "w", queue_bytes=1000, shard_bytes=1 << 20)
+def test_writer_memory_is_bounded_in_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Blocks wait for the disk: held back here (the first write waits for the gate), the
+    # producer stops once queue_bytes of blocks are full, and goes on when the disk does.
     gate = threading.Event()
-    # The first tensor's callback holds the writer thread, so the queue fills up behind it.
-    writer.put("first", torch.zeros(10), done=lambda t: gate.wait(5))
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (gate.wait(5), real(fd, data, offset))[1])
+    writer = TraceWriter(tmp_path / "w", queue_bytes=3 * 4096, shard_bytes=1 << 20)
     blocked = threading.Event()
 
     def produce() -> None:
         for i in range(20):
-            writer.put(f"t{i}", torch.zeros(100))  # 400 bytes each: at most two wait at a time
+            writer.put(f"t{i}", torch.full((1000,), float(i)))  # 4000 bytes each
         blocked.set()
 
     thread = threading.Thread(target=produce)
@@ -150,8 +175,10 @@ def test_writer_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
     thread.join(5)
     assert blocked.is_set()
     writer.close()
-    assert writer.peak_bytes <= 1000
-    assert len(writer.shard_of) == 21
+    assert writer.peak_bytes <= 3 * 4096
+    assert len(writer.shard_of) == 20
+    read = load_file(str(tmp_path / "w" / "shard-00000.safetensors"))
+    assert all(torch.equal(read[f"t{i}"], torch.full((1000,), float(i))) for i in range(20))
 
 
 def test_failed_capture_leaves_a_folder_recognised_as_unfinished(tmp_path: Path) -> None:
@@ -218,10 +245,20 @@ def test_truncated_and_corrupt_shards_are_named(tmp_path: Path, saved: Path) -> 
     raw[-3] ^= 0xFF
     shard.write_bytes(bytes(raw))
     trace = Trace.open(flipped)  # sizes and headers agree; the checksum is checked on first load
-    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .xxh3_128. does not match"):
+    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .xxh3_128_data_first. does not match"):
         trace.load(trace.records[0])
     with pytest.raises(TraceError, match="fix: copy the trace folder again"):
         trace.verify()
+    # A space of the header's padding changed (the header still parses): the checksum covers it too.
+    padded = copy_trace(saved, tmp_path / "padded")
+    shard = padded / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    end = 8 + int.from_bytes(raw[:8], "little")
+    assert raw[end - 1:end] == b" "
+    raw[end - 1] = ord("\t")
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(TraceError, match="shard checksum .xxh3_128_data_first. does not match"):
+        Trace.open(padded).verify()
     missing = copy_trace(saved, tmp_path / "missing")
     (missing / "shard-00000.safetensors").unlink()
     with pytest.raises(TraceError, match="shard file is missing"):
@@ -239,7 +276,7 @@ def test_a_compare_reads_no_value_from_a_shard_whose_checksum_fails(tmp_path: Pa
     raw[-3] ^= 0xFF  # inside the last tensor's float32 data: sizes and headers still agree
     shard.write_bytes(bytes(raw))
     assert compare(saved, copy_trace(saved, tmp_path / "copy")).verdict == "identical"
-    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .xxh3_128. does not match"):
+    with pytest.raises(TraceError, match="shard-00000.safetensors: shard checksum .xxh3_128_data_first. does not match"):
         compare(saved, flipped)
 
 
@@ -355,9 +392,10 @@ def test_two_ranks_write_their_own_folders(tmp_path: Path) -> None:
         Trace.open(folder, rank=5)
 
 
-@pytest.mark.parametrize("algorithm", ["sha256", "blake2b"])
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256", "blake2b"])
 def test_traces_written_with_older_checksums_still_open_and_verify(tmp_path: Path, algorithm: str) -> None:
-    """Older traces name their shards' sha256 or blake2b; newer ones xxh3-128. All are checked."""
+    """Older traces name their shards' xxh3-128, sha256 or blake2b of the file; newer ones xxh3-128
+    of the data, then the header. All are checked."""
     import hashlib
 
     model = nn.Linear(3, 2)
@@ -366,14 +404,15 @@ def test_traces_written_with_older_checksums_still_open_and_verify(tmp_path: Pat
     manifest = tmp_path / "t" / "manifest.json"
     data = json.loads(manifest.read_text())
     for shard in data["shards"]:
-        del shard["xxh3_128"]
+        del shard["xxh3_128_data_first"]
         raw = (tmp_path / "t" / shard["file"]).read_bytes()
-        shard[algorithm] = (hashlib.sha256(raw) if algorithm == "sha256" else hashlib.blake2b(raw, digest_size=32)).hexdigest()
+        shard[algorithm] = (xxhash.xxh3_128(raw) if algorithm == "xxh3_128" else hashlib.sha256(raw)
+                            if algorithm == "sha256" else hashlib.blake2b(raw, digest_size=32)).hexdigest()
     manifest.write_text(json.dumps(data))
     trace = Trace.open(tmp_path / "t")
     trace.verify()
     assert torch.equal(trace.load("<model>/0/param_grad/weight"), torch.ones(2, 1) @ torch.ones(1, 3))
-    data["shards"][0][algorithm] = "0" * 64
+    data["shards"][0][algorithm] = "0" * len(data["shards"][0][algorithm])
     manifest.write_text(json.dumps(data))
     with pytest.raises(TraceError, match=rf"shard checksum \({algorithm}\) does not match"):
         Trace.open(tmp_path / "t").verify()

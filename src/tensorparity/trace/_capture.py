@@ -54,8 +54,9 @@ from typing import Any
 from torch import nn
 
 from tensorparity.checkpoint.tracefolder._dtensor import DTENSOR_MODES
-from tensorparity.checkpoint.tracefolder.format import MODES, TraceError, TraceWriter, build_manifest, write_manifest
+from tensorparity.checkpoint.tracefolder.format import MODES, TraceError, build_manifest, write_manifest
 from tensorparity.checkpoint.tracefolder.reader import ShardSet, Trace, prepare_folder
+from tensorparity.checkpoint.tracefolder.writer import TraceWriter
 from tensorparity.errors import UsageError
 from tensorparity.trace._recorder import Recorder, type_name
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from tensorparity.checkpoint._wrappers import WrapperNames, wrapper_attr
 from tensorparity.checkpoint.tracefolder._dtensor import as_recorded, is_dtensor, sharded
-from tensorparity.checkpoint.tracefolder.format import STORABLE, TraceWriter
+from tensorparity.checkpoint.tracefolder.format import STORABLE
 from tensorparity.checkpoint.tracefolder.records import (
     SCHEMA,
     TensorStats,
@@ -28,6 +28,7 @@ from tensorparity.checkpoint.tracefolder.records import (
     record_key,
     tensor_stats,
 )
+from tensorparity.checkpoint.tracefolder.writer import TraceWriter
 from tensorparity.mapping._param_signature import param_signature
 from tensorparity.trace.seed import environment, input_hash
 
@@ -400,13 +401,13 @@ class Recorder:
         if not (full and dtype in STORABLE):
             finish(*meta, self._stats(leaf), False)
             return
-        copy = leaf.detach().clone(memory_format=torch.contiguous_format)
         key = record_key(module, call, kind, path)
         if self.writer is None:
+            copy = leaf.detach().clone(memory_format=torch.contiguous_format)
             self.tensors[key] = copy
             finish(*meta, tensor_stats(copy), True)
-        else:
-            self.writer.put(key, copy, lambda cpu: finish(*meta, tensor_stats(cpu), True))
+        else:  # the writer copies it before it returns (into reused memory: no clone to fault in)
+            self.writer.put(key, leaf, lambda stats: finish(*meta, stats, True))
 
     def _stats(self, leaf: torch.Tensor) -> TensorStats:
         # One tensor is often recorded several times: a container's output is its last child's,

@@ -75,13 +75,16 @@ MULTIVERSION static uint64_t row_words(const uint64_t *w, uint64_t *cols) {
 
 static PyObject *reduce(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer data, rows, cols;
+    Py_buffer data, rows, cols, dst = {0};
     int is_double;
-    if (!PyArg_ParseTuple(args, "y*pw*w*", &data, &is_double, &rows, &cols))
+    if (!PyArg_ParseTuple(args, "y*pw*w*|w*", &data, &is_double, &rows, &cols, &dst))
         return NULL;
     const size_t nbytes = (size_t)data.len, nrows = nbytes / 8 / BLOCK;
+    unsigned char *copy = dst.buf; /* where given: each row is also copied there, from the L1 cache */
     PyObject *result = NULL;
-    if (nbytes % 8 || ((uintptr_t)data.buf) % 8 || ((uintptr_t)rows.buf) % 8 || ((uintptr_t)cols.buf) % 8) {
+    if (copy != NULL && (size_t)dst.len != nbytes) {
+        PyErr_SetString(PyExc_ValueError, "reduce: dst must be as long as data");
+    } else if (nbytes % 8 || ((uintptr_t)data.buf) % 8 || ((uintptr_t)rows.buf) % 8 || ((uintptr_t)cols.buf) % 8) {
         PyErr_SetString(PyExc_ValueError, "reduce: the buffers must be 8-byte aligned, the data a whole number of words");
     } else if ((size_t)rows.len != nrows * 8 || (size_t)cols.len != BLOCK * 8) {
         PyErr_SetString(PyExc_ValueError, "reduce: rows must hold one int64 per 1024 words, cols 1024 int64");
@@ -98,6 +101,8 @@ static PyObject *reduce(PyObject *self, PyObject *args) {
                 stats_f64((const double *)row, BLOCK, acc);
             else
                 stats_f32((const float *)row, 2 * BLOCK, acc);
+            if (copy != NULL)
+                memcpy(copy + r * BLOCK * 8, row, BLOCK * 8);
         }
         const size_t done = nrows * BLOCK * 8;
         if (done < nbytes) {
@@ -105,6 +110,8 @@ static PyObject *reduce(PyObject *self, PyObject *args) {
                 stats_f64((const double *)(p + done), (nbytes - done) / 8, acc);
             else
                 stats_f32((const float *)(p + done), (nbytes - done) / 4, acc);
+            if (copy != NULL)
+                memcpy(copy + done, p + done, nbytes - done);
         }
         Py_END_ALLOW_THREADS
         result = Py_BuildValue("(dddd)", acc[2], acc[3], acc[0], acc[1]);
@@ -112,13 +119,16 @@ static PyObject *reduce(PyObject *self, PyObject *args) {
     PyBuffer_Release(&data);
     PyBuffer_Release(&rows);
     PyBuffer_Release(&cols);
+    if (dst.obj != NULL)
+        PyBuffer_Release(&dst);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"reduce", reduce, METH_VARARGS,
-     "reduce(data, is_double, rows, cols) -> (min, max, sum, sum of squares); fills the row and "
-     "column sums of data's int64 words laid out 1024 to a row (rows: one per whole row)."},
+     "reduce(data, is_double, rows, cols[, dst]) -> (min, max, sum, sum of squares); fills the row "
+     "and column sums of data's int64 words laid out 1024 to a row (rows: one per whole row); "
+     "copies data into dst (as long as data) on the way, where given."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,11 +6,13 @@ Layout::
       shard-00000.safetensors   tensors keyed by record key (module/call/kind[/path]), ~256 MB each
       shard-00001.safetensors
       manifest.json             written LAST and atomically: schema, mode, provenance, shards
-                                (file, size, xxh3-128 checksum), records (each stored one names its shard)
+                                (file, size, checksum), records (each stored one names its shard)
     TRACE/rank-0/ ... rank-1/   under torchrun: one such folder per rank
 
-Tensors stream to disk from a background thread behind a queue bounded in bytes (the producer
-waits when it is full), so disk writes overlap compute and capture cannot run out of memory.
+Tensors stream to disk from a background thread through blocks bounded in bytes (the producer
+waits when they are full), so disk writes overlap compute and capture cannot run out of memory
+(:mod:`.writer`: how, and why with ``O_DIRECT``). A shard is a safetensors file whose tensors lie
+in the order they arrived, its header padded with spaces to a reserved room.
 The manifest goes to a temporary file that is renamed over ``manifest.json``; it records every
 shard's size and checksum. A folder with shards and no manifest is therefore a capture that did
 not finish, and is refused as such. Nothing is fsynced by default (``fsync=True`` of the writer
@@ -28,8 +30,6 @@ import json
 import mmap
 import os
 import re
-import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +38,12 @@ from typing import Any
 import torch
 import xxhash
 
-from tensorparity._atomic import atomic_output, fsync_dir, fsync_tree
-from tensorparity._output import write_failure
-from tensorparity.checkpoint.safetensors import DTYPES, write_tensors
+from tensorparity._atomic import atomic_output, fsync_dir
+from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["DIGESTS", "MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo", "TraceError", "TraceWriter",
+__all__ = ["CAPTURING", "DATA_FIRST", "DIGESTS", "MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo", "TraceError",
            "build_manifest", "file_digest", "rank_folders", "read_manifest", "schema_major", "write_manifest"]
 
 CAPTURING = ".capturing"  # written when a capture starts, removed once its manifest is written
@@ -76,12 +75,16 @@ def schema_major(schema: Any) -> int | None:
     return int(m.group(1)) if m else None
 
 
-DIGESTS = ("xxh3_128", "sha256", "blake2b")  # the first is written; older traces carry the others
+# The first is written: xxh3-128 of a shard's data region, then of its header (the order the
+# writer writes them in: see .writer); older traces carry the others, of the file in file order.
+DATA_FIRST = "xxh3_128_data_first"
+DIGESTS = (DATA_FIRST, "xxh3_128", "sha256", "blake2b")
 _DIGEST_CHUNK = 64 << 20
 
 
 def file_digest(path: Path, algorithm: str = DIGESTS[0], *, mapped: Any = None) -> str:
-    """A file's checksum: xxh3-128 by default, sha256 or blake2b-256 for older traces.
+    """A shard's checksum: xxh3-128 of its data region then its header by default (see
+    :data:`DATA_FIRST`), xxh3-128, sha256 or blake2b-256 of the file for older traces.
 
     The checksum guards against corruption (a truncated copy, a flipped bit), not an adversary,
     so it is the fastest good one: xxh3 hashes at memory speed (~20 GB/s here), where sha256 made
@@ -90,20 +93,26 @@ def file_digest(path: Path, algorithm: str = DIGESTS[0], *, mapped: Any = None) 
     the reader's :class:`~tensorparity.checkpoint._mapped.MappedFile` of the file, hashed through
     (its pages then stay mapped for the tensors read next) instead of a mapping of its own.
     """
-    h: Any = (xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256() if algorithm == "sha256"
-              else hashlib.blake2b(digest_size=32))
+    h: Any = (xxhash.xxh3_128() if algorithm in ("xxh3_128", DATA_FIRST) else hashlib.sha256()
+              if algorithm == "sha256" else hashlib.blake2b(digest_size=32))
+
+    def feed(size: int, view: Callable[[int, int], Any]) -> str:
+        ranges = [(0, size)]
+        if algorithm == DATA_FIRST and size >= 8:
+            head = min(size, 8 + int.from_bytes(bytes(view(0, 8)), "little"))
+            ranges = [(head, size), (0, head)]
+        for lo, hi in ranges:
+            for start in range(lo, hi, _DIGEST_CHUNK):
+                h.update(view(start, min(_DIGEST_CHUNK, hi - start)))
+        return h.hexdigest()  # type: ignore[no-any-return]
+
     if mapped is not None:
-        size = os.path.getsize(path)
-        for start in range(0, size, _DIGEST_CHUNK):
-            h.update(mapped.view(start, min(_DIGEST_CHUNK, size - start)))
-        return h.hexdigest()
+        return feed(os.path.getsize(path), mapped.view)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped_file, memoryview(mapped_file) as view:
-            for start in range(0, len(view), _DIGEST_CHUNK):
-                h.update(view[start:start + _DIGEST_CHUNK])
-    return h.hexdigest()
+            return h.hexdigest()  # type: ignore[no-any-return]
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped_file, memoryview(mapped_file) as whole:
+            return feed(len(whole), lambda start, n: whole[start:start + n])
 
 
 @dataclass(frozen=True)
@@ -118,147 +127,6 @@ class ShardInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "bytes": self.bytes, self.algorithm: self.digest, "tensors": self.tensors}
-
-
-class TraceWriter:
-    """Stream tensors into safetensors shards from a background thread.
-
-    ``put`` hands a tensor over (the caller must not change it afterwards: capture passes a
-    clone); it waits while more than ``queue_bytes`` wait to be written, except when the queue is
-    empty, so one tensor larger than the limit still passes. The writer thread copies CUDA
-    tensors to the CPU, calls ``done(cpu_tensor)`` (capture computes statistics there), and
-    writes a shard whenever ``shard_bytes`` have gathered. Memory held is at most
-    ``queue_bytes + shard_bytes`` plus one tensor.
-
-    Example:
-        >>> import tempfile
-        >>> w = TraceWriter(Path(tempfile.mkdtemp()) / "t")
-        >>> w.put("m/0/output", torch.ones(2))
-        >>> [s.file for s in w.close()], w.shard_of
-        (['shard-00000.safetensors'], {'m/0/output': 'shard-00000.safetensors'})
-    """
-
-    def __init__(self, folder: Path, *, shard_bytes: int = 256 << 20, queue_bytes: int = 512 << 20,
-                 fsync: bool = False) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # Marks the folder as a trace being written until the manifest replaces the mark: a
-        # capture that dies before its first shard is still recognised as unfinished.
-        (self.folder / CAPTURING).touch()
-        self.shard_bytes, self.queue_bytes, self.fsync = max(1, shard_bytes), max(1, queue_bytes), fsync
-        self.shards: list[ShardInfo] = []
-        self.shard_of: dict[str, str] = {}
-        self.peak_bytes = 0  # most bytes ever waiting in the queue (the bound holds: tests check it)
-        self._queue: deque[tuple[str, torch.Tensor, Any, Callable[[torch.Tensor], None] | None] | None] = deque()
-        self._waiting = 0
-        self._cond = threading.Condition()
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
-        self._error: BaseException | None = None
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="tensorparity-trace-writer", daemon=True)
-        self._thread.start()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            exc = self._error
-            if isinstance(exc, CorruptCheckpointError):
-                raise exc
-            if isinstance(exc, OSError):
-                raise write_failure(exc, "the trace", self.folder, error=TraceError,
-                                    left="capture again; the folder holds no complete trace") from exc
-            raise TraceError(f"writing the trace failed ({type(exc).__name__}: {exc})", path=self.folder,
-                             fix="this tensor could not be stored: please report it (with the model's "
-                                 "type) and capture with mode='stats' meanwhile") from exc
-
-    def put(self, key: str, tensor: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Queue ``tensor`` to be stored under ``key``; waits while the queue is full."""
-        if tensor.dtype not in STORABLE:
-            raise TraceError(f"dtype {tensor.dtype} cannot be stored in safetensors", key=key,
-                             fix="record it in stats mode")
-        nbytes = tensor.numel() * tensor.element_size()
-        # A CUDA copy may still be in flight on the producer's stream: the writer waits for it.
-        event = None
-        if tensor.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(tensor.device))
-        with self._cond:
-            while self._waiting and self._waiting + nbytes > self.queue_bytes and self._error is None:
-                self._cond.wait()
-            self._raise_error()
-            self._queue.append((key, tensor, event, done))
-            self._waiting += nbytes
-            self.peak_bytes = max(self.peak_bytes, self._waiting)
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._queue and not self._stop:
-                        self._cond.wait()
-                    if not self._queue:
-                        break
-                    item = self._queue.popleft()
-                if item is None:
-                    break
-                key, tensor, event, done = item
-                nbytes = tensor.numel() * tensor.element_size()
-                if event is not None:
-                    event.synchronize()
-                cpu = tensor.to("cpu").contiguous()
-                del tensor, item
-                with self._cond:
-                    self._waiting -= nbytes
-                    self._cond.notify_all()
-                if done is not None:
-                    done(cpu)
-                self._buffer[key] = cpu
-                self._buffered += nbytes
-                if self._buffered >= self.shard_bytes:
-                    self._flush()
-            if not self._stop:  # an aborted capture writes nothing more
-                self._flush()
-        except BaseException as exc:  # noqa: BLE001 - handed to the producer, raised there
-            with self._cond:
-                self._error = exc
-                self._queue.clear()
-                self._cond.notify_all()
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        path = self.folder / name
-        # Written as save_file writes it, and checksummed from memory on the way (not read back).
-        hasher = xxhash.xxh3_128()
-        size = write_tensors(path, self._buffer, metadata={"format": "pt", "tensorparity": SCHEMA}, hasher=hasher)
-        if self.fsync:
-            fsync_tree(path)
-        self.shards.append(ShardInfo(name, size, hasher.hexdigest(), len(self._buffer)))
-        for key in self._buffer:
-            self.shard_of[key] = name
-        self._buffer, self._buffered = {}, 0
-
-    def close(self) -> list[ShardInfo]:
-        """Write what is left, wait for the thread, return the shards (raises the writer's error)."""
-        with self._cond:
-            self._queue.append(None)
-            self._cond.notify_all()
-        self._thread.join()
-        self._raise_error()
-        if self.fsync and self.shards:
-            fsync_dir(self.folder)
-        return list(self.shards)
-
-    def abort(self) -> None:
-        """Stop without writing what is queued (a failed capture); the folder gets no manifest."""
-        with self._cond:
-            self._stop = True
-            self._queue.clear()
-            self._waiting = 0
-            self._cond.notify_all()
-        self._thread.join()
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:

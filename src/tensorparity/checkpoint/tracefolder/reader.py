@@ -23,7 +23,6 @@ from tensorparity.checkpoint.tracefolder.format import (
     RECAPTURE,
     ShardInfo,
     TraceError,
-    TraceWriter,
     build_manifest,
     file_digest,
     rank_folders,
@@ -31,6 +30,7 @@ from tensorparity.checkpoint.tracefolder.format import (
     write_manifest,
 )
 from tensorparity.checkpoint.tracefolder.records import TensorStats, TraceRecord
+from tensorparity.checkpoint.tracefolder.writer import TraceWriter
 from tensorparity.checkpoint.tree import LazyTensor
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError, UsageError
 

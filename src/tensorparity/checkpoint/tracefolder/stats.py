@@ -241,11 +241,15 @@ def same_content(a: str, b: str) -> bool | None:
     return a == b
 
 
-def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
+def tensor_stats(t: torch.Tensor, *, with_hash: bool = True, into: Any = None) -> TensorStats:
     """Statistics of ``t`` over its finite elements (NaN/Inf are counted, not averaged), computed
     where the tensor lives (float32 arithmetic for 16/32-bit floats, float64 for 64-bit and
     integer types, and for any tensor whose float32 sums could overflow, such as an attention mask
     of ``finfo(float32).min``).
+
+    ``into``: a writable uint8 array as long as ``t``'s bytes (a CPU tensor's), filled with them
+    on the way: a trace writer's block, copied in the same read as the statistics where the C
+    accelerator applies.
 
     Example:
         >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
@@ -258,9 +262,13 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True) -> TensorStats:
     flat = _flat(t)  # a strided tensor is copied once, for the fingerprint and the stats
     numel = flat.numel()
     if with_hash and _fused is not None and flat.dtype in (torch.float32, torch.float64) and flat.device.type == "cpu":
-        done = _fused_stats(flat)
+        done, copied = _fused_stats(flat, into)
+        if copied:
+            into = None
         if done is not None:
             return done
+    if into is not None and numel:
+        np.copyto(into, flat.reshape(-1).view(torch.uint8).numpy())
     digest = _fingerprint(flat) if with_hash else ""
     if numel == 0:
         return TensorStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, digest)
@@ -299,32 +307,34 @@ def _finish(numel: int, n: int, low: float, high: float, total: float, squares: 
     return TensorStats(numel, low, high, mean, math.sqrt(var), math.sqrt(squares), nan, inf, digest)
 
 
-def _fused_stats(flat: torch.Tensor) -> TensorStats | None:
+def _fused_stats(flat: torch.Tensor, into: Any = None) -> tuple[TensorStats | None, bool]:
     """Fingerprint and statistics of a flat float32/float64 CPU tensor in one read (the C
-    accelerator); ``None`` where it does not apply (a misaligned view, an odd byte count) or the
-    data holds NaN or Inf, which the exact route counts."""
+    accelerator), and whether ``into`` was filled on the way; ``None`` where it does not apply (a
+    misaligned view, an odd byte count) or the data holds NaN or Inf, which the exact route counts."""
     numel = flat.numel()
     nbytes = numel * flat.element_size()
     if numel == 0 or nbytes % 8 or flat.data_ptr() % 8:
-        return None
+        return None, False
     words = nbytes // 8
     rows = words // _BLOCK
     row_sums, col_sums = np.empty(rows, np.int64), np.empty(_BLOCK, np.int64)
     data = flat.numpy()
-    low, high, total, squares = _fused.reduce(data, flat.dtype == torch.float64, row_sums, col_sums)
+    extra = () if into is None else (into,)
+    low, high, total, squares = _fused.reduce(data, flat.dtype == torch.float64, row_sums, col_sums, *extra)
+    copied = into is not None
     # The C min/max skip NaN (the sums do not); Inf shows in min or max.
     wide = _may_overflow(low, high, numel, flat.dtype)
     if wide and (not (math.isfinite(low) and math.isfinite(high)) or np.isnan(data).any()):
-        return None
+        return None, copied
     if not wide and not (math.isfinite(total) and math.isfinite(squares)):
-        return None
+        return None, copied
     parts = [row_sums, col_sums] if rows else []
     if rows * _BLOCK < words:
         parts.append(flat.view(torch.int64)[rows * _BLOCK:].numpy())
     digest = _combine(parts, rows, words - rows * _BLOCK, flat.device, True, True)
     if wide:
-        return TensorStats(numel, low, high, *_wide_moments(data, low, high), 0, 0, digest)
-    return _finish(numel, numel, low, high, total, squares, 0, 0, digest)
+        return TensorStats(numel, low, high, *_wide_moments(data, low, high), 0, 0, digest), copied
+    return _finish(numel, numel, low, high, total, squares, 0, 0, digest), copied
 
 
 def _passes(x: Any) -> list[float]:
