@@ -129,7 +129,7 @@ def test_the_accelerator_is_built_where_a_c_compiler_is() -> None:
         pytest.skip(f"no C compiler ({cc}): the torch route serves alone")
     from tensorparity.checkpoint.tracefolder import _fused
 
-    assert callable(_fused.reduce)
+    assert callable(_fused.measure)
 
 
 @needs_accelerator
@@ -161,11 +161,10 @@ def test_the_accelerator_leaves_nan_inf_and_misaligned_views_to_the_exact_route(
     slow, fast = tensor_stats(odd), tensor_stats(odd.clone())  # the torch route, then the accelerator
     assert (slow.hash, slow.min, slow.max) == (fast.hash, fast.min, fast.max)
     assert slow.mean == pytest.approx(fast.mean, rel=1e-5, abs=1e-6) and slow.norm == pytest.approx(fast.norm)
-    words = np.empty(1024, np.int64)
-    with pytest.raises(ValueError, match="one int64 per 1024 words"):
-        stats._fused.reduce(torch.zeros(4096).numpy(), False, np.empty(3, np.int64), words)
     with pytest.raises(ValueError, match="whole number of words"):
-        stats._fused.reduce(torch.zeros(3).numpy(), False, np.empty(0, np.int64), words)
+        stats._fused.measure(torch.zeros(3).numpy(), False)
     misaligned = np.zeros(8 * 1024 + 8, np.uint8)[4:4 + 8 * 1024]  # 4 bytes past an aligned start
     with pytest.raises(ValueError, match="8-byte aligned"):
-        stats._fused.reduce(misaligned, False, np.empty(1, np.int64), words)
+        stats._fused.measure(misaligned, False)
+    with pytest.raises(ValueError, match="dst must be as long as data"):
+        stats._fused.measure(torch.zeros(4096).numpy(), False, np.empty(100, np.uint8))

@@ -169,3 +169,19 @@ def test_abort_wakes_a_producer_waiting_for_blocks(tmp_path: Path, monkeypatch: 
     thread.join(5)
     assert not thread.is_alive() and not aborter.is_alive()
     assert len(errors) == 1 and "aborted" in str(errors[0])
+
+
+def test_capture_sizes_the_header_room_from_the_model(tmp_path: Path) -> None:
+    # Estimated from the hooked modules and parameters: one shard, and not mostly padding.
+    from tensorparity.examples import reference_model
+    from tensorparity.trace import capture
+
+    model = reference_model()
+    for mode in ("full", "stats"):
+        with capture(model, out=tmp_path / mode, mode=mode, inputs=True):
+            model(torch.randn(2, 16, 12)).sum().backward()
+        [shard] = sorted((tmp_path / mode).glob("shard-*.safetensors"))
+        raw = shard.read_bytes()
+        room = 8 + int.from_bytes(raw[:8], "little")
+        used = len(raw[8:room].rstrip(b" "))
+        assert used < room <= max(4096, 3 * used), (mode, used, room)

@@ -275,6 +275,8 @@ def capture(
     trace = Trace(mode=mode)
     try:
         recorder.attach()
+        if writer is not None:
+            writer.header_room = recorder.header_estimate()
         yield trace
     except BaseException:
         recorder.detach()

@@ -162,6 +162,16 @@ class Recorder:
             else:  # torch < 2.1: the gradient as it arrives, before accumulation
                 self.handles.append(param.register_hook(lambda g, hook=hook, p=param: hook(p, g)))
 
+    def header_estimate(self) -> int:
+        """Bytes a shard header will take for one call of every hooked module (the writer's first
+        header room): per stored tensor its key and ~130 bytes (its entry, its padding's, commas)."""
+        names = [name for name, _ in self.model.named_modules()]
+        per_module = 2 + (2 if self.o.inputs else 0) if self.o.mode != "stats" else 0
+        tensors = [(name, per_module) for name in names] + [(owner, 2) for owner, *_ in self.params]
+        if self.o.mode != "stats" and self.o.param_grads:
+            tensors += [(n.rpartition(".")[0], 1) for n, p in self.model.named_parameters() if p.requires_grad]
+        return 1024 + sum(count * (len(name) + 130) for name, count in tensors)
+
     def detach(self) -> None:
         self._record_final_grads()  # a backward whose end never came (it raised): what it has
         self.active = False

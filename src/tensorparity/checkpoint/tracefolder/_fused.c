@@ -1,7 +1,8 @@
 /* One read of a float32/float64 tensor for everything a statistics capture measures.
  *
  * stats.py computes, for every captured tensor, the fp2 fingerprint (wrapping int64 row and
- * column sums of the tensor's words laid out 1024 to a row) and min, max, sum and sum of squares.
+ * column sums of the tensor's words laid out 1024 to a row, combined with position weights) and
+ * min, max, sum and sum of squares; a trace writer also has the bytes copied into its block.
  * In torch that is five passes over the data; here each 8 KB row is read once from memory and then
  * summed from the L1 cache. The results are the same: the integer sums bit for bit, the float
  * sums to rounding (float32 lanes per row, float64 across rows; NaN and Inf leave the sums
@@ -73,30 +74,34 @@ MULTIVERSION static uint64_t row_words(const uint64_t *w, uint64_t *cols) {
     return sum;
 }
 
-static PyObject *reduce(PyObject *self, PyObject *args) {
+/* The fingerprint's position weights: odd multipliers of a Weyl sequence (stats.py _positions). */
+static inline uint64_t weyl(uint64_t i) { return ((i * 0x9E3779B97F4A7C15ULL) & ((1ULL << 62) - 1)) * 2 + 1; }
+
+static PyObject *measure(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer data, rows, cols, dst = {0};
+    Py_buffer data, dst = {0};
     int is_double;
-    if (!PyArg_ParseTuple(args, "y*pw*w*|w*", &data, &is_double, &rows, &cols, &dst))
+    if (!PyArg_ParseTuple(args, "y*p|w*", &data, &is_double, &dst))
         return NULL;
-    const size_t nbytes = (size_t)data.len, nrows = nbytes / 8 / BLOCK;
+    const size_t nbytes = (size_t)data.len, nwords = nbytes / 8, nrows = nwords / BLOCK;
     unsigned char *copy = dst.buf; /* where given: each row is also copied there, from the L1 cache */
     PyObject *result = NULL;
     if (copy != NULL && (size_t)dst.len != nbytes) {
-        PyErr_SetString(PyExc_ValueError, "reduce: dst must be as long as data");
-    } else if (nbytes % 8 || ((uintptr_t)data.buf) % 8 || ((uintptr_t)rows.buf) % 8 || ((uintptr_t)cols.buf) % 8) {
-        PyErr_SetString(PyExc_ValueError, "reduce: the buffers must be 8-byte aligned, the data a whole number of words");
-    } else if ((size_t)rows.len != nrows * 8 || (size_t)cols.len != BLOCK * 8) {
-        PyErr_SetString(PyExc_ValueError, "reduce: rows must hold one int64 per 1024 words, cols 1024 int64");
+        PyErr_SetString(PyExc_ValueError, "measure: dst must be as long as data");
+    } else if (nbytes % 8 || ((uintptr_t)data.buf) % 8) {
+        PyErr_SetString(PyExc_ValueError, "measure: the data must be 8-byte aligned, a whole number of words");
     } else {
         double acc[4] = {0.0, 0.0, INFINITY, -INFINITY};
         const unsigned char *p = data.buf;
-        uint64_t *out_rows = rows.buf, *out_cols = cols.buf;
+        uint64_t plain = 0, weighted = 0;
         Py_BEGIN_ALLOW_THREADS
-        memset(out_cols, 0, BLOCK * 8);
+        uint64_t cols[BLOCK];
+        memset(cols, 0, sizeof cols);
         for (size_t r = 0; r < nrows; r++) {
             const unsigned char *row = p + r * BLOCK * 8;
-            out_rows[r] = row_words((const uint64_t *)row, out_cols);
+            const uint64_t sum = row_words((const uint64_t *)row, cols);
+            plain += sum;
+            weighted += sum * weyl(r);
             if (is_double)
                 stats_f64((const double *)row, BLOCK, acc);
             else
@@ -104,8 +109,16 @@ static PyObject *reduce(PyObject *self, PyObject *args) {
             if (copy != NULL)
                 memcpy(copy + r * BLOCK * 8, row, BLOCK * 8);
         }
+        if (nrows)
+            for (size_t c = 0; c < BLOCK; c++)
+                weighted += 31 * cols[c] * weyl(c);
         const size_t done = nrows * BLOCK * 8;
         if (done < nbytes) {
+            const uint64_t *tail = (const uint64_t *)(p + done);
+            for (size_t j = 0; j < nwords - nrows * BLOCK; j++) {
+                plain += tail[j];
+                weighted += 17 * tail[j] * weyl(j);
+            }
             if (is_double)
                 stats_f64((const double *)(p + done), (nbytes - done) / 8, acc);
             else
@@ -114,21 +127,21 @@ static PyObject *reduce(PyObject *self, PyObject *args) {
                 memcpy(copy + done, p + done, nbytes - done);
         }
         Py_END_ALLOW_THREADS
-        result = Py_BuildValue("(dddd)", acc[2], acc[3], acc[0], acc[1]);
+        result = Py_BuildValue("(ddddKK)", acc[2], acc[3], acc[0], acc[1], (unsigned long long)plain,
+                               (unsigned long long)weighted);
     }
     PyBuffer_Release(&data);
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&cols);
     if (dst.obj != NULL)
         PyBuffer_Release(&dst);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"reduce", reduce, METH_VARARGS,
-     "reduce(data, is_double, rows, cols[, dst]) -> (min, max, sum, sum of squares); fills the row "
-     "and column sums of data's int64 words laid out 1024 to a row (rows: one per whole row); "
-     "copies data into dst (as long as data) on the way, where given."},
+    {"measure", measure, METH_VARARGS,
+     "measure(data, is_double[, dst]) -> (min, max, sum, sum of squares, plain, weighted): the "
+     "statistics of float32/float64 data and the two halves of its fp2 fingerprint (wrapping "
+     "sums of its int64 words, and of their row and column sums laid out 1024 to a row, weighted "
+     "by position); copies data into dst (as long as data) on the way, where given."},
     {NULL, NULL, 0, NULL},
 };
 

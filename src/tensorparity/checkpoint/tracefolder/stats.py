@@ -315,12 +315,9 @@ def _fused_stats(flat: torch.Tensor, into: Any = None) -> tuple[TensorStats | No
     nbytes = numel * flat.element_size()
     if numel == 0 or nbytes % 8 or flat.data_ptr() % 8:
         return None, False
-    words = nbytes // 8
-    rows = words // _BLOCK
-    row_sums, col_sums = np.empty(rows, np.int64), np.empty(_BLOCK, np.int64)
     data = flat.numpy()
     extra = () if into is None else (into,)
-    low, high, total, squares = _fused.reduce(data, flat.dtype == torch.float64, row_sums, col_sums, *extra)
+    low, high, total, squares, plain, weighted = _fused.measure(data, flat.dtype == torch.float64, *extra)
     copied = into is not None
     # The C min/max skip NaN (the sums do not); Inf shows in min or max.
     wide = _may_overflow(low, high, numel, flat.dtype)
@@ -328,10 +325,7 @@ def _fused_stats(flat: torch.Tensor, into: Any = None) -> tuple[TensorStats | No
         return None, copied
     if not wide and not (math.isfinite(total) and math.isfinite(squares)):
         return None, copied
-    parts = [row_sums, col_sums] if rows else []
-    if rows * _BLOCK < words:
-        parts.append(flat.view(torch.int64)[rows * _BLOCK:].numpy())
-    digest = _combine(parts, rows, words - rows * _BLOCK, flat.device, True, True)
+    digest = f"fp2:{plain:016x}{weighted:016x}"  # as _combine makes it, in the same read
     if wide:
         return TensorStats(numel, low, high, *_wide_moments(data, low, high), 0, 0, digest), copied
     return _finish(numel, numel, low, high, total, squares, 0, 0, digest), copied

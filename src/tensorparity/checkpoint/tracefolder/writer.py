@@ -61,7 +61,7 @@ ALIGN = 4096  # O_DIRECT's alignment of buffers, offsets and lengths (a page: ev
 BLOCK = 4 << 20  # bytes per block (a smaller queue gets smaller blocks, ALIGN at least)
 PAD = 64  # every tensor starts at a multiple of this in its shard, as torch allocates it (see _reserve)
 PAD_KEY = "__pad__/"  # the padding before a tensor is a uint8 tensor of its own: safetensors allows no gaps
-HEADER_ROOM = 16 << 10  # room reserved for a shard's header (~100 tensors' entries); twice that where it ran out
+HEADER_ROOM = 64 << 10  # header room of a first shard when no estimate is given (~400 tensors' entries)
 KEEP = 64 << 20  # free blocks kept mapped for the process's next capture
 _CODE = {getattr(torch, name): code for code, name in DTYPES.items()}
 _METADATA = json.dumps({"format": "pt", "tensorparity": SCHEMA}, separators=(",", ":"))
@@ -73,8 +73,11 @@ class _Block:
     __slots__ = ("mm", "size", "tensor")
 
     def __init__(self, size: int) -> None:
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
-        self.mm = mmap.mmap(-1, size, flags=flags)
+        if hasattr(mmap, "MAP_PRIVATE"):  # faulted in once, here (MAP_POPULATE where there is one)
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
+            self.mm = mmap.mmap(-1, size, flags=flags)
+        else:  # Windows: anonymous memory has no flags
+            self.mm = mmap.mmap(-1, size)
         self.size = size
         self.tensor = torch.frombuffer(self.mm, dtype=torch.uint8)
 
@@ -164,6 +167,9 @@ class TraceWriter:
         (self.folder / CAPTURING).touch()
         self.shard_bytes, self.queue_bytes, self.fsync = max(1, shard_bytes), max(1, queue_bytes), fsync
         self.direct = direct  # O_DIRECT where the file system takes it; False: through the page cache
+        # The first shard's header room: set it (bytes) to what the header will take where that can
+        # be estimated (capture does); a shard whose room runs out is closed, the next gets twice.
+        self.header_room = HEADER_ROOM
         self.block = max(ALIGN, min(BLOCK, 1 << (max(1, self.queue_bytes // 2).bit_length() - 1)))
         self.max_blocks = max(1, self.queue_bytes // self.block)
         self.shards: list[ShardInfo] = []
@@ -305,7 +311,7 @@ class TraceWriter:
                 room = shard.room * 2
                 self._close_current()
             else:
-                room = HEADER_ROOM
+                room = self.header_room
             shard = self._open_shard(room, length)
         assert shard is not None
         shard.header += length
@@ -316,7 +322,7 @@ class TraceWriter:
 
     def _open_shard(self, room: int, entry: int) -> _Shard:
         header = len(_METADATA) + len('{"__metadata__":}')
-        room = max(room, -(-(8 + header + 1 + entry) // ALIGN) * ALIGN)
+        room = -(-max(room, 8 + header + 1 + entry) // ALIGN) * ALIGN
         path = self.folder / f"shard-{self._count:05d}.safetensors"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         direct = getattr(os, "O_DIRECT", 0) if self.direct else 0
