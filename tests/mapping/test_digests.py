@@ -25,6 +25,7 @@ from tensorparity.mapping import (
     Split,
     Suggestion,
     Transpose,
+    _param_signature,
     apply_mapping,
     param_signature,
     suggest_from_signatures,
@@ -282,6 +283,23 @@ def test_integer_products_are_exact_modulo_2_32_on_every_route() -> None:
         assert (_sums_by_parts(w.to(torch.int64), x, chunk) == exact.astype(np.uint64)).all()
 
 
+@pytest.mark.skipif(_param_signature._fused is None, reason="the C accelerator is not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.complex64,
+                                   torch.int64])
+@pytest.mark.parametrize("shape", [(1,), (9,), (5, 7), (300, 37), (16, 3, 5), (1, 64, 1), ()])
+def test_the_accelerator_signs_as_the_matrix_products_do(dtype: torch.dtype, shape: tuple[int, ...],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    w = randn(*shape) * 1e4 if shape else torch.tensor(-3.5)
+    w = torch.complex(w, -w).to(dtype) if dtype.is_complex else w.to(dtype)
+    if dtype == torch.int64:
+        w.view(-1)[0] = -2**63  # words at the extremes
+    fast = param_signature(w)
+    monkeypatch.setattr(_param_signature, "_fused", None)
+    slow = param_signature(w)
+    assert fast == slow and fast.rows.dtype == torch.int64 and fast.cols.is_contiguous()
+    assert (fast.rows != 0).all()
+
+
 class _Count(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -292,9 +310,10 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_signing_is_vectorised_no_loop_over_rows() -> None:
-    """A few whole-tensor operations: as many for 4096 rows as for 8 (two integer matrix products
-    read the tensor; the rest acts on the R + C digests)."""
+def test_signing_is_vectorised_no_loop_over_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C accelerator, a few whole-tensor operations: as many for 4096 rows as for 8
+    (two integer matrix products read the tensor; the rest acts on the R + C digests)."""
+    monkeypatch.setattr(_param_signature, "_fused", None)
     counts = {}
     for rows in (8, 4096):
         t = torch.randn(rows, 1024)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sysconfig
 
@@ -147,6 +148,34 @@ def test_the_accelerator_agrees_with_the_torch_route(n: int, dtype: torch.dtype,
         (slow.numel, slow.min, slow.max, slow.nan, slow.inf, slow.hash)
     assert fast.mean == pytest.approx(slow.mean, rel=1e-5, abs=1e-6)
     assert fast.std == pytest.approx(slow.std, rel=1e-5) and fast.norm == pytest.approx(slow.norm, rel=1e-6)
+
+
+@needs_accelerator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_bytes", [8 * 1024 * 8, 8 * 1024 * 37 + 24, 8 * 1024 * 300])
+def test_the_vector_loop_measures_as_the_portable_loop(dtype: torch.dtype, n_bytes: int) -> None:
+    # The AVX2 loop (where this CPU has one) against the portable one: the fingerprint bit for bit,
+    # min and max exactly (NaN skipped by both), the sums to rounding; the copy, streamed to an
+    # aligned destination or stored to an unaligned one, byte for byte.
+    t = torch.randn(n_bytes // dtype.itemsize, generator=torch.Generator().manual_seed(n_bytes)).to(dtype) * 7 - 1
+    t[5], t[21] = -1e6, float("nan")  # the smallest, then a NaN in the same vector lane
+    t[n_bytes // dtype.itemsize - 3] = 1e6  # the largest, in the last row or the tail
+    data = t.numpy()
+    portable = stats._fused.measure(data, dtype == torch.float64, None, True)
+    room = np.zeros(n_bytes + 64, np.uint8)
+    start = room.ctypes.data % 64
+    for offset in (-start % 64, -start % 64 + 8):  # 64-byte aligned (streamed), then 8 past it
+        dst = room[offset:offset + n_bytes]
+        vector = stats._fused.measure(data, dtype == torch.float64, dst)
+        assert vector[4:] == portable[4:] and vector[:2] == portable[:2] == (-1e6, 1e6)
+        assert math.isnan(vector[2]) and math.isnan(portable[2])  # the NaN reaches the sums
+        assert dst.tobytes() == data.tobytes()
+    t[21] = 0.0
+    data = t.numpy()
+    vector, portable = stats._fused.measure(data, dtype == torch.float64), \
+        stats._fused.measure(data, dtype == torch.float64, None, True)
+    assert vector[2] == pytest.approx(portable[2], rel=1e-6) and vector[3] == pytest.approx(portable[3], rel=1e-6)
+    assert vector[3] == pytest.approx(float(t.double() @ t.double()), rel=1e-6)
 
 
 @needs_accelerator

@@ -46,6 +46,11 @@ from tensorparity.errors import CorruptCheckpointError, UsageError
 from tensorparity.mapping._signatures import tensor_stats
 from tensorparity.mapping.transforms import parse_dtype
 
+try:  # the optional C accelerator (setup.py): the same digests in one read of the words
+    from tensorparity.checkpoint.tracefolder import _fused
+except ImportError:  # pragma: no cover - no C compiler where it was installed
+    _fused = None
+
 __all__ = ["SCHEMA", "ParamSignature", "param_signature"]
 
 SCHEMA = "tensorparity.signature/1"
@@ -249,16 +254,22 @@ def param_signature(t: torch.Tensor, *, stats: bool = False) -> ParamSignature:
     words, k = _words(t)
     r, width = words.shape
     w = _weights(max(width, k * r), words.device)
-    rows = _sums(w[:, :width], words.T)
-    grid = words.view(r, width // k, k)
-    cols = sum((_sums(w[:, q::k][:, :r], grid[:, :, q]) for q in range(k)), np.zeros((2, width // k), np.uint64))
+    if _fused is not None and words.device.type == "cpu":  # both products in one read, in C
+        packed_rows, packed_cols = torch.empty(r, dtype=torch.int64), torch.empty(width // k, dtype=torch.int64)
+        _fused.signature(words.numpy(), r, width, k, w[0].numpy(), w[1].numpy(), packed_rows.numpy(),
+                         packed_cols.numpy())
+    else:
+        rows = _sums(w[:, :width], words.T)
+        grid = words.view(r, width // k, k)
+        cols = sum((_sums(w[:, q::k][:, :r], grid[:, :, q]) for q in range(k)), np.zeros((2, width // k), np.uint64))
+        packed_rows, packed_cols = _pack(rows), _pack(cols & np.uint64(_MASK))
     summary = None
     if stats:
         try:
             summary = tensor_stats(t)
         except (RuntimeError, TypeError, ValueError):  # complex, or a dtype float64 cannot take
             summary = None
-    return ParamSignature(shape, t.dtype, _pack(rows), _pack(cols & np.uint64(_MASK)), summary)
+    return ParamSignature(shape, t.dtype, packed_rows, packed_cols, summary)
 
 
 # --- keys: what equal content looks like in signatures -----------------------------------------------
