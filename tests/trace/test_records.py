@@ -179,6 +179,26 @@ def test_the_vector_loop_measures_as_the_portable_loop(dtype: torch.dtype, n_byt
 
 
 @needs_accelerator
+@pytest.mark.parametrize("portable", [False, True])
+def test_a_copy_into_spans_laid_end_to_end(portable: bool) -> None:
+    # A trace writer's blocks: spans of any length (one empty, one cutting a row and a vector in
+    # two, the last holding the tail), aligned or not; the copy lands whole, the results unchanged.
+    t = torch.randn(2048 * 5 + 6, generator=torch.Generator().manual_seed(3))
+    data = t.numpy()
+    alone = stats._fused.measure(data, False, None, portable)
+    room = np.zeros(data.nbytes + 256, np.uint8)
+    base = -room.ctypes.data % 64
+    cuts = [0, 8192 + 40, 8192 + 40, 3 * 8192 + 8, data.nbytes]  # an empty span between the first two
+    spans = [room[base + a + 8 * i:base + b + 8 * i] for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    assert stats._fused.measure(data, False, spans, portable) == alone
+    assert b"".join(s.tobytes() for s in spans) == data.tobytes()
+    with pytest.raises(ValueError, match="as long as data"):
+        stats._fused.measure(data, False, spans[:-1], portable)
+    with pytest.raises((TypeError, BufferError)):
+        stats._fused.measure(data, False, [bytes(data.nbytes)], portable)  # read-only
+
+
+@needs_accelerator
 def test_the_accelerator_leaves_nan_inf_and_misaligned_views_to_the_exact_route() -> None:
     t = torch.randn(5000, generator=torch.Generator().manual_seed(4))
     t[[7, 4000]] = torch.tensor([float("nan"), float("inf")])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tensorparity.checkpoint.tracefolder import stats as stats_module
 from tensorparity.checkpoint.tracefolder import writer as writer_module
 from tensorparity.checkpoint.tracefolder.format import TraceError, file_digest
 from tensorparity.checkpoint.tracefolder.stats import tensor_stats
@@ -42,6 +43,36 @@ def test_statistics_measured_while_copying_are_tensor_stats_for_every_dtype(tmp_
     for key, t in tensors.items():
         assert read[key].dtype == t.dtype and torch.equal(read[key].nan_to_num(7.0), t.nan_to_num(7.0)), key
         assert measured[key] == tensor_stats(t), key
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_a_tensor_across_blocks_is_measured_and_copied_in_one_call(tmp_path: Path, accelerated: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tensor that straddles two or three blocks gets them all at once: one tensor_stats call
+    # fills them (the C route copies each row to its block, a row across two blocks in pieces).
+    if not accelerated:
+        monkeypatch.setattr(stats_module, "_fused", None)
+    calls: list[int] = []
+
+    def spy(t: torch.Tensor, **kw: object) -> object:
+        into = kw.get("into")
+        calls.append(len(into) if isinstance(into, list) else 0)
+        return tensor_stats(t, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_module, "tensor_stats", spy)
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": (torch.randn(n, generator=g) * 3).to(dtype)
+               for i, (n, dtype) in enumerate([(100, torch.float32), (2500, torch.float32), (1300, torch.float64),
+                                               (2049, torch.float32), (333, torch.float64), (2900, torch.float32)])}
+    writer = TraceWriter(tmp_path / "w", queue_bytes=3 * 4096)  # 4 KB blocks, three held at most
+    measured = {}
+    for key, t in tensors.items():
+        writer.put(key, t, done=lambda stats, key=key: measured.__setitem__(key, stats))
+    writer.close()
+    assert max(calls) >= 2  # some tensor's blocks were filled by one call
+    read = read_all(tmp_path / "w")
+    for key, t in tensors.items():
+        assert torch.equal(read[key], t) and measured[key] == tensor_stats(t), key
 
 
 def test_producers_on_several_threads_and_a_tensor_larger_than_the_queue(tmp_path: Path) -> None:

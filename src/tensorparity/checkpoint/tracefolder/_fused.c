@@ -115,27 +115,63 @@ MULTIVERSION static void sign_rows(const uint32_t *x, size_t r, size_t n, size_t
     }
 }
 
+/* Where the copy goes: spans laid end to end (a trace writer's blocks: a tensor may straddle
+ * two or more), as long as the data together. A cursor follows the rows, which come in order. */
+typedef struct {
+    Py_buffer *spans;
+    size_t n, at, start; /* spans; the cursor: span index and the data offset it starts at */
+} dest_t;
+
+/* The destination of data bytes [off, off + len) where they fall in one span, else NULL. */
+static unsigned char *dest_at(dest_t *d, size_t off, size_t len) {
+    if (d == NULL)
+        return NULL;
+    while (d->at < d->n && off >= d->start + (size_t)d->spans[d->at].len) {
+        d->start += (size_t)d->spans[d->at].len;
+        d->at++;
+    }
+    if (d->at == d->n || off + len > d->start + (size_t)d->spans[d->at].len)
+        return NULL;
+    return (unsigned char *)d->spans[d->at].buf + (off - d->start);
+}
+
+/* Copy data bytes [off, off + len) from src to their spans, piece by piece. */
+static void dest_copy(dest_t *d, size_t off, const unsigned char *src, size_t len) {
+    while (len) {
+        dest_at(d, off, 1);
+        const size_t room = d->start + (size_t)d->spans[d->at].len - off, take = len < room ? len : room;
+        memcpy((unsigned char *)d->spans[d->at].buf + (off - d->start), src, take);
+        off += take;
+        src += take;
+        len -= take;
+    }
+}
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(TP_SCALAR)
 #include <immintrin.h>
 #define TP_AVX2 1
 
 /* Whole rows in one pass, AVX2 + FMA: each 32-byte load feeds the column sums, the row's sum, the
- * float sums and the minimum and maximum, and is stored to copy (non-temporal where it is 32-byte
- * aligned: a trace block goes to the disk, not back to this core) -- where the portable route reads
+ * float sums and the minimum and maximum, and is stored to the copy (non-temporal where it is 32-byte
+ * aligned: a trace block goes to the disk, not back to this core; a row that straddles two spans is
+ * copied from the L1 cache after it) -- where the portable route reads
  * a row twice and spends ~100 cycles a row reducing its lanes. Lanes: float32 within a row (as the
  * portable route), float64 across rows; minimum and maximum skip NaN like the portable route's
  * (vminps returns its second operand where either is NaN). Returns the rows' part of plain and
  * weighted through the pointers, and adds to acc. */
 __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p, size_t nrows, int is_double,
-                                                          unsigned char *copy, uint64_t *cols, uint64_t *plain,
+                                                          dest_t *dest, uint64_t *cols, uint64_t *plain,
                                                           uint64_t *weighted, double *acc) {
-    const int stream = copy != NULL && ((uintptr_t)copy % 32) == 0;
+    int streamed = 0;
     __m256d ds = _mm256_setzero_pd(), dq = _mm256_setzero_pd();
     __m256 lo0 = _mm256_set1_ps(INFINITY), lo1 = lo0, hi0 = _mm256_set1_ps(-INFINITY), hi1 = hi0;
     __m256d dlo0 = _mm256_set1_pd(INFINITY), dlo1 = dlo0, dhi0 = _mm256_set1_pd(-INFINITY), dhi1 = dhi0;
     uint64_t sum_plain = 0, sum_weighted = 0;
     for (size_t r = 0; r < nrows; r++) {
         const unsigned char *row = p + r * BLOCK * 8;
+        unsigned char *to = dest_at(dest, r * BLOCK * 8, BLOCK * 8);
+        const int stream = to != NULL && ((uintptr_t)to % 32) == 0;
+        streamed |= stream;
         __m256i w0 = _mm256_setzero_si256(), w1 = w0;
         if (!is_double) {
             __m256 s0 = _mm256_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
@@ -157,11 +193,11 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p
                 hi0 = _mm256_max_ps(fa, hi0);
                 hi1 = _mm256_max_ps(fb, hi1);
                 if (stream) {
-                    _mm256_stream_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8), a);
-                    _mm256_stream_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8 + 32), b);
-                } else if (copy != NULL) {
-                    _mm256_storeu_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8), a);
-                    _mm256_storeu_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8 + 32), b);
+                    _mm256_stream_si256((__m256i *)(to + c * 8), a);
+                    _mm256_stream_si256((__m256i *)(to + c * 8 + 32), b);
+                } else if (to != NULL) {
+                    _mm256_storeu_si256((__m256i *)(to + c * 8), a);
+                    _mm256_storeu_si256((__m256i *)(to + c * 8 + 32), b);
                 }
             }
             ds = _mm256_add_pd(ds, _mm256_add_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(s0)),
@@ -189,21 +225,23 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p
                 dhi0 = _mm256_max_pd(fa, dhi0);
                 dhi1 = _mm256_max_pd(fb, dhi1);
                 if (stream) {
-                    _mm256_stream_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8), a);
-                    _mm256_stream_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8 + 32), b);
-                } else if (copy != NULL) {
-                    _mm256_storeu_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8), a);
-                    _mm256_storeu_si256((__m256i *)(copy + r * BLOCK * 8 + c * 8 + 32), b);
+                    _mm256_stream_si256((__m256i *)(to + c * 8), a);
+                    _mm256_stream_si256((__m256i *)(to + c * 8 + 32), b);
+                } else if (to != NULL) {
+                    _mm256_storeu_si256((__m256i *)(to + c * 8), a);
+                    _mm256_storeu_si256((__m256i *)(to + c * 8 + 32), b);
                 }
             }
         }
+        if (dest != NULL && to == NULL)
+            dest_copy(dest, r * BLOCK * 8, row, BLOCK * 8);
         uint64_t lanes[4];
         _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(w0, w1));
         const uint64_t sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
         sum_plain += sum;
         sum_weighted += sum * weyl(r);
     }
-    if (stream)
+    if (streamed)
         _mm_sfence(); /* the streamed stores are visible to the thread that writes the block */
     double d[4], e[4];
     _mm256_storeu_pd(d, ds);
@@ -232,19 +270,36 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p
 
 static PyObject *measure(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer data, dst = {0};
+    Py_buffer data;
     PyObject *into = Py_None;
     int is_double, portable = 0;
     if (!PyArg_ParseTuple(args, "y*p|Op", &data, &is_double, &into, &portable))
         return NULL;
-    if (into != Py_None && PyObject_GetBuffer(into, &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    const size_t nbytes = (size_t)data.len, nwords = nbytes / 8, nrows = nwords / BLOCK;
-    unsigned char *copy = dst.buf; /* where given: each row is also copied there, from the L1 cache */
+    /* into: None, a writable buffer, or a list (tuple) of them laid end to end */
+    PyObject *list = into == Py_None                                 ? NULL
+                     : PyList_Check(into) || PyTuple_Check(into) ? PySequence_Fast(into, "")
+                                                                   : PyTuple_Pack(1, into);
+    const Py_ssize_t nspans = list == NULL ? 0 : PySequence_Fast_GET_SIZE(list);
+    Py_buffer *spans = nspans ? PyMem_Calloc((size_t)nspans, sizeof(Py_buffer)) : NULL;
+    Py_ssize_t got = 0;
+    size_t total = 0;
     PyObject *result = NULL;
-    if (copy != NULL && (size_t)dst.len != nbytes) {
+    int failed = (into != Py_None && list == NULL) || (nspans && spans == NULL);
+    if (nspans && spans == NULL)
+        PyErr_NoMemory();
+    for (; !failed && got < nspans; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(list, got), &spans[got], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            failed = 1;
+            break;
+        }
+        total += (size_t)spans[got].len;
+    }
+    dest_t where = {spans, (size_t)nspans, 0, 0};
+    dest_t *dest = list == NULL ? NULL : &where;
+    const size_t nbytes = (size_t)data.len, nwords = nbytes / 8, nrows = nwords / BLOCK;
+    if (failed) {
+        /* the error is set: no memory, or an item that is no writable contiguous buffer */
+    } else if (dest != NULL && total != nbytes) {
         PyErr_SetString(PyExc_ValueError, "measure: dst must be as long as data");
     } else if (nbytes % 8 || ((uintptr_t)data.buf) % 8) {
         PyErr_SetString(PyExc_ValueError, "measure: the data must be 8-byte aligned, a whole number of words");
@@ -258,7 +313,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
         size_t r = 0;
 #ifdef TP_AVX2
         if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-            rows_avx2(p, nrows, is_double, copy, cols, &plain, &weighted, acc);
+            rows_avx2(p, nrows, is_double, dest, cols, &plain, &weighted, acc);
             r = nrows;
         }
 #endif
@@ -271,8 +326,8 @@ static PyObject *measure(PyObject *self, PyObject *args) {
                 stats_f64((const double *)row, BLOCK, acc);
             else
                 stats_f32((const float *)row, 2 * BLOCK, acc);
-            if (copy != NULL)
-                memcpy(copy + r * BLOCK * 8, row, BLOCK * 8);
+            if (dest != NULL)
+                dest_copy(dest, r * BLOCK * 8, row, BLOCK * 8);
         }
         if (nrows)
             for (size_t c = 0; c < BLOCK; c++)
@@ -288,16 +343,18 @@ static PyObject *measure(PyObject *self, PyObject *args) {
                 stats_f64((const double *)(p + done), (nbytes - done) / 8, acc);
             else
                 stats_f32((const float *)(p + done), (nbytes - done) / 4, acc);
-            if (copy != NULL)
-                memcpy(copy + done, p + done, nbytes - done);
+            if (dest != NULL)
+                dest_copy(dest, done, p + done, nbytes - done);
         }
         Py_END_ALLOW_THREADS
         result = Py_BuildValue("(ddddKK)", acc[2], acc[3], acc[0], acc[1], (unsigned long long)plain,
                                (unsigned long long)weighted);
     }
     PyBuffer_Release(&data);
-    if (dst.obj != NULL)
-        PyBuffer_Release(&dst);
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&spans[i]);
+    PyMem_Free(spans);
+    Py_XDECREF(list);
     return result;
 }
 
@@ -357,8 +414,9 @@ static PyMethodDef methods[] = {
      "measure(data, is_double[, dst[, portable]]) -> (min, max, sum, sum of squares, plain, weighted): the "
      "statistics of float32/float64 data and the two halves of its fp2 fingerprint (wrapping "
      "sums of its int64 words, and of their row and column sums laid out 1024 to a row, weighted "
-     "by position); copies data into dst (as long as data) on the way, where given (None: no "
-     "copy). portable: the portable loop even where the AVX2 one could run (tests)."},
+     "by position); copies data into dst on the way, where given: a writable buffer as long as "
+     "data, or a list of them that are as long together (None: no copy). portable: the portable "
+     "loop even where the AVX2 one could run (tests)."},
     {"signature", signature, METH_VARARGS,
      "signature(x, r, width, k, w0, w1, rows, cols) -> None: a parameter's row and column digests "
      "(x: r x width int32 words, k per element; w0, w1: uint32 position weights) written into rows "

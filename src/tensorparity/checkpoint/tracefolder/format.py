@@ -155,6 +155,9 @@ def build_manifest(records: list[TraceRecord], provenance: dict[str, Any], mode:
             "shards": [s.to_dict() for s in shards], "records": rows}
 
 
+_ROW = json.JSONEncoder(allow_nan=False, default=str)
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any], *, fsync: bool = False) -> Path:
     """Write ``manifest.json`` atomically (:func:`~tensorparity._atomic.atomic_output`: temporary
     file beside it, renamed over it), then drop the capturing marker; with ``fsync`` the file and
@@ -168,7 +171,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any], *, fsync: bool = Fals
     path = Path(folder) / MANIFEST
     # Readable at the top, one line per record below (a manifest may list 100,000 records).
     head = {k: v for k, v in manifest.items() if k != "records"}
-    rows = [json.dumps(r, allow_nan=False, default=str) for r in manifest.get("records", [])]
+    encode = _ROW.encode  # one encoder for every row: json.dumps with options makes one per call
+    rows = [encode(r) for r in manifest.get("records", [])]
     text = json.dumps(head, indent=1, allow_nan=False, default=str)[:-2]
     text += ',\n "records": [' + ("\n  " + ",\n  ".join(rows) + "\n ]" if rows else "]") + "\n}\n"
     with atomic_output(path, fsync=fsync) as tmp, open(tmp, "w", encoding="utf-8") as f:

@@ -54,7 +54,9 @@ class ShardSet:
     """The shards of one trace folder, checked against the manifest; tensors read lazily.
 
     Sizes and headers are checked on opening (a truncated shard is named at once); a shard's
-    checksum is checked the first time one of its tensors is read, or by :meth:`verify`.
+    checksum is checked the first time one of its tensors is read, or by :meth:`verify`. Shards
+    just written by this process (``verified``) are opened when first read: a capture's exit
+    does not parse back the headers it wrote.
     """
 
     def __init__(self, folder: Path, shards: list[ShardInfo], shard_of: dict[str, str],
@@ -67,41 +69,51 @@ class ShardSet:
         self._tensors: dict[str, dict[str, LazyTensor]] = {}
         self._handles: list[Any] = []
         self._mapped: dict[str, Any] = {}  # each shard's one mapping: tensors, byte spans and checksum read it
-        for info in shards:
-            path = self.folder / info.file
-            if path.is_symlink():
-                raise UnsafeCheckpointError("shard is a symbolic link", path=path, fix="copy the trace folder itself")
-            if not path.is_file():
-                raise TraceError("shard file is missing", path=path, fix="copy the whole trace folder, or " + RECAPTURE)
-            size = path.stat().st_size
-            if size != info.bytes:
-                raise TraceError(f"shard is {size} bytes but the manifest says {info.bytes} (truncated or "
-                                 f"changed)", path=path, fix="copy the trace folder again, or " + RECAPTURE)
-            try:
-                tensors, _, handle = safetensors_tensors(path, mapped=True)
-            except CorruptCheckpointError as exc:
-                raise TraceError(exc.message, path=path, key=exc.key, fix=exc.fix) from exc
-            self._tensors[info.file] = tensors
-            self._handles.append(handle)
-            self._mapped[info.file] = handle
+        self._stored: dict[str, list[TraceRecord]] = {s.file: [] for s in shards}
         for record in records:
-            if not record.stored:
-                continue
-            found = self._tensors[shard_of[record.key]].get(record.key)
-            if found is None:
-                raise TraceError("the shard does not hold this record's tensor", path=self.folder / shard_of[record.key],
-                                 key=record.key, fix=RECAPTURE)
-            dtype = str(found.dtype).removeprefix("torch.")
-            if tuple(found.shape) != tuple(record.shape) or dtype != record.dtype:
-                raise TraceError(f"the shard holds {dtype}{list(found.shape)} but the manifest says "
-                                 f"{record.dtype}{list(record.shape)}", path=self.folder / shard_of[record.key],
-                                 key=record.key, fix=RECAPTURE)
+            if record.stored:
+                self._stored[shard_of[record.key]].append(record)
+        if not verified:
+            for info in shards:
+                self._open(info.file)
+
+    def _open(self, file: str) -> dict[str, LazyTensor]:
+        found = self._tensors.get(file)
+        if found is not None:
+            return found
+        path = self.folder / file
+        if path.is_symlink():
+            raise UnsafeCheckpointError("shard is a symbolic link", path=path, fix="copy the trace folder itself")
+        if not path.is_file():
+            raise TraceError("shard file is missing", path=path, fix="copy the whole trace folder, or " + RECAPTURE)
+        size = path.stat().st_size
+        if size != self.infos[file].bytes:
+            raise TraceError(f"shard is {size} bytes but the manifest says {self.infos[file].bytes} (truncated or "
+                             f"changed)", path=path, fix="copy the trace folder again, or " + RECAPTURE)
+        try:
+            tensors, _, handle = safetensors_tensors(path, mapped=True)
+        except CorruptCheckpointError as exc:
+            raise TraceError(exc.message, path=path, key=exc.key, fix=exc.fix) from exc
+        self._handles.append(handle)
+        self._mapped[file] = handle
+        for record in self._stored[file]:
+            held = tensors.get(record.key)
+            if held is None:
+                raise TraceError("the shard does not hold this record's tensor", path=path, key=record.key,
+                                 fix=RECAPTURE)
+            dtype = str(held.dtype).removeprefix("torch.")
+            if tuple(held.shape) != tuple(record.shape) or dtype != record.dtype:
+                raise TraceError(f"the shard holds {dtype}{list(held.shape)} but the manifest says "
+                                 f"{record.dtype}{list(record.shape)}", path=path, key=record.key, fix=RECAPTURE)
+        self._tensors[file] = tensors
+        return tensors
 
     def _check(self, file: str) -> None:
         with self._locks[file]:
             if file in self._verified:
                 return
             info = self.infos[file]
+            self._open(file)
             digest = file_digest(self.folder / file, info.algorithm, mapped=self._mapped[file])
             if digest != info.digest:
                 raise TraceError(f"shard checksum ({info.algorithm}) does not match the manifest: the file is corrupt",
@@ -122,7 +134,8 @@ class ShardSet:
     def lazy(self, key: str) -> LazyTensor:
         """The stored tensor as a :class:`LazyTensor` whose loader checks the shard's checksum first."""
         file = self.shard_of[key]
-        inner = self._tensors[file][key]
+        with self._locks[file]:
+            inner = self._open(file)[key]
 
         def load() -> torch.Tensor:
             self._check(file)

@@ -247,9 +247,9 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True, into: Any = None) -
     integer types, and for any tensor whose float32 sums could overflow, such as an attention mask
     of ``finfo(float32).min``).
 
-    ``into``: a writable uint8 array as long as ``t``'s bytes (a CPU tensor's), filled with them
-    on the way: a trace writer's block, copied in the same read as the statistics where the C
-    accelerator applies.
+    ``into``: a writable uint8 array as long as ``t``'s bytes (a CPU tensor's), or a list of them
+    as long together, filled with them on the way: a trace writer's blocks, copied in the same
+    read as the statistics where the C accelerator applies.
 
     Example:
         >>> s = tensor_stats(torch.tensor([1.0, 3.0, float("nan")]))
@@ -268,7 +268,10 @@ def tensor_stats(t: torch.Tensor, *, with_hash: bool = True, into: Any = None) -
         if done is not None:
             return done
     if into is not None and numel:
-        np.copyto(into, flat.reshape(-1).view(torch.uint8).numpy())
+        raw, at = flat.reshape(-1).view(torch.uint8).numpy(), 0
+        for part in into if isinstance(into, list) else [into]:
+            np.copyto(part, raw[at:at + len(part)])
+            at += len(part)
     digest = _fingerprint(flat) if with_hash else ""
     if numel == 0:
         return TensorStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, digest)

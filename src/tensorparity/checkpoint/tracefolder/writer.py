@@ -268,6 +268,17 @@ class TraceWriter:
             stats = tensor_stats(tensor, into=dst.numpy()) if measure else dst.copy_(tensor.reshape(-1).view(torch.uint8))
             self._filled(shard, k, nbytes)
             return stats if measure else None  # type: ignore[return-value]
+        last = (start + nbytes - 1) // size
+        if measure and last - k < self.max_blocks:
+            # Straddling blocks: all of them at once (blocks are handed out in file order, and this
+            # tensor's are no more than may be held), measured and copied in one read.
+            parts = [(j, max(start, j * size) - j * size, min(start + nbytes, (j + 1) * size) - j * size)
+                     for j in range(k, last + 1)]
+            views = [self._acquire(shard, j).tensor[lo:hi].numpy() for j, lo, hi in parts]
+            stats = tensor_stats(tensor, into=views)
+            for j, lo, hi in parts:
+                self._filled(shard, j, hi - lo)
+            return stats
         stats = tensor_stats(tensor) if measure else None
         raw = tensor.reshape(-1).view(torch.uint8) if nbytes else None
         pos, stop = start, start + nbytes
