@@ -254,7 +254,7 @@ def param_signature(t: torch.Tensor, *, stats: bool = False) -> ParamSignature:
     words, k = _words(t)
     r, width = words.shape
     w = _weights(max(width, k * r), words.device)
-    if _fused is not None and words.device.type == "cpu":  # both products in one read, in C
+    if _fused is not None and words.device.type == "cpu" and words.numel():  # both products in one read, in C
         packed_rows, packed_cols = torch.empty(r, dtype=torch.int64), torch.empty(width // k, dtype=torch.int64)
         _fused.signature(words.numpy(), r, width, k, w[0].numpy(), w[1].numpy(), packed_rows.numpy(),
                          packed_cols.numpy())

@@ -9,7 +9,8 @@ time taken from the step on a busy machine). So:
 - ``put`` copies the tensor at once, from the calling thread, into fixed-size *blocks* (page
   aligned, mapped once and reused by every later capture of the process): the producer may
   change the tensor as soon as ``put`` returns, and no memory is faulted in after the first
-  capture. The blocks are the file's data region laid end to end; a tensor may straddle two.
+  capture. The blocks are the file's data region laid end to end; a tensor may straddle several
+  (it then gets them all at once, and one call measures it and copies each row to its block).
 - One I/O thread writes each block as soon as it is full, in file order, with ``O_DIRECT``
   where the file system takes it (the disk's DMA reads the block: no page cache, next to no
   CPU), buffered where it does not (tmpfs, some network file systems). A shard's header, which
@@ -251,7 +252,7 @@ class TraceWriter:
 
     def _store(self, key: str, tensor: torch.Tensor, measure: bool) -> TensorStats | None:
         """Reserve the tensor's bytes in the current shard, then copy them into its blocks (and
-        measure it, where asked: in the same read, where it lies in one block)."""
+        measure it, where asked: in the same read, unless it spans more blocks than may be held)."""
         nbytes = tensor.numel() * tensor.element_size()
         with self._cond:
             self._raise_error()
