@@ -134,8 +134,11 @@ class ShardSet:
     def lazy(self, key: str) -> LazyTensor:
         """The stored tensor as a :class:`LazyTensor` whose loader checks the shard's checksum first."""
         file = self.shard_of[key]
-        with self._locks[file]:
-            inner = self._open(file)[key]
+        tensors = self._tensors.get(file)
+        if tensors is None:  # not open yet (a fresh capture's): never wait on a checksum being computed
+            with self._locks[file]:
+                tensors = self._open(file)
+        inner = tensors[key]
 
         def load() -> torch.Tensor:
             self._check(file)
