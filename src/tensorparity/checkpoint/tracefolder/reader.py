@@ -70,12 +70,10 @@ class ShardSet:
         self._handles: list[Any] = []
         self._mapped: dict[str, Any] = {}  # each shard's one mapping: tensors, byte spans and checksum read it
         self._stored: dict[str, list[TraceRecord]] = {s.file: [] for s in shards}
-        for record in records:
-            if record.stored:
-                self._stored[shard_of[record.key]].append(record)
-        if not verified:
-            for info in shards:
-                self._open(info.file)
+        for record in (r for r in records if r.stored):
+            self._stored[shard_of[record.key]].append(record)
+        for info in () if verified else shards:  # a fresh capture's shards: opened when first read
+            self._open(info.file)
 
     def _open(self, file: str) -> dict[str, LazyTensor]:
         found = self._tensors.get(file)
