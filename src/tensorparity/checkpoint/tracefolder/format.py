@@ -43,8 +43,9 @@ from tensorparity.checkpoint.safetensors import DTYPES
 from tensorparity.checkpoint.tracefolder.records import SCHEMA, TraceRecord
 from tensorparity.errors import CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["CAPTURING", "DATA_FIRST", "DIGESTS", "MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo", "TraceError",
-           "build_manifest", "file_digest", "rank_folders", "read_manifest", "schema_major", "write_manifest"]
+__all__ = ["CAPTURING", "DATA_FIRST", "DIGESTS", "MANIFEST", "MODES", "RECAPTURE", "STORABLE", "ShardInfo",
+           "TraceError", "build_manifest", "file_digest", "rank_folders", "read_manifest", "schema_major",
+           "write_manifest"]
 
 CAPTURING = ".capturing"  # written when a capture starts, removed once its manifest is written
 

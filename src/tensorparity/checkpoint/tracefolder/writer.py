@@ -266,9 +266,11 @@ class TraceWriter:
         k, off = divmod(start, size)
         if nbytes and off + nbytes <= size:
             dst = self._acquire(shard, k).tensor[off:off + nbytes]
-            stats = tensor_stats(tensor, into=dst.numpy()) if measure else dst.copy_(tensor.reshape(-1).view(torch.uint8))
+            if not measure:
+                dst.copy_(tensor.reshape(-1).view(torch.uint8))
+            stats = tensor_stats(tensor, into=dst.numpy()) if measure else None
             self._filled(shard, k, nbytes)
-            return stats if measure else None  # type: ignore[return-value]
+            return stats
         last = (start + nbytes - 1) // size
         if measure and last - k < self.max_blocks:
             # Straddling blocks: all of them at once (blocks are handed out in file order, and this
