@@ -300,6 +300,19 @@ def test_the_accelerator_signs_as_the_matrix_products_do(dtype: torch.dtype, sha
     assert (fast.rows != 0).all()
 
 
+@pytest.mark.skipif(_param_signature._fused is None, reason="the C accelerator is not built here")
+def test_the_accelerator_refuses_buffers_that_do_not_fit() -> None:
+    words, w = np.zeros((3, 4), np.int32), np.ones(8, np.int32)
+    rows, cols = np.zeros(3, np.int64), np.zeros(4, np.int64)
+    _param_signature._fused.signature(words, 3, 4, 1, w, w, rows, cols)  # fits
+    for args in ((words, 3, 5, 1, w, w, rows, cols),  # more words than given
+                 (words, 3, 4, 1, w[:3], w, rows, cols),  # too few weights
+                 (words, 3, 4, 3, w, w, rows, cols),  # width not a multiple of k
+                 (words, 3, 4, 1, w, w, rows[:2], cols)):  # no room for the rows
+        with pytest.raises(ValueError, match="wrong size or alignment"):
+            _param_signature._fused.signature(*args)
+
+
 class _Count(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()

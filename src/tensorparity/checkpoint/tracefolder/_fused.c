@@ -151,6 +151,37 @@ static void dest_copy(dest_t *d, size_t off, const unsigned char *src, size_t le
 #include <immintrin.h>
 #define TP_AVX2 1
 
+/* The parts of a row step shared by both element types: two 32-byte loads added to the column
+ * sums and the row's sum; and their copy, streamed or stored. */
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+AVX2_INLINE void load_words(const unsigned char *row, size_t c, uint64_t *cols, __m256i *w0, __m256i *w1,
+                            __m256i *a, __m256i *b) {
+    *a = _mm256_loadu_si256((const __m256i *)(row + c * 8));
+    *b = _mm256_loadu_si256((const __m256i *)(row + c * 8 + 32));
+    __m256i *col = (__m256i *)(cols + c);
+    _mm256_storeu_si256(col, _mm256_add_epi64(_mm256_loadu_si256(col), *a));
+    _mm256_storeu_si256(col + 1, _mm256_add_epi64(_mm256_loadu_si256(col + 1), *b));
+    *w0 = _mm256_add_epi64(*w0, *a);
+    *w1 = _mm256_add_epi64(*w1, *b);
+}
+
+AVX2_INLINE void store_words(unsigned char *to, size_t c, int stream, __m256i a, __m256i b) {
+    if (stream) {
+        _mm256_stream_si256((__m256i *)(to + c * 8), a);
+        _mm256_stream_si256((__m256i *)(to + c * 8 + 32), b);
+    } else if (to != NULL) {
+        _mm256_storeu_si256((__m256i *)(to + c * 8), a);
+        _mm256_storeu_si256((__m256i *)(to + c * 8 + 32), b);
+    }
+}
+
+/* Sixteen float32 lanes (two registers) as four float64 lanes: their sums, widened. */
+AVX2_INLINE __m256d widen(__m256 x, __m256 y) {
+    const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    const __m256d y0 = _mm256_cvtps_pd(_mm256_castps256_ps128(y)), y1 = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
+    return _mm256_add_pd(_mm256_add_pd(x0, x1), _mm256_add_pd(y0, y1));
+}
+
 /* Whole rows in one pass, AVX2 + FMA: each 32-byte load feeds the column sums, the row's sum, the
  * float sums and the minimum and maximum, and is stored to the copy (non-temporal where it is 32-byte
  * aligned: a trace block goes to the disk, not back to this core; a row that straddles two spans is
@@ -176,13 +207,8 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p
         if (!is_double) {
             __m256 s0 = _mm256_setzero_ps(), s1 = s0, q0 = s0, q1 = s0;
             for (size_t c = 0; c < BLOCK; c += 8) {
-                const __m256i a = _mm256_loadu_si256((const __m256i *)(row + c * 8));
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(row + c * 8 + 32));
-                __m256i *col = (__m256i *)(cols + c);
-                _mm256_storeu_si256(col, _mm256_add_epi64(_mm256_loadu_si256(col), a));
-                _mm256_storeu_si256(col + 1, _mm256_add_epi64(_mm256_loadu_si256(col + 1), b));
-                w0 = _mm256_add_epi64(w0, a);
-                w1 = _mm256_add_epi64(w1, b);
+                __m256i a, b;
+                load_words(row, c, cols, &w0, &w1, &a, &b);
                 const __m256 fa = _mm256_castsi256_ps(a), fb = _mm256_castsi256_ps(b);
                 s0 = _mm256_add_ps(s0, fa);
                 s1 = _mm256_add_ps(s1, fb);
@@ -192,31 +218,14 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p
                 lo1 = _mm256_min_ps(fb, lo1);
                 hi0 = _mm256_max_ps(fa, hi0);
                 hi1 = _mm256_max_ps(fb, hi1);
-                if (stream) {
-                    _mm256_stream_si256((__m256i *)(to + c * 8), a);
-                    _mm256_stream_si256((__m256i *)(to + c * 8 + 32), b);
-                } else if (to != NULL) {
-                    _mm256_storeu_si256((__m256i *)(to + c * 8), a);
-                    _mm256_storeu_si256((__m256i *)(to + c * 8 + 32), b);
-                }
+                store_words(to, c, stream, a, b);
             }
-            ds = _mm256_add_pd(ds, _mm256_add_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(s0)),
-                                                               _mm256_cvtps_pd(_mm256_extractf128_ps(s0, 1))),
-                                                 _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(s1)),
-                                                               _mm256_cvtps_pd(_mm256_extractf128_ps(s1, 1)))));
-            dq = _mm256_add_pd(dq, _mm256_add_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(q0)),
-                                                               _mm256_cvtps_pd(_mm256_extractf128_ps(q0, 1))),
-                                                 _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(q1)),
-                                                               _mm256_cvtps_pd(_mm256_extractf128_ps(q1, 1)))));
+            ds = _mm256_add_pd(ds, widen(s0, s1));
+            dq = _mm256_add_pd(dq, widen(q0, q1));
         } else {
             for (size_t c = 0; c < BLOCK; c += 8) {
-                const __m256i a = _mm256_loadu_si256((const __m256i *)(row + c * 8));
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(row + c * 8 + 32));
-                __m256i *col = (__m256i *)(cols + c);
-                _mm256_storeu_si256(col, _mm256_add_epi64(_mm256_loadu_si256(col), a));
-                _mm256_storeu_si256(col + 1, _mm256_add_epi64(_mm256_loadu_si256(col + 1), b));
-                w0 = _mm256_add_epi64(w0, a);
-                w1 = _mm256_add_epi64(w1, b);
+                __m256i a, b;
+                load_words(row, c, cols, &w0, &w1, &a, &b);
                 const __m256d fa = _mm256_castsi256_pd(a), fb = _mm256_castsi256_pd(b);
                 ds = _mm256_add_pd(ds, _mm256_add_pd(fa, fb));
                 dq = _mm256_fmadd_pd(fa, fa, _mm256_fmadd_pd(fb, fb, dq));
@@ -224,13 +233,7 @@ __attribute__((target("avx2,fma"))) static void rows_avx2(const unsigned char *p
                 dlo1 = _mm256_min_pd(fb, dlo1);
                 dhi0 = _mm256_max_pd(fa, dhi0);
                 dhi1 = _mm256_max_pd(fb, dhi1);
-                if (stream) {
-                    _mm256_stream_si256((__m256i *)(to + c * 8), a);
-                    _mm256_stream_si256((__m256i *)(to + c * 8 + 32), b);
-                } else if (to != NULL) {
-                    _mm256_storeu_si256((__m256i *)(to + c * 8), a);
-                    _mm256_storeu_si256((__m256i *)(to + c * 8 + 32), b);
-                }
+                store_words(to, c, stream, a, b);
             }
         }
         if (dest != NULL && to == NULL)
@@ -288,7 +291,8 @@ static PyObject *measure(PyObject *self, PyObject *args) {
     if (nspans && spans == NULL)
         PyErr_NoMemory();
     for (; !failed && got < nspans; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(list, got), &spans[got], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyObject *item = PySequence_Fast_GET_ITEM(list, got);
+        if (PyObject_GetBuffer(item, &spans[got], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
             failed = 1;
             break;
         }
