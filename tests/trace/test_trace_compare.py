@@ -401,3 +401,31 @@ def test_the_garbage_collector_is_paused_during_a_compare_and_restored(reference
         assert not gc.isenabled()  # the caller's choice stands
     finally:
         gc.enable()
+
+
+def test_torch_threads_are_lowered_during_a_compare_and_restored(reference: Trace) -> None:
+    import os
+
+    seen = []
+
+    class Watching:  # a RecordSource that notes torch's thread count where the compare reads it
+        records, provenance = reference.records, reference.provenance
+
+        def load(self, record: TraceRecord) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return reference.load(record)
+
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(2, cores))
+    try:
+        assert compare_traces(reference, Watching(), workers=2).verdict == "identical"
+        # two workers and the checksum thread hold three cores: torch gets what is left, at least one
+        assert seen and set(seen) == {max(1, cores // 3)}
+        assert torch.get_num_threads() == max(2, cores)
+        seen.clear()
+        torch.set_num_threads(1)  # never raised
+        compare_traces(reference, Watching(), workers=2)
+        assert set(seen) == {1} and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -161,6 +161,26 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+@contextlib.contextmanager
+def _torch_threads_capped(workers: int | None) -> Iterator[None]:
+    """torch's intra-op threads lowered, while two traces are compared, to the cores the compare's
+    own threads (its workers and the checksum thread) leave free: one on a 2-core machine. The
+    planning's small torch ops (index probes of the layouts, gathers) each opened a parallel region
+    that waited for a core the hashing thread held: 15 ms of layout derivation took 30-130 ms, and
+    the compare through layouts 0.49-0.51 s instead of 0.43-0.44 s (bench_trace's model). Only
+    lowered, never raised; restored afterwards (the process default, and this thread's own)."""
+    before = torch.get_num_threads()
+    threads = max(1, (os.cpu_count() or 1) // ((workers or min(2, os.cpu_count() or 1)) + 1))
+    if threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _compare_traces(a: Any, b: Any, *, mapping: Any, tolerance: Tolerance | None, align: Method, margin: float,
                     rank: int | None, workers: int | None, inputs: Any, rank_a: int | None, rank_b: int | None,
                     each_rank: bool) -> TraceReport | RankedTraceReport:
@@ -199,7 +219,9 @@ def _compare_traces(a: Any, b: Any, *, mapping: Any, tolerance: Tolerance | None
             _close(a, src_a)
             raise
     try:
-        with check_ahead(src_a, src_b):  # shard checksums hashed while the comparison is planned
+        # shard checksums hashed while the comparison is planned, torch's own ops kept off the cores the hashing
+        # and comparing threads hold
+        with check_ahead(src_a, src_b), _torch_threads_capped(workers):
             return _compare(src_a, src_b, side_a, side_b, key_mapping, tol, align, float(margin), workers)
     finally:  # traces this call opened release their shard files; tensors were compared and dropped
         _close(a, src_a)
