@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,7 +71,13 @@ def test_streamed_capture_equals_in_memory_and_round_trips(tmp_path: Path, saved
     assert all(r["shard"] == shard["file"] for r in manifest["records"] if r["stored"])
     with safe_open(str(saved / shard["file"]), "pt") as f:  # plain safetensors: no pickle anywhere
         keys = {k for k in f.keys() if not k.startswith("__pad__/")}  # padding: see test_shards_are_safetensors...
-        assert keys == {r["key"] for r in manifest["records"] if r["stored"]}
+        assert keys == {r["key"] for r in manifest["records"] if r["stored"] and "same_as" not in r}
+    # A tensor recorded again unchanged (a container's output is its last child's) is stored once:
+    # its later records name the first, and load its bytes.
+    aliases = {r["key"]: r["same_as"] for r in manifest["records"] if "same_as" in r}
+    assert aliases["layers.0.ffn/0/output"] == "layers.0.ffn.2/0/output"
+    assert aliases["<model>/0/model_output"] == "decoder/0/output"
+    assert all(torch.equal(opened.load(k), opened.load(v)) for k, v in aliases.items())
 
 
 def test_dtypes_are_kept_and_non_contiguous_tensors_stored_contiguous(tmp_path: Path) -> None:
@@ -460,3 +467,57 @@ def test_every_record_and_statistics_field_survives_the_manifest() -> None:
                                               shape=(), dtype="", device="", stats=None, stored=False, value=3.5,
                                               is_tensor=False).to_dict())
     assert value.value == 3.5 and value.is_tensor is False and value.stats is None and value.placement is None
+
+
+def test_a_tensor_changed_in_place_between_records_is_stored_again(tmp_path: Path) -> None:
+    class Doubles(nn.Module):  # its output is its child's, doubled in place after the child's hook
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            y.mul_(2)
+            return y
+
+    class Passes(nn.Module):  # its output is its child's, unchanged
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Doubles()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    model = Passes()
+    x = torch.randn(3, 4)
+    with capture(model, out=tmp_path / "t") as trace:
+        model(x).sum().backward()
+    rows = {r["key"]: r for r in json.loads((tmp_path / "t" / "manifest.json").read_text())["records"]}
+    assert "same_as" not in rows["inner/0/output"]  # changed since inner.lin's record: its own bytes
+    assert rows["<model>/0/model_output"]["same_as"] == "inner/0/output"  # unchanged since: stored once
+    opened = Trace.open(tmp_path / "t")
+    with torch.no_grad():
+        first = model.inner.lin(x)
+    assert torch.equal(opened.load("inner.lin/0/output"), first)
+    assert torch.equal(opened.load("inner/0/output"), first * 2)
+    assert torch.equal(opened.load("<model>/0/model_output"), first * 2)
+    assert opened.get("<model>/0/model_output").stats == opened.get("inner/0/output").stats
+    assert torch.equal(trace.load("<model>/0/model_output"), first * 2)
+
+
+@pytest.mark.parametrize("target, error", [
+    ("nowhere/0/output", "not a tensor stored under its own key"),
+    ("decoder/0/grad_output", "holds float32"),
+])
+def test_a_forged_same_as_is_refused_naming_the_record(tmp_path: Path, saved: Path, target: str, error: str) -> None:
+    folder = tmp_path / "forged"
+    shutil.copytree(saved, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    row = next(r for r in manifest["records"] if r["key"] == "<model>/0/model_output")
+    row["same_as"] = target
+    if target == "decoder/0/grad_output":
+        row["shape"] = [1, 1]  # the record and the tensor it names disagree
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match=error) as info:
+        Trace.open(folder)
+    assert "<model>/0/model_output" in str(info.value) and "capture the trace again" in str(info.value)

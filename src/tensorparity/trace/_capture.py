@@ -298,5 +298,6 @@ def capture(
     if writer is None or folder is None:
         trace._bind(None, records, prov, None, recorder.tensors)
         return
-    write_manifest(folder, build_manifest(records, prov, mode, shards, writer.shard_of))
-    trace._bind(folder, records, prov, ShardSet(folder, shards, writer.shard_of, records, verified=True), {})
+    write_manifest(folder, build_manifest(records, prov, mode, shards, writer.shard_of, writer.aliases))
+    trace._bind(folder, records, prov, ShardSet(folder, shards, writer.shard_of, records, verified=True,
+                                                same_as=writer.aliases), {})

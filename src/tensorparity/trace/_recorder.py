@@ -105,6 +105,7 @@ class Recorder:
         self.param_calls: dict[str, int] = defaultdict(int)
         self.input_hashes: list[str] = []
         self.measured: dict[int, tuple[Any, int, TensorStats]] = {}
+        self.stored: dict[int, tuple[Any, int, str, TensorStats]] = {}  # id -> (weakref, version, key, stats)
         self.handles: list[Any] = []
         self.active = True
         # Call sites: the modules running now, per thread, as (module, recorded name, call,
@@ -416,8 +417,28 @@ class Recorder:
             copy = leaf.detach().clone(memory_format=torch.contiguous_format)
             self.tensors[key] = copy
             finish(*meta, tensor_stats(copy), True)
-        else:  # the writer copies it before it returns (into reused memory: no clone to fault in)
-            self.writer.put(key, leaf, lambda stats: finish(*meta, stats, True))
+            return
+        # The writer copies it before it returns (into reused memory: no clone to fault in). One
+        # tensor recorded again unchanged (a container's output is its last child's, one gradient
+        # reaches several hooks) is stored once: the later records name the first (same_as).
+        try:
+            version = leaf._version
+        except RuntimeError:  # inference tensors keep no version counter: stored every time
+            version = None
+        seen = self.stored.get(id(leaf)) if version is not None else None
+        if seen is not None and seen[0]() is leaf and seen[1] == version:
+            self.writer.same_as(key, seen[2])
+            finish(*meta, seen[3], True)
+            return
+
+        ident, ref = id(leaf), weakref.ref(leaf) if version is not None else None
+
+        def done(stats: TensorStats) -> None:
+            if ref is not None:  # measured as copied: later records of this tensor (unchanged) point here
+                self.stored[ident] = (ref, version, key, stats)
+            finish(*meta, stats, True)
+
+        self.writer.put(key, leaf, done)
 
     def _stats(self, leaf: torch.Tensor) -> TensorStats:
         # One tensor is often recorded several times: a container's output is its last child's,

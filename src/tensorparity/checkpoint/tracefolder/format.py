@@ -144,13 +144,19 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
 
 
 def build_manifest(records: list[TraceRecord], provenance: dict[str, Any], mode: str,
-                   shards: list[ShardInfo], shard_of: dict[str, str]) -> dict[str, Any]:
-    """The manifest as a JSON-ready dict; every stored record names the shard that holds it."""
+                   shards: list[ShardInfo], shard_of: dict[str, str],
+                   same_as: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest as a JSON-ready dict; every stored record names the shard that holds it, and
+    a record whose tensor was stored once already (the same tensor recorded again, unchanged: a
+    container's output is its last child's) names the record that holds it (``same_as``)."""
     rows = []
+    same_as = same_as or {}
     for record in records:
         row = record.to_dict()
         if record.stored:
             row["shard"] = shard_of[record.key]
+            if record.key in same_as:
+                row["same_as"] = same_as[record.key]
         rows.append(row)
     return {"schema": SCHEMA, "mode": mode, "provenance": _jsonable(provenance),
             "shards": [s.to_dict() for s in shards], "records": rows}
@@ -257,6 +263,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     names = {s.file for s in infos}
     records: list[TraceRecord] = []
     shard_of: dict[str, str] = {}
+    same_as: dict[str, str] = {}
+    stored: dict[str, TraceRecord] = {}
     last = -1
     for i, row in enumerate(rows):
         try:
@@ -274,6 +282,28 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                 raise TraceError(f"record names shard {shard!r}, which the manifest does not list", path=folder,
                                  key=record.key, fix=RECAPTURE)
             shard_of[record.key] = shard
+            if "same_as" in row:
+                same_as[record.key] = row["same_as"]
+            else:
+                stored[record.key] = record
         records.append(record)
+    for record in records:
+        if record.key in same_as:
+            _check_same_as(same_as[record.key], record, stored, shard_of, folder)
     return {"schema": data["schema"], "mode": data["mode"], "provenance": provenance, "shards": infos,
-            "records": records, "shard_of": shard_of}
+            "records": records, "shard_of": shard_of, "same_as": same_as}
+
+
+def _check_same_as(target: Any, record: TraceRecord, stored: dict[str, TraceRecord], shard_of: dict[str, str],
+                   folder: Path) -> None:
+    """A ``same_as`` row names a record stored under its own key, in the same shard, of the same
+    dtype and shape."""
+    other = stored.get(target) if isinstance(target, str) else None
+    if other is None:
+        raise TraceError(f"same_as names {target!r}, which is not a tensor stored under its own key", path=folder,
+                         key=record.key, fix=RECAPTURE)
+    shard = shard_of[record.key]
+    if shard_of[target] != shard or other.dtype != record.dtype or tuple(other.shape) != tuple(record.shape):
+        raise TraceError(f"same_as names {target!r}, which holds {other.dtype}{list(other.shape)} in "
+                         f"{shard_of[target]}, not {record.dtype}{list(record.shape)} in {shard}", path=folder,
+                         key=record.key, fix=RECAPTURE)

@@ -60,17 +60,18 @@ class ShardSet:
     """
 
     def __init__(self, folder: Path, shards: list[ShardInfo], shard_of: dict[str, str],
-                 records: list[TraceRecord], *, verified: bool = False) -> None:
+                 records: list[TraceRecord], *, verified: bool = False, same_as: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.infos = {s.file: s for s in shards}
         self.shard_of = shard_of
+        self.same_as = same_as or {}  # a record stored once already: the key that holds its tensor
         self._locks = {s.file: threading.Lock() for s in shards}  # one per shard: others load while one is checked
         self._verified: set[str] = set(self.infos) if verified else set()
         self._tensors: dict[str, dict[str, LazyTensor]] = {}
         self._handles: list[Any] = []
         self._mapped: dict[str, Any] = {}  # each shard's one mapping: tensors, byte spans and checksum read it
         self._stored: dict[str, list[TraceRecord]] = {s.file: [] for s in shards}
-        for record in (r for r in records if r.stored):
+        for record in (r for r in records if r.stored and r.key not in self.same_as):
             self._stored[shard_of[record.key]].append(record)
         for info in () if verified else shards:  # a fresh capture's shards: opened when first read
             self._open(info.file)
@@ -131,6 +132,7 @@ class ShardSet:
 
     def lazy(self, key: str) -> LazyTensor:
         """The stored tensor as a :class:`LazyTensor` whose loader checks the shard's checksum first."""
+        key = self.same_as.get(key, key)
         file = self.shard_of[key]
         tensors = self._tensors.get(file)
         if tensors is None:  # not open yet (a fresh capture's): never wait on a checksum being computed
@@ -388,7 +390,8 @@ class Trace:
         if rank is not None and got is not None and got != rank:
             raise UsageError(f"this trace folder holds rank {got}, not rank {rank}", path=folder,
                              fix="pass the folder that holds all ranks, or rank=" + str(got))
-        shards = ShardSet(folder, manifest["shards"], manifest["shard_of"], manifest["records"])
+        shards = ShardSet(folder, manifest["shards"], manifest["shard_of"], manifest["records"],
+                          same_as=manifest["same_as"])
         return cls(manifest["records"], manifest["provenance"], manifest["mode"], path=folder, shards=shards)
 
     @classmethod
@@ -399,7 +402,8 @@ class Trace:
             return None
         manifests = {r: (first if r == min(ranks) else read_manifest(p)) for r, p in ranks.items()}
         records, prov, mode, pieces = assemble_ranks(folder, manifests)
-        sets = {r: ShardSet(ranks[r], m["shards"], m["shard_of"], m["records"]) for r, m in manifests.items()}
+        sets = {r: ShardSet(ranks[r], m["shards"], m["shard_of"], m["records"], same_as=m["same_as"])
+                for r, m in manifests.items()}
         return cls(records, prov, mode, path=folder, shards=RankShards(folder, sets, pieces, records))  # type: ignore[arg-type]
 
     def verify(self) -> None:

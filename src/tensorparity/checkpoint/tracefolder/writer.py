@@ -155,8 +155,9 @@ class TraceWriter:
         >>> import tempfile
         >>> w = TraceWriter(Path(tempfile.mkdtemp()) / "t")
         >>> w.put("m/0/output", torch.ones(2))
-        >>> [s.file for s in w.close()], w.shard_of
-        (['shard-00000.safetensors'], {'m/0/output': 'shard-00000.safetensors'})
+        >>> w.same_as("m/0/grad_output", "m/0/output")  # the same tensor, recorded again: stored once
+        >>> [s.file for s in w.close()], w.shard_of["m/0/grad_output"]
+        (['shard-00000.safetensors'], 'shard-00000.safetensors')
     """
 
     def __init__(self, folder: Path, *, shard_bytes: int = 256 << 20, queue_bytes: int = 512 << 20,
@@ -175,6 +176,7 @@ class TraceWriter:
         self.max_blocks = max(1, self.queue_bytes // self.block)
         self.shards: list[ShardInfo] = []
         self.shard_of: dict[str, str] = {}
+        self.aliases: dict[str, str] = {}  # key -> the key whose stored tensor it is (see same_as)
         self.peak_bytes = 0  # most bytes ever held in blocks (the bound holds: tests check it)
         self._held = 0  # blocks held
         self._open: deque[_Shard] = deque()  # shards not yet finished, oldest first
@@ -205,6 +207,17 @@ class TraceWriter:
         stats = self._store(key, tensor, done is not None)
         if done is not None:
             done(stats)  # type: ignore[arg-type]
+
+    def same_as(self, key: str, stored: str) -> None:
+        """Record ``key`` as the tensor already stored under ``stored`` (put before, unchanged
+        since): nothing is copied or written; the manifest says so (``same_as``) and readers load
+        ``stored``'s bytes for it."""
+        with self._cond:
+            self._raise_error()
+            if stored in self.aliases or stored == key:
+                raise TraceError(f"same_as({key!r}, {stored!r}): the target must be a tensor stored under its own key",
+                                 key=key, fix="please report it; capture with mode='stats' meanwhile")
+            self.aliases[key] = stored
 
     def _put_device(self, key: str, tensor: torch.Tensor, done: Callable[[TensorStats], None] | None) -> None:
         # Copied on its device now (the step goes on); the device thread waits for the copy,
@@ -507,6 +520,11 @@ class TraceWriter:
         self._thread.join()
         self._release()
         self._raise_error()
+        for key, stored in self.aliases.items():
+            if stored not in self.shard_of:
+                raise TraceError(f"{key} is recorded as the same tensor as {stored}, which was never stored",
+                                 path=self.folder, key=key, fix="please report it; capture with mode='stats' meanwhile")
+            self.shard_of[key] = self.shard_of[stored]
         if self.fsync and self.shards:
             fsync_dir(self.folder)
         return list(self.shards)
