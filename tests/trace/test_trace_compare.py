@@ -429,3 +429,41 @@ def test_torch_threads_are_lowered_during_a_compare_and_restored(reference: Trac
         assert set(seen) == {1} and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_tensor_stored_once_on_both_sides_is_compared_once(reference: Trace, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorparity.trace._jobs as jobs
+
+    for name, model in (("a", net()), ("b", net("eps"))):
+        with capture(model, out=tmp_path / name):
+            model(X).sum().backward()
+    compared: list[str] = []
+    engine = jobs.compare_pairs
+
+    def counting(pairs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def noted():  # type: ignore[no-untyped-def]
+            for pair in pairs:
+                compared.append(pair.key)
+                yield pair
+        return engine(noted(), *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "compare_pairs", counting)
+    on_disk = compare_traces(tmp_path / "a", tmp_path / "b")
+    measured = list(compared)
+    compared.clear()
+    in_memory = compare_traces(reference, run(net("eps")))
+    # A dropout in eval mode returns its input: stored once on both sides and judged by the same
+    # tolerance, measured once, reported under both keys. The model's output is its head's, but
+    # judged by another atol (its own summand count): measured under each.
+    assert len(measured) < len(compared)
+    for key in ("blocks.1.drop/0/output", "blocks.2.drop/0/grad_output"):
+        assert key in compared and key not in measured
+    assert "<model>/0/model_output" in measured
+    expect, got = in_memory.to_dict(), on_disk.to_dict()
+    for side in ("a", "b"):
+        expect[side].pop("source"), got[side].pop("source")
+    assert got == expect
+    drop = next(t for layer in on_disk.layers for t in layer.forward if t.key == "blocks.1.drop/0/output")
+    fc2 = next(t for layer in on_disk.layers for t in layer.forward if t.key == "blocks.1.fc2/0/output")
+    assert drop.status == fc2.status != "identical" and drop.max_abs == fc2.max_abs > 0
