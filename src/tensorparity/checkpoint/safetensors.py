@@ -46,6 +46,7 @@ DTYPES: dict[str, str] = {
 }
 
 _FIX = "the file is corrupt or truncated; save it again with safetensors"
+_INT = {int}
 
 
 def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
@@ -95,10 +96,11 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
             raise CorruptCheckpointError(f"unknown dtype {info.get('dtype')!r}", path=path, key=name,
                                          fix="upgrade tensorparity, or re-save with a supported dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        # Exact types (a bool is an int, not a size); a set of types, not a generator per entry:
+        # a trace's shard header holds thousands of entries, read on every open.
+        if not (type(shape) is list and set(map(type, shape)) <= _INT and min(shape, default=0) >= 0):
             raise CorruptCheckpointError(f"shape {shape!r} is not a list of sizes", path=path, key=name, fix=_FIX)
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int):
             raise CorruptCheckpointError(f"data_offsets {offsets!r} are not two integers", path=path, key=name, fix=_FIX)
         begin, end = offsets
         expected = math.prod(shape) * dtype_info(dtype).itemsize
