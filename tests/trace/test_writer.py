@@ -216,3 +216,20 @@ def test_capture_sizes_the_header_room_from_the_model(tmp_path: Path) -> None:
         room = 8 + int.from_bytes(raw[:8], "little")
         used = len(raw[8:room].rstrip(b" "))
         assert used < room <= max(4096, 3 * used), (mode, used, room)
+
+
+def test_same_as_must_name_a_tensor_stored_under_its_own_key(tmp_path: Path) -> None:
+    w = TraceWriter(tmp_path / "t")
+    w.put("a", torch.ones(3))
+    w.same_as("b", "a")
+    with pytest.raises(TraceError, match="the target must be a tensor stored under its own key"):
+        w.same_as("c", "b")  # b is itself a record of a's tensor
+    with pytest.raises(TraceError, match="the target must be a tensor stored under its own key"):
+        w.same_as("d", "d")
+    assert w.close() and w.shard_of["b"] == w.shard_of["a"]
+
+    never = TraceWriter(tmp_path / "never")
+    never.put("a", torch.ones(3))
+    never.same_as("b", "missing")
+    with pytest.raises(TraceError, match="b is recorded as the same tensor as missing, which was never stored"):
+        never.close()
