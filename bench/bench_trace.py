@@ -6,7 +6,8 @@ Run: .venv/bin/python bench/bench_trace.py [--repeats 5] [--only compare]
 - full: a step under capture(mode="full", out=folder) against the plain step plus
   safetensors.torch.save_file of the same tensors (the ceiling the background writer beats);
 - compare: compare_traces of two full traces against `cat` of both folders' files;
-- compare through layouts: the same, against a port whose feed-forward weights are stored with
+- compare through layouts (and as the whole `tensorparity compare --map` command, start-up
+  included): the same, against a port whose feed-forward weights are stored with
   their hidden features interleaved (rows of `up`, columns of `down` permuted), compared through
   the mapping that says so: every `up` output is reordered (its layout) before comparing, every
   activation between them is found to hold the same values reordered.
@@ -86,6 +87,10 @@ def main() -> None:
     assert check.verdict in ("identical", "close"), check.summary()
     laid = sum(1 for layer in check.layers if layer.layout)
     files_port = sorted(p for d in (a, permuted) for p in d.rglob("*") if p.is_file())
+    # The same compare as a user runs it: the whole command, start-up (torch's import) included.
+    map_file = OUT / "port_map.yaml"
+    map_file.write_text(mapping.to_yaml())
+    cli = [str(Path(sys.executable).with_name("tensorparity")), "compare", str(a), str(permuted), "--map", str(map_file)]
     # The cost of the layouts themselves: a trace of the same layout whose every value differs in
     # its last bits (each parameter moved by one ulp), compared element by element like the port.
     noisy_model = copy.deepcopy(model)
@@ -103,7 +108,8 @@ def main() -> None:
                           "cat_port": lambda: subprocess.run(["cat", *map(str, files_port)], stdout=subprocess.DEVNULL,
                                                              check=True),
                           "compare_port": lambda: compare_traces(a, permuted, mapping=mapping),
-                          "compare_noisy": lambda: compare_traces(a, noisy)},
+                          "compare_noisy": lambda: compare_traces(a, noisy),
+                          "command": lambda: subprocess.run(cli, stdout=subprocess.DEVNULL, check=True)},
                          args.repeats)
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -128,6 +134,8 @@ def main() -> None:
     print(f"{'compare_traces, last bits differ':<34} {med['compare_noisy']:>9.3f} "
           f"{ratio('compare_noisy', 'cat'):>7.2f}x  (same layout, every value compared)")
     print(f"{'layouts vs same-layout value compare':<34} {'':>9} {ratio('compare_port', 'compare_noisy'):>7.2f}x")
+    print(f"{'tensorparity compare --map (command)':<34} {med['command']:>9.3f} {ratio('command', 'cat_port'):>7.2f}x  "
+          "(the whole process, torch's import included)")
 
 
 def trace_to(model: torch.nn.Module, x: torch.Tensor, folder: Path) -> Path:
