@@ -90,7 +90,8 @@ def main() -> None:
     # The same compare as a user runs it: the whole command, start-up (torch's import) included.
     map_file = OUT / "port_map.yaml"
     map_file.write_text(mapping.to_yaml())
-    cli = [str(Path(sys.executable).with_name("tensorparity")), "compare", str(a), str(permuted), "--map", str(map_file)]
+    cli = [str(Path(sys.executable).with_name("tensorparity")), "compare", str(a), str(permuted),
+           "--map", str(map_file)]
     # The cost of the layouts themselves: a trace of the same layout whose every value differs in
     # its last bits (each parameter moved by one ulp), compared element by element like the port.
     noisy_model = copy.deepcopy(model)
